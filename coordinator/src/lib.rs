@@ -1,0 +1,1 @@
+//! Warpline coordinator library (being written).

@@ -1,0 +1,2 @@
+//! `warpline` binary (being written).
+fn main() {}

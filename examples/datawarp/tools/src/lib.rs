@@ -1,0 +1,1 @@
+//! DataWarp tools (being written).

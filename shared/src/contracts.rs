@@ -1,0 +1,548 @@
+//! The JSON contracts that cross a process boundary: what to run ([`StepSpec`]), what happened
+//! ([`StepResult`], [`ValidationReport`]), what the supervisor sees ([`PipelineState`]) and what it
+//! answers ([`SupervisorDecision`]).
+//!
+//! Compatibility policy: every message carries `schema_version` (currently
+//! [`SCHEMA_VERSION`]). Fields are only ever added, never renamed or removed, and every added
+//! field has a default, so the seed's minimum shapes (`{"step_id", "exit_code", "artefacts"}`,
+//! `{"status", "checks"}`, `{"action", "reason"}`) always parse. Enumerations are closed: an
+//! unknown `action`, `status` or `severity` is refused, never guessed. The JSON Schemas in
+//! `shared/schema/` are generated from these types (see [`crate::schema`]) and a test fails when
+//! they drift.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::partition::Partition;
+
+/// The version of every contract in this module.
+pub const SCHEMA_VERSION: u32 = 1;
+
+fn schema_version() -> u32 {
+    SCHEMA_VERSION
+}
+
+/// What a worker must run: one attempt of one step of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepSpec {
+    /// Contract version.
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// The run this attempt belongs to.
+    pub run_id: Uuid,
+    /// The step's id in the pipeline (`EXTRACT`, ...).
+    pub step_id: String,
+    /// 1-based attempt number of this step in this run.
+    pub attempt: u32,
+    /// UUIDv7 naming this attempt: the idempotency key of the result.
+    pub attempt_id: Uuid,
+    /// The program to run; must be on the worker's allowlist.
+    pub command: String,
+    /// argv after the program, passed without a shell.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment for the tool, layered over the worker's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the tool.
+    pub cwd: String,
+    /// Wall-clock limit; the tool's process group is killed when it passes.
+    pub timeout_s: u64,
+    /// Named output paths the step promises.
+    #[serde(default)]
+    pub artefacts: BTreeMap<String, String>,
+    /// Checks to run on the outcome, with paths already resolved.
+    #[serde(default)]
+    pub validations: Vec<Validation>,
+    /// Directory for this attempt's `stdout.log` and `stderr.log`.
+    pub log_dir: String,
+    /// Root under which every path of this spec must lie.
+    pub workdir: String,
+    /// Worker pool (queue) this step is routed to.
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// W3C trace context (`traceparent`, `tracestate`) of the coordinator's span.
+    #[serde(default)]
+    pub trace: BTreeMap<String, String>,
+}
+
+/// The default worker pool name.
+pub fn default_pool() -> String {
+    "default".to_string()
+}
+
+/// How serious a failed check is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// A failure blocks `proceed`.
+    #[default]
+    Error,
+    /// A failure is reported but does not block.
+    Warn,
+}
+
+/// Which log a log check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output and standard error, in that order.
+    #[default]
+    Both,
+    /// Standard output only.
+    Stdout,
+    /// Standard error only.
+    Stderr,
+}
+
+/// One deterministic check with its paths resolved, as carried by a [`StepSpec`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Validation {
+    /// A short name for reports; defaults to the kind and its target.
+    pub name: String,
+    /// `error` blocks proceeding, `warn` only informs.
+    #[serde(default)]
+    pub severity: Severity,
+    /// What to check.
+    #[serde(flatten)]
+    pub check: CheckSpec,
+}
+
+/// The kinds of check, each with its resolved target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CheckSpec {
+    /// The path exists and is a file.
+    FileExists {
+        /// Resolved path.
+        path: String,
+    },
+    /// The file exists and holds at least `min_bytes` bytes.
+    #[serde(alias = "min_size")]
+    FileSizeMin {
+        /// Resolved path.
+        path: String,
+        /// Smallest acceptable size in bytes.
+        min_bytes: u64,
+    },
+    /// The number of files matching a glob lies within `[min, max]`.
+    FileCount {
+        /// Resolved glob pattern.
+        glob: String,
+        /// Fewest matches accepted.
+        #[serde(default)]
+        min: Option<u64>,
+        /// Most matches accepted.
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// No line of the log matches the regex.
+    LogRegexAbsent {
+        /// Regular expression (Rust `regex` syntax).
+        pattern: String,
+        /// Which log to read.
+        #[serde(default)]
+        stream: LogStream,
+    },
+    /// At least one line of the log matches the regex.
+    LogRegexPresent {
+        /// Regular expression (Rust `regex` syntax).
+        pattern: String,
+        /// Which log to read.
+        #[serde(default)]
+        stream: LogStream,
+    },
+}
+
+impl CheckSpec {
+    /// The kind's wire name (`file_exists`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CheckSpec::FileExists { .. } => "file_exists",
+            CheckSpec::FileSizeMin { .. } => "file_size_min",
+            CheckSpec::FileCount { .. } => "file_count",
+            CheckSpec::LogRegexAbsent { .. } => "log_regex_absent",
+            CheckSpec::LogRegexPresent { .. } => "log_regex_present",
+        }
+    }
+}
+
+/// What one attempt did. The seed's minimum is `{"step_id", "exit_code", "artefacts"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepResult {
+    /// Contract version.
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// The step's id.
+    pub step_id: String,
+    /// The tool's exit code; `128 + signal` when a signal ended it, `-1` when it never ran or
+    /// was lost.
+    pub exit_code: i32,
+    /// Named output paths (as promised by the spec).
+    pub artefacts: BTreeMap<String, String>,
+    /// The run.
+    #[serde(default)]
+    pub run_id: Option<Uuid>,
+    /// The attempt this result answers (the idempotency key).
+    #[serde(default)]
+    pub attempt_id: Option<Uuid>,
+    /// The attempt number.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Which worker ran it.
+    #[serde(default)]
+    pub worker_id: String,
+    /// When the tool started.
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the tool ended.
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Wall time of the tool.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// The tool passed its `timeout_s` and was killed.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The signal that ended the tool, if any.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// No result arrived in time: the coordinator declared the attempt lost.
+    #[serde(default)]
+    pub lost: bool,
+    /// Why the tool could not run at all (refused by the allowlist, not found, ...).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Full standard output, on storage the coordinator can read.
+    #[serde(default)]
+    pub stdout_path: Option<String>,
+    /// Full standard error.
+    #[serde(default)]
+    pub stderr_path: Option<String>,
+    /// The last bytes of standard output and standard error (bounded by the worker).
+    #[serde(default)]
+    pub log_tail: String,
+}
+
+impl StepResult {
+    /// True when the tool itself succeeded: exit 0, not timed out, not lost, no executor error.
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == 0 && !self.timed_out && !self.lost && self.error.is_none()
+    }
+}
+
+/// Overall outcome of a [`ValidationReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportStatus {
+    /// No `error`-severity check failed.
+    Pass,
+    /// At least one `error`-severity check failed.
+    Fail,
+}
+
+/// The result of one check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Check {
+    /// The check's name.
+    pub name: String,
+    /// The check's kind (`file_exists`, ...).
+    pub kind: String,
+    /// Its severity.
+    #[serde(default)]
+    pub severity: Severity,
+    /// Whether it held.
+    pub passed: bool,
+    /// The fact it saw (a path and its size, the first matching line and its number).
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// What the validators found. The seed's minimum is `{"status", "checks"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ValidationReport {
+    /// Contract version.
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// `fail` when an `error`-severity check failed.
+    pub status: ReportStatus,
+    /// Every check, in the order configured.
+    pub checks: Vec<Check>,
+}
+
+impl ValidationReport {
+    /// Builds a report, deriving `status` from the checks.
+    pub fn from_checks(checks: Vec<Check>) -> Self {
+        let failed = checks
+            .iter()
+            .any(|c| !c.passed && c.severity == Severity::Error);
+        ValidationReport {
+            schema_version: SCHEMA_VERSION,
+            status: if failed {
+                ReportStatus::Fail
+            } else {
+                ReportStatus::Pass
+            },
+            checks,
+        }
+    }
+
+    /// The failed checks of the given severity.
+    pub fn failed(&self, severity: Severity) -> impl Iterator<Item = &Check> {
+        self.checks
+            .iter()
+            .filter(move |c| !c.passed && c.severity == severity)
+    }
+}
+
+/// A worker's answer to one [`StepSpec`]: the message on the results queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepOutcome {
+    /// Contract version.
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// What the tool did.
+    pub result: StepResult,
+    /// What the checks found.
+    pub report: ValidationReport,
+}
+
+/// The supervisor's four moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Go to the next step (or COMPLETE after the last).
+    Proceed,
+    /// Run the same step again after a backoff.
+    Retry,
+    /// Stop the run; it keeps the failed step and can be resumed.
+    Halt,
+    /// Park the run until an operator decides.
+    Escalate,
+}
+
+impl Action {
+    /// All actions, in a stable order.
+    pub const ALL: [Action; 4] = [
+        Action::Proceed,
+        Action::Retry,
+        Action::Halt,
+        Action::Escalate,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Proceed => "proceed",
+            Action::Retry => "retry",
+            Action::Halt => "halt",
+            Action::Escalate => "escalate",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown action `{s}`: expected proceed, retry, halt or escalate")
+            })
+    }
+}
+
+/// The supervisor's answer. The seed's shape is exactly `{"action", "reason"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SupervisorDecision {
+    /// Contract version.
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// The move.
+    pub action: Action,
+    /// Why, citing the facts used.
+    pub reason: String,
+}
+
+impl SupervisorDecision {
+    /// A decision with the current schema version.
+    pub fn new(action: Action, reason: impl Into<String>) -> Self {
+        SupervisorDecision {
+            schema_version: SCHEMA_VERSION,
+            action,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Attempts used and allowed for one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepAttempts {
+    /// The step.
+    pub step_id: String,
+    /// Attempts started so far.
+    pub used: u32,
+    /// The step's `max_attempts`.
+    pub allowed: u32,
+}
+
+/// A summary of an earlier attempt in this run, for the supervisor's context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AttemptSummary {
+    /// The step.
+    pub step_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Exit code.
+    pub exit_code: i32,
+    /// Whether it timed out.
+    pub timed_out: bool,
+    /// Whether it was declared lost.
+    #[serde(default)]
+    pub lost: bool,
+    /// The report's status.
+    pub status: ReportStatus,
+    /// Names of the failed `error` checks.
+    #[serde(default)]
+    pub failed_checks: Vec<String>,
+    /// The action applied after it.
+    pub action: Action,
+    /// The applied decision's reason.
+    pub reason: String,
+}
+
+/// The run as the supervisor sees it when deciding after an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PipelineState {
+    /// Contract version.
+    #[serde(default = "schema_version")]
+    pub schema_version: u32,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// The run.
+    pub run_id: Uuid,
+    /// The partition the run covers.
+    pub partition: Partition,
+    /// The run's current state (the step's id while a step is in progress).
+    pub state: String,
+    /// The step just attempted.
+    pub step_id: String,
+    /// The attempt just made.
+    pub attempt: u32,
+    /// The step's `max_attempts`.
+    pub max_attempts: u32,
+    /// Attempts used and allowed for every step.
+    pub attempts: Vec<StepAttempts>,
+    /// Earlier attempts in this run, oldest first.
+    pub history: Vec<AttemptSummary>,
+    /// The actions the state machine's guard allows now.
+    pub legal_actions: Vec<Action>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_step_result_parses() {
+        let r: StepResult = serde_json::from_str(
+            r#"{"step_id": "EXTRACT", "exit_code": 0, "artefacts": {"draft": "out/draft.yaml"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.step_id, "EXTRACT");
+        assert_eq!(r.exit_code, 0);
+        assert_eq!(r.artefacts["draft"], "out/draft.yaml");
+        assert_eq!(r.schema_version, SCHEMA_VERSION);
+        assert!(r.succeeded());
+    }
+
+    #[test]
+    fn seed_validation_report_parses() {
+        let r: ValidationReport = serde_json::from_str(
+            r#"{"status": "fail", "checks": [{"name": "draft exists", "kind": "file_exists", "passed": false}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.status, ReportStatus::Fail);
+        assert_eq!(r.checks.len(), 1);
+        assert_eq!(r.checks[0].severity, Severity::Error);
+        let empty: ValidationReport =
+            serde_json::from_str(r#"{"status": "pass", "checks": []}"#).unwrap();
+        assert_eq!(empty.status, ReportStatus::Pass);
+    }
+
+    #[test]
+    fn seed_decisions_parse() {
+        for action in ["proceed", "retry", "halt", "escalate"] {
+            let d: SupervisorDecision =
+                serde_json::from_str(&format!(r#"{{"action": "{action}", "reason": "because"}}"#))
+                    .unwrap();
+            assert_eq!(d.action.as_str(), action);
+            assert_eq!(d.reason, "because");
+        }
+    }
+
+    #[test]
+    fn unknown_action_is_refused_clearly() {
+        let err = serde_json::from_str::<SupervisorDecision>(
+            r#"{"action": "skip", "reason": "why not"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown variant `skip`"), "{err}");
+        assert!(err.contains("proceed"), "{err}");
+        let missing = serde_json::from_str::<SupervisorDecision>(r#"{"action": "halt"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("missing field `reason`"), "{missing}");
+    }
+
+    #[test]
+    fn unknown_status_is_refused_clearly() {
+        let err = serde_json::from_str::<ValidationReport>(r#"{"status": "ok", "checks": []}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `ok`"), "{err}");
+        assert!(err.contains("pass"), "{err}");
+    }
+
+    #[test]
+    fn report_status_follows_error_checks_only() {
+        let check = |severity, passed| Check {
+            name: "c".into(),
+            kind: "file_exists".into(),
+            severity,
+            passed,
+            detail: String::new(),
+        };
+        let warn_only = ValidationReport::from_checks(vec![check(Severity::Warn, false)]);
+        assert_eq!(warn_only.status, ReportStatus::Pass);
+        let err = ValidationReport::from_checks(vec![
+            check(Severity::Warn, true),
+            check(Severity::Error, false),
+        ]);
+        assert_eq!(err.status, ReportStatus::Fail);
+        assert_eq!(err.failed(Severity::Error).count(), 1);
+    }
+
+    #[test]
+    fn min_size_alias_parses() {
+        let v: Validation = serde_json::from_str(
+            r#"{"name": "big", "kind": "min_size", "path": "a", "min_bytes": 10}"#,
+        )
+        .unwrap();
+        assert_eq!(v.check.kind(), "file_size_min");
+    }
+}

@@ -1,0 +1,1 @@
+//! Deterministic validators (being written).

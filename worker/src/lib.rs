@@ -1,0 +1,1 @@
+//! Warpline worker library (being written).

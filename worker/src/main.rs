@@ -1,0 +1,2 @@
+//! `warpline-worker` binary (being written).
+fn main() {}
