@@ -6,6 +6,11 @@
 //! definition of every fact and every legal move.
 #![warn(missing_docs)]
 
+pub mod audit;
+pub mod config;
 pub mod contracts;
+pub mod machine;
 pub mod partition;
+pub mod schema;
+pub mod template;
 pub mod validate;

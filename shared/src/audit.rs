@@ -1,0 +1,382 @@
+//! The audit log's format: append-only JSONL, one event per line, hash-chained.
+//!
+//! A line is the JSON of an [`AuditRecord`] with one extra first field, `hash`:
+//! `{"hash":"<sha256 hex>","seq":7,"ts":…,"prev_hash":"<hash of line 6>",…}`. The hash covers
+//! the rest of the line exactly as written (the body: the same JSON without the `hash` field),
+//! and the body carries the previous line's hash, so editing, removing or reordering any line
+//! breaks the chain at that line. [`verify`] names the first line that does not hold.
+//!
+//! This module only formats and checks; the coordinator owns the writer.
+
+use std::io::BufRead;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::contracts::{Action, StepOutcome, SupervisorDecision};
+use crate::partition::Partition;
+
+/// The `prev_hash` of the first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit line, without its own hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditRecord {
+    /// 1-based line number in the log.
+    pub seq: u64,
+    /// When the coordinator recorded it.
+    pub ts: DateTime<Utc>,
+    /// The hash of the previous line ([`GENESIS`] for the first).
+    pub prev_hash: String,
+    /// The backfill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill_id: Option<Uuid>,
+    /// The run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// Token counts of one model call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenUsage {
+    /// Prompt tokens.
+    pub input: u64,
+    /// Reply tokens.
+    pub output: u64,
+}
+
+/// Everything the audit log records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A backfill was accepted.
+    BackfillCreated {
+        /// The pipeline's name.
+        pipeline: String,
+        /// The config file.
+        config: String,
+        /// Number of runs.
+        partitions: usize,
+        /// The supervisor agent.
+        agent: String,
+    },
+    /// A run was created.
+    RunCreated {
+        /// Its partition.
+        partition: Partition,
+    },
+    /// A run changed state.
+    Transition {
+        /// State before.
+        from: String,
+        /// State after.
+        to: String,
+        /// The action that caused it, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        action: Option<Action>,
+    },
+    /// An attempt was sent to a worker.
+    StepDispatched {
+        /// The step.
+        step_id: String,
+        /// Attempt number.
+        attempt: u32,
+        /// Attempt id.
+        attempt_id: Uuid,
+        /// The program.
+        command: String,
+        /// Its argv.
+        args: Vec<String>,
+        /// Backoff waited before dispatch.
+        #[serde(default)]
+        delay_ms: u64,
+    },
+    /// A worker's result, with its report (log tail bounded).
+    StepResult {
+        /// The outcome as received.
+        outcome: StepOutcome,
+    },
+    /// A result that did not answer the outstanding attempt.
+    StaleResult {
+        /// The step it named.
+        step_id: String,
+        /// The attempt it named.
+        attempt_id: Option<Uuid>,
+        /// Why it was ignored.
+        reason: String,
+    },
+    /// An attempt got no result in time.
+    AttemptLost {
+        /// The step.
+        step_id: String,
+        /// Attempt number.
+        attempt: u32,
+        /// Attempt id.
+        attempt_id: Uuid,
+        /// Why it was declared lost.
+        reason: String,
+    },
+    /// The supervisor's decision, with its source.
+    Decision {
+        /// The step decided on.
+        step_id: String,
+        /// Its attempt number.
+        attempt: u32,
+        /// Which agent decided: `rules`, `always-proceed`, `llm`, `fast_path`, `operator`.
+        agent: String,
+        /// The model, for an LLM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        /// The decision as proposed.
+        decision: SupervisorDecision,
+        /// How long the agent took.
+        latency_ms: u64,
+        /// Tokens used, for an LLM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens: Option<TokenUsage>,
+        /// Why another agent stood in, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fallback: Option<String>,
+    },
+    /// The guard replaced an illegal decision.
+    GuardOverride {
+        /// The step.
+        step_id: String,
+        /// What the agent proposed.
+        proposed: Action,
+        /// What was applied.
+        applied: Action,
+        /// Why.
+        reason: String,
+    },
+    /// The run was parked for an operator.
+    Escalated {
+        /// The step.
+        step_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// An operator answered an escalation or acted on a run.
+    OperatorResolution {
+        /// Who.
+        operator: String,
+        /// What.
+        action: Action,
+        /// Why.
+        reason: String,
+    },
+    /// A run reached a final state.
+    RunFinished {
+        /// COMPLETE, HALTED or CANCELLED.
+        state: String,
+        /// The step it stopped at, if not complete.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step_id: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// The backfill ended (every run final, or the coordinator stopped).
+    BackfillFinished {
+        /// Runs completed.
+        complete: usize,
+        /// Runs halted.
+        halted: usize,
+        /// Runs cancelled.
+        cancelled: usize,
+        /// Runs still escalated.
+        escalated: usize,
+        /// Why it ended.
+        reason: String,
+    },
+}
+
+impl AuditEvent {
+    /// The event's wire name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AuditEvent::BackfillCreated { .. } => "backfill_created",
+            AuditEvent::RunCreated { .. } => "run_created",
+            AuditEvent::Transition { .. } => "transition",
+            AuditEvent::StepDispatched { .. } => "step_dispatched",
+            AuditEvent::StepResult { .. } => "step_result",
+            AuditEvent::StaleResult { .. } => "stale_result",
+            AuditEvent::AttemptLost { .. } => "attempt_lost",
+            AuditEvent::Decision { .. } => "decision",
+            AuditEvent::GuardOverride { .. } => "guard_override",
+            AuditEvent::Escalated { .. } => "escalated",
+            AuditEvent::OperatorResolution { .. } => "operator_resolution",
+            AuditEvent::RunFinished { .. } => "run_finished",
+            AuditEvent::BackfillFinished { .. } => "backfill_finished",
+        }
+    }
+}
+
+/// The sha256 of a body, in hex.
+pub fn hash_body(body: &str) -> String {
+    hex::encode(Sha256::digest(body.as_bytes()))
+}
+
+/// Serialises a record into its line (without the newline) and returns the line and its hash.
+pub fn seal(record: &AuditRecord) -> (String, String) {
+    let body = serde_json::to_string(record).expect("audit records always serialise");
+    let hash = hash_body(&body);
+    let line = format!("{{\"hash\":\"{hash}\",{}", &body[1..]);
+    (line, hash)
+}
+
+/// Splits a line into (stated hash, body); `None` when it does not start with a hash field.
+pub fn unseal(line: &str) -> Option<(&str, String)> {
+    let rest = line.strip_prefix("{\"hash\":\"")?;
+    let hash = rest.get(..64)?;
+    let tail = rest.get(64..)?.strip_prefix("\",")?;
+    Some((hash, format!("{{{tail}")))
+}
+
+/// Why a log does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit log broken at line {line}: {reason}")]
+pub struct VerifyError {
+    /// 1-based number of the first bad line.
+    pub line: u64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// What a verified log holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Number of lines.
+    pub lines: u64,
+    /// The last line's hash ([`GENESIS`] for an empty log).
+    pub head: String,
+}
+
+/// Parses one sealed line, checking its own hash.
+pub fn parse_line(line: &str) -> Result<(AuditRecord, String), String> {
+    let (stated, body) = unseal(line).ok_or("the line does not start with a `hash` field")?;
+    let actual = hash_body(&body);
+    if actual != stated {
+        return Err(format!(
+            "its content does not match its hash (stated {stated}, computed {actual}): the line was edited"
+        ));
+    }
+    let record: AuditRecord =
+        serde_json::from_str(&body).map_err(|e| format!("not an audit record: {e}"))?;
+    Ok((record, actual))
+}
+
+/// Checks every line's hash, the chain and the sequence numbers.
+pub fn verify(reader: impl BufRead) -> Result<Verified, VerifyError> {
+    let mut prev = GENESIS.to_string();
+    let mut n = 0u64;
+    for line in reader.lines() {
+        n += 1;
+        let bad = |reason: String| VerifyError { line: n, reason };
+        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+        let (record, hash) = parse_line(&line).map_err(bad)?;
+        if record.prev_hash != prev {
+            return Err(bad(format!(
+                "its prev_hash {} is not the hash of the line before ({prev}): a line was removed, inserted or reordered",
+                record.prev_hash
+            )));
+        }
+        if record.seq != n {
+            return Err(bad(format!("its seq is {}, expected {n}", record.seq)));
+        }
+        prev = hash;
+    }
+    Ok(Verified {
+        lines: n,
+        head: prev,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(n: usize) -> Vec<String> {
+        let mut prev = GENESIS.to_string();
+        let mut out = Vec::new();
+        for i in 0..n {
+            let rec = AuditRecord {
+                seq: i as u64 + 1,
+                ts: Utc::now(),
+                prev_hash: prev.clone(),
+                backfill_id: None,
+                run_id: Some(Uuid::now_v7()),
+                event: AuditEvent::Transition {
+                    from: "INIT".into(),
+                    to: format!("S{i}"),
+                    action: Some(Action::Proceed),
+                },
+            };
+            let (line, hash) = seal(&rec);
+            prev = hash;
+            out.push(line);
+        }
+        out
+    }
+
+    fn check(lines: &[String]) -> Result<Verified, VerifyError> {
+        verify(lines.join("\n").as_bytes())
+    }
+
+    #[test]
+    fn intact_log_verifies() {
+        let lines = log(5);
+        let v = check(&lines).unwrap();
+        assert_eq!(v.lines, 5);
+        let (rec, _) = parse_line(&lines[4]).unwrap();
+        assert_eq!(rec.seq, 5);
+        assert_eq!(check(&[]).unwrap().head, GENESIS);
+    }
+
+    #[test]
+    fn any_edit_is_caught_at_its_line() {
+        let lines = log(5);
+        for i in 0..5 {
+            let mut edited = lines.clone();
+            edited[i] = edited[i].replacen(&format!("\"to\":\"S{i}\""), "\"to\":\"SX\"", 1);
+            assert_ne!(edited[i], lines[i]);
+            let err = check(&edited).unwrap_err();
+            assert_eq!(err.line, i as u64 + 1, "{err}");
+            assert!(err.reason.contains("edited"), "{err}");
+        }
+    }
+
+    #[test]
+    fn removal_and_reordering_are_caught() {
+        let lines = log(5);
+        let mut removed = lines.clone();
+        removed.remove(2);
+        assert_eq!(check(&removed).unwrap_err().line, 3);
+        let mut swapped = lines.clone();
+        swapped.swap(1, 3);
+        assert_eq!(check(&swapped).unwrap_err().line, 2);
+        let mut first_removed = lines;
+        first_removed.remove(0);
+        assert_eq!(check(&first_removed).unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn rehashing_an_edited_line_breaks_the_next_link() {
+        let lines = log(3);
+        let (mut rec, _) = parse_line(&lines[1]).unwrap();
+        rec.event = AuditEvent::Transition {
+            from: "INIT".into(),
+            to: "FORGED".into(),
+            action: None,
+        };
+        let mut forged = lines.clone();
+        forged[1] = seal(&rec).0;
+        let err = check(&forged).unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+    }
+}

@@ -1,0 +1,1008 @@
+//! The pipeline config: an ordered list of steps, each an existing command-line tool with its
+//! arguments, limits, artefacts and checks. Loaded once into a typed [`Pipeline`], checked
+//! whole before anything runs, then rendered into [`StepSpec`]s one attempt at a time.
+//!
+//! Every error names the file, the JSON path (`steps[2].validations[0].pattern`) and what was
+//! expected. Unknown fields are refused at the pipeline and step level, so a misspelt
+//! `max_attempt` is caught rather than silently defaulted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::contracts::{CheckSpec, LogStream, SCHEMA_VERSION, Severity, StepSpec, Validation};
+use crate::partition::Partition;
+use crate::template::{self, TemplateError};
+
+/// Placeholders every template may use.
+pub const BUILTIN_PLACEHOLDERS: [&str; 7] = [
+    "month",
+    "dataset",
+    "partition",
+    "run_dir",
+    "attempt",
+    "workdir",
+    "config_dir",
+];
+
+/// States that no step may be named after.
+pub const RESERVED_STATES: [&str; 5] = ["INIT", "COMPLETE", "HALTED", "ESCALATED", "CANCELLED"];
+
+/// The pipeline file as written.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Optional `$schema` reference for editors.
+    #[serde(default, rename = "$schema", skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// The pipeline's name.
+    pub name: String,
+    /// What it does.
+    #[serde(default)]
+    pub description: String,
+    /// Root of every path a step may touch, relative to the config file's directory.
+    #[serde(default = "default_workdir")]
+    pub workdir: String,
+    /// Each run's directory, relative to `workdir`; must use `{partition}`.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: String,
+    /// Operator-defined placeholders (overridable with `--var name=value`). Values may use
+    /// `{workdir}` and `{config_dir}`.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Environment given to every step (a step's own `env` wins).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Backoff between attempts of a step.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Seconds past a step's `timeout_s` after which an attempt with no result is lost.
+    #[serde(default = "default_lost_grace")]
+    pub lost_grace_s: u64,
+    /// The steps, in order.
+    pub steps: Vec<StepConfig>,
+}
+
+fn default_workdir() -> String {
+    ".".into()
+}
+fn default_run_dir() -> String {
+    "runs/{partition}".into()
+}
+fn default_lost_grace() -> u64 {
+    30
+}
+fn default_timeout() -> u64 {
+    600
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// Exponential backoff between attempts: `initial_ms × multiplier^(attempt−1)`, capped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Wait before the second attempt.
+    #[serde(default = "default_initial_ms")]
+    pub initial_ms: u64,
+    /// Growth per further attempt.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// Longest wait.
+    #[serde(default = "default_max_ms")]
+    pub max_ms: u64,
+}
+
+fn default_initial_ms() -> u64 {
+    2_000
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_max_ms() -> u64 {
+    60_000
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_ms: default_initial_ms(),
+            multiplier: default_multiplier(),
+            max_ms: default_max_ms(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next_attempt` (2 for the first retry).
+    pub fn backoff(&self, next_attempt: u32) -> std::time::Duration {
+        let exp = next_attempt.saturating_sub(2).min(63) as i32;
+        let ms = (self.initial_ms as f64) * self.multiplier.powi(exp);
+        std::time::Duration::from_millis(ms.min(self.max_ms as f64).max(0.0) as u64)
+    }
+}
+
+/// One step as written.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    /// The step's id; it is also the run's state while the step is in progress.
+    pub id: String,
+    /// What the step does.
+    #[serde(default)]
+    pub description: String,
+    /// The program: a bare name looked up on the worker, or a path.
+    pub command: String,
+    /// argv after the program; each element may use placeholders.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the run's directory).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Wall-clock limit of one attempt.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Attempts allowed, the first included.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Named outputs (name → path template); later steps may use `{artefacts.NAME}`.
+    #[serde(default)]
+    pub artefacts: BTreeMap<String, String>,
+    /// Checks on the outcome.
+    #[serde(default)]
+    pub validations: Vec<ValidationConfig>,
+    /// Worker pool (queue) to route to.
+    #[serde(default = "crate::contracts::default_pool")]
+    pub pool: String,
+    /// Fleet-wide cap on concurrent attempts of this step.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+}
+
+/// One check as written: a target by artefact name or by path template.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ValidationConfig {
+    /// A name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `error` (default) blocks proceeding; `warn` informs.
+    #[serde(default)]
+    pub severity: Severity,
+    /// The check.
+    #[serde(flatten)]
+    pub check: CheckConfig,
+}
+
+/// The check kinds as written.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CheckConfig {
+    /// The target exists.
+    FileExists {
+        /// An artefact of this step or an earlier one.
+        #[serde(default)]
+        artefact: Option<String>,
+        /// Or a path template.
+        #[serde(default)]
+        path: Option<String>,
+    },
+    /// The target holds at least `min_bytes` bytes.
+    #[serde(alias = "min_size")]
+    FileSizeMin {
+        /// An artefact of this step or an earlier one.
+        #[serde(default)]
+        artefact: Option<String>,
+        /// Or a path template.
+        #[serde(default)]
+        path: Option<String>,
+        /// Smallest acceptable size.
+        min_bytes: u64,
+    },
+    /// Files matching a glob template, within bounds.
+    FileCount {
+        /// Glob template.
+        glob: String,
+        /// Fewest.
+        #[serde(default)]
+        min: Option<u64>,
+        /// Most.
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// No log line matches.
+    LogRegexAbsent {
+        /// Regex.
+        pattern: String,
+        /// Which log.
+        #[serde(default)]
+        stream: LogStream,
+    },
+    /// Some log line matches.
+    LogRegexPresent {
+        /// Regex.
+        pattern: String,
+        /// Which log.
+        #[serde(default)]
+        stream: LogStream,
+    },
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read pipeline config `{file}`: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid pipeline.
+    #[error("invalid pipeline config `{file}` at `{path}`: {message}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// JSON path of the offending value.
+        path: String,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+}
+
+/// A step could not be rendered for a partition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// A placeholder problem.
+    #[error("step `{step}`: {source}")]
+    Template {
+        /// The step.
+        step: String,
+        /// The template error.
+        #[source]
+        source: TemplateError,
+    },
+    /// A rendered path leaves the workdir.
+    #[error("step `{step}`: path `{path}` is outside the pipeline's workdir `{workdir}`")]
+    Escape {
+        /// The step.
+        step: String,
+        /// The path.
+        path: String,
+        /// The workdir.
+        workdir: String,
+    },
+    /// The step needs a partition dimension the backfill lacks.
+    #[error(
+        "step `{step}` uses `{{{placeholder}}}` but the partitions have no {placeholder}: give --{placeholder}s"
+    )]
+    MissingDimension {
+        /// The step.
+        step: String,
+        /// `month` or `dataset`.
+        placeholder: String,
+    },
+}
+
+/// A loaded, checked pipeline with its directories resolved.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The config as written.
+    pub config: PipelineConfig,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Absolute directory of the file.
+    pub config_dir: PathBuf,
+    /// Absolute, normalised workdir.
+    pub workdir: PathBuf,
+}
+
+/// Normalises `.` and `..` without touching the filesystem.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// True when `path`, normalised, lies under `root` (normalised).
+pub fn is_under(path: &Path, root: &Path) -> bool {
+    normalize(path).starts_with(normalize(root))
+}
+
+impl Pipeline {
+    /// Reads, parses and checks a pipeline file.
+    pub fn load(file: impl AsRef<Path>) -> Result<Pipeline, ConfigError> {
+        let file = file.as_ref();
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.display().to_string(),
+            source,
+        })?;
+        Pipeline::from_json(file, &text)
+    }
+
+    /// Parses and checks pipeline JSON as if read from `file`.
+    pub fn from_json(file: &Path, text: &str) -> Result<Pipeline, ConfigError> {
+        let invalid = |path: String, message: String| ConfigError::Invalid {
+            file: file.display().to_string(),
+            path,
+            message,
+        };
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let config: PipelineConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(
+                if path == "." || path == "?" {
+                    "$".into()
+                } else {
+                    path
+                },
+                e.into_inner().to_string(),
+            )
+        })?;
+        let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        let config_dir = normalize(abs.parent().unwrap_or(Path::new("/")));
+        let workdir = normalize(&config_dir.join(&config.workdir));
+        let pipeline = Pipeline {
+            config,
+            file: file.to_path_buf(),
+            config_dir,
+            workdir,
+        };
+        pipeline
+            .check()
+            .map_err(|(path, message)| invalid(path, message))?;
+        Ok(pipeline)
+    }
+
+    /// Replaces or adds operator variables (`--var name=value`).
+    pub fn set_vars(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
+        for (k, v) in vars {
+            self.config.vars.insert(k.clone(), v.clone());
+        }
+        self.check()
+            .map_err(|(path, message)| ConfigError::Invalid {
+                file: self.file.display().to_string(),
+                path,
+                message,
+            })
+    }
+
+    /// The steps.
+    pub fn steps(&self) -> &[StepConfig] {
+        &self.config.steps
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Index of the step with this id.
+    pub fn step_index(&self, id: &str) -> Option<usize> {
+        self.config.steps.iter().position(|s| s.id == id)
+    }
+
+    /// Every command the pipeline runs (a worker's allowlist in local mode).
+    pub fn commands(&self) -> BTreeSet<String> {
+        self.config
+            .steps
+            .iter()
+            .map(|s| s.command.clone())
+            .collect()
+    }
+
+    /// Semantic checks; the error is (JSON path, message).
+    fn check(&self) -> Result<(), (String, String)> {
+        let c = &self.config;
+        let err = |p: &str, m: String| Err((p.to_string(), m));
+        if c.name.trim().is_empty() {
+            return err("name", "expected a non-empty pipeline name".into());
+        }
+        if c.steps.is_empty() {
+            return err("steps", "expected at least one step".into());
+        }
+        if c.retry.multiplier < 1.0 || !c.retry.multiplier.is_finite() {
+            return err("retry.multiplier", "expected a number ≥ 1".into());
+        }
+        for name in c.vars.keys() {
+            if BUILTIN_PLACEHOLDERS.contains(&name.as_str()) || name.starts_with("artefacts.") {
+                return err(
+                    &format!("vars.{name}"),
+                    format!("`{name}` is a built-in placeholder and cannot be redefined"),
+                );
+            }
+            if !valid_ident(name) {
+                return err(
+                    &format!("vars.{name}"),
+                    "expected a variable name of letters, digits and `_`".into(),
+                );
+            }
+        }
+        for (name, value) in &c.vars {
+            for p in template::placeholders(value)
+                .map_err(|e| (format!("vars.{name}"), e.to_string()))?
+            {
+                if p != "workdir" && p != "config_dir" {
+                    return err(
+                        &format!("vars.{name}"),
+                        format!(
+                            "a variable may only use `{{workdir}}` and `{{config_dir}}`, not `{{{p}}}`"
+                        ),
+                    );
+                }
+            }
+        }
+        self.check_template("run_dir", &c.run_dir, &BTreeSet::new())?;
+        if !template::placeholders(&c.run_dir)
+            .unwrap_or_default()
+            .contains(&"partition")
+        {
+            return err(
+                "run_dir",
+                "expected a template using `{partition}`, so runs never share a directory".into(),
+            );
+        }
+        for (k, v) in &c.env {
+            self.check_template(&format!("env.{k}"), v, &BTreeSet::new())?;
+        }
+        let mut seen_ids = BTreeSet::new();
+        let mut artefacts: BTreeSet<String> = BTreeSet::new();
+        for (i, s) in c.steps.iter().enumerate() {
+            let at = |f: &str| format!("steps[{i}].{f}");
+            if !valid_step_id(&s.id) {
+                return err(
+                    &at("id"),
+                    format!(
+                        "expected a step id of letters, digits, `_` and `-`, got `{}`",
+                        s.id
+                    ),
+                );
+            }
+            if RESERVED_STATES.contains(&s.id.as_str()) {
+                return err(&at("id"), format!("`{}` is a reserved state name", s.id));
+            }
+            if !seen_ids.insert(s.id.clone()) {
+                return err(&at("id"), format!("step id `{}` is used twice", s.id));
+            }
+            if s.command.trim().is_empty() || s.command.starts_with('-') {
+                return err(&at("command"), "expected a program name or path".into());
+            }
+            if s.timeout_s == 0 {
+                return err(
+                    &at("timeout_s"),
+                    "expected a timeout of at least 1 second".into(),
+                );
+            }
+            if s.max_attempts == 0 {
+                return err(&at("max_attempts"), "expected at least 1 attempt".into());
+            }
+            if s.concurrency == Some(0) {
+                return err(
+                    &at("concurrency"),
+                    "expected a cap of at least 1 (or no cap)".into(),
+                );
+            }
+            if !valid_step_id(&s.pool) {
+                return err(
+                    &at("pool"),
+                    format!(
+                        "expected a pool name of letters, digits, `_` and `-`, got `{}`",
+                        s.pool
+                    ),
+                );
+            }
+            for (name, path) in &s.artefacts {
+                if !valid_ident(name) {
+                    return err(
+                        &at(&format!("artefacts.{name}")),
+                        "expected an artefact name of letters, digits and `_`".into(),
+                    );
+                }
+                self.check_template(&at(&format!("artefacts.{name}")), path, &artefacts)?;
+            }
+            artefacts.extend(s.artefacts.keys().cloned());
+            for (j, a) in s.args.iter().enumerate() {
+                self.check_template(&at(&format!("args[{j}]")), a, &artefacts)?;
+            }
+            for (k, v) in &s.env {
+                self.check_template(&at(&format!("env.{k}")), v, &artefacts)?;
+            }
+            if let Some(cwd) = &s.cwd {
+                self.check_template(&at("cwd"), cwd, &artefacts)?;
+            }
+            for (j, v) in s.validations.iter().enumerate() {
+                let vat = |f: &str| at(&format!("validations[{j}].{f}"));
+                match &v.check {
+                    CheckConfig::FileExists { artefact, path }
+                    | CheckConfig::FileSizeMin { artefact, path, .. } => match (artefact, path) {
+                        (Some(a), None) => {
+                            if !artefacts.contains(a) {
+                                return err(
+                                    &vat("artefact"),
+                                    format!(
+                                        "unknown artefact `{a}`: expected one declared by this step or an earlier one"
+                                    ),
+                                );
+                            }
+                        }
+                        (None, Some(p)) => self.check_template(&vat("path"), p, &artefacts)?,
+                        _ => {
+                            return err(
+                                &at(&format!("validations[{j}]")),
+                                "expected exactly one of `artefact` or `path`".into(),
+                            );
+                        }
+                    },
+                    CheckConfig::FileCount { glob, min, max } => {
+                        self.check_template(&vat("glob"), glob, &artefacts)?;
+                        if let (Some(lo), Some(hi)) = (min, max)
+                            && lo > hi
+                        {
+                            return err(
+                                &vat("min"),
+                                format!("expected min ≤ max, got {lo} > {hi}"),
+                            );
+                        }
+                    }
+                    CheckConfig::LogRegexAbsent { pattern, .. }
+                    | CheckConfig::LogRegexPresent { pattern, .. } => {
+                        if let Err(e) = regex::Regex::new(pattern) {
+                            return err(&vat("pattern"), format!("invalid regex: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_template(
+        &self,
+        path: &str,
+        text: &str,
+        artefacts: &BTreeSet<String>,
+    ) -> Result<(), (String, String)> {
+        let names = template::placeholders(text).map_err(|e| (path.to_string(), e.to_string()))?;
+        for n in names {
+            let known = BUILTIN_PLACEHOLDERS.contains(&n)
+                || self.config.vars.contains_key(n)
+                || n.strip_prefix("artefacts.")
+                    .is_some_and(|a| artefacts.contains(a));
+            if !known {
+                let mut all: Vec<String> =
+                    BUILTIN_PLACEHOLDERS.iter().map(|s| s.to_string()).collect();
+                all.extend(self.config.vars.keys().cloned());
+                all.extend(artefacts.iter().map(|a| format!("artefacts.{a}")));
+                return Err((
+                    path.to_string(),
+                    format!(
+                        "unknown placeholder `{{{n}}}`: expected one of {}",
+                        all.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when a step needs a partition dimension (`{month}`, `{dataset}`) the backfill lacks.
+    pub fn check_partitions(&self, partitions: &[Partition]) -> Result<(), RenderError> {
+        let Some(p) = partitions.first() else {
+            return Ok(());
+        };
+        for s in &self.config.steps {
+            let mut texts: Vec<&String> = s.args.iter().collect();
+            texts.extend(s.artefacts.values());
+            texts.extend(s.env.values());
+            texts.extend(s.cwd.iter());
+            for t in texts {
+                for n in template::placeholders(t).unwrap_or_default() {
+                    let missing = (n == "month" && p.month.is_none())
+                        || (n == "dataset" && p.dataset.is_none());
+                    if missing {
+                        return Err(RenderError::MissingDimension {
+                            step: s.id.clone(),
+                            placeholder: n.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The run directory of a partition.
+    pub fn run_dir(&self, partition: &Partition) -> Result<PathBuf, RenderError> {
+        let rel = template::render(&self.config.run_dir, |n| {
+            self.base_lookup(n, partition, 0, None)
+        })
+        .map_err(|source| RenderError::Template {
+            step: "run_dir".into(),
+            source,
+        })?;
+        let dir = normalize(&self.workdir.join(rel));
+        self.confine("run_dir", dir)
+    }
+
+    fn base_lookup(
+        &self,
+        name: &str,
+        partition: &Partition,
+        attempt: u32,
+        run_dir: Option<&Path>,
+    ) -> Option<String> {
+        match name {
+            "month" => partition.month.clone(),
+            "dataset" => partition.dataset.clone(),
+            "partition" => Some(partition.key()),
+            "attempt" => Some(attempt.to_string()),
+            "workdir" => Some(self.workdir.display().to_string()),
+            "config_dir" => Some(self.config_dir.display().to_string()),
+            "run_dir" => run_dir.map(|d| d.display().to_string()),
+            var => self.config.vars.get(var).map(|v| {
+                template::render(v, |n| match n {
+                    "workdir" => Some(self.workdir.display().to_string()),
+                    "config_dir" => Some(self.config_dir.display().to_string()),
+                    _ => None,
+                })
+                .unwrap_or_else(|_| v.clone())
+            }),
+        }
+    }
+
+    fn confine(&self, step: &str, path: PathBuf) -> Result<PathBuf, RenderError> {
+        if is_under(&path, &self.workdir) {
+            Ok(path)
+        } else {
+            Err(RenderError::Escape {
+                step: step.to_string(),
+                path: path.display().to_string(),
+                workdir: self.workdir.display().to_string(),
+            })
+        }
+    }
+
+    /// Renders attempt `attempt` of step `index` for a run into a [`StepSpec`].
+    pub fn render_step(
+        &self,
+        index: usize,
+        partition: &Partition,
+        run_id: Uuid,
+        attempt: u32,
+        attempt_id: Uuid,
+    ) -> Result<StepSpec, RenderError> {
+        let step = &self.config.steps[index];
+        let run_dir = self.run_dir(partition)?;
+        let mut artefacts: BTreeMap<String, String> = BTreeMap::new();
+        // Artefacts of earlier steps are visible to later ones as `{artefacts.NAME}`.
+        let mut known: BTreeMap<String, String> = BTreeMap::new();
+        let terr = |source| RenderError::Template {
+            step: step.id.clone(),
+            source,
+        };
+        for (i, s) in self.config.steps[..=index].iter().enumerate() {
+            for (name, t) in &s.artefacts {
+                let rendered =
+                    template::render(t, |n| self.lookup(n, partition, attempt, &run_dir, &known))
+                        .map_err(terr)?;
+                let path = self.confine(&s.id, normalize(&run_dir.join(rendered)))?;
+                let path = path.display().to_string();
+                if i == index {
+                    artefacts.insert(name.clone(), path.clone());
+                }
+                known.insert(name.clone(), path);
+            }
+        }
+        let render = |t: &str| {
+            template::render(t, |n| self.lookup(n, partition, attempt, &run_dir, &known))
+                .map_err(terr)
+        };
+        let path_of = |t: &str| -> Result<String, RenderError> {
+            let p = normalize(&run_dir.join(render(t)?));
+            Ok(self.confine(&step.id, p)?.display().to_string())
+        };
+        let args = step
+            .args
+            .iter()
+            .map(|a| render(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut env = BTreeMap::new();
+        for (k, v) in self.config.env.iter().chain(&step.env) {
+            env.insert(k.clone(), render(v)?);
+        }
+        let cwd = match &step.cwd {
+            Some(c) => path_of(c)?,
+            None => run_dir.display().to_string(),
+        };
+        let mut validations = Vec::with_capacity(step.validations.len());
+        for v in &step.validations {
+            let target =
+                |artefact: &Option<String>, path: &Option<String>| -> Result<String, RenderError> {
+                    match (artefact, path) {
+                        (Some(a), _) => Ok(known.get(a).cloned().unwrap_or_default()),
+                        (None, Some(p)) => path_of(p),
+                        (None, None) => Ok(String::new()),
+                    }
+                };
+            let check = match &v.check {
+                CheckConfig::FileExists { artefact, path } => CheckSpec::FileExists {
+                    path: target(artefact, path)?,
+                },
+                CheckConfig::FileSizeMin {
+                    artefact,
+                    path,
+                    min_bytes,
+                } => CheckSpec::FileSizeMin {
+                    path: target(artefact, path)?,
+                    min_bytes: *min_bytes,
+                },
+                CheckConfig::FileCount { glob, min, max } => CheckSpec::FileCount {
+                    glob: path_of(glob)?,
+                    min: *min,
+                    max: *max,
+                },
+                CheckConfig::LogRegexAbsent { pattern, stream } => CheckSpec::LogRegexAbsent {
+                    pattern: pattern.clone(),
+                    stream: *stream,
+                },
+                CheckConfig::LogRegexPresent { pattern, stream } => CheckSpec::LogRegexPresent {
+                    pattern: pattern.clone(),
+                    stream: *stream,
+                },
+            };
+            let name = v
+                .name
+                .clone()
+                .unwrap_or_else(|| default_check_name(&v.check));
+            validations.push(Validation {
+                name,
+                severity: v.severity,
+                check,
+            });
+        }
+        let log_dir = run_dir
+            .join("logs")
+            .join(format!("{}-{attempt}", step.id))
+            .display()
+            .to_string();
+        Ok(StepSpec {
+            schema_version: SCHEMA_VERSION,
+            run_id,
+            step_id: step.id.clone(),
+            attempt,
+            attempt_id,
+            command: step.command.clone(),
+            args,
+            env,
+            cwd,
+            timeout_s: step.timeout_s,
+            artefacts,
+            validations,
+            log_dir,
+            workdir: self.workdir.display().to_string(),
+            pool: step.pool.clone(),
+            trace: BTreeMap::new(),
+        })
+    }
+
+    fn lookup(
+        &self,
+        name: &str,
+        partition: &Partition,
+        attempt: u32,
+        run_dir: &Path,
+        artefacts: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        match name.strip_prefix("artefacts.") {
+            Some(a) => artefacts.get(a).cloned(),
+            None => self.base_lookup(name, partition, attempt, Some(run_dir)),
+        }
+    }
+}
+
+fn default_check_name(c: &CheckConfig) -> String {
+    match c {
+        CheckConfig::FileExists { artefact, path } => {
+            format!(
+                "file_exists({})",
+                artefact.as_deref().or(path.as_deref()).unwrap_or("")
+            )
+        }
+        CheckConfig::FileSizeMin {
+            artefact,
+            path,
+            min_bytes,
+        } => format!(
+            "file_size_min({}, {min_bytes})",
+            artefact.as_deref().or(path.as_deref()).unwrap_or("")
+        ),
+        CheckConfig::FileCount { glob, .. } => format!("file_count({glob})"),
+        CheckConfig::LogRegexAbsent { pattern, .. } => format!("log_regex_absent({pattern})"),
+        CheckConfig::LogRegexPresent { pattern, .. } => format!("log_regex_present({pattern})"),
+    }
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.as_bytes()[0].is_ascii_alphabetic()
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+fn valid_step_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+      "name": "demo",
+      "workdir": "work",
+      "vars": {"source": "file://{config_dir}/data"},
+      "retry": {"initial_ms": 10},
+      "steps": [
+        {"id": "EXTRACT", "command": "fetch",
+         "args": ["--url", "{source}/{dataset}/{month}.csv", "--out", "{artefacts.raw}"],
+         "artefacts": {"raw": "raw.csv"},
+         "validations": [
+           {"kind": "file_exists", "artefact": "raw"},
+           {"kind": "min_size", "artefact": "raw", "min_bytes": 1024, "severity": "warn"}
+         ]},
+        {"id": "LOAD", "command": "load", "args": ["{artefacts.raw}", "{attempt}"], "max_attempts": 2,
+         "validations": [{"kind": "log_regex_absent", "pattern": "CRITICAL|ConnectionError"}]}
+      ]
+    }"#;
+
+    fn load(text: &str) -> Result<Pipeline, ConfigError> {
+        Pipeline::from_json(Path::new("/tmp/cfg/pipeline.json"), text)
+    }
+
+    fn invalid_at(text: &str) -> (String, String) {
+        match load(text).unwrap_err() {
+            ConfigError::Invalid {
+                path,
+                message,
+                file,
+            } => {
+                assert_eq!(file, "/tmp/cfg/pipeline.json");
+                (path, message)
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    fn part() -> Partition {
+        Partition {
+            month: Some("2024-03".into()),
+            dataset: Some("sales".into()),
+        }
+    }
+
+    #[test]
+    fn renders_a_step_spec() {
+        let p = load(GOOD).unwrap();
+        assert_eq!(p.workdir, Path::new("/tmp/cfg/work"));
+        let run = Uuid::now_v7();
+        let spec = p.render_step(1, &part(), run, 2, Uuid::now_v7()).unwrap();
+        assert_eq!(spec.args, ["/tmp/cfg/work/runs/sales_2024-03/raw.csv", "2"]);
+        assert_eq!(spec.cwd, "/tmp/cfg/work/runs/sales_2024-03");
+        assert_eq!(spec.log_dir, "/tmp/cfg/work/runs/sales_2024-03/logs/LOAD-2");
+        let first = p.render_step(0, &part(), run, 1, Uuid::now_v7()).unwrap();
+        assert_eq!(first.args[1], "file:///tmp/cfg/data/sales/2024-03.csv");
+        assert_eq!(
+            first.validations[0].check,
+            CheckSpec::FileExists {
+                path: "/tmp/cfg/work/runs/sales_2024-03/raw.csv".into()
+            }
+        );
+        assert_eq!(first.validations[1].severity, Severity::Warn);
+        assert_eq!(first.validations[1].check.kind(), "file_size_min");
+        assert_eq!(p.config.retry.initial_ms, 10);
+        assert_eq!(p.config.retry.max_ms, 60_000);
+    }
+
+    #[test]
+    fn type_errors_name_the_json_path() {
+        let (path, msg) =
+            invalid_at(&GOOD.replace(r#""max_attempts": 2"#, r#""max_attempts": "two""#));
+        assert_eq!(path, "steps[1].max_attempts");
+        assert!(msg.contains("expected u32"), "{msg}");
+        let (path, msg) = invalid_at(&GOOD.replace(r#""max_attempts": 2"#, r#""max_attempt": 2"#));
+        assert_eq!(path, "steps[1].max_attempt");
+        assert!(msg.contains("unknown field `max_attempt`"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_placeholder_is_a_config_error() {
+        let (path, msg) = invalid_at(&GOOD.replace("{attempt}", "{atempt}"));
+        assert_eq!(path, "steps[1].args[1]");
+        assert!(msg.contains("unknown placeholder `{atempt}`"), "{msg}");
+        // An artefact of a later step is not visible to an earlier one.
+        let (path, _) = invalid_at(&GOOD.replace(
+            r#""--out", "{artefacts.raw}""#,
+            r#""--out", "{artefacts.nope}""#,
+        ));
+        assert_eq!(path, "steps[0].args[3]");
+    }
+
+    #[test]
+    fn invalid_regex_is_a_config_error() {
+        let (path, msg) = invalid_at(&GOOD.replace("CRITICAL|ConnectionError", "CRITICAL("));
+        assert_eq!(path, "steps[1].validations[0].pattern");
+        assert!(msg.contains("invalid regex"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let (path, _) = invalid_at(&GOOD.replace(r#""id": "LOAD""#, r#""id": "EXTRACT""#));
+        assert_eq!(path, "steps[1].id");
+        let (path, _) = invalid_at(&GOOD.replace(r#""id": "LOAD""#, r#""id": "COMPLETE""#));
+        assert_eq!(path, "steps[1].id");
+        let (path, _) =
+            invalid_at(&GOOD.replace(r#""artefact": "raw"}"#, r#""artefact": "nope"}"#));
+        assert_eq!(path, "steps[0].validations[0].artefact");
+        let (path, _) = invalid_at(r#"{"name": "x", "steps": []}"#);
+        assert_eq!(path, "steps");
+        let (path, msg) = invalid_at("{");
+        assert_eq!(path, "$");
+        assert!(msg.contains("EOF"), "{msg}");
+    }
+
+    #[test]
+    fn paths_cannot_escape_the_workdir() {
+        let text = GOOD.replace(r#""raw": "raw.csv""#, r#""raw": "../../../etc/passwd""#);
+        let p = load(&text).unwrap();
+        let err = p
+            .render_step(0, &part(), Uuid::now_v7(), 1, Uuid::now_v7())
+            .unwrap_err();
+        assert!(matches!(err, RenderError::Escape { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_partition_dimension_is_reported() {
+        let p = load(GOOD).unwrap();
+        let months_only = [Partition {
+            month: Some("2024-01".into()),
+            dataset: None,
+        }];
+        let err = p.check_partitions(&months_only).unwrap_err();
+        assert!(err.to_string().contains("--datasets"), "{err}");
+        assert!(p.check_partitions(&[part()]).is_ok());
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let r = RetryPolicy {
+            initial_ms: 100,
+            multiplier: 2.0,
+            max_ms: 300,
+        };
+        assert_eq!(r.backoff(2).as_millis(), 100);
+        assert_eq!(r.backoff(3).as_millis(), 200);
+        assert_eq!(r.backoff(4).as_millis(), 300);
+        assert_eq!(r.backoff(40).as_millis(), 300);
+    }
+}
