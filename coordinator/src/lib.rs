@@ -1,1 +1,18 @@
-//! Warpline coordinator library (being written).
+//! Warpline's coordinator: it holds every run's state machine, asks a supervisor agent after
+//! every step, writes the audit log, and drives workers through a transport.
+//!
+//! - [`engine`]: the event loop over a closed [`engine::Event`] enum, and the small
+//!   [`engine::Transport`], [`engine::Store`] and [`engine::Observer`] traits that let local
+//!   mode and fleet mode share it.
+//! - [`supervisor`]: the agents (`rules`, `always-proceed`).
+//! - [`audit_log`]: the append-only, hash-chained JSONL writer.
+//! - [`local`]: in-process workers over channels (`warpline run`).
+//! - [`progress`]: progress bars and line logs, fed by committed audit records.
+//! - [`cli`]: the `warpline` command line.
+
+pub mod audit_log;
+pub mod cli;
+pub mod engine;
+pub mod local;
+pub mod progress;
+pub mod supervisor;

@@ -271,7 +271,9 @@ pub enum RenderError {
         source: TemplateError,
     },
     /// A rendered path leaves the workdir.
-    #[error("step `{step}`: path `{path}` is outside the pipeline's workdir `{workdir}`")]
+    #[error(
+        "step `{step}`: path `{path}` is outside the pipeline's workdir `{workdir}` and its config directory"
+    )]
     Escape {
         /// The step.
         step: String,
@@ -668,8 +670,17 @@ impl Pipeline {
         }
     }
 
+    /// Points the pipeline at another workdir (`warpline run --workdir`), relative to the
+    /// current directory.
+    pub fn set_workdir(&mut self, dir: &Path) {
+        let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        self.workdir = normalize(&abs);
+    }
+
+    /// Paths must lie under the workdir (outputs) or the config's directory (operator inputs
+    /// such as reference files); nothing a partition value produces can leave both.
     fn confine(&self, step: &str, path: PathBuf) -> Result<PathBuf, RenderError> {
-        if is_under(&path, &self.workdir) {
+        if is_under(&path, &self.workdir) || is_under(&path, &self.config_dir) {
             Ok(path)
         } else {
             Err(RenderError::Escape {
@@ -798,6 +809,7 @@ impl Pipeline {
             validations,
             log_dir,
             workdir: self.workdir.display().to_string(),
+            input_roots: vec![self.config_dir.display().to_string()],
             pool: step.pool.clone(),
             trace: BTreeMap::new(),
         })
@@ -973,7 +985,7 @@ mod tests {
 
     #[test]
     fn paths_cannot_escape_the_workdir() {
-        let text = GOOD.replace(r#""raw": "raw.csv""#, r#""raw": "../../../etc/passwd""#);
+        let text = GOOD.replace(r#""raw": "raw.csv""#, r#""raw": "../../../../etc/passwd""#);
         let p = load(&text).unwrap();
         let err = p
             .render_step(0, &part(), Uuid::now_v7(), 1, Uuid::now_v7())

@@ -63,6 +63,11 @@ pub struct StepSpec {
     pub log_dir: String,
     /// Root under which every path of this spec must lie.
     pub workdir: String,
+    /// Read-only roots that artefact and check paths may also lie under (the pipeline's config
+    /// directory, holding operator inputs such as reference files). `cwd` and `log_dir` must be
+    /// under `workdir`.
+    #[serde(default)]
+    pub input_roots: Vec<String>,
     /// Worker pool (queue) this step is routed to.
     #[serde(default = "default_pool")]
     pub pool: String,

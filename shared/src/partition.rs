@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// One unit of a backfill: a month, a dataset, or both.
 #[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+    Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 pub struct Partition {
     /// `YYYY-MM`.

@@ -1,1 +1,13 @@
-//! Warpline worker library (being written).
+//! Warpline's stateless worker: it runs one step's tool, checks the outcome and reports it.
+//!
+//! [`executor`] is the Pipeline Step Executor, shared by local mode (in-process workers) and
+//! fleet mode (a queue consumer). [`cli`] is the `warpline-worker` command line, and
+//! [`shutdown`] turns SIGINT and SIGTERM into the cancellation every long-running part obeys.
+//! The worker keeps no durable state: everything it knows arrives in a `StepSpec` and leaves in
+//! a `StepOutcome`.
+
+pub mod cli;
+pub mod executor;
+pub mod shutdown;
+
+pub use executor::{ExecConfig, run_step};

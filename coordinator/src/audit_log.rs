@@ -1,0 +1,180 @@
+//! The audit writer: appends sealed records to a JSONL file, one event-loop turn at a time.
+//!
+//! The coordinator stages a turn's records, then [`AuditLog::commit`] writes them and calls
+//! `fdatasync` before anything the turn implies is acted on (a StepSpec published, a timer
+//! armed). A crash can therefore lose a turn that was never acted on, but never leave an action
+//! missing from the log. Opening an existing log verifies it first and continues its chain, so
+//! one file may hold many backfills.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use uuid::Uuid;
+use warpline_shared::audit::{self, AuditEvent, AuditRecord, GENESIS};
+
+/// An open, append-only audit log.
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    /// The last written line's number.
+    seq: u64,
+    /// The last written line's hash.
+    head: String,
+    /// Records staged in this turn, already sealed.
+    staged: Vec<u8>,
+    staged_seq: u64,
+    staged_head: String,
+}
+
+impl AuditLog {
+    /// Opens (or creates) a log, verifying what it already holds.
+    pub fn open(path: impl AsRef<Path>) -> anyhow::Result<AuditLog> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create the audit directory `{}`", dir.display())
+            })?;
+        }
+        let (seq, head) = if path.exists() {
+            let f = File::open(&path)
+                .with_context(|| format!("cannot read the audit log `{}`", path.display()))?;
+            match audit::verify(BufReader::new(f)) {
+                Ok(v) => (v.lines, v.head),
+                Err(e) => bail!(
+                    "the existing audit log `{}` does not verify ({e}); refusing to append to it: \
+                     give another --audit file",
+                    path.display()
+                ),
+            }
+        } else {
+            (0, GENESIS.to_string())
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| {
+                format!(
+                    "cannot open the audit log `{}` for appending",
+                    path.display()
+                )
+            })?;
+        Ok(AuditLog {
+            path,
+            file,
+            seq,
+            staged_seq: seq,
+            staged_head: head.clone(),
+            head,
+            staged: Vec::new(),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The hash of the last committed line.
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// Lines committed so far.
+    pub fn lines(&self) -> u64 {
+        self.seq
+    }
+
+    /// Seals a record into this turn and returns it.
+    pub fn stage(
+        &mut self,
+        backfill_id: Option<Uuid>,
+        run_id: Option<Uuid>,
+        event: AuditEvent,
+    ) -> AuditRecord {
+        self.staged_seq += 1;
+        let record = AuditRecord {
+            seq: self.staged_seq,
+            ts: Utc::now(),
+            prev_hash: self.staged_head.clone(),
+            backfill_id,
+            run_id,
+            event,
+        };
+        let (line, hash) = audit::seal(&record);
+        self.staged.extend_from_slice(line.as_bytes());
+        self.staged.push(b'\n');
+        self.staged_head = hash;
+        record
+    }
+
+    /// Writes and syncs the staged records. Call before acting on them.
+    pub fn commit(&mut self) -> anyhow::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(&self.staged)
+            .and_then(|_| self.file.sync_data())
+            .with_context(|| format!("cannot write the audit log `{}`", self.path.display()))?;
+        self.staged.clear();
+        self.seq = self.staged_seq;
+        self.head = self.staged_head.clone();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use warpline_shared::contracts::Action;
+
+    use super::*;
+
+    fn event(to: &str) -> AuditEvent {
+        AuditEvent::Transition {
+            from: "INIT".into(),
+            to: to.into(),
+            action: Some(Action::Proceed),
+        }
+    }
+
+    #[test]
+    fn commits_verify_and_reopening_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.stage(None, None, event("A"));
+        log.stage(None, None, event("B"));
+        // Nothing reaches the file before the commit.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        log.commit().unwrap();
+        drop(log);
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.lines(), 2);
+        let rec = log.stage(None, None, event("C"));
+        assert_eq!(rec.seq, 3);
+        log.commit().unwrap();
+        let v = audit::verify(BufReader::new(File::open(&path).unwrap())).unwrap();
+        assert_eq!(v.lines, 3);
+        assert_eq!(v.head, log.head());
+    }
+
+    #[test]
+    fn refuses_to_append_to_a_broken_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.stage(None, None, event("A"));
+        log.commit().unwrap();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"A\"", "\"Z\"");
+        std::fs::write(&path, text).unwrap();
+        let err = AuditLog::open(&path).err().unwrap().to_string();
+        assert!(err.contains("does not verify"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,280 @@
+//! Showing a backfill as it goes: live progress bars on a terminal, one plain line per event
+//! otherwise. Both read the committed audit records, so what is shown is what was recorded.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use uuid::Uuid;
+use warpline_shared::audit::{AuditEvent, AuditRecord};
+use warpline_shared::contracts::{Action, ReportStatus};
+
+use crate::engine::Observer;
+
+/// Shows nothing (for `--json` with no terminal, and tests).
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn on_record(&mut self, _record: &AuditRecord) {}
+}
+
+/// Partition keys by run, learnt from `run_created` records.
+#[derive(Default)]
+struct Names(HashMap<Uuid, String>);
+
+impl Names {
+    fn learn(&mut self, r: &AuditRecord) {
+        if let (Some(id), AuditEvent::RunCreated { partition }) = (r.run_id, &r.event) {
+            self.0.insert(id, partition.key());
+        }
+    }
+
+    fn of(&self, r: &AuditRecord) -> &str {
+        r.run_id
+            .and_then(|id| self.0.get(&id))
+            .map(String::as_str)
+            .unwrap_or("-")
+    }
+}
+
+/// One line per meaningful event on standard error.
+pub struct Lines {
+    names: Names,
+    out: Box<dyn Write + Send>,
+}
+
+impl Lines {
+    /// Lines to standard error.
+    pub fn stderr() -> Lines {
+        Lines {
+            names: Names::default(),
+            out: Box::new(std::io::stderr()),
+        }
+    }
+}
+
+/// A one-line rendering of a record, or `None` for records not worth a line.
+pub fn describe(part: &str, r: &AuditRecord) -> Option<String> {
+    let ts = r.ts.format("%H:%M:%S%.3f");
+    let text = match &r.event {
+        AuditEvent::BackfillCreated {
+            pipeline,
+            partitions,
+            agent,
+            ..
+        } => format!(
+            "backfill {} of `{pipeline}`: {partitions} runs, agent {agent}",
+            r.backfill_id.map(|b| b.to_string()).unwrap_or_default()
+        ),
+        AuditEvent::StepDispatched {
+            step_id,
+            attempt,
+            delay_ms,
+            ..
+        } => {
+            let wait = if *delay_ms > 0 {
+                format!(" after {delay_ms} ms backoff")
+            } else {
+                String::new()
+            };
+            format!("{part} {step_id}#{attempt} dispatched{wait}")
+        }
+        AuditEvent::StepResult { outcome } => {
+            let res = &outcome.result;
+            let passed = outcome.report.checks.iter().filter(|c| c.passed).count();
+            let status = match outcome.report.status {
+                ReportStatus::Pass => "pass",
+                ReportStatus::Fail => "FAIL",
+            };
+            let how = if res.timed_out {
+                "timed out".to_string()
+            } else {
+                format!("exit {}", res.exit_code)
+            };
+            format!(
+                "{part} {}#{} {how} in {} ms, checks {status} ({passed}/{})",
+                res.step_id,
+                res.attempt,
+                res.duration_ms,
+                outcome.report.checks.len()
+            )
+        }
+        AuditEvent::Decision {
+            step_id,
+            attempt,
+            agent,
+            decision,
+            ..
+        } => format!(
+            "{part} {step_id}#{attempt} → {} ({agent}): {}",
+            decision.action, decision.reason
+        ),
+        AuditEvent::GuardOverride {
+            proposed,
+            applied,
+            reason,
+            ..
+        } => format!("{part} guard overrode {proposed} with {applied}: {reason}"),
+        AuditEvent::AttemptLost {
+            step_id,
+            attempt,
+            reason,
+            ..
+        } => {
+            format!("{part} {step_id}#{attempt} LOST: {reason}")
+        }
+        AuditEvent::StaleResult {
+            step_id, reason, ..
+        } => format!("{part} stale result for {step_id} ignored: {reason}"),
+        AuditEvent::Escalated { step_id, reason } => {
+            format!("{part} ESCALATED at {step_id}: {reason}")
+        }
+        AuditEvent::RunFinished {
+            state,
+            step_id,
+            reason,
+        } => match step_id {
+            Some(s) => format!("{part} {state} at {s}: {reason}"),
+            None => format!("{part} {state}"),
+        },
+        AuditEvent::BackfillFinished {
+            complete,
+            halted,
+            cancelled,
+            escalated,
+            ..
+        } => format!(
+            "backfill finished: {complete} complete, {halted} halted, {escalated} escalated, {cancelled} cancelled"
+        ),
+        AuditEvent::OperatorResolution {
+            operator,
+            action,
+            reason,
+        } => {
+            format!("{part} operator {operator}: {action} ({reason})")
+        }
+        AuditEvent::RunCreated { .. } | AuditEvent::Transition { .. } => return None,
+    };
+    Some(format!("{ts} {text}"))
+}
+
+impl Observer for Lines {
+    fn on_record(&mut self, r: &AuditRecord) {
+        self.names.learn(r);
+        if let Some(line) = describe(self.names.of(r), r) {
+            let _ = writeln!(self.out, "{line}");
+        }
+    }
+}
+
+/// Live bars: one per step (runs past it) and one overall (runs finished), with rate and ETA.
+pub struct Bars {
+    names: Names,
+    multi: MultiProgress,
+    overall: ProgressBar,
+    steps: Vec<(String, ProgressBar)>,
+    retries: u64,
+    halted: u64,
+    escalated: u64,
+}
+
+impl Bars {
+    /// Bars for a backfill of `runs` runs over these steps, drawn on standard error.
+    pub fn new(step_ids: &[String], runs: u64) -> Bars {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
+        let width = step_ids.iter().map(String::len).max().unwrap_or(4).max(7);
+        let style = |color: &str| {
+            ProgressStyle::with_template(&format!(
+                "{{prefix:>{width}}} [{{bar:40.{color}/blue}}] {{pos:>5}}/{{len:5}} {{per_sec:>9}} eta {{eta:>4}} {{msg}}"
+            ))
+            .expect("valid template")
+            .progress_chars("=> ")
+        };
+        let steps = step_ids
+            .iter()
+            .map(|id| {
+                let bar = multi.add(
+                    ProgressBar::new(runs)
+                        .with_style(style("cyan"))
+                        .with_prefix(id.clone()),
+                );
+                (id.clone(), bar)
+            })
+            .collect();
+        let overall = multi.add(
+            ProgressBar::new(runs)
+                .with_style(style("green"))
+                .with_prefix("runs"),
+        );
+        overall.enable_steady_tick(Duration::from_millis(250));
+        Bars {
+            names: Names::default(),
+            multi,
+            overall,
+            steps,
+            retries: 0,
+            halted: 0,
+            escalated: 0,
+        }
+    }
+
+    fn status(&self) -> String {
+        format!(
+            "{} retries, {} halted, {} escalated",
+            self.retries, self.halted, self.escalated
+        )
+    }
+}
+
+impl Observer for Bars {
+    fn on_record(&mut self, r: &AuditRecord) {
+        self.names.learn(r);
+        match &r.event {
+            AuditEvent::Transition {
+                from,
+                action: Some(Action::Proceed),
+                ..
+            } => {
+                if let Some((_, bar)) = self.steps.iter().find(|(id, _)| id == from) {
+                    bar.inc(1);
+                }
+            }
+            AuditEvent::Transition {
+                action: Some(Action::Retry),
+                ..
+            } => self.retries += 1,
+            AuditEvent::StepDispatched { step_id, .. } => {
+                if let Some((_, bar)) = self.steps.iter().find(|(id, _)| id == step_id) {
+                    bar.set_message(format!("last: {}", self.names.of(r)));
+                }
+            }
+            AuditEvent::Escalated { .. } => {
+                self.escalated += 1;
+                let _ = self
+                    .multi
+                    .println(describe(self.names.of(r), r).unwrap_or_default());
+            }
+            AuditEvent::RunFinished { state, .. } => {
+                self.overall.inc(1);
+                if state == "HALTED" {
+                    self.halted += 1;
+                }
+                if state != "COMPLETE" {
+                    let _ = self
+                        .multi
+                        .println(describe(self.names.of(r), r).unwrap_or_default());
+                }
+            }
+            _ => {}
+        }
+        self.overall.set_message(self.status());
+    }
+
+    fn finish(&mut self) {
+        for (_, bar) in &self.steps {
+            bar.abandon();
+        }
+        self.overall.abandon_with_message(self.status());
+    }
+}

@@ -1,0 +1,1035 @@
+//! The Pipeline Step Executor: runs one attempt of one step and reports what happened.
+//!
+//! [`run_step`] refuses a spec before spawning anything when its command is not on the worker's
+//! allowlist or when one of its paths leaves `workdir`. Otherwise it runs the tool's argv
+//! without a shell, in a process group of its own, streams standard output and standard error to
+//! `<log_dir>/stdout.log` and `<log_dir>/stderr.log` while keeping only a bounded tail in
+//! memory, and enforces `timeout_s` and cancellation by signalling the whole group (`SIGTERM`,
+//! then `SIGKILL` after a grace period). When the tool exits but something it started in its
+//! group still holds the log pipes, that remainder is killed after a short drain, so an attempt
+//! never hangs on a stray grandchild. Finally it runs the deterministic validators on the
+//! outcome and returns a [`StepOutcome`].
+//!
+//! Every way an attempt can end becomes a [`StepOutcome`]: the executor itself never fails. What
+//! went wrong before the tool could run is in `StepResult.error`, with `exit_code` `-1` (refused
+//! or not started), `127` (command not found) or `126` (not executable), and a failing report.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warpline_shared::contracts::{
+    Check, CheckSpec, SCHEMA_VERSION, Severity, StepOutcome, StepResult, StepSpec, ValidationReport,
+};
+use warpline_shared::validate::{self, Logs};
+
+/// The default bound on [`StepResult::log_tail`]: 64 KiB.
+pub const DEFAULT_TAIL_BYTES: usize = 64 * 1024;
+
+/// The default time between `SIGTERM` and `SIGKILL`: 5 s.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// The `kind` of the synthetic check that fails a report when the tool never ran.
+pub const EXECUTOR_CHECK_KIND: &str = "executor";
+
+/// The `error` of an attempt stopped because the worker is shutting down.
+pub const CANCELLED_ERROR: &str = "cancelled: worker shutting down";
+
+/// How a worker runs steps.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// Names this worker in every [`StepResult`].
+    pub worker_id: String,
+    /// Commands this worker may run: exact match on StepSpec.command.
+    pub allowlist: BTreeSet<String>,
+    /// Directories searched for a bare command name before $PATH (e.g. the directory holding the running binary).
+    pub search_dirs: Vec<PathBuf>,
+    /// Bytes of stdout+stderr kept in StepResult.log_tail (default 64 KiB).
+    pub tail_bytes: usize,
+    /// Between SIGTERM and SIGKILL on timeout/cancel (default 5 s).
+    pub kill_grace: Duration,
+}
+
+impl ExecConfig {
+    /// A config with the default tail size and kill grace, and no extra search directories.
+    pub fn new(worker_id: impl Into<String>, allowlist: impl IntoIterator<Item = String>) -> Self {
+        ExecConfig {
+            worker_id: worker_id.into(),
+            allowlist: allowlist.into_iter().collect(),
+            search_dirs: Vec::new(),
+            tail_bytes: DEFAULT_TAIL_BYTES,
+            kill_grace: DEFAULT_KILL_GRACE,
+        }
+    }
+}
+
+/// Why a spec was refused before anything ran.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecRefusal {
+    /// The command is not on the allowlist.
+    #[error("command `{command}` is not on this worker's allowlist (allowed: {allowed})")]
+    NotAllowed {
+        /// The refused command.
+        command: String,
+        /// The allowlist, comma-separated (or `nothing`).
+        allowed: String,
+    },
+    /// A path of the spec lies outside its `workdir`.
+    #[error(
+        "{field} `{path}` is not under workdir `{workdir}`; every path of a step must stay inside it"
+    )]
+    PathEscapes {
+        /// Which field of the spec (`cwd`, `log_dir`, `artefacts.draft`, `validations[2].path`).
+        field: String,
+        /// The offending path as given.
+        path: String,
+        /// The spec's workdir as given.
+        workdir: String,
+    },
+    /// The glob's `..` follows a wildcard, so where it leads cannot be decided without the filesystem.
+    #[error("{field} `{path}` has `..` after a wildcard; write the glob without it")]
+    AmbiguousGlob {
+        /// Which field of the spec.
+        field: String,
+        /// The glob as given.
+        path: String,
+    },
+    /// The workdir is empty.
+    #[error("workdir is empty; a step needs a root directory to confine its paths")]
+    EmptyWorkdir,
+}
+
+/// Why the tool could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// No executable by that name was found.
+    #[error("command `{command}` not found (looked in {looked_in})")]
+    NotFound {
+        /// The command as given.
+        command: String,
+        /// Where it was looked for.
+        looked_in: String,
+    },
+    /// The file exists but may not be executed.
+    #[error("command `{command}` (`{}`) cannot be executed: {source}", path.display())]
+    PermissionDenied {
+        /// The command as given.
+        command: String,
+        /// The file it resolved to.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Preparing the attempt's directories or log files failed.
+    #[error("cannot prepare {what} `{}`: {source}", path.display())]
+    Prepare {
+        /// What was being prepared (`cwd`, `log_dir`, `stdout log`).
+        what: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Any other failure to spawn.
+    #[error("cannot start `{command}`: {source}")]
+    Other {
+        /// The command as given.
+        command: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SpawnError {
+    /// The exit code reported for this failure, as a shell would: 127 not found, 126 not
+    /// executable, -1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SpawnError::NotFound { .. } => 127,
+            SpawnError::PermissionDenied { .. } => 126,
+            SpawnError::Prepare { .. } | SpawnError::Other { .. } => -1,
+        }
+    }
+}
+
+/// Runs one attempt of one step and checks its outcome. Never fails: every failure is reported
+/// in the returned [`StepOutcome`].
+#[tracing::instrument(skip_all, fields(run_id = %spec.run_id, step = %spec.step_id, attempt = spec.attempt))]
+pub async fn run_step(
+    spec: &StepSpec,
+    cfg: &ExecConfig,
+    cancel: &CancellationToken,
+) -> StepOutcome {
+    let mut result = base_result(spec, cfg);
+    if let Err(refusal) = check_allowed(spec, cfg).and_then(|()| check_paths(spec)) {
+        tracing::warn!(error = %refusal, "refused step");
+        return not_run(result, refusal.to_string(), "step refused");
+    }
+
+    if cancel.is_cancelled() {
+        return not_run(result, CANCELLED_ERROR.to_string(), "step did not start");
+    }
+
+    let log_dir = PathBuf::from(&spec.log_dir);
+    let stdout_path = log_dir.join("stdout.log");
+    let stderr_path = log_dir.join("stderr.log");
+    result.stdout_path = Some(stdout_path.display().to_string());
+    result.stderr_path = Some(stderr_path.display().to_string());
+
+    let started = Instant::now();
+    result.started_at = Some(Utc::now());
+    let ran = run_tool(spec, cfg, cancel, &stdout_path, &stderr_path).await;
+    result.finished_at = Some(Utc::now());
+    result.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+    let ran = match ran {
+        Ok(ran) => ran,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start tool");
+            result.exit_code = e.exit_code();
+            return not_run(result, e.to_string(), "step did not start");
+        }
+    };
+
+    let (exit_code, signal) = exit_code_of(ran.status);
+    result.exit_code = exit_code;
+    result.signal = signal;
+    result.timed_out = ran.ending == Ending::TimedOut;
+    if ran.ending == Ending::Cancelled {
+        result.error = Some(CANCELLED_ERROR.to_string());
+    } else if let Some(e) = ran.log_error {
+        result.error = Some(e);
+    }
+    result.log_tail = render_tail(&ran.stdout, &ran.stderr, cfg.tail_bytes);
+    tracing::info!(
+        exit_code,
+        signal,
+        timed_out = result.timed_out,
+        cancelled = ran.ending == Ending::Cancelled,
+        stdout_bytes = ran.stdout.total,
+        stderr_bytes = ran.stderr.total,
+        "tool finished"
+    );
+
+    let validations = spec.validations.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let logs = Logs {
+            stdout: &stdout_path,
+            stderr: &stderr_path,
+        };
+        validate::run_checks(&validations, &logs)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        ValidationReport::from_checks(vec![executor_check(
+            "validators",
+            format!("the validators panicked: {e}"),
+        )])
+    });
+    StepOutcome {
+        schema_version: SCHEMA_VERSION,
+        result,
+        report,
+    }
+}
+
+/// How long to wait for the tool's pipes to close once the tool has exited, before killing what
+/// is left of its process group (a background grandchild holding them open).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long to wait for the pipe readers once nothing is left that could write to them. Bounds
+/// the drain when a process escaped the group (`setsid`) while holding a pipe.
+const DRAIN_HARD_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often the group is polled while waiting for it to exit after `SIGTERM`.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// The size of one read from a tool's pipe.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// How the tool's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Exited,
+    TimedOut,
+    Cancelled,
+}
+
+/// What running the tool produced.
+struct Ran {
+    status: ExitStatus,
+    ending: Ending,
+    stdout: StreamTail,
+    stderr: StreamTail,
+    /// A failure to write a log file, or a reader that had to be abandoned.
+    log_error: Option<String>,
+}
+
+/// The result fields every outcome shares.
+fn base_result(spec: &StepSpec, cfg: &ExecConfig) -> StepResult {
+    StepResult {
+        schema_version: SCHEMA_VERSION,
+        step_id: spec.step_id.clone(),
+        exit_code: -1,
+        artefacts: spec.artefacts.clone(),
+        run_id: Some(spec.run_id),
+        attempt_id: Some(spec.attempt_id),
+        attempt: spec.attempt,
+        worker_id: cfg.worker_id.clone(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: 0,
+        timed_out: false,
+        signal: None,
+        lost: false,
+        error: None,
+        stdout_path: None,
+        stderr_path: None,
+        log_tail: String::new(),
+    }
+}
+
+/// An outcome for a tool that never ran: the error, and a report that fails because of it.
+fn not_run(mut result: StepResult, error: String, check_name: &str) -> StepOutcome {
+    let report = ValidationReport::from_checks(vec![executor_check(check_name, error.clone())]);
+    result.error = Some(error);
+    StepOutcome {
+        schema_version: SCHEMA_VERSION,
+        result,
+        report,
+    }
+}
+
+fn executor_check(name: &str, detail: String) -> Check {
+    Check {
+        name: name.to_string(),
+        kind: EXECUTOR_CHECK_KIND.to_string(),
+        severity: Severity::Error,
+        passed: false,
+        detail,
+    }
+}
+
+fn check_allowed(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> {
+    if cfg.allowlist.contains(&spec.command) {
+        return Ok(());
+    }
+    let allowed = if cfg.allowlist.is_empty() {
+        "nothing".to_string()
+    } else {
+        cfg.allowlist
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(SpecRefusal::NotAllowed {
+        command: spec.command.clone(),
+        allowed,
+    })
+}
+
+/// Checks that every path of the spec lies lexically under its workdir.
+///
+/// Relative paths are taken from the worker's current directory, as the operating system takes
+/// them when the tool is started, the logs are written and the checks read. Symbolic links are
+/// not followed: the check is lexical, by design, so it needs no filesystem access.
+fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
+    if spec.workdir.is_empty() {
+        return Err(SpecRefusal::EmptyWorkdir);
+    }
+    let here = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let root = lexical_absolute(&here, Path::new(&spec.workdir));
+    let inputs: Vec<PathBuf> = spec
+        .input_roots
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| lexical_absolute(&here, Path::new(r)))
+        .collect();
+    let under_root = |field: String, path: &str| -> Result<(), SpecRefusal> {
+        if lexical_absolute(&here, Path::new(path)).starts_with(&root) {
+            Ok(())
+        } else {
+            Err(SpecRefusal::PathEscapes {
+                field,
+                path: path.to_string(),
+                workdir: spec.workdir.clone(),
+            })
+        }
+    };
+    // Artefacts and checked paths may also be operator inputs under an input root.
+    let confined = |field: String, path: &str| -> Result<(), SpecRefusal> {
+        let p = lexical_absolute(&here, Path::new(path));
+        if p.starts_with(&root) || inputs.iter().any(|r| p.starts_with(r)) {
+            Ok(())
+        } else {
+            Err(SpecRefusal::PathEscapes {
+                field,
+                path: path.to_string(),
+                workdir: spec.workdir.clone(),
+            })
+        }
+    };
+    under_root("cwd".into(), &spec.cwd)?;
+    under_root("log_dir".into(), &spec.log_dir)?;
+    for (name, path) in &spec.artefacts {
+        confined(format!("artefacts.{name}"), path)?;
+    }
+    for (i, v) in spec.validations.iter().enumerate() {
+        match &v.check {
+            CheckSpec::FileExists { path } | CheckSpec::FileSizeMin { path, .. } => {
+                confined(format!("validations[{i}].path"), path)?;
+            }
+            CheckSpec::FileCount { glob, .. } => {
+                let field = format!("validations[{i}].glob");
+                if dotdot_after_wildcard(Path::new(glob)) {
+                    return Err(SpecRefusal::AmbiguousGlob {
+                        field,
+                        path: glob.clone(),
+                    });
+                }
+                confined(field, glob)?;
+            }
+            CheckSpec::LogRegexAbsent { .. } | CheckSpec::LogRegexPresent { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Makes `path` absolute against `base` and removes `.` and `..` without touching the
+/// filesystem (`..` at the root stays at the root).
+fn lexical_absolute(base: &Path, path: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    let mut out = PathBuf::new();
+    for component in joined.components() {
+        match component {
+            Component::Prefix(_) | Component::RootDir => out.push(component.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+        }
+    }
+    out
+}
+
+/// True when a glob has a `..` component after one holding a wildcard: `a/**/..` may be `a/..`.
+fn dotdot_after_wildcard(glob: &Path) -> bool {
+    let mut seen_wildcard = false;
+    for component in glob.components() {
+        match component {
+            Component::ParentDir if seen_wildcard => return true,
+            Component::Normal(name) => {
+                let name = name.to_string_lossy();
+                if name.contains(['*', '?', '[']) {
+                    seen_wildcard = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Finds the program for `command`: a path when it has a `/`, else the first executable of that
+/// name in `search_dirs` then `$PATH`.
+fn resolve_command(command: &str, search_dirs: &[PathBuf]) -> Result<PathBuf, SpawnError> {
+    if command.is_empty() {
+        return Err(SpawnError::NotFound {
+            command: String::new(),
+            looked_in: "nowhere: the command is empty".into(),
+        });
+    }
+    if command.contains('/') {
+        let path = std::path::absolute(command).map_err(|source| SpawnError::Other {
+            command: command.to_string(),
+            source,
+        })?;
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(SpawnError::NotFound {
+                command: command.to_string(),
+                looked_in: format!("`{}`", path.display()),
+            })
+        };
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = search_dirs
+        .iter()
+        .cloned()
+        .chain(std::env::split_paths(&path_var))
+        .collect();
+    let mut not_executable = None;
+    for dir in &dirs {
+        let candidate = dir.join(command);
+        if candidate.is_file() {
+            if is_executable(&candidate) {
+                return Ok(candidate);
+            }
+            not_executable.get_or_insert(candidate);
+        }
+    }
+    // A file that exists but is not executable is still the answer, as in a shell: starting it
+    // then fails with "permission denied" (exit 126) rather than "not found".
+    not_executable.ok_or_else(|| SpawnError::NotFound {
+        command: command.to_string(),
+        looked_in: if dirs.is_empty() {
+            "no directory: the search dirs and $PATH are empty".into()
+        } else {
+            dirs.iter()
+                .map(|d| format!("`{}`", d.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Sends `SIGKILL` to the tool's process group if the attempt is dropped before it ends (the
+/// worker's task was aborted), so no part of the tool outlives its attempt.
+struct GroupGuard {
+    pgid: Option<Pid>,
+}
+
+impl GroupGuard {
+    fn disarm(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+async fn run_tool(
+    spec: &StepSpec,
+    cfg: &ExecConfig,
+    cancel: &CancellationToken,
+    stdout_path: &Path,
+    stderr_path: &Path,
+) -> Result<Ran, SpawnError> {
+    let program = resolve_command(&spec.command, &cfg.search_dirs)?;
+    let prepare = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SpawnError::Prepare { what, path, source }
+    };
+    let cwd = Path::new(&spec.cwd);
+    tokio::fs::create_dir_all(cwd)
+        .await
+        .map_err(prepare("cwd", cwd))?;
+    let log_dir = Path::new(&spec.log_dir);
+    tokio::fs::create_dir_all(log_dir)
+        .await
+        .map_err(prepare("log_dir", log_dir))?;
+    let stdout_file = tokio::fs::File::create(stdout_path)
+        .await
+        .map_err(prepare("stdout log", stdout_path))?;
+    let stderr_file = tokio::fs::File::create(stderr_path)
+        .await
+        .map_err(prepare("stderr log", stderr_path))?;
+
+    let mut command = tokio::process::Command::new(&program);
+    command
+        .args(&spec.args)
+        .current_dir(cwd)
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => SpawnError::NotFound {
+            command: spec.command.clone(),
+            looked_in: format!("`{}`, or its interpreter is missing", program.display()),
+        },
+        io::ErrorKind::PermissionDenied => SpawnError::PermissionDenied {
+            command: spec.command.clone(),
+            path: program.clone(),
+            source,
+        },
+        _ => SpawnError::Other {
+            command: spec.command.clone(),
+            source,
+        },
+    })?;
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    // Declared after `child`, so it is dropped first, while the leader is not yet reaped and the
+    // group id still names this tool's group.
+    let mut guard = GroupGuard { pgid };
+    tracing::debug!(program = %program.display(), pid = ?pgid, "tool started");
+
+    let stdout_reader = tokio::spawn(copy_stream(
+        child.stdout.take().expect("stdout is piped"),
+        stdout_file,
+        cfg.tail_bytes,
+    ));
+    let stderr_reader = tokio::spawn(copy_stream(
+        child.stderr.take().expect("stderr is piped"),
+        stderr_file,
+        cfg.tail_bytes,
+    ));
+
+    let timeout = tokio::time::sleep(Duration::from_secs(spec.timeout_s));
+    let (ending, waited) = tokio::select! {
+        status = child.wait() => (Ending::Exited, status),
+        () = timeout => {
+            tracing::warn!(timeout_s = spec.timeout_s, "timed out; terminating the tool's process group");
+            (Ending::TimedOut, terminate(&mut child, pgid, cfg.kill_grace).await)
+        }
+        () = cancel.cancelled() => {
+            tracing::warn!("cancelled; terminating the tool's process group");
+            (Ending::Cancelled, terminate(&mut child, pgid, cfg.kill_grace).await)
+        }
+    };
+    let status = match waited {
+        Ok(status) => status,
+        Err(source) => {
+            // Waiting on our own child cannot fail in practice; kill what is left and report it.
+            let _ = child.start_kill();
+            return Err(SpawnError::Other {
+                command: spec.command.clone(),
+                source,
+            });
+        }
+    };
+
+    let mut log_error = None;
+    let mut readers = (stdout_reader, stderr_reader);
+    if !drain(&mut readers, DRAIN_GRACE).await {
+        // The tool exited but something it started still holds the pipes: kill the rest of
+        // its group so the attempt leaves nothing behind.
+        if let Some(pgid) = pgid {
+            tracing::warn!("tool exited but its process group holds the logs open; killing it");
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        if !drain(&mut readers, DRAIN_HARD_LIMIT).await {
+            readers.0.abort();
+            readers.1.abort();
+            log_error = Some(
+                "a process outside the tool's group kept its output open; the logs may be incomplete"
+                    .to_string(),
+            );
+        }
+    }
+    guard.disarm();
+    let stdout = finish_reader(readers.0, "stdout", &mut log_error).await;
+    let stderr = finish_reader(readers.1, "stderr", &mut log_error).await;
+    Ok(Ran {
+        status,
+        ending,
+        stdout,
+        stderr,
+        log_error,
+    })
+}
+
+/// Sends `SIGTERM` to the group, waits up to `grace` for the leader to exit and the group to
+/// empty, then sends `SIGKILL` to whatever is left and reaps the leader.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: Option<Pid>,
+    grace: Duration,
+) -> io::Result<ExitStatus> {
+    let Some(pgid) = pgid else {
+        // The child was already reaped: nothing to signal.
+        return child.wait().await;
+    };
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut status = None;
+    loop {
+        if status.is_none() {
+            status = child.try_wait()?;
+        }
+        // Signal `None` only asks whether any member of the group is left.
+        let group_alive = killpg(pgid, None).is_ok();
+        if status.is_some() && !group_alive {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "still alive after SIGTERM; sending SIGKILL"
+            );
+            let _ = killpg(pgid, Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(GROUP_POLL).await;
+    }
+    match status {
+        Some(status) => Ok(status),
+        None => child.wait().await,
+    }
+}
+
+/// Waits up to `limit` for both readers to finish; true when they did.
+async fn drain(
+    readers: &mut (JoinHandle<CopyOutcome>, JoinHandle<CopyOutcome>),
+    limit: Duration,
+) -> bool {
+    let both = async {
+        while !(readers.0.is_finished() && readers.1.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(limit, both).await.is_ok()
+}
+
+async fn finish_reader(
+    reader: JoinHandle<CopyOutcome>,
+    stream: &str,
+    log_error: &mut Option<String>,
+) -> StreamTail {
+    match reader.await {
+        Ok(outcome) => {
+            if let Some(e) = outcome.error {
+                log_error.get_or_insert(format!("cannot write the {stream} log: {e}"));
+            }
+            outcome.tail
+        }
+        // An aborted reader: its tail is lost, the error was already recorded.
+        Err(_) => StreamTail::default(),
+    }
+}
+
+/// What copying one stream produced.
+struct CopyOutcome {
+    tail: StreamTail,
+    error: Option<io::Error>,
+}
+
+/// The last bytes of one stream, and how many it had in all.
+#[derive(Debug, Default)]
+struct StreamTail {
+    /// Up to `cap` most recent bytes.
+    bytes: VecDeque<u8>,
+    /// Every byte the stream carried.
+    total: u64,
+}
+
+impl StreamTail {
+    fn push(&mut self, chunk: &[u8], cap: usize) {
+        self.total += chunk.len() as u64;
+        if chunk.len() >= cap {
+            self.bytes.clear();
+            self.bytes.extend(&chunk[chunk.len() - cap..]);
+            return;
+        }
+        let overflow = (self.bytes.len() + chunk.len()).saturating_sub(cap);
+        self.bytes.drain(..overflow);
+        self.bytes.extend(chunk);
+    }
+}
+
+/// Copies a pipe to its log file in chunks, keeping only a tail of at most `cap` bytes. After a
+/// write error it keeps reading (so the tool is not blocked on a full pipe) but stops writing.
+async fn copy_stream<R>(mut pipe: R, file: tokio::fs::File, cap: usize) -> CopyOutcome
+where
+    R: AsyncRead + Unpin,
+{
+    let mut file = tokio::io::BufWriter::with_capacity(CHUNK_BYTES, file);
+    let mut tail = StreamTail::default();
+    let mut error = None;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error.get_or_insert(e);
+                break;
+            }
+        };
+        let chunk = &buf[..n];
+        tail.push(chunk, cap);
+        if error.is_none()
+            && let Err(e) = file.write_all(chunk).await
+        {
+            error = Some(e);
+        }
+    }
+    if error.is_none()
+        && let Err(e) = file.flush().await
+    {
+        error = Some(e);
+    }
+    CopyOutcome { tail, error }
+}
+
+/// Maps an exit status to the reported exit code and signal: `128 + signal` when a signal ended
+/// the tool.
+fn exit_code_of(status: ExitStatus) -> (i32, Option<i32>) {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (code, None),
+        (None, Some(signal)) => (128 + signal, Some(signal)),
+        (None, None) => (-1, None),
+    }
+}
+
+/// Renders the log tail: the last bytes of stdout, then of stderr, at most `budget` bytes of
+/// text in all (plus short markers), lossy UTF-8.
+///
+/// Each stream is promised half the budget; what one stream does not use goes to the other.
+/// A stream that was cut starts with `[... N bytes of stdout omitted ...]`.
+fn render_tail(stdout: &StreamTail, stderr: &StreamTail, budget: usize) -> String {
+    let (out_len, err_len) = (stdout.bytes.len(), stderr.bytes.len());
+    let half = budget / 2;
+    let (out_budget, err_budget) = if out_len + err_len <= budget {
+        (out_len, err_len)
+    } else if out_len <= half {
+        (out_len, budget - out_len)
+    } else if err_len <= budget - half {
+        (budget - err_len, err_len)
+    } else {
+        (half, budget - half)
+    };
+    let mut tail = String::new();
+    render_stream(&mut tail, "stdout", stdout, out_budget);
+    if stderr.total > 0 {
+        if !tail.is_empty() {
+            if !tail.ends_with('\n') {
+                tail.push('\n');
+            }
+            tail.push_str("[--- stderr ---]\n");
+        }
+        render_stream(&mut tail, "stderr", stderr, err_budget);
+    }
+    tail
+}
+
+fn render_stream(out: &mut String, name: &str, stream: &StreamTail, budget: usize) {
+    let (front, back) = stream.bytes.as_slices();
+    let mut raw = Vec::with_capacity(budget.min(stream.bytes.len()));
+    let skip = stream.bytes.len().saturating_sub(budget);
+    raw.extend(front.iter().chain(back).skip(skip));
+    let mut dropped = stream.total - raw.len() as u64;
+    // A cut may fall inside a character: drop its continuation bytes rather than show U+FFFD.
+    let mut start = 0;
+    if dropped > 0 {
+        while start < 3 && raw.get(start).is_some_and(|b| b & 0xC0 == 0x80) {
+            start += 1;
+        }
+    }
+    let (text, lost) = lossy_within(&raw[start..], budget);
+    dropped += (start + lost) as u64;
+    if dropped > 0 {
+        out.push_str(&format!("[... {dropped} bytes of {name} omitted ...]\n"));
+    }
+    out.push_str(&text);
+}
+
+/// Converts `raw` to text with U+FFFD for invalid bytes, dropping bytes from the front so the
+/// text is at most `budget` bytes long. Returns the text and how many raw bytes were dropped.
+fn lossy_within(raw: &[u8], budget: usize) -> (String, usize) {
+    const REPLACEMENT_LEN: usize = '\u{FFFD}'.len_utf8();
+    let text_len: usize = raw
+        .utf8_chunks()
+        .map(|c| {
+            c.valid().len()
+                + if c.invalid().is_empty() {
+                    0
+                } else {
+                    REPLACEMENT_LEN
+                }
+        })
+        .sum();
+    let mut excess = text_len.saturating_sub(budget);
+    let mut dropped = 0;
+    let mut text = String::with_capacity(text_len.min(budget));
+    for chunk in raw.utf8_chunks() {
+        let valid = chunk.valid();
+        if excess == 0 {
+            text.push_str(valid);
+        } else if excess >= valid.len() {
+            excess -= valid.len();
+            dropped += valid.len();
+        } else {
+            let mut cut = excess;
+            while !valid.is_char_boundary(cut) {
+                cut += 1;
+            }
+            dropped += cut;
+            excess = 0;
+            text.push_str(&valid[cut..]);
+        }
+        if !chunk.invalid().is_empty() {
+            if excess == 0 {
+                text.push('\u{FFFD}');
+            } else {
+                excess = excess.saturating_sub(REPLACEMENT_LEN);
+                dropped += chunk.invalid().len();
+            }
+        }
+    }
+    (text, dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tail_of(bytes: &[u8], cap: usize) -> StreamTail {
+        let mut t = StreamTail::default();
+        for chunk in bytes.chunks(7) {
+            t.push(chunk, cap);
+        }
+        t
+    }
+
+    #[test]
+    fn stream_tail_keeps_last_bytes() {
+        let t = tail_of(b"0123456789abcdefghij", 5);
+        assert_eq!(t.total, 20);
+        assert_eq!(t.bytes.iter().copied().collect::<Vec<_>>(), b"fghij");
+        let mut big = StreamTail::default();
+        big.push(b"0123456789", 4);
+        assert_eq!(big.bytes.iter().copied().collect::<Vec<_>>(), b"6789");
+    }
+
+    #[test]
+    fn tail_is_whole_when_it_fits() {
+        let out = tail_of(b"hello\n", 100);
+        let err = tail_of(b"oops\n", 100);
+        assert_eq!(
+            render_tail(&out, &err, 100),
+            "hello\n[--- stderr ---]\noops\n"
+        );
+        let none = StreamTail::default();
+        assert_eq!(render_tail(&out, &none, 100), "hello\n");
+        assert_eq!(render_tail(&none, &err, 100), "oops\n");
+    }
+
+    #[test]
+    fn tail_shares_the_budget() {
+        let out = tail_of(&[b'o'; 1000], 100);
+        let err = tail_of(b"short error\n", 100);
+        let tail = render_tail(&out, &err, 100);
+        assert!(
+            tail.starts_with("[... 912 bytes of stdout omitted ...]\n"),
+            "{tail}"
+        );
+        assert!(tail.ends_with("[--- stderr ---]\nshort error\n"), "{tail}");
+        let both = render_tail(&out, &tail_of(&[b'e'; 1000], 100), 100);
+        assert!(
+            both.contains("[... 950 bytes of stdout omitted ...]"),
+            "{both}"
+        );
+        assert!(
+            both.contains("[... 950 bytes of stderr omitted ...]"),
+            "{both}"
+        );
+        assert_eq!(
+            both,
+            format!(
+                "[... 950 bytes of stdout omitted ...]\n{}\n[--- stderr ---]\n[... 950 bytes of stderr omitted ...]\n{}",
+                "o".repeat(50),
+                "e".repeat(50)
+            )
+        );
+    }
+
+    #[test]
+    fn tail_stays_within_budget_for_binary_output() {
+        let junk: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
+        let out = tail_of(&junk, 1000);
+        let tail = render_tail(&out, &StreamTail::default(), 1000);
+        let body = tail.split_once("...]\n").unwrap().1;
+        assert!(body.len() <= 1000, "{}", body.len());
+        assert!(tail.starts_with("[... "), "{tail}");
+    }
+
+    #[test]
+    fn tail_does_not_split_characters() {
+        let text = "é".repeat(100);
+        let out = tail_of(text.as_bytes(), 11);
+        let tail = render_tail(&out, &StreamTail::default(), 11);
+        assert_eq!(
+            tail,
+            format!("[... 190 bytes of stdout omitted ...]\n{}", "é".repeat(5))
+        );
+    }
+
+    #[test]
+    fn lexical_paths() {
+        let base = Path::new("/srv/w");
+        assert_eq!(
+            lexical_absolute(base, Path::new("a/../b/./c")),
+            PathBuf::from("/srv/w/b/c")
+        );
+        assert_eq!(
+            lexical_absolute(base, Path::new("/x/../../..")),
+            PathBuf::from("/")
+        );
+        assert_eq!(
+            lexical_absolute(base, Path::new("../w2")),
+            PathBuf::from("/srv/w2")
+        );
+        assert!(!PathBuf::from("/srv/w2").starts_with("/srv/w"));
+        assert!(dotdot_after_wildcard(Path::new("/w/**/../x")));
+        assert!(!dotdot_after_wildcard(Path::new("/w/../w/*.csv")));
+    }
+
+    #[test]
+    fn exit_codes_and_signals() {
+        assert_eq!(exit_code_of(ExitStatus::from_raw(0)), (0, None));
+        assert_eq!(exit_code_of(ExitStatus::from_raw(3 << 8)), (3, None));
+        assert_eq!(exit_code_of(ExitStatus::from_raw(9)), (137, Some(9)));
+        assert_eq!(exit_code_of(ExitStatus::from_raw(15)), (143, Some(15)));
+    }
+
+    #[test]
+    fn resolve_prefers_search_dirs_and_reports_where_it_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("sh");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            resolve_command("sh", &[dir.path().to_path_buf()]).unwrap(),
+            tool
+        );
+
+        let err =
+            resolve_command("warpline-no-such-tool", &[dir.path().to_path_buf()]).unwrap_err();
+        assert_eq!(err.exit_code(), 127);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("command `warpline-no-such-tool` not found (looked in `"),
+            "{msg}"
+        );
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    }
+}

@@ -1,0 +1,108 @@
+//! The `warpline-worker` binary: `exec` prints the outcome as JSON, exits by the outcome, and
+//! turns SIGTERM into a clean cancellation.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warpline_shared::contracts::{ReportStatus, StepOutcome};
+
+use crate::support::{Workdir, read_pid, wait_gone};
+
+const BIN: &str = env!("CARGO_BIN_EXE_warpline-worker");
+
+fn write_spec(w: &Workdir, spec: &warpline_shared::contracts::StepSpec) -> String {
+    let path = w.at("spec.json");
+    std::fs::write(&path, serde_json::to_vec(spec).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn exec_prints_the_outcome_and_exits_by_it() {
+    let w = Workdir::new();
+    let ok = write_spec(&w, &w.sh("echo hello", 30));
+    let out = Command::new(BIN).args(["exec", &ok]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: StepOutcome = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome.result.exit_code, 0);
+    assert_eq!(outcome.result.log_tail, "hello\n");
+    assert_eq!(outcome.report.status, ReportStatus::Pass);
+
+    let failing = write_spec(&w, &w.sh("exit 4", 30));
+    let out = Command::new(BIN).args(["exec", &failing]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let outcome: StepOutcome = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome.result.exit_code, 4);
+}
+
+#[test]
+fn exec_honours_allow() {
+    let w = Workdir::new();
+    let spec = write_spec(&w, &w.sh("echo hello", 30));
+    let out = Command::new(BIN)
+        .args(["exec", &spec, "--allow", "python3,bash"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let outcome: StepOutcome = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        outcome.result.error.as_deref(),
+        Some("command `sh` is not on this worker's allowlist (allowed: bash, python3)")
+    );
+}
+
+#[test]
+fn exec_refuses_a_bad_spec_file_clearly() {
+    let w = Workdir::new();
+    let path = w.at("bad.json");
+    std::fs::write(&path, r#"{"step_id": "X"}"#).unwrap();
+    let out = Command::new(BIN).args(["exec", &path]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a valid StepSpec"), "{stderr}");
+    assert!(stderr.contains("missing field"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn sigterm_cancels_exec_cleanly() {
+    let w = Workdir::new();
+    let spec = write_spec(&w, &w.sh("echo $$ > tool.pid; sleep 300", 120));
+    let child = Command::new(BIN)
+        .args(["exec", &spec, "--kill-grace-s", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tool = read_pid(&w.root().join("run/tool.pid"), Duration::from_secs(20));
+    let start = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: StepOutcome = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        outcome.result.error.as_deref(),
+        Some("cancelled: worker shutting down")
+    );
+    assert!(
+        wait_gone(tool, Duration::from_secs(1)),
+        "tool {tool} survived"
+    );
+}
