@@ -27,6 +27,11 @@ fn schema_version() -> u32 {
     SCHEMA_VERSION
 }
 
+/// The serde default of `schema_version` fields (for contracts defined in other modules).
+pub fn schema_version_default() -> u32 {
+    SCHEMA_VERSION
+}
+
 /// What a worker must run: one attempt of one step of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StepSpec {

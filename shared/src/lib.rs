@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod config;
 pub mod contracts;
+pub mod fleet;
 pub mod machine;
 pub mod partition;
 pub mod schema;

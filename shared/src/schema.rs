@@ -12,6 +12,7 @@ use crate::config::PipelineConfig;
 use crate::contracts::{
     PipelineState, StepOutcome, StepResult, StepSpec, SupervisorDecision, ValidationReport,
 };
+use crate::fleet::Heartbeat;
 
 /// Every committed schema: (file stem, schema).
 pub fn all() -> Vec<(&'static str, Schema)> {
@@ -24,6 +25,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("pipeline_state", schema_for!(PipelineState)),
         ("audit_record", schema_for!(AuditRecord)),
         ("pipeline_config", schema_for!(PipelineConfig)),
+        ("heartbeat", schema_for!(Heartbeat)),
     ]
 }
 
