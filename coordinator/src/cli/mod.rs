@@ -1,0 +1,123 @@
+//! The `warpline` command line. Each subcommand lives in its own module: [`run`] (local mode)
+//! and [`audit`] (verify, show); this module holds the argument types and the dispatch.
+
+mod audit;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::AgentKind;
+
+/// Warpline: supervised backfills of command-line pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "warpline", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a backfill in this process: the coordinator and N workers, no services needed.
+    Run(RunArgs),
+    /// Inspect audit logs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// The partitions of a backfill.
+#[derive(Debug, Clone, Args)]
+pub struct PartitionArgs {
+    /// Months to cover, inclusive: FROM..TO (YYYY-MM..YYYY-MM) or one YYYY-MM.
+    #[arg(long)]
+    pub months: Option<String>,
+    /// Datasets to cover: a,b,c. With --months, every dataset × every month.
+    #[arg(long)]
+    pub datasets: Option<String>,
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// Bars on a terminal, lines otherwise.
+    Auto,
+    /// Live progress bars.
+    Bars,
+    /// One line per event.
+    Lines,
+    /// Nothing.
+    None,
+}
+
+/// `warpline run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline config (JSON).
+    pub pipeline: PathBuf,
+    /// The partitions.
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+    /// In-process workers (concurrent tool runs).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+    /// Most runs in progress at once (default: twice --workers, so workers stay busy while
+    /// some runs wait out a retry backoff).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_parallel: Option<u32>,
+    /// The supervisor agent.
+    #[arg(long, value_enum, default_value_t = AgentKind::Rules)]
+    pub agent: AgentKind,
+    /// The audit log to append to (default: `<workdir>/audit/<backfill id>.jsonl`).
+    #[arg(long)]
+    pub audit: Option<PathBuf>,
+    /// Print a machine-readable summary on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// Use this workdir instead of the pipeline's (outputs, run directories, default audit log).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Set a pipeline variable: NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// How to show progress on standard error.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+}
+
+/// `warpline audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check an audit log's hash chain; names the first bad line.
+    Verify {
+        /// The JSONL file.
+        file: PathBuf,
+    },
+    /// Print one run's story in order.
+    Show {
+        /// A run id, a unique prefix of one, or a partition key (e.g. `sales_2024-01`).
+        run: String,
+        /// The JSONL file.
+        #[arg(long, env = "WARPLINE_AUDIT")]
+        file: PathBuf,
+        /// Print the raw JSON records instead of one line each.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line; the future resolves to the process's exit code.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run_local(args, shutdown).await,
+        Command::Audit(AuditCommand::Verify { file }) => audit::audit_verify(&file),
+        Command::Audit(AuditCommand::Show { run, file, json }) => {
+            audit::audit_show(&run, &file, json)
+        }
+    }
+}

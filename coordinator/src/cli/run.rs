@@ -1,0 +1,169 @@
+//! `warpline run`: a whole backfill in one process (local mode).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use warpline_shared::config::Pipeline;
+use warpline_shared::partition;
+use warpline_worker::ExecConfig;
+
+use super::{ProgressMode, RunArgs};
+use crate::audit_log::AuditLog;
+use crate::engine::{Engine, EngineConfig, Event, Observer, Summary};
+use crate::local::LocalFleet;
+use crate::progress::{Bars, Lines, Quiet};
+
+/// Parses `NAME=VALUE` pairs.
+pub(crate) fn parse_vars(vars: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    vars.iter()
+        .map(|v| {
+            v.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .with_context(|| format!("invalid --var `{v}`: expected NAME=VALUE"))
+        })
+        .collect()
+}
+
+/// `warpline run`: a whole backfill in one process.
+pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let mut pipeline = Pipeline::load(&args.pipeline)?;
+    pipeline.set_vars(&parse_vars(&args.vars)?)?;
+    if let Some(dir) = &args.workdir {
+        pipeline.set_workdir(dir);
+    }
+    let partitions = partition::expand(
+        args.partitions.months.as_deref(),
+        args.partitions.datasets.as_deref(),
+    )?;
+    pipeline.check_partitions(&partitions)?;
+    let pipeline = Arc::new(pipeline);
+
+    let backfill_id = Uuid::now_v7();
+    let audit_path = args.audit.clone().unwrap_or_else(|| {
+        pipeline
+            .workdir
+            .join("audit")
+            .join(format!("{backfill_id}.jsonl"))
+    });
+    let store = AuditLog::open(&audit_path)?;
+
+    let workers = args.workers as usize;
+    let max_parallel = args.max_parallel.map(|m| m as usize).unwrap_or(workers * 2);
+    let mut exec = ExecConfig::new("local", pipeline.commands());
+    // The DataWarp tools are built beside `warpline`: look there before $PATH.
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+    {
+        exec.search_dirs.push(dir);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let fleet = LocalFleet::start(workers, max_parallel, exec, tx.clone());
+    let stopper = fleet.stopper();
+
+    let stderr_tty = std::io::stderr().is_terminal();
+    let mode = match args.progress {
+        ProgressMode::Auto if stderr_tty => ProgressMode::Bars,
+        ProgressMode::Auto => ProgressMode::Lines,
+        m => m,
+    };
+    let step_ids: Vec<String> = pipeline.steps().iter().map(|s| s.id.clone()).collect();
+    let observer: Box<dyn Observer> = match mode {
+        ProgressMode::Bars => Box::new(Bars::new(&step_ids, partitions.len() as u64)),
+        ProgressMode::Lines => Box::new(Lines::stderr()),
+        _ => Box::new(Quiet),
+    };
+    eprintln!(
+        "warpline: backfill {backfill_id}: {} runs of `{}` on {workers} workers; audit log {}",
+        partitions.len(),
+        pipeline.name(),
+        audit_path.display()
+    );
+
+    let cfg = EngineConfig {
+        max_parallel,
+        exit_when_idle: true,
+    };
+    let agent = args.agent.build();
+    let agent_name = agent.name();
+    let mut engine = Engine::new(
+        pipeline.clone(),
+        backfill_id,
+        cfg,
+        agent,
+        Box::new(store),
+        Box::new(fleet),
+        observer,
+        tx.clone(),
+    );
+    engine.submit(&partitions, agent_name);
+
+    // A signal becomes one event: the loop cancels every unfinished run and ends.
+    let watcher = {
+        let tx = tx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let _ = tx.send(Event::Shutdown {
+                reason: "interrupted by a signal (SIGINT or SIGTERM)".into(),
+            });
+        })
+    };
+    let summary = engine.run(rx).await;
+    watcher.abort();
+    // Kill any tool still running and wait for the workers, bounded.
+    let clean = stopper.stop(Duration::from_secs(15)).await;
+    let summary = summary?;
+    if !clean {
+        eprintln!("warpline: some workers did not stop within 15 s");
+    }
+    print_summary(&summary, args.json)?;
+    if shutdown.is_cancelled() {
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if summary.all_complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+        return Ok(());
+    }
+    let counts: Vec<String> = summary
+        .counts
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    eprintln!(
+        "warpline: {} runs: {}; {} steps executed in {:.1} s",
+        summary.runs.len(),
+        counts.join(", "),
+        summary.steps_executed,
+        summary.wall_ms as f64 / 1000.0
+    );
+    for r in summary.runs.iter().filter(|r| r.state != "COMPLETE") {
+        eprintln!(
+            "  {} {} at {}: {}",
+            r.partition,
+            r.state,
+            r.step.as_deref().unwrap_or("-"),
+            r.reason.as_deref().unwrap_or("")
+        );
+    }
+    eprintln!(
+        "warpline: audit log {} (head {})",
+        summary.audit, summary.audit_head
+    );
+    Ok(())
+}
