@@ -1,29 +1,34 @@
 //! The coordinator's event loop: every input becomes one [`Event`], handled in one place by the
-//! [`Engine`], which owns every run's state machine. No locks: the loop is the only writer.
+//! [`Engine`], which owns every backfill and every run's state machine. No locks: the loop is
+//! the only writer.
 //!
 //! A turn takes the events that are ready (one at least, at most [`MAX_TURN`]), applies them to
-//! the runs, stages what happened in the store (the audit log, and in fleet mode the database),
-//! commits, and only then acts: dispatches StepSpecs, spawns supervisor calls, arms timers. An
-//! action is therefore never taken that the store does not already hold (persist before act).
+//! the runs, stages what happened in the [`Store`] (audit records, changed runs and backfills,
+//! StepSpecs to send), commits, and only then acts: dispatches StepSpecs, acknowledges consumed
+//! messages, spawns supervisor calls, arms timers, answers operators. An action is therefore
+//! never taken that the store does not already hold (persist before act).
 //!
 //! Local mode and fleet mode run this same loop; only the [`Transport`] (channels or RabbitMQ)
 //! and the [`Store`] (a JSONL file, or PostgreSQL beside it) differ.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use tokio::sync::mpsc;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{
     Action, AttemptSummary, Check, PipelineState, ReportStatus, SCHEMA_VERSION, Severity,
-    StepAttempts, StepOutcome, StepResult, ValidationReport,
+    StepAttempts, StepOutcome, StepResult, StepSpec, ValidationReport,
 };
-use warpline_shared::machine::{AttemptFacts, Machine, Next, Receipt, RunState, StepLimit};
+use warpline_shared::machine::{
+    Applied, AttemptFacts, Machine, Next, Receipt, RunState, StepLimit,
+};
 use warpline_shared::partition::Partition;
 
 use crate::supervisor::{Agent, AgentReply, DecisionInput};
@@ -33,11 +38,13 @@ pub const MAX_TURN: usize = 512;
 /// Bytes of a result's log tail kept in the audit log.
 pub const AUDIT_TAIL_BYTES: usize = 4096;
 
+/// Acknowledges a consumed message once the turn that applied it is durable.
+pub type Ack = Box<dyn FnOnce() + Send>;
+
 /// Everything that can happen to the coordinator.
-#[derive(Debug)]
 pub enum Event {
-    /// A worker's result and report.
-    Outcome(Box<StepOutcome>),
+    /// A worker's result and report, with the acknowledgement of the message that carried it.
+    Outcome(Box<StepOutcome>, Option<Ack>),
     /// A supervisor agent answered for an attempt.
     Decided {
         /// The run.
@@ -61,6 +68,13 @@ pub enum Event {
         /// The attempt.
         attempt_id: Uuid,
     },
+    /// A new backfill.
+    Submit(Box<BackfillRequest>, Option<oneshot::Sender<Uuid>>),
+    /// An operator's command, answered once the turn is durable.
+    Operator(
+        OperatorCommand,
+        oneshot::Sender<Result<serde_json::Value, String>>,
+    ),
     /// Stop: cancel every unfinished run and end the loop.
     Shutdown {
         /// Why (e.g. "interrupted (SIGINT)").
@@ -68,14 +82,63 @@ pub enum Event {
     },
 }
 
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Outcome(o, _) => write!(f, "Outcome({:?})", o.result.attempt_id),
+            Event::Decided { run_id, .. } => write!(f, "Decided({run_id})"),
+            Event::Ready { run_id, .. } => write!(f, "Ready({run_id})"),
+            Event::Deadline { run_id, .. } => write!(f, "Deadline({run_id})"),
+            Event::Submit(b, _) => write!(f, "Submit({})", b.id),
+            Event::Operator(c, _) => write!(f, "Operator({c:?})"),
+            Event::Shutdown { reason } => write!(f, "Shutdown({reason})"),
+        }
+    }
+}
+
+/// What an operator can ask of the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum OperatorCommand {
+    /// Answer an escalation.
+    Resolve {
+        /// The run.
+        run_id: Uuid,
+        /// proceed, retry or halt.
+        action: Action,
+        /// Why.
+        reason: String,
+        /// Who.
+        operator: String,
+    },
+    /// Start nothing new; let running steps finish; end every run.
+    Cancel {
+        /// The backfill.
+        backfill_id: Uuid,
+    },
+    /// Resume every HALTED run of a backfill at the step that failed.
+    RetryFailed {
+        /// The backfill.
+        backfill_id: Uuid,
+    },
+    /// The state of one backfill, or of all.
+    Status {
+        /// The backfill, or all.
+        backfill_id: Option<Uuid>,
+    },
+    /// Every run waiting for an operator.
+    Escalations,
+}
+
 /// Sends StepSpecs to workers. Must not block: fleet mode hands the spec to its publisher,
 /// local mode to a channel sized for every run's one outstanding attempt.
 pub trait Transport: Send {
     /// Queues one StepSpec for a worker.
-    fn dispatch(&mut self, spec: warpline_shared::contracts::StepSpec) -> anyhow::Result<()>;
+    fn dispatch(&mut self, spec: StepSpec) -> anyhow::Result<()>;
 }
 
-/// Durable state of the coordinator.
+/// Durable state of the coordinator. The JSONL audit log is always part of it; fleet mode adds
+/// PostgreSQL (runs, backfills and the outbox of StepSpecs).
 pub trait Store: Send {
     /// Stages an audit event in the current turn and returns the sealed record.
     fn record(
@@ -84,6 +147,13 @@ pub trait Store: Send {
         run_id: Option<Uuid>,
         event: AuditEvent,
     ) -> AuditRecord;
+    /// Stages a run's new state. Local mode keeps runs in memory only, so the default does
+    /// nothing.
+    fn stage_run(&mut self, _run: &RunRecord) {}
+    /// Stages a backfill's new state (default: memory only).
+    fn stage_backfill(&mut self, _backfill: &BackfillRecord) {}
+    /// Stages a StepSpec that this turn dispatches (the outbox; default: memory only).
+    fn stage_dispatch(&mut self, _spec: &StepSpec) {}
     /// Makes the turn durable. Called before any of its effects is acted on.
     fn commit(&mut self) -> anyhow::Result<()>;
     /// Where the audit log lives and its head hash, for summaries.
@@ -119,7 +189,7 @@ pub trait Observer: Send {
 
 /// An action decided in a turn, taken after the turn commits.
 enum Effect {
-    Dispatch(Box<warpline_shared::contracts::StepSpec>),
+    Dispatch(Box<StepSpec>),
     Decide {
         run_id: Uuid,
         attempt_id: Uuid,
@@ -129,32 +199,91 @@ enum Effect {
         after: Duration,
         event: Event,
     },
+    Ack(Ack),
+    Reply(
+        oneshot::Sender<Result<serde_json::Value, String>>,
+        Result<serde_json::Value, String>,
+    ),
+    Submitted(oneshot::Sender<Uuid>, Uuid),
 }
 
-/// One run.
-struct Run {
-    id: Uuid,
-    partition: Partition,
-    machine: Machine,
-    history: Vec<AttemptSummary>,
+/// A new backfill.
+#[derive(Debug, Clone)]
+pub struct BackfillRequest {
+    /// Its id (chosen by the caller, so it can name files after it).
+    pub id: Uuid,
+    /// The pipeline.
+    pub pipeline: Arc<Pipeline>,
+    /// One run per partition, started in this order.
+    pub partitions: Vec<Partition>,
+    /// Most runs in progress at once.
+    pub max_parallel: usize,
+    /// Higher first when slots are scarce.
+    pub priority: i32,
+}
+
+/// One run, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run.
+    pub id: Uuid,
+    /// Its backfill.
+    pub backfill_id: Uuid,
+    /// Its partition.
+    pub partition: Partition,
+    /// Its state machine.
+    pub machine: Machine,
+    /// Earlier attempts, for the supervisor.
+    pub history: Vec<AttemptSummary>,
     /// Attempts per step over the run's whole life (not reset by a resume).
-    attempts_total: Vec<u32>,
+    pub attempts_total: Vec<u32>,
     /// The outcome awaiting a decision.
-    last: Option<StepOutcome>,
+    pub last: Option<StepOutcome>,
     /// Why the run stopped, when it did.
-    reason: Option<String>,
+    pub reason: Option<String>,
+    /// When the outstanding attempt was dispatched (to re-arm its deadline after a restart).
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// When the run reached a final state.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One backfill, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackfillRecord {
+    /// The backfill.
+    pub id: Uuid,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Its runs, in partition order.
+    pub runs: Vec<Uuid>,
+    /// Runs not started yet.
+    pub pending: VecDeque<Uuid>,
+    /// Most runs in progress at once.
+    pub max_parallel: usize,
+    /// Dispatch priority.
+    pub priority: i32,
+    /// Cancel requested: nothing new starts.
+    pub cancelling: bool,
+    /// When it was submitted.
+    pub created_at: DateTime<Utc>,
+}
+
+struct Backfill {
+    rec: BackfillRecord,
+    pipeline: Arc<Pipeline>,
+    /// Runs started and not yet final or parked.
+    active: usize,
+    started: Instant,
 }
 
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Most runs in progress at once (rolling: the next starts when one ends).
-    pub max_parallel: usize,
     /// End the loop when no run can move any more (local mode).
     pub exit_when_idle: bool,
 }
 
-/// One run in the final summary.
+/// One run in a summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
     /// The run.
@@ -167,9 +296,9 @@ pub struct RunSummary {
     /// Its dataset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
-    /// Final state (or ESCALATED).
+    /// Current or final state.
     pub state: String,
-    /// The step it stopped at, if not complete.
+    /// The step it is at or stopped at (none when complete or not started).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
     /// Attempts per step.
@@ -179,7 +308,7 @@ pub struct RunSummary {
     pub reason: Option<String>,
 }
 
-/// The backfill's summary (`warpline run --json`).
+/// A backfill's summary (`warpline run --json`, `warpline status --json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     /// Contract version.
@@ -188,15 +317,26 @@ pub struct Summary {
     pub backfill_id: Uuid,
     /// The pipeline's name.
     pub pipeline: String,
-    /// Runs by final state.
+    /// Runs by state.
     pub counts: BTreeMap<String, usize>,
+    /// Runs in progress per step.
+    pub in_step: BTreeMap<String, usize>,
     /// Attempts executed (results received, losses included).
     pub steps_executed: u64,
-    /// Wall time.
+    /// Final runs per minute since the backfill started.
+    pub runs_per_minute: f64,
+    /// Estimated seconds to finish at that rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
+    /// Wall time so far.
     pub wall_ms: u64,
+    /// True once every run is final (or parked for an operator).
+    pub finished: bool,
+    /// Cancel requested.
+    pub cancelling: bool,
     /// The audit log.
     pub audit: String,
-    /// Its last line's hash.
+    /// Its last committed line's hash.
     pub audit_head: String,
     /// Every run.
     pub runs: Vec<RunSummary>,
@@ -211,19 +351,15 @@ impl Summary {
 
 /// The event loop's state.
 pub struct Engine {
-    pipeline: Arc<Pipeline>,
-    backfill_id: Uuid,
     cfg: EngineConfig,
-    runs: HashMap<Uuid, Run>,
+    backfills: HashMap<Uuid, Backfill>,
+    /// Backfills in submission order.
     order: Vec<Uuid>,
-    /// Runs not started yet, in partition order.
-    pending: VecDeque<Uuid>,
-    /// Runs started and not yet final or parked.
-    active: usize,
-    /// Attempts in flight per step (for `concurrency` caps).
-    inflight: Vec<u32>,
-    /// Runs waiting for a step's cap, per step.
-    waiting: Vec<VecDeque<Uuid>>,
+    runs: HashMap<Uuid, RunRecord>,
+    /// Attempts in flight per (pipeline, step) for `concurrency` caps.
+    inflight: HashMap<(String, String), u32>,
+    /// Runs waiting for a step's cap.
+    waiting: HashMap<(String, String), VecDeque<Uuid>>,
     agent: Arc<dyn Agent>,
     store: Box<dyn Store>,
     transport: Box<dyn Transport>,
@@ -233,17 +369,15 @@ pub struct Engine {
     events: mpsc::UnboundedSender<Event>,
     effects: Vec<Effect>,
     turn: Vec<AuditRecord>,
-    steps_executed: u64,
+    dirty_runs: HashSet<Uuid>,
+    dirty_backfills: HashSet<Uuid>,
+    steps_executed: HashMap<Uuid, u64>,
     stopping: bool,
-    started: Instant,
 }
 
 impl Engine {
-    /// A new engine for one backfill.
-    #[allow(clippy::too_many_arguments)]
+    /// A new engine with no backfills.
     pub fn new(
-        pipeline: Arc<Pipeline>,
-        backfill_id: Uuid,
         cfg: EngineConfig,
         agent: Arc<dyn Agent>,
         store: Box<dyn Store>,
@@ -251,17 +385,13 @@ impl Engine {
         observer: Box<dyn Observer>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Engine {
-        let n = pipeline.steps().len();
         Engine {
-            pipeline,
-            backfill_id,
             cfg,
-            runs: HashMap::new(),
+            backfills: HashMap::new(),
             order: Vec::new(),
-            pending: VecDeque::new(),
-            active: 0,
-            inflight: vec![0; n],
-            waiting: vec![VecDeque::new(); n],
+            runs: HashMap::new(),
+            inflight: HashMap::new(),
+            waiting: HashMap::new(),
             agent,
             store,
             transport,
@@ -269,35 +399,38 @@ impl Engine {
             events,
             effects: Vec::new(),
             turn: Vec::new(),
-            steps_executed: 0,
+            dirty_runs: HashSet::new(),
+            dirty_backfills: HashSet::new(),
+            steps_executed: HashMap::new(),
             stopping: false,
-            started: Instant::now(),
         }
     }
 
-    /// The backfill's id.
-    pub fn backfill_id(&self) -> Uuid {
-        self.backfill_id
-    }
-
-    fn record(&mut self, run_id: Option<Uuid>, event: AuditEvent) {
-        let rec = self.store.record(Some(self.backfill_id), run_id, event);
+    fn record(&mut self, backfill_id: Option<Uuid>, run_id: Option<Uuid>, event: AuditEvent) {
+        let rec = self.store.record(backfill_id, run_id, event);
         self.turn.push(rec);
     }
 
+    fn record_run(&mut self, run_id: Uuid, event: AuditEvent) {
+        let backfill = self.runs.get(&run_id).map(|r| r.backfill_id);
+        self.dirty_runs.insert(run_id);
+        self.record(backfill, Some(run_id), event);
+    }
+
     /// Accepts a backfill: one run per partition, started as slots free up.
-    pub fn submit(&mut self, partitions: &[Partition], agent: &str) {
-        let config = self.pipeline.file.display().to_string();
+    pub fn submit(&mut self, req: BackfillRequest) -> Uuid {
+        let id = req.id;
         self.record(
+            Some(id),
             None,
             AuditEvent::BackfillCreated {
-                pipeline: self.pipeline.name().to_string(),
-                config,
-                partitions: partitions.len(),
-                agent: agent.to_string(),
+                pipeline: req.pipeline.name().to_string(),
+                config: req.pipeline.file.display().to_string(),
+                partitions: req.partitions.len(),
+                agent: self.agent.name().to_string(),
             },
         );
-        let limits: Vec<StepLimit> = self
+        let limits: Vec<StepLimit> = req
             .pipeline
             .steps()
             .iter()
@@ -306,64 +439,188 @@ impl Engine {
                 max_attempts: s.max_attempts,
             })
             .collect();
-        for p in partitions {
-            let id = Uuid::now_v7();
+        let mut rec = BackfillRecord {
+            id,
+            pipeline: req.pipeline.name().to_string(),
+            runs: Vec::with_capacity(req.partitions.len()),
+            pending: VecDeque::with_capacity(req.partitions.len()),
+            max_parallel: req.max_parallel.max(1),
+            priority: req.priority,
+            cancelling: false,
+            created_at: Utc::now(),
+        };
+        for p in req.partitions {
+            let run_id = Uuid::now_v7();
             self.runs.insert(
-                id,
-                Run {
-                    id,
+                run_id,
+                RunRecord {
+                    id: run_id,
+                    backfill_id: id,
                     partition: p.clone(),
                     machine: Machine::new(limits.clone()),
                     history: Vec::new(),
                     attempts_total: vec![0; limits.len()],
                     last: None,
                     reason: None,
+                    dispatched_at: None,
+                    finished_at: None,
+                },
+            );
+            rec.runs.push(run_id);
+            rec.pending.push_back(run_id);
+            self.record_run(run_id, AuditEvent::RunCreated { partition: p });
+        }
+        self.backfills.insert(
+            id,
+            Backfill {
+                rec,
+                pipeline: req.pipeline,
+                active: 0,
+                started: Instant::now(),
+            },
+        );
+        self.order.push(id);
+        self.dirty_backfills.insert(id);
+        self.fill();
+        id
+    }
+
+    /// Puts stored backfills and runs back into the loop after a restart: re-arms deadlines,
+    /// re-asks decisions that were awaited, restarts runs waiting out a backoff. StepSpecs that
+    /// were stored but not sent are the Store's to publish again.
+    pub fn restore(
+        &mut self,
+        backfills: Vec<(BackfillRecord, Arc<Pipeline>)>,
+        runs: Vec<RunRecord>,
+    ) {
+        for r in runs {
+            self.runs.insert(r.id, r);
+        }
+        for (rec, pipeline) in backfills {
+            let id = rec.id;
+            let active = rec
+                .runs
+                .iter()
+                .filter(|r| {
+                    self.runs
+                        .get(r)
+                        .is_some_and(|r| matches!(r.machine.state, RunState::Running(_)))
+                })
+                .count();
+            self.backfills.insert(
+                id,
+                Backfill {
+                    rec,
+                    pipeline,
+                    active,
+                    started: Instant::now(),
                 },
             );
             self.order.push(id);
-            self.pending.push_back(id);
-            self.record(
-                Some(id),
-                AuditEvent::RunCreated {
-                    partition: p.clone(),
-                },
-            );
+        }
+        self.order
+            .sort_by_key(|id| self.backfills[id].rec.created_at);
+        let ids: Vec<Uuid> = self.runs.keys().copied().collect();
+        for run_id in ids {
+            let run = &self.runs[&run_id];
+            let RunState::Running(step) = run.machine.state else {
+                continue;
+            };
+            if let Some(a) = run.machine.outstanding {
+                let pipeline = self.pipeline_of(run_id);
+                let s = &pipeline.steps()[step];
+                *self
+                    .inflight
+                    .entry((pipeline.name().to_string(), s.id.clone()))
+                    .or_insert(0) += 1;
+                let total = Duration::from_secs(s.timeout_s + pipeline.config.lost_grace_s);
+                let elapsed = run
+                    .dispatched_at
+                    .map(|t| (Utc::now() - t).to_std().unwrap_or_default())
+                    .unwrap_or_default();
+                self.effects.push(Effect::Timer {
+                    after: total.saturating_sub(elapsed),
+                    event: Event::Deadline {
+                        run_id,
+                        attempt_id: a.attempt_id,
+                    },
+                });
+            } else if run.machine.deciding.is_some() {
+                if let Some(outcome) = run.last.clone() {
+                    self.ask(run_id, outcome);
+                }
+            } else {
+                self.begin(run_id, 0);
+            }
         }
         self.fill();
     }
 
-    /// Starts pending runs while slots are free.
+    fn pipeline_of(&self, run_id: Uuid) -> Arc<Pipeline> {
+        self.backfills[&self.runs[&run_id].backfill_id]
+            .pipeline
+            .clone()
+    }
+
+    /// Starts pending runs while slots are free, highest priority first.
     fn fill(&mut self) {
-        while !self.stopping && self.active < self.cfg.max_parallel {
-            let Some(id) = self.pending.pop_front() else {
-                break;
-            };
-            let run = self.runs.get_mut(&id).expect("pending runs exist");
-            let (from, to) = run.machine.start().expect("pending runs are in INIT");
-            let (from, to) = (from.name(&run.machine.steps), to.name(&run.machine.steps));
-            self.active += 1;
-            self.record(
-                Some(id),
-                AuditEvent::Transition {
-                    from,
-                    to,
-                    action: None,
-                },
-            );
-            self.begin(id, 0);
+        if self.stopping {
+            return;
+        }
+        let mut ids: Vec<Uuid> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|id| {
+                let b = &self.backfills[id];
+                !b.rec.cancelling && !b.rec.pending.is_empty() && b.active < b.rec.max_parallel
+            })
+            .collect();
+        ids.sort_by_key(|id| std::cmp::Reverse(self.backfills[id].rec.priority));
+        for bid in ids {
+            loop {
+                let b = self.backfills.get_mut(&bid).expect("backfill exists");
+                if b.active >= b.rec.max_parallel {
+                    break;
+                }
+                let Some(run_id) = b.rec.pending.pop_front() else {
+                    break;
+                };
+                b.active += 1;
+                self.dirty_backfills.insert(bid);
+                let run = self.runs.get_mut(&run_id).expect("pending runs exist");
+                if run.machine.state == RunState::Init {
+                    let (from, to) = run.machine.start().expect("INIT starts");
+                    let (from, to) = (from.name(&run.machine.steps), to.name(&run.machine.steps));
+                    self.record_run(
+                        run_id,
+                        AuditEvent::Transition {
+                            from,
+                            to,
+                            action: None,
+                        },
+                    );
+                }
+                self.begin(run_id, 0);
+            }
         }
     }
 
     /// Starts the next attempt of a run's current step, or queues it behind the step's cap.
     fn begin(&mut self, run_id: Uuid, delay_ms: u64) {
+        let pipeline = self.pipeline_of(run_id);
         let run = self.runs.get_mut(&run_id).expect("run exists");
         let RunState::Running(step) = run.machine.state else {
             return;
         };
-        if let Some(cap) = self.pipeline.steps()[step].concurrency
-            && self.inflight[step] >= cap
+        let key = (
+            pipeline.name().to_string(),
+            pipeline.steps()[step].id.clone(),
+        );
+        if let Some(cap) = pipeline.steps()[step].concurrency
+            && self.inflight.get(&key).copied().unwrap_or(0) >= cap
         {
-            self.waiting[step].push_back(run_id);
+            self.waiting.entry(key).or_default().push_back(run_id);
             return;
         }
         let attempt_id = Uuid::now_v7();
@@ -374,25 +631,21 @@ impl Engine {
                 return self.stop_run(run_id, format!("cannot begin an attempt: {e}"));
             }
         };
-        let spec = match self.pipeline.render_step(
-            step,
-            &run.partition,
-            run_id,
-            attempt.attempt,
-            attempt_id,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                // A partition the config cannot render for: permanent, so halt at once.
-                run.machine.outstanding = None;
-                return self.stop_run(run_id, format!("cannot render the step: {e}"));
-            }
-        };
+        let spec =
+            match pipeline.render_step(step, &run.partition, run_id, attempt.attempt, attempt_id) {
+                Ok(s) => s,
+                Err(e) => {
+                    // A partition the config cannot render for: permanent, so halt at once.
+                    run.machine.outstanding = None;
+                    return self.stop_run(run_id, format!("cannot render the step: {e}"));
+                }
+            };
         run.attempts_total[step] += 1;
-        self.inflight[step] += 1;
-        let deadline = Duration::from_secs(spec.timeout_s + self.pipeline.config.lost_grace_s);
-        self.record(
-            Some(run_id),
+        run.dispatched_at = Some(Utc::now());
+        *self.inflight.entry(key).or_insert(0) += 1;
+        let deadline = Duration::from_secs(spec.timeout_s + pipeline.config.lost_grace_s);
+        self.record_run(
+            run_id,
             AuditEvent::StepDispatched {
                 step_id: spec.step_id.clone(),
                 attempt: spec.attempt,
@@ -416,8 +669,8 @@ impl Engine {
         let from = run.machine.state_name();
         run.machine.state = RunState::Halted(step);
         let to = run.machine.state_name();
-        self.record(
-            Some(run_id),
+        self.record_run(
+            run_id,
             AuditEvent::Transition {
                 from,
                 to,
@@ -436,23 +689,44 @@ impl Engine {
             s => s.step().map(|i| run.machine.steps[i].id.clone()),
         };
         run.reason = (state != RunState::Complete).then(|| reason.clone());
-        self.record(
-            Some(run_id),
+        run.finished_at = Some(Utc::now());
+        let name = state.name(&run.machine.steps);
+        let bid = run.backfill_id;
+        self.record_run(
+            run_id,
             AuditEvent::RunFinished {
-                state: state.name(&self.runs[&run_id].machine.steps),
+                state: name,
                 step_id,
                 reason,
             },
         );
-        self.active = self.active.saturating_sub(1);
+        self.free_slot(bid);
+    }
+
+    fn free_slot(&mut self, bid: Uuid) {
+        if let Some(b) = self.backfills.get_mut(&bid) {
+            b.active = b.active.saturating_sub(1);
+        }
         self.fill();
     }
 
     /// Releases a step's cap slot and starts a run waiting for it.
-    fn release(&mut self, step: usize) {
-        self.inflight[step] = self.inflight[step].saturating_sub(1);
-        while let Some(next) = self.waiting[step].pop_front() {
-            if matches!(self.runs[&next].machine.state, RunState::Running(s) if s == step) {
+    fn release(&mut self, run_id: Uuid, step: usize) {
+        let pipeline = self.pipeline_of(run_id);
+        let key = (
+            pipeline.name().to_string(),
+            pipeline.steps()[step].id.clone(),
+        );
+        if let Some(n) = self.inflight.get_mut(&key) {
+            *n = n.saturating_sub(1);
+        }
+        while let Some(next) = self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
+            let waiting_here = self.runs.get(&next).is_some_and(|r| {
+                matches!(r.machine.state, RunState::Running(s) if s == step)
+                    && r.machine.outstanding.is_none()
+                    && r.machine.deciding.is_none()
+            });
+            if waiting_here {
                 self.begin(next, 0);
                 break;
             }
@@ -462,7 +736,12 @@ impl Engine {
     /// Handles one event.
     pub fn handle(&mut self, event: Event) {
         match event {
-            Event::Outcome(outcome) => self.on_outcome(*outcome),
+            Event::Outcome(outcome, ack) => {
+                self.on_outcome(*outcome);
+                if let Some(ack) = ack {
+                    self.effects.push(Effect::Ack(ack));
+                }
+            }
             Event::Decided {
                 run_id,
                 attempt_id,
@@ -474,6 +753,16 @@ impl Engine {
                 }
             }
             Event::Deadline { run_id, attempt_id } => self.on_deadline(run_id, attempt_id),
+            Event::Submit(req, reply) => {
+                let id = self.submit(*req);
+                if let Some(reply) = reply {
+                    self.effects.push(Effect::Submitted(reply, id));
+                }
+            }
+            Event::Operator(cmd, reply) => {
+                let answer = self.on_operator(cmd);
+                self.effects.push(Effect::Reply(reply, answer));
+            }
             Event::Shutdown { reason } => self.shutdown(reason),
         }
     }
@@ -482,6 +771,7 @@ impl Engine {
         let r = &outcome.result;
         let (Some(run_id), Some(attempt_id)) = (r.run_id, r.attempt_id) else {
             self.record(
+                None,
                 None,
                 AuditEvent::StaleResult {
                     step_id: r.step_id.clone(),
@@ -493,11 +783,12 @@ impl Engine {
         };
         let Some(run) = self.runs.get_mut(&run_id) else {
             self.record(
+                None,
                 Some(run_id),
                 AuditEvent::StaleResult {
                     step_id: r.step_id.clone(),
                     attempt_id: Some(attempt_id),
-                    reason: format!("run {run_id} is not part of this backfill"),
+                    reason: format!("run {run_id} is unknown to this coordinator"),
                 },
             );
             return;
@@ -506,7 +797,10 @@ impl Engine {
         match run.machine.receive(attempt_id, facts) {
             Receipt::Stale(reason) => {
                 let step_id = outcome.result.step_id.clone();
+                let backfill = Some(run.backfill_id);
+                // Stale results change nothing, so the run is not marked dirty.
                 self.record(
+                    backfill,
                     Some(run_id),
                     AuditEvent::StaleResult {
                         step_id,
@@ -516,12 +810,13 @@ impl Engine {
                 );
             }
             Receipt::Accepted(a) => {
-                self.steps_executed += 1;
+                run.dispatched_at = None;
+                *self.steps_executed.entry(run.backfill_id).or_insert(0) += 1;
                 let mut audited = outcome.clone();
                 bound_tail(&mut audited.result.log_tail, AUDIT_TAIL_BYTES);
-                self.record(Some(run_id), AuditEvent::StepResult { outcome: audited });
+                self.record_run(run_id, AuditEvent::StepResult { outcome: audited });
                 outcome.result.attempt = a.attempt;
-                self.release(a.step);
+                self.release(run_id, a.step);
                 self.ask(run_id, outcome);
             }
         }
@@ -538,14 +833,14 @@ impl Engine {
         else {
             return;
         };
-        let pipeline = self.pipeline.clone();
+        let pipeline = self.pipeline_of(run_id);
         let step = &pipeline.steps()[a.step];
         let reason = format!(
             "no result within timeout_s {} + lost_grace_s {}",
-            step.timeout_s, self.pipeline.config.lost_grace_s
+            step.timeout_s, pipeline.config.lost_grace_s
         );
-        self.record(
-            Some(run_id),
+        self.record_run(
+            run_id,
             AuditEvent::AttemptLost {
                 step_id: step.id.clone(),
                 attempt: a.attempt,
@@ -553,46 +848,14 @@ impl Engine {
                 reason: reason.clone(),
             },
         );
-        let result = StepResult {
-            schema_version: SCHEMA_VERSION,
-            step_id: step.id.clone(),
-            exit_code: -1,
-            artefacts: BTreeMap::new(),
-            run_id: Some(run_id),
-            attempt_id: Some(attempt_id),
-            attempt: a.attempt,
-            worker_id: String::new(),
-            started_at: None,
-            finished_at: None,
-            duration_ms: 0,
-            timed_out: false,
-            signal: None,
-            lost: true,
-            error: None,
-            stdout_path: None,
-            stderr_path: None,
-            log_tail: String::new(),
-        };
-        let report = ValidationReport {
-            schema_version: SCHEMA_VERSION,
-            status: ReportStatus::Fail,
-            checks: vec![Check {
-                name: "result received".into(),
-                kind: "attempt_lost".into(),
-                severity: Severity::Error,
-                passed: false,
-                detail: reason,
-            }],
-        };
-        self.on_outcome(StepOutcome {
-            schema_version: SCHEMA_VERSION,
-            result,
-            report,
-        });
+        self.on_outcome(lost_outcome(
+            run_id, attempt_id, &step.id, a.attempt, reason,
+        ));
     }
 
     /// Builds the supervisor's view and asks the agent (after the turn commits).
     fn ask(&mut self, run_id: Uuid, outcome: StepOutcome) {
+        let pipeline = self.pipeline_of(run_id);
         let run = self.runs.get_mut(&run_id).expect("run exists");
         let Some((a, _)) = run.machine.deciding.clone() else {
             return;
@@ -610,7 +873,7 @@ impl Engine {
             .collect();
         let state = PipelineState {
             schema_version: SCHEMA_VERSION,
-            pipeline: self.pipeline.name().to_string(),
+            pipeline: pipeline.name().to_string(),
             run_id,
             partition: run.partition.clone(),
             state: run.machine.state_name(),
@@ -627,6 +890,7 @@ impl Engine {
             report: outcome.report.clone(),
         });
         run.last = Some(outcome);
+        self.dirty_runs.insert(run_id);
         self.effects.push(Effect::Decide {
             run_id,
             attempt_id: a.attempt_id,
@@ -641,7 +905,7 @@ impl Engine {
         let Some((a, facts)) = run.machine.deciding.clone() else {
             return;
         };
-        if a.attempt_id != attempt_id {
+        if a.attempt_id != attempt_id || !matches!(run.machine.state, RunState::Running(_)) {
             debug!(%run_id, %attempt_id, "decision for an attempt no longer awaiting one");
             return;
         }
@@ -668,13 +932,12 @@ impl Engine {
             action: applied.applied,
             reason: reply.decision.reason.clone(),
         });
-        let steps = run.machine.steps.clone();
         let reason = match &applied.overridden {
             Some(why) => why.clone(),
             None => reply.decision.reason.clone(),
         };
-        self.record(
-            Some(run_id),
+        self.record_run(
+            run_id,
             AuditEvent::Decision {
                 step_id: step_id.clone(),
                 attempt: a.attempt,
@@ -686,29 +949,50 @@ impl Engine {
                 fallback: reply.fallback,
             },
         );
-        if let Some(why) = applied.overridden {
-            self.record(
-                Some(run_id),
+        if let Some(why) = &applied.overridden {
+            self.record_run(
+                run_id,
                 AuditEvent::GuardOverride {
                     step_id: step_id.clone(),
                     proposed: applied.proposed,
                     applied: applied.applied,
-                    reason: why,
+                    reason: why.clone(),
                 },
             );
         }
-        self.record(
-            Some(run_id),
+        self.follow(run_id, a.attempt, step_id, applied, reason);
+    }
+
+    /// Records a transition and does what it implies.
+    fn follow(
+        &mut self,
+        run_id: Uuid,
+        attempt: u32,
+        step_id: String,
+        applied: Applied,
+        reason: String,
+    ) {
+        let steps = self.runs[&run_id].machine.steps.clone();
+        self.record_run(
+            run_id,
             AuditEvent::Transition {
                 from: applied.from.name(&steps),
                 to: applied.to.name(&steps),
                 action: Some(applied.applied),
             },
         );
+        let bid = self.runs[&run_id].backfill_id;
+        let cancelling = self.backfills.get(&bid).is_some_and(|b| b.rec.cancelling);
         match applied.next {
+            Next::Dispatch { .. } if cancelling || self.stopping => {
+                let why = "cancelled by an operator: the running step finished, nothing new starts"
+                    .to_string();
+                self.cancel_run(run_id, why);
+                self.free_slot(bid);
+            }
             Next::Dispatch { retry: false, .. } => self.begin(run_id, 0),
             Next::Dispatch { retry: true, .. } => {
-                let after = self.pipeline.config.retry.backoff(a.attempt + 1);
+                let after = self.pipeline_of(run_id).config.retry.backoff(attempt + 1);
                 self.effects.push(Effect::Timer {
                     after,
                     event: Event::Ready {
@@ -719,10 +1003,183 @@ impl Engine {
             }
             Next::Finished(_) => self.finish_run(run_id, reason),
             Next::Parked => {
-                self.record(Some(run_id), AuditEvent::Escalated { step_id, reason });
+                self.record_run(run_id, AuditEvent::Escalated { step_id, reason });
                 // A parked run frees its slot; it waits for an operator, not for a worker.
-                self.active = self.active.saturating_sub(1);
+                self.free_slot(bid);
+            }
+        }
+    }
+
+    /// Cancels one run and records it.
+    fn cancel_run(&mut self, run_id: Uuid, reason: String) {
+        let run = self.runs.get_mut(&run_id).expect("run exists");
+        let from = run.machine.state;
+        let step = from.step().map(|i| run.machine.steps[i].id.clone());
+        if run.machine.cancel().is_err() {
+            return;
+        }
+        run.reason = Some(reason.clone());
+        run.finished_at = Some(Utc::now());
+        let from = from.name(&run.machine.steps);
+        self.record_run(
+            run_id,
+            AuditEvent::Transition {
+                from,
+                to: "CANCELLED".into(),
+                action: None,
+            },
+        );
+        self.record_run(
+            run_id,
+            AuditEvent::RunFinished {
+                state: "CANCELLED".into(),
+                step_id: step,
+                reason,
+            },
+        );
+    }
+
+    fn on_operator(&mut self, cmd: OperatorCommand) -> Result<serde_json::Value, String> {
+        match cmd {
+            OperatorCommand::Resolve {
+                run_id,
+                action,
+                reason,
+                operator,
+            } => {
+                let run = self
+                    .runs
+                    .get_mut(&run_id)
+                    .ok_or_else(|| format!("no run `{run_id}`"))?;
+                let attempt = run.machine.attempts[run.machine.state.step().unwrap_or(0)];
+                let applied = run.machine.resolve(action).map_err(|e| e.to_string())?;
+                let step_id = run.machine.steps[applied.from.step().unwrap_or(0)]
+                    .id
+                    .clone();
+                let bid = run.backfill_id;
+                self.record_run(
+                    run_id,
+                    AuditEvent::OperatorResolution {
+                        operator: operator.clone(),
+                        action,
+                        reason: reason.clone(),
+                    },
+                );
+                if let Some(b) = self.backfills.get_mut(&bid) {
+                    // The parked run takes a slot again; finishing frees it.
+                    b.active += 1;
+                }
+                let to = applied.to.name(&self.runs[&run_id].machine.steps);
+                self.follow(
+                    run_id,
+                    attempt,
+                    step_id,
+                    applied,
+                    format!("operator {operator}: {reason}"),
+                );
+                Ok(serde_json::json!({"run_id": run_id, "action": action, "state": to}))
+            }
+            OperatorCommand::Cancel { backfill_id } => {
+                let b = self
+                    .backfills
+                    .get_mut(&backfill_id)
+                    .ok_or_else(|| format!("no backfill `{backfill_id}`"))?;
+                b.rec.cancelling = true;
+                let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
+                let runs = b.rec.runs.clone();
+                self.dirty_backfills.insert(backfill_id);
+                let why = "cancelled by an operator".to_string();
+                for id in pending {
+                    self.cancel_run(id, why.clone());
+                }
+                // Runs between steps or parked end now; runs with a step in flight end after it.
+                for id in runs {
+                    let m = &self.runs[&id].machine;
+                    let idle = m.outstanding.is_none() && m.deciding.is_none();
+                    let parked = matches!(m.state, RunState::Escalated(_));
+                    if !m.state.is_final() && (idle || parked) {
+                        let was_running = matches!(m.state, RunState::Running(_));
+                        self.cancel_run(id, why.clone());
+                        if was_running && let Some(b) = self.backfills.get_mut(&backfill_id) {
+                            b.active = b.active.saturating_sub(1);
+                        }
+                    }
+                }
+                Ok(serde_json::to_value(self.summary(backfill_id)).expect("summary serialises"))
+            }
+            OperatorCommand::RetryFailed { backfill_id } => {
+                let b = self
+                    .backfills
+                    .get_mut(&backfill_id)
+                    .ok_or_else(|| format!("no backfill `{backfill_id}`"))?;
+                b.rec.cancelling = false;
+                let runs = b.rec.runs.clone();
+                let mut resumed = 0;
+                for id in runs {
+                    let run = self.runs.get_mut(&id).expect("run exists");
+                    if let Ok(step) = run.machine.resume() {
+                        run.reason = None;
+                        run.finished_at = None;
+                        let to = run.machine.steps[step].id.clone();
+                        self.record_run(
+                            id,
+                            AuditEvent::Transition {
+                                from: "HALTED".into(),
+                                to,
+                                action: Some(Action::Retry),
+                            },
+                        );
+                        self.backfills
+                            .get_mut(&backfill_id)
+                            .expect("backfill exists")
+                            .rec
+                            .pending
+                            .push_back(id);
+                        resumed += 1;
+                    }
+                }
+                self.dirty_backfills.insert(backfill_id);
                 self.fill();
+                Ok(serde_json::json!({"backfill_id": backfill_id, "resumed": resumed}))
+            }
+            OperatorCommand::Status {
+                backfill_id: Some(id),
+            } => {
+                if !self.backfills.contains_key(&id) {
+                    return Err(format!("no backfill `{id}`"));
+                }
+                Ok(serde_json::to_value(self.summary(id)).expect("summary serialises"))
+            }
+            OperatorCommand::Status { backfill_id: None } => {
+                let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();
+                Ok(serde_json::to_value(all).expect("summaries serialise"))
+            }
+            OperatorCommand::Escalations => {
+                let list: Vec<serde_json::Value> = self
+                    .order
+                    .iter()
+                    .flat_map(|b| self.backfills[b].rec.runs.iter())
+                    .filter_map(|id| {
+                        let r = &self.runs[id];
+                        let RunState::Escalated(step) = r.machine.state else {
+                            return None;
+                        };
+                        let reason = r
+                            .history
+                            .last()
+                            .map(|h| h.reason.clone())
+                            .unwrap_or_default();
+                        Some(serde_json::json!({
+                            "run_id": r.id,
+                            "backfill_id": r.backfill_id,
+                            "partition": r.partition.key(),
+                            "step": r.machine.steps[step].id,
+                            "attempts": r.machine.attempts[step],
+                            "reason": reason,
+                        }))
+                    })
+                    .collect();
+                Ok(serde_json::Value::Array(list))
             }
         }
     }
@@ -732,37 +1189,20 @@ impl Engine {
             return;
         }
         self.stopping = true;
-        let ids: Vec<Uuid> = self.order.clone();
+        let ids: Vec<Uuid> = self
+            .order
+            .iter()
+            .flat_map(|b| self.backfills[b].rec.runs.clone())
+            .collect();
         for id in ids {
-            let run = self.runs.get_mut(&id).expect("run exists");
-            if run.machine.state.is_final() {
-                continue;
-            }
-            let from = run.machine.state;
-            let step = from.step().map(|i| run.machine.steps[i].id.clone());
-            if run.machine.cancel().is_ok() {
-                run.reason = Some(reason.clone());
-                let steps = run.machine.steps.clone();
-                self.record(
-                    Some(id),
-                    AuditEvent::Transition {
-                        from: from.name(&steps),
-                        to: "CANCELLED".into(),
-                        action: None,
-                    },
-                );
-                self.record(
-                    Some(id),
-                    AuditEvent::RunFinished {
-                        state: "CANCELLED".into(),
-                        step_id: step,
-                        reason: reason.clone(),
-                    },
-                );
+            if !self.runs[&id].machine.state.is_final() {
+                self.cancel_run(id, reason.clone());
             }
         }
-        self.pending.clear();
-        self.active = 0;
+        for b in self.backfills.values_mut() {
+            b.rec.pending.clear();
+            b.active = 0;
+        }
         // Nothing more is dispatched once stopping.
         self.effects
             .retain(|e| !matches!(e, Effect::Dispatch(_) | Effect::Timer { .. }));
@@ -770,7 +1210,7 @@ impl Engine {
 
     /// True when no run can move any more without an operator.
     pub fn idle(&self) -> bool {
-        self.pending.is_empty()
+        self.backfills.values().all(|b| b.rec.pending.is_empty())
             && self.runs.values().all(|r| {
                 r.machine.state.is_final() || matches!(r.machine.state, RunState::Escalated(_))
             })
@@ -778,6 +1218,21 @@ impl Engine {
 
     /// Commits the turn, shows it, then acts on it.
     fn end_turn(&mut self) -> anyhow::Result<()> {
+        for id in self.dirty_backfills.drain() {
+            if let Some(b) = self.backfills.get(&id) {
+                self.store.stage_backfill(&b.rec);
+            }
+        }
+        for id in self.dirty_runs.drain() {
+            if let Some(r) = self.runs.get(&id) {
+                self.store.stage_run(r);
+            }
+        }
+        for e in &self.effects {
+            if let Effect::Dispatch(spec) = e {
+                self.store.stage_dispatch(spec);
+            }
+        }
         self.store.commit()?;
         for rec in self.turn.drain(..) {
             self.observer.on_record(&rec);
@@ -808,17 +1263,24 @@ impl Engine {
                         let _ = tx.send(event);
                     });
                 }
+                Effect::Ack(ack) => ack(),
+                Effect::Reply(tx, answer) => {
+                    let _ = tx.send(answer);
+                }
+                Effect::Submitted(tx, id) => {
+                    let _ = tx.send(id);
+                }
             }
         }
         Ok(())
     }
 
     /// Runs the loop until every run is final or parked (when `exit_when_idle`), or until a
-    /// shutdown, and returns the summary.
+    /// shutdown; returns the engine for its summaries.
     pub async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
-    ) -> anyhow::Result<Summary> {
+    ) -> anyhow::Result<Engine> {
         self.end_turn()?;
         while !(self.stopping || (self.cfg.exit_when_idle && self.idle())) {
             let Some(first) = events.recv().await else {
@@ -833,50 +1295,58 @@ impl Engine {
             }
             self.end_turn()?;
         }
-        let summary = self.summary();
-        let count = |s: &str| summary.counts.get(s).copied().unwrap_or(0);
         let reason = if self.stopping {
             "stopped before every run finished".to_string()
         } else {
             "every run is final or waiting for an operator".to_string()
         };
-        self.record(
-            None,
-            AuditEvent::BackfillFinished {
-                complete: count("COMPLETE"),
-                halted: count("HALTED"),
-                cancelled: count("CANCELLED"),
-                escalated: count("ESCALATED"),
-                reason,
-            },
-        );
+        for id in self.order.clone() {
+            let s = self.summary(id);
+            let count = |st: &str| s.counts.get(st).copied().unwrap_or(0);
+            self.record(
+                Some(id),
+                None,
+                AuditEvent::BackfillFinished {
+                    complete: count("COMPLETE"),
+                    halted: count("HALTED"),
+                    cancelled: count("CANCELLED"),
+                    escalated: count("ESCALATED"),
+                    reason: reason.clone(),
+                },
+            );
+        }
         self.end_turn()?;
         self.observer.finish();
-        let (audit, audit_head) = self.store.audit_location();
-        Ok(Summary {
-            audit,
-            audit_head,
-            wall_ms: self.started.elapsed().as_millis() as u64,
-            ..summary
-        })
+        Ok(self)
     }
 
-    fn summary(&self) -> Summary {
+    /// A backfill's summary.
+    pub fn summary(&self, backfill_id: Uuid) -> Summary {
+        let b = &self.backfills[&backfill_id];
         let mut counts = BTreeMap::new();
-        let runs: Vec<RunSummary> = self
-            .order
+        let mut in_step = BTreeMap::new();
+        let runs: Vec<RunSummary> = b
+            .rec
+            .runs
             .iter()
             .map(|id| {
                 let r = &self.runs[id];
                 let state = r.machine.state_name();
-                *counts.entry(state.clone()).or_insert(0) += 1;
+                let bucket = match r.machine.state {
+                    RunState::Running(_) => "RUNNING".to_string(),
+                    _ => state.clone(),
+                };
+                *counts.entry(bucket).or_insert(0) += 1;
+                if let RunState::Running(i) = r.machine.state {
+                    *in_step.entry(r.machine.steps[i].id.clone()).or_insert(0) += 1;
+                }
                 RunSummary {
                     run_id: r.id,
                     partition: r.partition.key(),
                     month: r.partition.month.clone(),
                     dataset: r.partition.dataset.clone(),
                     step: match r.machine.state {
-                        RunState::Complete => None,
+                        RunState::Complete | RunState::Init => None,
                         s => s.step().map(|i| r.machine.steps[i].id.clone()),
                     },
                     attempts: r
@@ -892,17 +1362,89 @@ impl Engine {
                 }
             })
             .collect();
+        let finals = runs
+            .iter()
+            .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
+            .count();
+        let elapsed = b.started.elapsed();
+        let minutes = elapsed.as_secs_f64() / 60.0;
+        let rate = if minutes > 0.0 {
+            finals as f64 / minutes
+        } else {
+            0.0
+        };
+        let left = runs.len() - finals;
+        let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
+        let finished = b.rec.pending.is_empty()
+            && runs.iter().all(|r| {
+                matches!(
+                    r.state.as_str(),
+                    "COMPLETE" | "HALTED" | "CANCELLED" | "ESCALATED"
+                )
+            });
+        let (audit, audit_head) = self.store.audit_location();
         Summary {
             schema_version: SCHEMA_VERSION,
-            backfill_id: self.backfill_id,
-            pipeline: self.pipeline.name().to_string(),
+            backfill_id,
+            pipeline: b.rec.pipeline.clone(),
             counts,
-            steps_executed: self.steps_executed,
-            wall_ms: 0,
-            audit: String::new(),
-            audit_head: String::new(),
+            in_step,
+            steps_executed: self.steps_executed.get(&backfill_id).copied().unwrap_or(0),
+            runs_per_minute: (rate * 10.0).round() / 10.0,
+            eta_s,
+            wall_ms: elapsed.as_millis() as u64,
+            finished,
+            cancelling: b.rec.cancelling,
+            audit,
+            audit_head,
             runs,
         }
+    }
+}
+
+/// The outcome standing in for an attempt that never reported.
+fn lost_outcome(
+    run_id: Uuid,
+    attempt_id: Uuid,
+    step_id: &str,
+    attempt: u32,
+    reason: String,
+) -> StepOutcome {
+    let result = StepResult {
+        schema_version: SCHEMA_VERSION,
+        step_id: step_id.to_string(),
+        exit_code: -1,
+        artefacts: BTreeMap::new(),
+        run_id: Some(run_id),
+        attempt_id: Some(attempt_id),
+        attempt,
+        worker_id: String::new(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: 0,
+        timed_out: false,
+        signal: None,
+        lost: true,
+        error: None,
+        stdout_path: None,
+        stderr_path: None,
+        log_tail: String::new(),
+    };
+    let report = ValidationReport {
+        schema_version: SCHEMA_VERSION,
+        status: ReportStatus::Fail,
+        checks: vec![Check {
+            name: "result received".into(),
+            kind: "attempt_lost".into(),
+            severity: Severity::Error,
+            passed: false,
+            detail: reason,
+        }],
+    };
+    StepOutcome {
+        schema_version: SCHEMA_VERSION,
+        result,
+        report,
     }
 }
 

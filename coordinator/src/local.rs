@@ -53,7 +53,10 @@ impl LocalFleet {
                         };
                         let Some(spec) = spec else { break };
                         let outcome = run_step(&spec, &cfg, &cancel).await;
-                        if events.send(Event::Outcome(Box::new(outcome))).is_err() {
+                        if events
+                            .send(Event::Outcome(Box::new(outcome), None))
+                            .is_err()
+                        {
                             break;
                         }
                     }

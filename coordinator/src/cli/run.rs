@@ -16,7 +16,7 @@ use warpline_worker::ExecConfig;
 
 use super::{ProgressMode, RunArgs};
 use crate::audit_log::AuditLog;
-use crate::engine::{Engine, EngineConfig, Event, Observer, Summary};
+use crate::engine::{BackfillRequest, Engine, EngineConfig, Event, Observer, Summary};
 use crate::local::LocalFleet;
 use crate::progress::{Bars, Lines, Quiet};
 
@@ -88,22 +88,23 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     );
 
     let cfg = EngineConfig {
-        max_parallel,
         exit_when_idle: true,
     };
-    let agent = args.agent.build();
-    let agent_name = agent.name();
     let mut engine = Engine::new(
-        pipeline.clone(),
-        backfill_id,
         cfg,
-        agent,
+        args.agent.build(),
         Box::new(store),
         Box::new(fleet),
         observer,
         tx.clone(),
     );
-    engine.submit(&partitions, agent_name);
+    engine.submit(BackfillRequest {
+        id: backfill_id,
+        pipeline: pipeline.clone(),
+        partitions,
+        max_parallel,
+        priority: 0,
+    });
 
     // A signal becomes one event: the loop cancels every unfinished run and ends.
     let watcher = {
@@ -116,11 +117,11 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
             });
         })
     };
-    let summary = engine.run(rx).await;
+    let engine = engine.run(rx).await;
     watcher.abort();
     // Kill any tool still running and wait for the workers, bounded.
     let clean = stopper.stop(Duration::from_secs(15)).await;
-    let summary = summary?;
+    let summary = engine?.summary(backfill_id);
     if !clean {
         eprintln!("warpline: some workers did not stop within 15 s");
     }
