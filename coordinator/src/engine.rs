@@ -155,10 +155,14 @@ pub trait Store: Send {
     /// Stages a StepSpec that this turn dispatches (the outbox; default: memory only).
     fn stage_dispatch(&mut self, _spec: &StepSpec) {}
     /// Makes the turn durable. Called before any of its effects is acted on.
-    fn commit(&mut self) -> anyhow::Result<()>;
+    fn commit(&mut self) -> StoreFuture<'_>;
     /// Where the audit log lives and its head hash, for summaries.
     fn audit_location(&self) -> (String, String);
 }
+
+/// The future of a [`Store::commit`].
+pub type StoreFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'a>>;
 
 impl Store for crate::audit_log::AuditLog {
     fn record(
@@ -170,8 +174,8 @@ impl Store for crate::audit_log::AuditLog {
         self.stage(backfill_id, run_id, event)
     }
 
-    fn commit(&mut self) -> anyhow::Result<()> {
-        crate::audit_log::AuditLog::commit(self)
+    fn commit(&mut self) -> StoreFuture<'_> {
+        Box::pin(async move { crate::audit_log::AuditLog::commit(self) })
     }
 
     fn audit_location(&self) -> (String, String) {
@@ -266,6 +270,38 @@ pub struct BackfillRecord {
     pub cancelling: bool,
     /// When it was submitted.
     pub created_at: DateTime<Utc>,
+    /// The pipeline as submitted, so a restarted coordinator can rebuild it.
+    pub source: PipelineSource,
+}
+
+/// A pipeline as submitted: its file, its config (variables applied) and its workdir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineSource {
+    /// The config file's path as the submitter saw it (it anchors `{config_dir}`).
+    pub file: String,
+    /// The config.
+    pub config: serde_json::Value,
+    /// The workdir in force.
+    pub workdir: String,
+}
+
+impl PipelineSource {
+    /// Captures a loaded pipeline.
+    pub fn of(p: &Pipeline) -> PipelineSource {
+        PipelineSource {
+            file: p.file.display().to_string(),
+            config: serde_json::to_value(&p.config).expect("configs serialise"),
+            workdir: p.workdir.display().to_string(),
+        }
+    }
+
+    /// Rebuilds the pipeline.
+    pub fn load(&self) -> anyhow::Result<Pipeline> {
+        let mut p =
+            Pipeline::from_json(std::path::Path::new(&self.file), &self.config.to_string())?;
+        p.set_workdir(std::path::Path::new(&self.workdir));
+        Ok(p)
+    }
 }
 
 struct Backfill {
@@ -448,6 +484,7 @@ impl Engine {
             priority: req.priority,
             cancelling: false,
             created_at: Utc::now(),
+            source: PipelineSource::of(&req.pipeline),
         };
         for p in req.partitions {
             let run_id = Uuid::now_v7();
@@ -1217,7 +1254,7 @@ impl Engine {
     }
 
     /// Commits the turn, shows it, then acts on it.
-    fn end_turn(&mut self) -> anyhow::Result<()> {
+    async fn end_turn(&mut self) -> anyhow::Result<()> {
         for id in self.dirty_backfills.drain() {
             if let Some(b) = self.backfills.get(&id) {
                 self.store.stage_backfill(&b.rec);
@@ -1233,7 +1270,7 @@ impl Engine {
                 self.store.stage_dispatch(spec);
             }
         }
-        self.store.commit()?;
+        self.store.commit().await?;
         for rec in self.turn.drain(..) {
             self.observer.on_record(&rec);
         }
@@ -1281,7 +1318,7 @@ impl Engine {
         mut self,
         mut events: mpsc::UnboundedReceiver<Event>,
     ) -> anyhow::Result<Engine> {
-        self.end_turn()?;
+        self.end_turn().await?;
         while !(self.stopping || (self.cfg.exit_when_idle && self.idle())) {
             let Some(first) = events.recv().await else {
                 break;
@@ -1293,7 +1330,7 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            self.end_turn()?;
+            self.end_turn().await?;
         }
         let reason = if self.stopping {
             "stopped before every run finished".to_string()
@@ -1315,7 +1352,7 @@ impl Engine {
                 },
             );
         }
-        self.end_turn()?;
+        self.end_turn().await?;
         self.observer.finish();
         Ok(self)
     }

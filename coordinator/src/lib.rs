@@ -13,6 +13,7 @@
 pub mod audit_log;
 pub mod cli;
 pub mod engine;
+pub mod fleet;
 pub mod local;
 pub mod progress;
 pub mod supervisor;

@@ -1,0 +1,3 @@
+//! Fleet mode: the coordinator's PostgreSQL store ([`pg`]).
+
+pub mod pg;

@@ -1,0 +1,635 @@
+//! Fleet mode's durable state in PostgreSQL: the [`PgStore`].
+//!
+//! Each event-loop turn becomes one transaction: the audit records (sealed lines, verbatim),
+//! every changed run and backfill, the attempts, decisions and escalations they imply, and the
+//! outbox rows of the StepSpecs the turn dispatches. Only after it commits does the JSONL audit
+//! file get the same lines, and only then does the engine act (the transactional outbox). A
+//! crash between the two writes is repaired at the next start, which appends the lines the file
+//! lacks from the database; so the file never holds a line the database does not, and nothing
+//! acted on is missing from either.
+//!
+//! All tables live in one schema (`--database-schema`, default `warpline`), so that tests and
+//! separate fleets can share a server. Migrations are embedded and versioned.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+use warpline_shared::audit::{self, AuditEvent, AuditRecord};
+use warpline_shared::config::Pipeline;
+use warpline_shared::contracts::StepSpec;
+
+use crate::audit_log::AuditLog;
+use crate::engine::{BackfillRecord, RunRecord, Store, StoreFuture};
+
+/// The embedded migrations, applied in order, each once.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+    CREATE TABLE backfills (
+        id uuid PRIMARY KEY,
+        pipeline text NOT NULL,
+        priority int NOT NULL,
+        record jsonb NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE runs (
+        id uuid PRIMARY KEY,
+        backfill_id uuid NOT NULL REFERENCES backfills(id),
+        partition_key text NOT NULL,
+        state text NOT NULL,
+        record jsonb NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX runs_backfill ON runs (backfill_id);
+    CREATE TABLE attempts (
+        attempt_id uuid PRIMARY KEY,
+        run_id uuid NOT NULL,
+        step_id text NOT NULL,
+        attempt int NOT NULL,
+        dispatched_at timestamptz NOT NULL,
+        outcome jsonb,
+        finished_at timestamptz
+    );
+    CREATE INDEX attempts_run ON attempts (run_id);
+    CREATE TABLE decisions (
+        seq bigint PRIMARY KEY,
+        run_id uuid NOT NULL,
+        step_id text NOT NULL,
+        attempt int NOT NULL,
+        agent text NOT NULL,
+        action text NOT NULL,
+        reason text NOT NULL,
+        decided_at timestamptz NOT NULL
+    );
+    CREATE TABLE escalations (
+        seq bigint PRIMARY KEY,
+        run_id uuid NOT NULL,
+        step_id text NOT NULL,
+        reason text NOT NULL,
+        opened_at timestamptz NOT NULL,
+        resolved_at timestamptz,
+        resolution jsonb
+    );
+    CREATE TABLE audit_events (
+        seq bigint PRIMARY KEY,
+        ts timestamptz NOT NULL,
+        backfill_id uuid,
+        run_id uuid,
+        event text NOT NULL,
+        line text NOT NULL
+    );
+    CREATE INDEX audit_events_run ON audit_events (run_id);
+    CREATE TABLE outbox (
+        attempt_id uuid PRIMARY KEY,
+        run_id uuid NOT NULL,
+        pool text NOT NULL,
+        spec jsonb NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        sent_at timestamptz
+    );
+    CREATE INDEX outbox_unsent ON outbox (created_at) WHERE sent_at IS NULL;
+    "#,
+)];
+
+/// Connects a pool whose connections use `schema`, creating the database if it is missing.
+pub async fn connect(url: &str, schema: &str, size: usize) -> anyhow::Result<Pool> {
+    check_ident(schema)?;
+    let cfg: tokio_postgres::Config = url
+        .parse()
+        .with_context(|| format!("invalid database URL `{}`", redact(url)))?;
+    ensure_database(&cfg).await?;
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(mgr)
+        .max_size(size)
+        .post_create(deadpool_postgres::Hook::async_fn({
+            let schema = schema.to_string();
+            move |client, _| {
+                let sql = format!("SET search_path TO \"{schema}\"");
+                Box::pin(async move {
+                    client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)
+                })
+            }
+        }))
+        .build()
+        .context("cannot build the PostgreSQL pool")?;
+    let client = pool.get().await.with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL at `{}`: is it running? (locally: `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)",
+            redact(url)
+        )
+    })?;
+    drop(client);
+    Ok(pool)
+}
+
+/// Creates the URL's database when it does not exist (tolerating a concurrent creator).
+async fn ensure_database(cfg: &tokio_postgres::Config) -> anyhow::Result<()> {
+    let Some(db) = cfg.get_dbname().map(str::to_string) else {
+        return Ok(());
+    };
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    let Ok((client, conn)) = admin.connect(NoTls).await else {
+        // No maintenance database to talk to: the pool's own connect will say what is wrong.
+        return Ok(());
+    };
+    tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await?
+        .is_some();
+    if !exists {
+        check_ident(&db)?;
+        if let Err(e) = client
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .await
+            && e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+        {
+            return Err(e).with_context(|| format!("cannot create database `{db}`"));
+        }
+    }
+    Ok(())
+}
+
+fn check_ident(s: &str) -> anyhow::Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        && !s.as_bytes()[0].is_ascii_digit();
+    if !ok {
+        bail!("invalid name `{s}`: use letters, digits and `_`, not starting with a digit");
+    }
+    Ok(())
+}
+
+/// Hides a password in a URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Applies the embedded migrations not yet applied, under a lock so two coordinators starting
+/// together do not race.
+pub async fn migrate(pool: &Pool, schema: &str) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock(hashtext('warpline-migrate-{schema}'));
+         CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+         SET LOCAL search_path TO \"{schema}\";
+         CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await
+    .context("cannot prepare the migrations table")?;
+    for (version, sql) in MIGRATIONS {
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql)
+                .await
+                .with_context(|| format!("migration {version} failed"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, schema, "applied migration");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The leader lock: held on a dedicated connection for as long as this coordinator is active.
+pub struct LeaderLock {
+    client: tokio_postgres::Client,
+    /// Ends when the lock's connection ends (then this coordinator must stop).
+    pub lost: tokio::task::JoinHandle<()>,
+}
+
+impl LeaderLock {
+    /// Waits until this process holds the lock, polling every `poll` (a standby waits here).
+    pub async fn acquire(url: &str, schema: &str, poll: Duration) -> anyhow::Result<LeaderLock> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at `{}` for the leader lock",
+                redact(url)
+            )
+        })?;
+        let lost = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::error!(error = %e, "the leader lock's connection failed");
+            }
+        });
+        let key = format!("warpline-leader-{schema}");
+        let mut announced = false;
+        loop {
+            let row = client
+                .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+                .await?;
+            if row.get::<_, bool>(0) {
+                return Ok(LeaderLock { client, lost });
+            }
+            if !announced {
+                tracing::warn!(
+                    schema,
+                    "another coordinator is active: waiting as a standby"
+                );
+                eprintln!(
+                    "warpline serve: another coordinator holds the lock for schema `{schema}`; waiting as a standby"
+                );
+                announced = true;
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Checks that the lock's connection still answers.
+    pub async fn alive(&self) -> bool {
+        self.client.simple_query("SELECT 1").await.is_ok()
+    }
+}
+
+/// What a restarted coordinator gets back.
+pub struct Recovered {
+    /// Backfills with their pipelines.
+    pub backfills: Vec<(BackfillRecord, Arc<Pipeline>)>,
+    /// Every run of them.
+    pub runs: Vec<RunRecord>,
+    /// StepSpecs stored but never confirmed sent, whose attempts are still outstanding.
+    pub unsent: Vec<StepSpec>,
+}
+
+/// The PostgreSQL store, with the JSONL audit file as its mirror.
+pub struct PgStore {
+    pool: Pool,
+    audit: AuditLog,
+    records: Vec<(AuditRecord, String)>,
+    runs: HashMap<Uuid, RunRecord>,
+    backfills: HashMap<Uuid, BackfillRecord>,
+    outbox: Vec<StepSpec>,
+}
+
+impl PgStore {
+    /// Opens the store: brings the audit file up to the database's last line, then continues
+    /// the chain.
+    pub async fn open(pool: Pool, audit_path: &Path) -> anyhow::Result<PgStore> {
+        let client = pool.get().await?;
+        let rows = client
+            .query("SELECT seq, line FROM audit_events ORDER BY seq", &[])
+            .await?;
+        let file_lines = if audit_path.exists() {
+            let f = std::fs::File::open(audit_path)?;
+            audit::verify(std::io::BufReader::new(f))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the audit log `{}` does not verify ({e})",
+                        audit_path.display()
+                    )
+                })?
+                .lines
+        } else {
+            0
+        };
+        let db_lines = rows.len() as u64;
+        if file_lines > db_lines {
+            bail!(
+                "the audit log `{}` has {file_lines} lines but the database only {db_lines}: it belongs to another fleet; give another --audit file",
+                audit_path.display()
+            );
+        }
+        if file_lines < db_lines {
+            use std::io::Write;
+            if let Some(dir) = audit_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(audit_path)?;
+            for row in &rows[file_lines as usize..] {
+                let line: String = row.get(1);
+                f.write_all(line.as_bytes())?;
+                f.write_all(b"\n")?;
+            }
+            f.sync_data()?;
+            tracing::info!(
+                added = db_lines - file_lines,
+                "audit file caught up with the database"
+            );
+        }
+        drop(client);
+        let audit = AuditLog::open(audit_path)?;
+        Ok(PgStore {
+            pool,
+            audit,
+            records: Vec::new(),
+            runs: HashMap::new(),
+            backfills: HashMap::new(),
+            outbox: Vec::new(),
+        })
+    }
+
+    /// Loads every backfill and run, and the unsent StepSpecs still awaited.
+    pub async fn recover(&self) -> anyhow::Result<Recovered> {
+        let client = self.pool.get().await?;
+        let mut backfills = Vec::new();
+        for row in client
+            .query("SELECT record FROM backfills ORDER BY created_at", &[])
+            .await?
+        {
+            let rec: BackfillRecord = serde_json::from_value(row.get(0))?;
+            let pipeline = rec
+                .source
+                .load()
+                .with_context(|| format!("cannot rebuild the pipeline of backfill {}", rec.id))?;
+            backfills.push((rec, Arc::new(pipeline)));
+        }
+        let mut runs = Vec::new();
+        for row in client.query("SELECT record FROM runs", &[]).await? {
+            runs.push(serde_json::from_value::<RunRecord>(row.get(0))?);
+        }
+        let outstanding: std::collections::HashSet<Uuid> = runs
+            .iter()
+            .filter_map(|r| r.machine.outstanding.map(|a| a.attempt_id))
+            .collect();
+        let mut unsent = Vec::new();
+        for row in client
+            .query(
+                "SELECT spec FROM outbox WHERE sent_at IS NULL ORDER BY created_at",
+                &[],
+            )
+            .await?
+        {
+            let spec: StepSpec = serde_json::from_value(row.get(0))?;
+            if outstanding.contains(&spec.attempt_id) {
+                unsent.push(spec);
+            }
+        }
+        Ok(Recovered {
+            backfills,
+            runs,
+            unsent,
+        })
+    }
+
+    /// A handle for marking outbox rows sent (used by the publisher).
+    pub fn pool(&self) -> Pool {
+        self.pool.clone()
+    }
+
+    async fn write(&mut self) -> anyhow::Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        if !self.records.is_empty() {
+            let mut seqs = Vec::new();
+            let mut tss: Vec<DateTime<Utc>> = Vec::new();
+            let mut bids: Vec<Option<Uuid>> = Vec::new();
+            let mut rids: Vec<Option<Uuid>> = Vec::new();
+            let mut names: Vec<&str> = Vec::new();
+            let mut lines: Vec<&str> = Vec::new();
+            for (rec, line) in &self.records {
+                seqs.push(rec.seq as i64);
+                tss.push(rec.ts);
+                bids.push(rec.backfill_id);
+                rids.push(rec.run_id);
+                names.push(rec.event.name());
+                lines.push(line);
+            }
+            tx.execute(
+                "INSERT INTO audit_events (seq, ts, backfill_id, run_id, event, line)
+                 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])",
+                &[&seqs, &tss, &bids, &rids, &names, &lines],
+            )
+            .await
+            .context("cannot store audit events")?;
+            for (rec, _) in &self.records {
+                derive(&tx, rec).await?;
+            }
+        }
+        for b in self.backfills.values() {
+            tx.execute(
+                "INSERT INTO backfills (id, pipeline, priority, record, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, priority = EXCLUDED.priority, updated_at = now()",
+                &[&b.id, &b.pipeline, &b.priority, &serde_json::to_value(b)?, &b.created_at],
+            )
+            .await
+            .context("cannot store a backfill")?;
+        }
+        if !self.runs.is_empty() {
+            let mut ids = Vec::new();
+            let mut bids = Vec::new();
+            let mut keys = Vec::new();
+            let mut states = Vec::new();
+            let mut recs = Vec::new();
+            for r in self.runs.values() {
+                ids.push(r.id);
+                bids.push(r.backfill_id);
+                keys.push(r.partition.key());
+                states.push(r.machine.state_name());
+                recs.push(serde_json::to_value(r)?);
+            }
+            tx.execute(
+                "INSERT INTO runs (id, backfill_id, partition_key, state, record)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[])
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, record = EXCLUDED.record, updated_at = now()",
+                &[&ids, &bids, &keys, &states, &recs],
+            )
+            .await
+            .context("cannot store runs")?;
+        }
+        if !self.outbox.is_empty() {
+            let mut ids = Vec::new();
+            let mut rids = Vec::new();
+            let mut pools = Vec::new();
+            let mut specs = Vec::new();
+            for s in &self.outbox {
+                ids.push(s.attempt_id);
+                rids.push(s.run_id);
+                pools.push(s.pool.clone());
+                specs.push(serde_json::to_value(s)?);
+            }
+            tx.execute(
+                "INSERT INTO outbox (attempt_id, run_id, pool, spec)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])",
+                &[&ids, &rids, &pools, &specs],
+            )
+            .await
+            .context("cannot store the outbox")?;
+        }
+        tx.commit().await.context("cannot commit the turn")?;
+        self.records.clear();
+        self.runs.clear();
+        self.backfills.clear();
+        self.outbox.clear();
+        Ok(())
+    }
+}
+
+/// Fills the attempts, decisions and escalations tables from one audit record.
+async fn derive(tx: &deadpool_postgres::Transaction<'_>, rec: &AuditRecord) -> anyhow::Result<()> {
+    let seq = rec.seq as i64;
+    match &rec.event {
+        AuditEvent::StepDispatched {
+            step_id,
+            attempt,
+            attempt_id,
+            ..
+        } => {
+            tx.execute(
+                "INSERT INTO attempts (attempt_id, run_id, step_id, attempt, dispatched_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (attempt_id) DO NOTHING",
+                &[attempt_id, &rec.run_id, step_id, &(*attempt as i32), &rec.ts],
+            )
+            .await?;
+        }
+        AuditEvent::StepResult { outcome } => {
+            tx.execute(
+                "UPDATE attempts SET outcome = $2, finished_at = $3 WHERE attempt_id = $1",
+                &[
+                    &outcome.result.attempt_id,
+                    &serde_json::to_value(outcome)?,
+                    &rec.ts,
+                ],
+            )
+            .await?;
+        }
+        AuditEvent::Decision {
+            step_id,
+            attempt,
+            agent,
+            decision,
+            ..
+        } => {
+            tx.execute(
+                "INSERT INTO decisions (seq, run_id, step_id, attempt, agent, action, reason, decided_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&seq, &rec.run_id, step_id, &(*attempt as i32), agent, &decision.action.as_str(), &decision.reason, &rec.ts],
+            )
+            .await?;
+        }
+        AuditEvent::Escalated { step_id, reason } => {
+            tx.execute(
+                "INSERT INTO escalations (seq, run_id, step_id, reason, opened_at) VALUES ($1, $2, $3, $4, $5)",
+                &[&seq, &rec.run_id, step_id, reason, &rec.ts],
+            )
+            .await?;
+        }
+        AuditEvent::OperatorResolution { .. } => {
+            tx.execute(
+                "UPDATE escalations SET resolved_at = $2, resolution = $3 WHERE run_id = $1 AND resolved_at IS NULL",
+                &[&rec.run_id, &rec.ts, &serde_json::to_value(&rec.event)?],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn record(
+        &mut self,
+        backfill_id: Option<Uuid>,
+        run_id: Option<Uuid>,
+        event: AuditEvent,
+    ) -> AuditRecord {
+        let rec = self.audit.stage(backfill_id, run_id, event);
+        let (line, _) = audit::seal(&rec);
+        self.records.push((rec.clone(), line));
+        rec
+    }
+
+    fn stage_run(&mut self, run: &RunRecord) {
+        self.runs.insert(run.id, run.clone());
+    }
+
+    fn stage_backfill(&mut self, backfill: &BackfillRecord) {
+        self.backfills.insert(backfill.id, backfill.clone());
+    }
+
+    fn stage_dispatch(&mut self, spec: &StepSpec) {
+        self.outbox.push(spec.clone());
+    }
+
+    fn commit(&mut self) -> StoreFuture<'_> {
+        Box::pin(async move {
+            self.write().await?;
+            self.audit.commit()
+        })
+    }
+
+    fn audit_location(&self) -> (String, String) {
+        (
+            self.audit.path().display().to_string(),
+            self.audit.head().to_string(),
+        )
+    }
+}
+
+/// Marks outbox rows sent once the broker confirmed them.
+pub async fn mark_sent(pool: &Pool, ids: &[Uuid]) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE outbox SET sent_at = now() WHERE attempt_id = ANY($1) AND sent_at IS NULL",
+            &[&ids],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn identifiers_are_checked() {
+        assert!(check_ident("warpline_t1").is_ok());
+        for bad in ["", "1x", "a-b", "a\"b", "a;drop"] {
+            assert!(check_ident(bad).is_err(), "{bad}");
+        }
+    }
+}

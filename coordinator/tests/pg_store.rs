@@ -1,0 +1,144 @@
+//! The PostgreSQL store against the real server: a turn commits to the database and the audit
+//! file, recovery returns runs and unsent StepSpecs, and a file behind the database catches up.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use uuid::Uuid;
+use warpline_coordinator::engine::{
+    BackfillRequest, Engine, EngineConfig, Event, Observer, Store, Transport,
+};
+use warpline_coordinator::fleet::pg::{self, PgStore};
+use warpline_coordinator::progress::Quiet;
+use warpline_coordinator::supervisor::RulesAgent;
+use warpline_shared::config::Pipeline;
+use warpline_shared::contracts::StepSpec;
+use warpline_shared::partition;
+
+const URL: &str = "postgres://postgres@127.0.0.1:5432/warpline_test";
+
+/// Collects what the engine dispatches.
+struct Capture(mpsc::UnboundedSender<StepSpec>);
+
+impl Transport for Capture {
+    fn dispatch(&mut self, spec: StepSpec) -> anyhow::Result<()> {
+        self.0.send(spec)?;
+        Ok(())
+    }
+}
+
+async fn pool(schema: &str) -> deadpool_postgres::Pool {
+    let pool = pg::connect(URL, schema, 4).await.unwrap_or_else(|e| {
+        panic!("{e:#}\n(start PostgreSQL with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)")
+    });
+    pg::migrate(&pool, schema).await.unwrap();
+    pool
+}
+
+async fn drop_schema(pool: &deadpool_postgres::Pool, schema: &str) {
+    let c = pool.get().await.unwrap();
+    c.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn turns_commit_and_recover() {
+    let schema = format!("pgstore_{}", std::process::id());
+    let pool = pool(&schema).await;
+    // Migrating twice is a no-op.
+    pg::migrate(&pool, &schema).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = dir.path().join("p.json");
+    std::fs::write(
+        &cfg,
+        r#"{"name": "t", "steps": [{"id": "A", "command": "true"}, {"id": "B", "command": "true"}]}"#,
+    )
+    .unwrap();
+    let pipeline = Arc::new(Pipeline::load(&cfg).unwrap());
+    let store = PgStore::open(pool.clone(), &audit).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
+    let observer: Box<dyn Observer> = Box::new(Quiet);
+    let mut engine = Engine::new(
+        EngineConfig {
+            exit_when_idle: false,
+        },
+        Arc::new(RulesAgent),
+        Box::new(store),
+        Box::new(Capture(sent_tx)),
+        observer,
+        tx.clone(),
+    );
+    let bid = Uuid::now_v7();
+    engine.submit(BackfillRequest {
+        id: bid,
+        pipeline,
+        partitions: partition::expand(Some("2024-01..2024-03"), None).unwrap(),
+        max_parallel: 2,
+        priority: 5,
+    });
+    let loop_ = tokio::spawn(engine.run(rx));
+    // Two runs start (max_parallel 2); their StepSpecs are dispatched after the commit.
+    let a = sent_rx.recv().await.unwrap();
+    let b = sent_rx.recv().await.unwrap();
+    assert_eq!((a.step_id.as_str(), b.step_id.as_str()), ("A", "A"));
+    tx.send(Event::Shutdown {
+        reason: "test".into(),
+    })
+    .unwrap();
+    loop_.await.unwrap().unwrap();
+
+    let c = pool.get().await.unwrap();
+    let runs: i64 = c
+        .query_one("SELECT count(*) FROM runs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 3);
+    let outbox: i64 = c
+        .query_one("SELECT count(*) FROM outbox WHERE sent_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox, 2);
+    let attempts: i64 = c
+        .query_one("SELECT count(*) FROM attempts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 2);
+    let events: i64 = c
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let file_lines = std::fs::read_to_string(&audit).unwrap().lines().count() as i64;
+    assert_eq!(events, file_lines);
+
+    // The shutdown cancelled the runs, so nothing is outstanding and nothing unsent is returned.
+    let store = PgStore::open(pool.clone(), &audit).await.unwrap();
+    let rec = store.recover().await.unwrap();
+    assert_eq!(rec.backfills.len(), 1);
+    assert_eq!(rec.backfills[0].0.priority, 5);
+    assert_eq!(rec.runs.len(), 3);
+    assert!(rec.unsent.is_empty());
+    pg::mark_sent(&pool, &[a.attempt_id]).await.unwrap();
+    let unsent: i64 = c
+        .query_one("SELECT count(*) FROM outbox WHERE sent_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unsent, 1);
+
+    // A file that lost its tail (crash between the two writes) catches up from the database.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let kept: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&audit, kept.join("\n") + "\n").unwrap();
+    drop(store);
+    let store = PgStore::open(pool.clone(), &audit).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&audit).unwrap(), text);
+    assert_eq!(store.audit_location().1.len(), 64);
+    drop_schema(&pool, &schema).await;
+}
