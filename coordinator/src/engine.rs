@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
+use warpline_shared::fleet::Heartbeat;
 use warpline_shared::contracts::{
     Action, AttemptSummary, Check, PipelineState, ReportStatus, SCHEMA_VERSION, Severity,
     StepAttempts, StepOutcome, StepResult, StepSpec, ValidationReport,
@@ -75,6 +76,13 @@ pub enum Event {
         OperatorCommand,
         oneshot::Sender<Result<serde_json::Value, String>>,
     ),
+    /// A worker's heartbeat (fleet mode).
+    Heartbeat(Box<Heartbeat>),
+    /// Once a second in fleet mode: find attempts whose worker went silent.
+    Tick,
+    /// End the loop after this turn and leave every run as it is (a coordinator restart, or a
+    /// standby taking over, picks them up from the store).
+    Stop,
     /// Stop: cancel every unfinished run and end the loop.
     Shutdown {
         /// Why (e.g. "interrupted (SIGINT)").
@@ -91,6 +99,9 @@ impl std::fmt::Debug for Event {
             Event::Deadline { run_id, .. } => write!(f, "Deadline({run_id})"),
             Event::Submit(b, _) => write!(f, "Submit({})", b.id),
             Event::Operator(c, _) => write!(f, "Operator({c:?})"),
+            Event::Heartbeat(h) => write!(f, "Heartbeat({})", h.worker_id),
+            Event::Tick => write!(f, "Tick"),
+            Event::Stop => write!(f, "Stop"),
             Event::Shutdown { reason } => write!(f, "Shutdown({reason})"),
         }
     }
@@ -128,6 +139,8 @@ pub enum OperatorCommand {
     },
     /// Every run waiting for an operator.
     Escalations,
+    /// The workers heard from recently.
+    Workers,
 }
 
 /// Sends StepSpecs to workers. Must not block: fleet mode hands the spec to its publisher,
@@ -408,7 +421,13 @@ pub struct Engine {
     dirty_runs: HashSet<Uuid>,
     dirty_backfills: HashSet<Uuid>,
     steps_executed: HashMap<Uuid, u64>,
+    /// Workers by id: their last heartbeat and when it arrived.
+    workers: HashMap<String, (Heartbeat, Instant)>,
+    /// Attempts seen running in heartbeats: which worker, and when last.
+    seen: HashMap<Uuid, (String, Instant, Duration)>,
     stopping: bool,
+    /// Set by [`Event::Stop`]: leave the loop, keep the runs.
+    halting: bool,
 }
 
 impl Engine {
@@ -438,7 +457,10 @@ impl Engine {
             dirty_runs: HashSet::new(),
             dirty_backfills: HashSet::new(),
             steps_executed: HashMap::new(),
+            workers: HashMap::new(),
+            seen: HashMap::new(),
             stopping: false,
+            halting: false,
         }
     }
 
@@ -800,7 +822,52 @@ impl Engine {
                 let answer = self.on_operator(cmd);
                 self.effects.push(Effect::Reply(reply, answer));
             }
+            Event::Heartbeat(hb) => self.on_heartbeat(*hb),
+            Event::Tick => self.on_tick(),
+            Event::Stop => self.halting = true,
             Event::Shutdown { reason } => self.shutdown(reason),
+        }
+    }
+
+    fn on_heartbeat(&mut self, hb: Heartbeat) {
+        let now = Instant::now();
+        let silence = Duration::from_secs(hb.interval_s.max(1) * 3);
+        for a in &hb.running {
+            self.seen
+                .insert(a.attempt_id, (hb.worker_id.clone(), now, silence));
+        }
+        if hb.stopping {
+            self.workers.remove(&hb.worker_id);
+        } else {
+            self.workers.insert(hb.worker_id.clone(), (hb, now));
+        }
+    }
+
+    /// Declares lost the outstanding attempts whose worker stopped heartbeating and that no
+    /// other worker has picked up since (a broker redelivers a dead worker's steps at once).
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.workers
+            .retain(|_, (hb, at)| now.duration_since(*at) < Duration::from_secs(hb.interval_s.max(1) * 3));
+        let mut lost = Vec::new();
+        for r in self.runs.values() {
+            if let Some(a) = r.machine.outstanding
+                && let Some((worker, at, silence)) = self.seen.get(&a.attempt_id)
+                && now.duration_since(*at) > *silence
+            {
+                lost.push((r.id, a.attempt_id, worker.clone(), now.duration_since(*at)));
+            }
+        }
+        for (run_id, attempt_id, worker, quiet) in lost {
+            self.seen.remove(&attempt_id);
+            self.declare_lost(
+                run_id,
+                attempt_id,
+                format!(
+                    "worker `{worker}` stopped heartbeating ({} s without word) and no other worker took the step",
+                    quiet.as_secs()
+                ),
+            );
         }
     }
 
@@ -863,11 +930,7 @@ impl Engine {
         let Some(run) = self.runs.get(&run_id) else {
             return;
         };
-        let Some(a) = run
-            .machine
-            .outstanding
-            .filter(|a| a.attempt_id == attempt_id)
-        else {
+        let Some(a) = run.machine.outstanding.filter(|a| a.attempt_id == attempt_id) else {
             return;
         };
         let pipeline = self.pipeline_of(run_id);
@@ -876,18 +939,29 @@ impl Engine {
             "no result within timeout_s {} + lost_grace_s {}",
             step.timeout_s, pipeline.config.lost_grace_s
         );
+        self.declare_lost(run_id, attempt_id, reason);
+    }
+
+    /// Hands an attempt that will not report to the supervisor as a failed one.
+    fn declare_lost(&mut self, run_id: Uuid, attempt_id: Uuid, reason: String) {
+        let Some(a) = self.runs[&run_id]
+            .machine
+            .outstanding
+            .filter(|a| a.attempt_id == attempt_id)
+        else {
+            return;
+        };
+        let step_id = self.runs[&run_id].machine.steps[a.step].id.clone();
         self.record_run(
             run_id,
             AuditEvent::AttemptLost {
-                step_id: step.id.clone(),
+                step_id: step_id.clone(),
                 attempt: a.attempt,
                 attempt_id,
                 reason: reason.clone(),
             },
         );
-        self.on_outcome(lost_outcome(
-            run_id, attempt_id, &step.id, a.attempt, reason,
-        ));
+        self.on_outcome(lost_outcome(run_id, attempt_id, &step_id, a.attempt, reason));
     }
 
     /// Builds the supervisor's view and asks the agent (after the turn commits).
@@ -1191,6 +1265,23 @@ impl Engine {
                 let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();
                 Ok(serde_json::to_value(all).expect("summaries serialise"))
             }
+            OperatorCommand::Workers => {
+                let mut list: Vec<serde_json::Value> = self
+                    .workers
+                    .values()
+                    .map(|(hb, at)| {
+                        serde_json::json!({
+                            "worker_id": hb.worker_id,
+                            "pool": hb.pool,
+                            "slots": hb.slots,
+                            "running": hb.running.len(),
+                            "last_seen_ms": at.elapsed().as_millis() as u64,
+                        })
+                    })
+                    .collect();
+                list.sort_by(|a, b| a["worker_id"].as_str().cmp(&b["worker_id"].as_str()));
+                Ok(serde_json::Value::Array(list))
+            }
             OperatorCommand::Escalations => {
                 let list: Vec<serde_json::Value> = self
                     .order
@@ -1319,7 +1410,7 @@ impl Engine {
         mut events: mpsc::UnboundedReceiver<Event>,
     ) -> anyhow::Result<Engine> {
         self.end_turn().await?;
-        while !(self.stopping || (self.cfg.exit_when_idle && self.idle())) {
+        while !(self.stopping || self.halting || (self.cfg.exit_when_idle && self.idle())) {
             let Some(first) = events.recv().await else {
                 break;
             };
@@ -1331,6 +1422,11 @@ impl Engine {
                 }
             }
             self.end_turn().await?;
+        }
+        if self.halting {
+            // Runs go on after a restart: nothing is finished, nothing more is recorded.
+            self.observer.finish();
+            return Ok(self);
         }
         let reason = if self.stopping {
             "stopped before every run finished".to_string()
