@@ -1,8 +1,10 @@
-//! The `warpline-worker` command line: one subcommand per way of running the worker.
+//! The `warpline-worker` command line.
 //!
-//! `exec` runs one StepSpec from a file, which is how a tool's spec is tried by hand and how the
-//! executor is tested end to end. Fleet mode (a queue consumer with `--amqp-url`, `--pool` and
-//! `--slots`) is meant to be added as another [`Command`] variant.
+//! Without a subcommand the worker runs in fleet mode: it consumes its pool's StepSpecs from
+//! RabbitMQ until SIGINT or SIGTERM ([`crate::consumer`]). Every flag has an environment
+//! fallback (`WARPLINE_AMQP_URL`, `WARPLINE_POOL`, ...), so a container is configured by its
+//! environment alone. `exec` runs one StepSpec from a file, which is how a tool's spec is tried
+//! by hand and how the executor is tested end to end.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -14,15 +16,74 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warpline_shared::contracts::{ReportStatus, StepSpec};
 
+use warpline_shared::fleet::Topology;
+
+use crate::amqp::Backoff;
+use crate::consumer::{self, WorkerConfig};
 use crate::executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
 /// Warpline's worker: runs pipeline steps and reports what they did.
+///
+/// Without a subcommand, consumes StepSpecs from RabbitMQ (fleet mode).
 #[derive(Debug, Parser)]
-#[command(name = "warpline-worker", version, about)]
+#[command(
+    name = "warpline-worker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
-    /// What to do.
+    /// What to do; fleet mode when absent.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Fleet mode's settings.
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// Settings of fleet mode (the default command).
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// The RabbitMQ broker.
+    #[arg(
+        long,
+        env = "WARPLINE_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// The worker pool (queue) to consume.
+    #[arg(long, env = "WARPLINE_POOL", default_value = "default")]
+    pub pool: String,
+    /// Steps run at once (and the broker prefetch).
+    #[arg(long, env = "WARPLINE_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub slots: u16,
+    /// Prepended to every exchange and queue name, so fleets (or tests) can share a broker.
+    #[arg(long, env = "WARPLINE_QUEUE_PREFIX", default_value = "")]
+    pub queue_prefix: String,
+    /// Commands this worker may run, comma-separated (required).
+    #[arg(
+        long,
+        env = "WARPLINE_ALLOW",
+        value_delimiter = ',',
+        value_name = "CMD,..."
+    )]
+    pub allow: Vec<String>,
+    /// Names this worker in heartbeats and results [default: <hostname>-<pid>].
+    #[arg(long, env = "WARPLINE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Seconds between heartbeats.
+    #[arg(long, env = "WARPLINE_HEARTBEAT_S", default_value_t = 5.0)]
+    pub heartbeat_s: f64,
+    /// Seconds running steps may go on after SIGTERM before they are cancelled and requeued.
+    #[arg(long, env = "WARPLINE_DRAIN_S", default_value_t = 30.0)]
+    pub drain_s: f64,
+    /// Seconds between SIGTERM and SIGKILL when a tool times out or is cancelled.
+    #[arg(long, default_value_t = 5.0)]
+    pub kill_grace_s: f64,
+    /// Bytes of stdout+stderr kept in each result's log tail.
+    #[arg(long, default_value_t = DEFAULT_TAIL_BYTES)]
+    pub tail_bytes: usize,
 }
 
 /// The worker's subcommands.
@@ -57,8 +118,77 @@ pub struct ExecArgs {
 /// Runs the parsed command line until it finishes or `shutdown` is cancelled.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Exec(args) => exec(args, shutdown).await,
+        Some(Command::Exec(args)) => exec(args, shutdown).await,
+        None => fleet(cli.fleet, shutdown).await,
     }
+}
+
+/// Fleet mode: consume StepSpecs until shutdown. The signing key comes only from
+/// `WARPLINE_SIGNING_KEY` (never a flag, which `ps` would show); empty means unset.
+pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(String::into_bytes);
+    let cfg = fleet_config(args, signing_key)?;
+    consumer::run(cfg, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks fleet mode's flags and builds its config.
+pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Result<WorkerConfig> {
+    let allowlist: BTreeSet<String> = args
+        .allow
+        .into_iter()
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    anyhow::ensure!(
+        !allowlist.is_empty(),
+        "no commands allowed: pass --allow CMD,... (or set WARPLINE_ALLOW) naming the tools this worker may run, e.g. `--allow url_to_manifest,enrich_manifest,load-batch,export_to_parquet`"
+    );
+    anyhow::ensure!(!args.pool.is_empty(), "--pool must not be empty");
+    let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
+    anyhow::ensure!(
+        !worker_id.is_empty() && worker_id.len() <= 200,
+        "--worker-id must be 1 to 200 bytes long"
+    );
+    let secs = |name: &str, v: f64| {
+        Duration::try_from_secs_f64(v)
+            .with_context(|| format!("--{name} must be a non-negative number of seconds"))
+    };
+    let heartbeat = secs("heartbeat-s", args.heartbeat_s)?;
+    anyhow::ensure!(
+        heartbeat >= Duration::from_millis(100),
+        "--heartbeat-s must be at least 0.1"
+    );
+    Ok(WorkerConfig {
+        amqp_url: args.amqp_url,
+        topology: Topology::new(args.queue_prefix),
+        pool: args.pool,
+        slots: args.slots,
+        heartbeat,
+        drain: secs("drain-s", args.drain_s)?,
+        signing_key,
+        exec: ExecConfig {
+            worker_id,
+            allowlist,
+            search_dirs: binary_dir().into_iter().collect(),
+            tail_bytes: args.tail_bytes,
+            kill_grace: secs("kill-grace-s", args.kill_grace_s)?,
+        },
+        backoff: Backoff::default(),
+    })
+}
+
+/// `<hostname>-<pid>`, or `worker-<pid>` when the hostname cannot be read.
+fn default_worker_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 /// `warpline-worker exec`: runs one spec and prints its outcome.

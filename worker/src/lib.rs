@@ -6,7 +6,9 @@
 //! The worker keeps no durable state: everything it knows arrives in a `StepSpec` and leaves in
 //! a `StepOutcome`.
 
+pub mod amqp;
 pub mod cli;
+pub mod consumer;
 pub mod executor;
 pub mod shutdown;
 

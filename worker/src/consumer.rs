@@ -1,0 +1,516 @@
+//! Fleet mode: the worker as a RabbitMQ consumer. It takes StepSpecs from its pool's queue, runs
+//! each with the same executor as local mode, publishes the StepOutcome to the results queue and
+//! only then acks the spec.
+//!
+//! Backpressure lives in one place: a [`Semaphore`] with one permit per slot. The consume loop
+//! takes a permit before it takes a delivery, and the permit moves into the task running the
+//! step, so at most `slots` steps run at once, across reconnects too. The broker's prefetch is
+//! the same number, so it never hands this worker more than it can start.
+//!
+//! A connection is a *session*. When it drops (broker restart, network, a forced close), the
+//! steps it delivered are cancelled — their acks can no longer be sent and the broker has already
+//! requeued them, so letting them run on would only race their redelivery — and the worker
+//! reconnects with capped, jittered exponential backoff. Stale duplicate outcomes are harmless:
+//! the coordinator ignores a result whose `attempt_id` is not outstanding.
+//!
+//! On shutdown the worker cancels its consumer, requeues what was prefetched but not started,
+//! lets running steps finish for up to `drain` and publishes their outcomes, then cancels the
+//! rest (the executor kills their process groups) and requeues them, sends a last heartbeat with
+//! `stopping: true` and closes its channels and connection.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+use warpline_shared::contracts::StepSpec;
+use warpline_shared::fleet::{
+    DEAD_REASON_HEADER, Heartbeat, RunningAttempt, SIGNATURE_HEADER, Topology, verify_signature,
+};
+
+use crate::amqp::{self, Backoff};
+use crate::executor::{CANCELLED_ERROR, ExecConfig, run_step};
+
+/// How a fleet worker runs: loaded once from the command line and passed to [`run`].
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The broker (`amqp://user:pass@host:5672/%2f`).
+    pub amqp_url: String,
+    /// The fleet's exchange and queue names.
+    pub topology: Topology,
+    /// The pool whose queue this worker consumes.
+    pub pool: String,
+    /// Steps run at once; also the broker prefetch.
+    pub slots: u16,
+    /// Seconds between heartbeats.
+    pub heartbeat: Duration,
+    /// How long running steps may go on after a shutdown signal before they are cancelled.
+    pub drain: Duration,
+    /// HMAC key: when set, unsigned or forged StepSpecs are dead-lettered and outcomes are
+    /// signed.
+    pub signing_key: Option<Vec<u8>>,
+    /// How the executor runs steps (worker id, allowlist, tool search path, kill grace).
+    pub exec: ExecConfig,
+    /// Delays between connection attempts.
+    pub backoff: Backoff,
+}
+
+impl WorkerConfig {
+    /// The worker's id (as in its heartbeats and results).
+    pub fn worker_id(&self) -> &str {
+        &self.exec.worker_id
+    }
+}
+
+/// Why a delivery was refused without running; such a message is dead-lettered, never retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A signing key is set and the message has no signature.
+    #[error(
+        "the message has no `{SIGNATURE_HEADER}` header, and this worker accepts only signed StepSpecs"
+    )]
+    Unsigned,
+    /// The signature does not match the body.
+    #[error(
+        "the message's `{SIGNATURE_HEADER}` does not match its body (forged, or signed with another WARPLINE_SIGNING_KEY)"
+    )]
+    BadSignature,
+    /// The body is not a StepSpec.
+    #[error("the message is not a valid StepSpec ({0}); see shared/schema for its shape")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Checks a delivery's signature (when `key` is set) and parses its StepSpec. The signature is
+/// checked first, so an unsigned body is never parsed.
+pub fn accept(
+    body: &[u8],
+    properties: &BasicProperties,
+    key: Option<&[u8]>,
+) -> Result<StepSpec, Refusal> {
+    if let Some(key) = key {
+        let signature = amqp::header_str(properties, SIGNATURE_HEADER).ok_or(Refusal::Unsigned)?;
+        if !verify_signature(key, body, &signature) {
+            return Err(Refusal::BadSignature);
+        }
+    }
+    serde_json::from_slice(body).map_err(Refusal::Malformed)
+}
+
+/// Runs the worker until `shutdown` is cancelled: connects (and reconnects), consumes, runs
+/// steps, heartbeats, and drains on the way out. Returns once the connection is closed.
+pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let worker = Arc::new(Worker {
+        slots: Arc::new(Semaphore::new(usize::from(cfg.slots))),
+        running: Mutex::new(BTreeMap::new()),
+        cfg,
+    });
+    tracing::info!(
+        worker_id = worker.cfg.worker_id(),
+        pool = %worker.cfg.pool,
+        slots = worker.cfg.slots,
+        queue = %worker.cfg.topology.steps_queue(&worker.cfg.pool),
+        allow = ?worker.cfg.exec.allowlist,
+        signed = worker.cfg.signing_key.is_some(),
+        "starting fleet worker"
+    );
+    // Between sessions that fail quickly (say, a declare the broker keeps refusing) the worker
+    // waits longer each time; a session that lasted resets the wait.
+    let mut delays = worker.cfg.backoff.delays();
+    let mut session: u64 = 0;
+    loop {
+        let name = format!("warpline-worker {}", worker.cfg.worker_id());
+        let conn = tokio::select! {
+            conn = amqp::connect(&worker.cfg.amqp_url, &name, &worker.cfg.backoff) => conn?,
+            () = shutdown.cancelled() => {
+                tracing::info!("shutdown requested while not connected; exiting");
+                return Ok(());
+            }
+        };
+        session += 1;
+        let started = Instant::now();
+        match worker.session(conn, session, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    delays = worker.cfg.backoff.delays();
+                }
+                let delay = delays.next().unwrap_or(worker.cfg.backoff.max);
+                tracing::warn!(
+                    session,
+                    error = format!("{e:#}"),
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "lost the RabbitMQ session; reconnecting"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// What every session of one worker shares.
+struct Worker {
+    cfg: WorkerConfig,
+    /// One permit per slot. The consume loop takes a permit before taking a delivery and moves
+    /// it into the step's task: this is the worker's only concurrency limit.
+    slots: Arc<Semaphore>,
+    /// The attempts running now, for heartbeats. Held only for an insert, a remove or a copy.
+    running: Mutex<BTreeMap<Uuid, RunningAttempt>>,
+}
+
+/// What one session's step tasks share.
+#[derive(Clone)]
+struct SessionCtx {
+    worker: Arc<Worker>,
+    /// The confirm-mode channel outcomes, dead letters and heartbeats are published on.
+    publish: Channel,
+    /// Cancelled when the running steps must stop: the drain time is up, or the connection that
+    /// delivered them is gone.
+    steps_cancel: CancellationToken,
+}
+
+impl Worker {
+    /// One connection's life. `Ok` after a clean shutdown; `Err` when the connection was lost
+    /// (or could not be set up) and the caller should reconnect.
+    async fn session(
+        self: &Arc<Self>,
+        conn: Connection,
+        session: u64,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let publish = amqp::confirm_channel(&conn).await?;
+        amqp::declare_topology(&publish, &cfg.topology, &[cfg.pool.as_str()]).await?;
+        let consume = conn
+            .create_channel()
+            .await
+            .context("cannot open the consume channel")?;
+        consume
+            .basic_qos(cfg.slots, BasicQosOptions::default())
+            .await
+            .context("cannot set the prefetch (basic.qos)")?;
+        let queue = cfg.topology.steps_queue(&cfg.pool);
+        let tag = format!("{}#{session}", cfg.worker_id());
+        let mut consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot consume from `{queue}`"))?;
+        tracing::info!(session, %queue, consumer_tag = %tag, "consuming");
+
+        let ctx = SessionCtx {
+            worker: Arc::clone(self),
+            publish: publish.clone(),
+            steps_cancel: CancellationToken::new(),
+        };
+        let tasks = TaskTracker::new();
+        let heartbeats = CancellationToken::new();
+        let heartbeat_task = tokio::spawn(heartbeat_loop(
+            Arc::clone(self),
+            publish.clone(),
+            heartbeats.clone(),
+        ));
+
+        let ended = self
+            .consume_loop(&mut consumer, &ctx, &tasks, shutdown)
+            .await;
+        heartbeats.cancel();
+        let _ = heartbeat_task.await;
+
+        match ended {
+            LoopEnd::Shutdown => {
+                self.drain(&consume, &tag, &mut consumer, &ctx, &tasks)
+                    .await;
+                self.send_heartbeat(&publish, true).await;
+                let _ = publish.close(200, "worker stopping".into()).await;
+                let _ = consume.close(200, "worker stopping".into()).await;
+                let _ = conn.close(200, "worker stopping".into()).await;
+                tracing::info!("worker stopped");
+                Ok(())
+            }
+            LoopEnd::Lost(reason) => {
+                // The broker requeues whatever this connection had unacked; the steps still
+                // running for it cannot ack, so stop them rather than race their redelivery.
+                let in_flight = tasks.len();
+                ctx.steps_cancel.cancel();
+                tasks.close();
+                let limit = cfg.exec.kill_grace + Duration::from_secs(10);
+                if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+                    tracing::error!(?limit, "steps of the lost session did not stop in time");
+                }
+                let _ = conn.close(200, "reconnecting".into()).await;
+                Err(anyhow::anyhow!(reason)).with_context(|| {
+                    format!("session {session} ended with {in_flight} step(s) in flight")
+                })
+            }
+        }
+    }
+
+    /// Takes a slot, then a delivery, and spawns its step; until shutdown or a lost connection.
+    async fn consume_loop(
+        &self,
+        consumer: &mut Consumer,
+        ctx: &SessionCtx,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> LoopEnd {
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return LoopEnd::Shutdown,
+                permit = Arc::clone(&self.slots).acquire_owned() => {
+                    permit.expect("the slots semaphore is never closed")
+                }
+            };
+            let delivery = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return LoopEnd::Shutdown,
+                next = consumer.next() => next,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle_delivery(delivery, ctx.clone(), permit));
+                }
+                Some(Err(e)) => return LoopEnd::Lost(format!("the consumer failed: {e}")),
+                None => return LoopEnd::Lost("the broker cancelled the consumer".to_string()),
+            }
+        }
+    }
+
+    /// Stops consuming, requeues prefetched deliveries, and gives running steps `drain` to finish
+    /// before cancelling (and requeueing) the rest.
+    async fn drain(
+        &self,
+        consume: &Channel,
+        tag: &str,
+        consumer: &mut Consumer,
+        ctx: &SessionCtx,
+        tasks: &TaskTracker,
+    ) {
+        let drain = self.cfg.drain;
+        tracing::info!(
+            running = tasks.len(),
+            drain_s = drain.as_secs_f64(),
+            "stopping: no new steps; waiting for running ones"
+        );
+        if let Err(e) = consume
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot cancel the consumer");
+        }
+        // Deliveries prefetched but never started go back to the queue for another worker.
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+        {
+            tracing::info!(
+                delivery_tag = delivery.delivery_tag,
+                "requeueing a step not started"
+            );
+            let _ = delivery.nack(requeue()).await;
+        }
+        tasks.close();
+        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                running = tasks.len(),
+                "drain time is up: cancelling the remaining steps and requeueing them"
+            );
+            ctx.steps_cancel.cancel();
+            let limit = self.cfg.exec.kill_grace + Duration::from_secs(10);
+            if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+                tracing::error!(?limit, "cancelled steps did not stop in time");
+            }
+        }
+    }
+
+    async fn send_heartbeat(&self, channel: &Channel, stopping: bool) {
+        let cfg = &self.cfg;
+        let running: Vec<RunningAttempt> = self
+            .running
+            .lock()
+            .expect("running map poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut beat = Heartbeat::new(
+            cfg.worker_id().to_string(),
+            cfg.pool.clone(),
+            u32::from(cfg.slots),
+            running,
+            cfg.heartbeat.as_secs(),
+        );
+        beat.stopping = stopping;
+        let body = serde_json::to_vec(&beat).expect("a heartbeat serialises");
+        let props = amqp::json_properties(
+            &Uuid::now_v7().to_string(),
+            amqp::signature_headers(cfg.signing_key.as_deref(), &body),
+        );
+        let exchange = cfg.topology.heartbeats_exchange();
+        match amqp::publish_confirmed_unrouted_ok(channel, &exchange, "", &body, props).await {
+            Ok(()) => tracing::debug!(stopping, "heartbeat sent"),
+            Err(e) => tracing::warn!(error = %e, stopping, "cannot send heartbeat"),
+        }
+    }
+}
+
+/// Why a consume loop ended.
+enum LoopEnd {
+    /// The shutdown token was cancelled.
+    Shutdown,
+    /// The consumer stream failed or ended: the connection (or channel) is gone.
+    Lost(String),
+}
+
+/// Publishes a heartbeat every interval (the first at once) until `stop` is cancelled.
+async fn heartbeat_loop(worker: Arc<Worker>, channel: Channel, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(worker.cfg.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => worker.send_heartbeat(&channel, false).await,
+        }
+    }
+}
+
+/// Handles one delivery: refuse and dead-letter it, or run its step, publish the outcome with a
+/// confirm and only then ack. `_permit` is this step's slot, released when the task ends.
+#[tracing::instrument(
+    name = "step_delivery",
+    skip_all,
+    fields(
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        run_id = tracing::field::Empty,
+        step = tracing::field::Empty,
+        attempt = tracing::field::Empty,
+        attempt_id = tracing::field::Empty,
+    )
+)]
+async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSemaphorePermit) {
+    let worker = &ctx.worker;
+    let cfg = &worker.cfg;
+    let spec = match accept(
+        &delivery.data,
+        &delivery.properties,
+        cfg.signing_key.as_deref(),
+    ) {
+        Ok(spec) => spec,
+        Err(refusal) => {
+            tracing::error!(reason = %refusal, "refusing the message: dead-lettering it");
+            dead_letter(&ctx, &delivery, &refusal.to_string()).await;
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("run_id", tracing::field::display(spec.run_id));
+    span.record("step", spec.step_id.as_str());
+    span.record("attempt", spec.attempt);
+    span.record("attempt_id", tracing::field::display(spec.attempt_id));
+    tracing::info!(command = %spec.command, "running step");
+
+    worker.running.lock().expect("running map poisoned").insert(
+        spec.attempt_id,
+        RunningAttempt {
+            run_id: spec.run_id,
+            attempt_id: spec.attempt_id,
+            step_id: spec.step_id.clone(),
+            started_at: Utc::now(),
+        },
+    );
+    let outcome = run_step(&spec, &cfg.exec, &ctx.steps_cancel).await;
+    worker
+        .running
+        .lock()
+        .expect("running map poisoned")
+        .remove(&spec.attempt_id);
+
+    if ctx.steps_cancel.is_cancelled() && outcome.result.error.as_deref() == Some(CANCELLED_ERROR) {
+        tracing::info!("step cancelled; requeueing its spec");
+        if let Err(e) = delivery.nack(requeue()).await {
+            tracing::warn!(error = %e, "cannot requeue; the broker redelivers it when the channel closes");
+        }
+        return;
+    }
+
+    let body = serde_json::to_vec(&outcome).expect("a StepOutcome serialises");
+    let props = amqp::json_properties(
+        &spec.attempt_id.to_string(),
+        amqp::signature_headers(cfg.signing_key.as_deref(), &body),
+    );
+    let results = cfg.topology.results_queue();
+    match amqp::publish_confirmed(&ctx.publish, "", &results, &body, props).await {
+        Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
+            Ok(_) => tracing::info!(
+                exit_code = outcome.result.exit_code,
+                report = ?outcome.report.status,
+                "outcome published; spec acked"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "outcome published but the ack failed; the spec will be redelivered and the duplicate ignored"
+            ),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "cannot publish the outcome; requeueing the spec instead of acking it");
+            let _ = delivery.nack(requeue()).await;
+        }
+    }
+}
+
+/// Sends a refused message to the dead-letter exchange with the reason in
+/// [`DEAD_REASON_HEADER`], then acks it. Should that publish fail, the message is rejected
+/// without requeue, so the queue's own dead-lettering still takes it there (without the reason).
+async fn dead_letter(ctx: &SessionCtx, delivery: &Delivery, reason: &str) {
+    let cfg = &ctx.worker.cfg;
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(DEAD_REASON_HEADER.into(), amqp::long_string(reason));
+    headers.insert(
+        "x-warpline-dead-worker".into(),
+        amqp::long_string(cfg.worker_id()),
+    );
+    let mut props = delivery.properties.clone().with_headers(headers);
+    if props.delivery_mode().is_none() {
+        props = props.with_delivery_mode(amqp::PERSISTENT);
+    }
+    let queue = cfg.topology.steps_queue(&cfg.pool);
+    let dead = cfg.topology.dead_exchange();
+    let published =
+        amqp::publish_confirmed(&ctx.publish, &dead, &queue, &delivery.data, props).await;
+    let settled = match published {
+        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot publish the dead letter; rejecting it instead");
+            delivery.reject(BasicRejectOptions { requeue: false }).await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "cannot settle the refused message; it will be redelivered");
+    }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    }
+}
