@@ -22,11 +22,11 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
-use warpline_shared::fleet::Heartbeat;
 use warpline_shared::contracts::{
     Action, AttemptSummary, Check, PipelineState, ReportStatus, SCHEMA_VERSION, Severity,
     StepAttempts, StepOutcome, StepResult, StepSpec, ValidationReport,
 };
+use warpline_shared::fleet::Heartbeat;
 use warpline_shared::machine::{
     Applied, AttemptFacts, Machine, Next, Receipt, RunState, StepLimit,
 };
@@ -847,8 +847,9 @@ impl Engine {
     /// other worker has picked up since (a broker redelivers a dead worker's steps at once).
     fn on_tick(&mut self) {
         let now = Instant::now();
-        self.workers
-            .retain(|_, (hb, at)| now.duration_since(*at) < Duration::from_secs(hb.interval_s.max(1) * 3));
+        self.workers.retain(|_, (hb, at)| {
+            now.duration_since(*at) < Duration::from_secs(hb.interval_s.max(1) * 3)
+        });
         let mut lost = Vec::new();
         for r in self.runs.values() {
             if let Some(a) = r.machine.outstanding
@@ -930,7 +931,11 @@ impl Engine {
         let Some(run) = self.runs.get(&run_id) else {
             return;
         };
-        let Some(a) = run.machine.outstanding.filter(|a| a.attempt_id == attempt_id) else {
+        let Some(a) = run
+            .machine
+            .outstanding
+            .filter(|a| a.attempt_id == attempt_id)
+        else {
             return;
         };
         let pipeline = self.pipeline_of(run_id);
@@ -961,7 +966,9 @@ impl Engine {
                 reason: reason.clone(),
             },
         );
-        self.on_outcome(lost_outcome(run_id, attempt_id, &step_id, a.attempt, reason));
+        self.on_outcome(lost_outcome(
+            run_id, attempt_id, &step_id, a.attempt, reason,
+        ));
     }
 
     /// Builds the supervisor's view and asks the agent (after the turn commits).
@@ -1407,7 +1414,7 @@ impl Engine {
     /// shutdown; returns the engine for its summaries.
     pub async fn run(
         mut self,
-        mut events: mpsc::UnboundedReceiver<Event>,
+        events: &mut mpsc::UnboundedReceiver<Event>,
     ) -> anyhow::Result<Engine> {
         self.end_turn().await?;
         while !(self.stopping || self.halting || (self.cfg.exit_when_idle && self.idle())) {

@@ -58,7 +58,7 @@ async fn turns_commit_and_recover() {
     .unwrap();
     let pipeline = Arc::new(Pipeline::load(&cfg).unwrap());
     let store = PgStore::open(pool.clone(), &audit).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
     let observer: Box<dyn Observer> = Box::new(Quiet);
     let mut engine = Engine::new(
@@ -79,7 +79,7 @@ async fn turns_commit_and_recover() {
         max_parallel: 2,
         priority: 5,
     });
-    let loop_ = tokio::spawn(engine.run(rx));
+    let loop_ = tokio::spawn(async move { engine.run(&mut rx).await.map(|_| ()) });
     // Two runs start (max_parallel 2); their StepSpecs are dispatched after the commit.
     let a = sent_rx.recv().await.unwrap();
     let b = sent_rx.recv().await.unwrap();

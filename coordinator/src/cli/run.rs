@@ -64,7 +64,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     {
         exec.search_dirs.push(dir);
     }
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let fleet = LocalFleet::start(workers, max_parallel, exec, tx.clone());
     let stopper = fleet.stopper();
 
@@ -117,7 +117,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
             });
         })
     };
-    let engine = engine.run(rx).await;
+    let engine = engine.run(&mut rx).await;
     watcher.abort();
     // Kill any tool still running and wait for the workers, bounded.
     let clean = stopper.stop(Duration::from_secs(15)).await;

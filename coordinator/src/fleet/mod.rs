@@ -1,3 +1,5 @@
-//! Fleet mode: the coordinator's PostgreSQL store ([`pg`]).
+//! Fleet mode: the coordinator's PostgreSQL store ([`pg`]) and its RabbitMQ transport
+//! ([`amqp`]).
 
+pub mod amqp;
 pub mod pg;
