@@ -233,8 +233,8 @@ pub async fn migrate(pool: &Pool, schema: &str) -> anyhow::Result<()> {
 /// The leader lock: held on a dedicated connection for as long as this coordinator is active.
 pub struct LeaderLock {
     client: tokio_postgres::Client,
-    /// Ends when the lock's connection ends (then this coordinator must stop).
-    pub lost: tokio::task::JoinHandle<()>,
+    /// Cancelled when the lock's connection ends (then this coordinator must stop).
+    pub lost: tokio_util::sync::CancellationToken,
 }
 
 impl LeaderLock {
@@ -246,10 +246,13 @@ impl LeaderLock {
                 redact(url)
             )
         })?;
-        let lost = tokio::spawn(async move {
+        let lost = tokio_util::sync::CancellationToken::new();
+        let on_loss = lost.clone();
+        tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::error!(error = %e, "the leader lock's connection failed");
             }
+            on_loss.cancel();
         });
         let key = format!("warpline-leader-{schema}");
         let mut announced = false;

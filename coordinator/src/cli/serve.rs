@@ -1,0 +1,175 @@
+//! `warpline serve`: the fleet coordinator.
+//!
+//! It serves the HTTP API at once (`/healthz` answers, `/readyz` says 503), then waits for the
+//! leader lock: a second coordinator on the same database schema waits here as a standby and
+//! takes over when the first dies. Once it leads, it runs *sessions*: recover every backfill and
+//! run from PostgreSQL, connect to RabbitMQ, publish again what was stored but never confirmed,
+//! and run the event loop. When the broker connection drops, the session ends and a new one
+//! recovers from the database; state is never held only in memory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warpline_shared::fleet::Topology;
+
+use crate::api::{EngineHandle, ReadyFlag, router};
+use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
+use crate::fleet::amqp::{self, LinkConfig};
+use crate::fleet::pg::{self, LeaderLock, PgStore};
+use crate::progress::{Lines, Quiet};
+use crate::supervisor::AgentKind;
+
+/// `warpline serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// RabbitMQ.
+    #[arg(long, env = "WARPLINE_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// PostgreSQL (the database is created if missing).
+    #[arg(long, env = "WARPLINE_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/warpline")]
+    pub database_url: String,
+    /// The schema holding Warpline's tables (one per fleet).
+    #[arg(long, env = "WARPLINE_DATABASE_SCHEMA", default_value = "warpline")]
+    pub database_schema: String,
+    /// Prefix of every exchange and queue name (one per fleet sharing a broker).
+    #[arg(long, env = "WARPLINE_QUEUE_PREFIX", default_value = "")]
+    pub queue_prefix: String,
+    /// Where the HTTP API listens.
+    #[arg(long, env = "WARPLINE_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// The JSONL audit log (mirrors the database's audit table).
+    #[arg(long, env = "WARPLINE_AUDIT", default_value = "warpline-audit.jsonl")]
+    pub audit: PathBuf,
+    /// The supervisor agent.
+    #[arg(long, value_enum, default_value_t = AgentKind::Rules)]
+    pub agent: AgentKind,
+    /// Worker pools whose queues to declare at start (more are declared as pipelines use them).
+    #[arg(long = "pool", default_value = "default")]
+    pub pools: Vec<String>,
+    /// Print one line per event on standard error.
+    #[arg(long)]
+    pub log_events: bool,
+}
+
+/// Runs the coordinator until SIGINT/SIGTERM (exit 0) or a fatal error.
+pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let db = pg::connect(&args.database_url, &args.database_schema, 8).await?;
+    pg::migrate(&db, &args.database_schema).await?;
+    let signing_key = std::env::var("WARPLINE_SIGNING_KEY").ok().map(String::into_bytes);
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let ready = ReadyFlag::new();
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("cannot listen on `{}` for the HTTP API", args.http))?;
+    let addr = listener.local_addr()?;
+    let app = router(EngineHandle::new(tx.clone()), ready.clone());
+    let http_stop = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
+    });
+    eprintln!("warpline serve: API on http://{addr}");
+
+    let lock = tokio::select! {
+        lock = LeaderLock::acquire(&args.database_url, &args.database_schema, Duration::from_secs(1)) => lock?,
+        () = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+    };
+    eprintln!("warpline serve: leading schema `{}`", args.database_schema);
+
+    let topology = Topology::new(args.queue_prefix.clone());
+    let mut backoff = Duration::from_millis(500);
+    let code = loop {
+        let store = PgStore::open(db.clone(), &args.audit).await?;
+        let recovered = store.recover().await?;
+        let mut pools = args.pools.clone();
+        for (_, p) in &recovered.backfills {
+            for s in p.steps() {
+                if !pools.contains(&s.pool) {
+                    pools.push(s.pool.clone());
+                }
+            }
+        }
+        let link_cfg = LinkConfig {
+            url: args.amqp_url.clone(),
+            topology: topology.clone(),
+            pools,
+            signing_key: signing_key.clone(),
+        };
+        let (mut transport, link) = tokio::select! {
+            r = amqp::connect(&link_cfg, db.clone(), tx.clone()) => r?,
+            () = shutdown.cancelled() => break ExitCode::SUCCESS,
+        };
+        let unsent = recovered.unsent.len();
+        for spec in recovered.unsent {
+            transport.dispatch(spec)?;
+        }
+        let observer: Box<dyn Observer> = if args.log_events {
+            Box::new(Lines::stderr())
+        } else {
+            Box::new(Quiet)
+        };
+        let mut engine = Engine::new(
+            EngineConfig {
+                exit_when_idle: false,
+            },
+            args.agent.build(),
+            Box::new(store),
+            Box::new(transport),
+            observer,
+            tx.clone(),
+        );
+        let runs = recovered.runs.len();
+        engine.restore(recovered.backfills, recovered.runs);
+        tracing::info!(runs, unsent, "session started");
+        let ticker = amqp::ticker(tx.clone(), link.failed.clone());
+        ready.set(true);
+
+        // Whatever ends the session (a signal, the broker, the lock) becomes one Stop event.
+        let watch = {
+            let (tx, shutdown, failed, lost) = (
+                tx.clone(),
+                shutdown.clone(),
+                link.failed.clone(),
+                lock.lost.clone(),
+            );
+            tokio::spawn(async move {
+                let why = tokio::select! {
+                    () = shutdown.cancelled() => "shutdown",
+                    () = failed.cancelled() => "broker",
+                    () = lost.cancelled() => "lock",
+                };
+                let _ = tx.send(Event::Stop);
+                why
+            })
+        };
+        let ended = engine.run(&mut rx).await;
+        watch.abort();
+        let why = watch.await.unwrap_or("error");
+        ended?;
+        ready.set(false);
+        ticker.abort();
+        link.close().await;
+        match why {
+            "shutdown" => break ExitCode::SUCCESS,
+            "lock" => anyhow::bail!(
+                "lost the leader lock's database connection: stopping so that a standby can lead"
+            ),
+            _ => {
+                eprintln!("warpline serve: lost RabbitMQ; recovering from the database in {} ms", backoff.as_millis());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    shutdown.cancel();
+    let _ = http.await;
+    Ok(code)
+}
