@@ -72,10 +72,7 @@ pub enum Event {
     /// A new backfill.
     Submit(Box<BackfillRequest>, Option<oneshot::Sender<Uuid>>),
     /// An operator's command, answered once the turn is durable.
-    Operator(
-        OperatorCommand,
-        oneshot::Sender<Result<serde_json::Value, String>>,
-    ),
+    Operator(OperatorCommand, oneshot::Sender<OperatorReply>),
     /// A worker's heartbeat (fleet mode).
     Heartbeat(Box<Heartbeat>),
     /// Once a second in fleet mode: find attempts whose worker went silent.
@@ -141,6 +138,41 @@ pub enum OperatorCommand {
     Escalations,
     /// The workers heard from recently.
     Workers,
+}
+
+/// The engine's answer to an operator: a JSON document, or why it refused.
+pub type OperatorReply = Result<serde_json::Value, OperatorError>;
+
+/// Why the engine refused an operator's command. The HTTP API maps the variants to status
+/// codes (unknown ids to 404, refusals to 409), so callers need not read the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorError {
+    /// No backfill has this id.
+    #[error("no backfill `{0}`")]
+    UnknownBackfill(Uuid),
+    /// No run has this id.
+    #[error("no run `{0}`")]
+    UnknownRun(Uuid),
+    /// The command is not legal now (e.g. resolving a run that is not escalated).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A run waiting for an operator (`warpline escalations`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Escalation {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its backfill.
+    pub backfill_id: Uuid,
+    /// Its partition key.
+    pub partition: String,
+    /// The step it is parked at.
+    pub step: String,
+    /// Attempts of that step so far.
+    pub attempts: u32,
+    /// The supervisor's reason for escalating.
+    pub reason: String,
 }
 
 /// Sends StepSpecs to workers. Must not block: fleet mode hands the spec to its publisher,
@@ -217,10 +249,7 @@ enum Effect {
         event: Event,
     },
     Ack(Ack),
-    Reply(
-        oneshot::Sender<Result<serde_json::Value, String>>,
-        Result<serde_json::Value, String>,
-    ),
+    Reply(oneshot::Sender<OperatorReply>, OperatorReply),
     Submitted(oneshot::Sender<Uuid>, Uuid),
 }
 
@@ -333,7 +362,7 @@ pub struct EngineConfig {
 }
 
 /// One run in a summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
     /// The run.
     pub run_id: Uuid,
@@ -357,8 +386,8 @@ pub struct RunSummary {
     pub reason: Option<String>,
 }
 
-/// A backfill's summary (`warpline run --json`, `warpline status --json`).
-#[derive(Debug, Clone, Serialize)]
+/// A backfill's summary (`warpline run --json`, `warpline status --json`, the HTTP API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     /// Contract version.
     pub schema_version: u32,
@@ -366,6 +395,9 @@ pub struct Summary {
     pub backfill_id: Uuid,
     /// The pipeline's name.
     pub pipeline: String,
+    /// The pipeline's step ids, in order (so a client can tell how far each run got).
+    #[serde(default)]
+    pub steps: Vec<String>,
     /// Runs by state.
     pub counts: BTreeMap<String, usize>,
     /// Runs in progress per step.
@@ -1157,7 +1189,7 @@ impl Engine {
         );
     }
 
-    fn on_operator(&mut self, cmd: OperatorCommand) -> Result<serde_json::Value, String> {
+    fn on_operator(&mut self, cmd: OperatorCommand) -> OperatorReply {
         match cmd {
             OperatorCommand::Resolve {
                 run_id,
@@ -1168,9 +1200,12 @@ impl Engine {
                 let run = self
                     .runs
                     .get_mut(&run_id)
-                    .ok_or_else(|| format!("no run `{run_id}`"))?;
+                    .ok_or(OperatorError::UnknownRun(run_id))?;
                 let attempt = run.machine.attempts[run.machine.state.step().unwrap_or(0)];
-                let applied = run.machine.resolve(action).map_err(|e| e.to_string())?;
+                let applied = run
+                    .machine
+                    .resolve(action)
+                    .map_err(|e| OperatorError::Refused(e.to_string()))?;
                 let step_id = run.machine.steps[applied.from.step().unwrap_or(0)]
                     .id
                     .clone();
@@ -1201,7 +1236,7 @@ impl Engine {
                 let b = self
                     .backfills
                     .get_mut(&backfill_id)
-                    .ok_or_else(|| format!("no backfill `{backfill_id}`"))?;
+                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
                 b.rec.cancelling = true;
                 let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
                 let runs = b.rec.runs.clone();
@@ -1229,7 +1264,7 @@ impl Engine {
                 let b = self
                     .backfills
                     .get_mut(&backfill_id)
-                    .ok_or_else(|| format!("no backfill `{backfill_id}`"))?;
+                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
                 b.rec.cancelling = false;
                 let runs = b.rec.runs.clone();
                 let mut resumed = 0;
@@ -1264,7 +1299,7 @@ impl Engine {
                 backfill_id: Some(id),
             } => {
                 if !self.backfills.contains_key(&id) {
-                    return Err(format!("no backfill `{id}`"));
+                    return Err(OperatorError::UnknownBackfill(id));
                 }
                 Ok(serde_json::to_value(self.summary(id)).expect("summary serialises"))
             }
@@ -1290,7 +1325,7 @@ impl Engine {
                 Ok(serde_json::Value::Array(list))
             }
             OperatorCommand::Escalations => {
-                let list: Vec<serde_json::Value> = self
+                let list: Vec<Escalation> = self
                     .order
                     .iter()
                     .flat_map(|b| self.backfills[b].rec.runs.iter())
@@ -1304,17 +1339,17 @@ impl Engine {
                             .last()
                             .map(|h| h.reason.clone())
                             .unwrap_or_default();
-                        Some(serde_json::json!({
-                            "run_id": r.id,
-                            "backfill_id": r.backfill_id,
-                            "partition": r.partition.key(),
-                            "step": r.machine.steps[step].id,
-                            "attempts": r.machine.attempts[step],
-                            "reason": reason,
-                        }))
+                        Some(Escalation {
+                            run_id: r.id,
+                            backfill_id: r.backfill_id,
+                            partition: r.partition.key(),
+                            step: r.machine.steps[step].id.clone(),
+                            attempts: r.machine.attempts[step],
+                            reason,
+                        })
                     })
                     .collect();
-                Ok(serde_json::Value::Array(list))
+                Ok(serde_json::to_value(list).expect("escalations serialise"))
             }
         }
     }
@@ -1527,6 +1562,7 @@ impl Engine {
             schema_version: SCHEMA_VERSION,
             backfill_id,
             pipeline: b.rec.pipeline.clone(),
+            steps: b.pipeline.steps().iter().map(|s| s.id.clone()).collect(),
             counts,
             in_step,
             steps_executed: self.steps_executed.get(&backfill_id).copied().unwrap_or(0),

@@ -8,8 +8,10 @@
 //! - [`audit_log`]: the append-only, hash-chained JSONL writer.
 //! - [`local`]: in-process workers over channels (`warpline run`).
 //! - [`progress`]: progress bars and line logs, fed by committed audit records.
+//! - [`api`]: the HTTP API over the event loop (fleet mode), used by the operator commands.
 //! - [`cli`]: the `warpline` command line.
 
+pub mod api;
 pub mod audit_log;
 pub mod cli;
 pub mod engine;

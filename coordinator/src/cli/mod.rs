@@ -3,6 +3,7 @@
 
 mod audit;
 mod run;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a backfill in this process: the coordinator and N workers, no services needed.
     Run(RunArgs),
+    /// Run the fleet coordinator: state in PostgreSQL, workers over RabbitMQ, an HTTP API.
+    Serve(serve::ServeArgs),
     /// Inspect audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -115,6 +118,7 @@ pub enum AuditCommand {
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run_local(args, shutdown).await,
+        Command::Serve(args) => serve::serve(args, shutdown).await,
         Command::Audit(AuditCommand::Verify { file }) => audit::audit_verify(&file),
         Command::Audit(AuditCommand::Show { run, file, json }) => {
             audit::audit_show(&run, &file, json)

@@ -29,10 +29,18 @@ use crate::supervisor::AgentKind;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// RabbitMQ.
-    #[arg(long, env = "WARPLINE_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "WARPLINE_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// PostgreSQL (the database is created if missing).
-    #[arg(long, env = "WARPLINE_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/warpline")]
+    #[arg(
+        long,
+        env = "WARPLINE_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/warpline"
+    )]
     pub database_url: String,
     /// The schema holding Warpline's tables (one per fleet).
     #[arg(long, env = "WARPLINE_DATABASE_SCHEMA", default_value = "warpline")]
@@ -61,7 +69,9 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let db = pg::connect(&args.database_url, &args.database_schema, 8).await?;
     pg::migrate(&db, &args.database_schema).await?;
-    let signing_key = std::env::var("WARPLINE_SIGNING_KEY").ok().map(String::into_bytes);
+    let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
+        .ok()
+        .map(String::into_bytes);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let ready = ReadyFlag::new();
@@ -163,7 +173,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 "lost the leader lock's database connection: stopping so that a standby can lead"
             ),
             _ => {
-                eprintln!("warpline serve: lost RabbitMQ; recovering from the database in {} ms", backoff.as_millis());
+                eprintln!(
+                    "warpline serve: lost RabbitMQ; recovering from the database in {} ms",
+                    backoff.as_millis()
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

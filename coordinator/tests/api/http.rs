@@ -1,0 +1,360 @@
+//! The routes: submit and follow, escalation and resolve, cancel, retry-failed, refused input,
+//! unknown ids, and readiness.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_backfill_runs_to_completion_newest_month_first() {
+    let srv = Server::start().await;
+    let file = srv.pipeline(
+        "two_steps",
+        json!([
+            {"id": "MAKE", "command": "sh", "args": ["-c", "echo {month} > out.txt"]},
+            {"id": "CHECK", "command": "sh", "args": ["-c", "grep -q {month} out.txt"]},
+        ]),
+    );
+    let body = json!({
+        "pipeline_file": file,
+        "pipeline": serde_json::from_str::<Value>(&std::fs::read_to_string(&file).unwrap()).unwrap(),
+        "months": "2024-01..2024-03",
+        "order": "desc",
+        "max_parallel": 2,
+        "priority": 5,
+    });
+    let (status, resp) = srv.post("/v1/backfills", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    assert_eq!(resp["runs"], 3);
+    let id = resp["backfill_id"].as_str().unwrap().to_string();
+
+    let summary = srv.wait_finished(&id).await;
+    assert_eq!(summary["counts"], json!({"COMPLETE": 3}), "{summary:#}");
+    assert_eq!(summary["steps"], json!(["MAKE", "CHECK"]));
+    assert_eq!(summary["steps_executed"], 6);
+    let order: Vec<&str> = summary["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["partition"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["2024-03", "2024-02", "2024-01"]);
+    for r in summary["runs"].as_array().unwrap() {
+        assert_eq!(r["attempts"], json!({"MAKE": 1, "CHECK": 1}), "{r}");
+    }
+    let out = srv.dir.path().join("two_steps/work/runs/2024-02/out.txt");
+    assert_eq!(std::fs::read_to_string(out).unwrap().trim(), "2024-02");
+
+    let (status, all) = srv.get("/v1/backfills").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all[0]["backfill_id"], id.as_str());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_resolved_with_retry_completes() {
+    let srv = Server::start().await;
+    // Attempt 1 exits 3, which the rules agent cannot classify; attempt 2 succeeds.
+    let file = srv.pipeline(
+        "escalate",
+        json!([{
+            "id": "ODD", "command": "sh",
+            "args": ["-c", "if [ {attempt} -ge 2 ]; then exit 0; fi; echo something odd; exit 3"],
+        }]),
+    );
+    let id = srv.submit(&file, json!({"months": "2024-05"})).await;
+    let summary = srv.wait_finished(&id).await;
+    assert_eq!(summary["counts"], json!({"ESCALATED": 1}), "{summary:#}");
+
+    let (status, esc) = srv.get("/v1/escalations").await;
+    assert_eq!(status, StatusCode::OK);
+    let esc = esc.as_array().unwrap();
+    assert_eq!(esc.len(), 1, "{esc:?}");
+    assert_eq!(esc[0]["backfill_id"], id.as_str());
+    assert_eq!(esc[0]["partition"], "2024-05");
+    assert_eq!(esc[0]["step"], "ODD");
+    assert_eq!(esc[0]["attempts"], 1);
+    assert!(
+        esc[0]["reason"].as_str().unwrap().contains("exit code 3"),
+        "{esc:?}"
+    );
+    let run = esc[0]["run_id"].as_str().unwrap().to_string();
+    let resolve = format!("/v1/runs/{run}/resolve");
+
+    // Refused before the engine sees them.
+    let (status, err) = srv
+        .post(
+            &resolve,
+            json!({"action": "retry", "reason": "  ", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err["error"].as_str().unwrap().contains("reason"), "{err}");
+    let (status, err) = srv
+        .post(
+            &resolve,
+            json!({"action": "escalate", "reason": "r", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let (status, err) = srv
+        .post(
+            &resolve,
+            json!({"action": "rerun", "reason": "r", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("action"), "{err}");
+    let (status, err) = srv
+        .post(
+            &format!("/v1/runs/{}/resolve", Uuid::now_v7()),
+            json!({"action": "retry", "reason": "r", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(err["error"].as_str().unwrap().contains("no run"), "{err}");
+
+    let (status, ok) = srv
+        .post(
+            &resolve,
+            json!({"action": "retry", "reason": "the source was republished", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ok}");
+    assert_eq!(ok["action"], "retry");
+    let summary = srv
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["counts"] == json!({"COMPLETE": 1})
+        })
+        .await;
+    assert_eq!(run_of(&summary, "2024-05")["attempts"]["ODD"], 2);
+    let (_, esc) = srv.get("/v1/escalations").await;
+    assert_eq!(esc, json!([]));
+
+    // The run is no longer escalated: the engine refuses a second answer.
+    let (status, err) = srv
+        .post(
+            &resolve,
+            json!({"action": "halt", "reason": "late", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_lets_running_steps_finish_and_starts_nothing_new() {
+    let srv = Server::start().await;
+    let file = srv.pipeline(
+        "slow",
+        json!([
+            {"id": "SLOW", "command": "sh", "args": ["-c", "sleep 1"]},
+            {"id": "NEXT", "command": "sh", "args": ["-c", "true"]},
+        ]),
+    );
+    let id = srv
+        .submit(
+            &file,
+            json!({"months": "2024-01..2024-06", "max_parallel": 2}),
+        )
+        .await;
+    srv.wait_for(&id, Duration::from_secs(10), |s| {
+        s["in_step"]["SLOW"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    let (status, at_cancel) = srv
+        .post(&format!("/v1/backfills/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{at_cancel}");
+    assert_eq!(at_cancel["cancelling"], true);
+    let dispatched = total_attempts(&at_cancel);
+    assert!(dispatched >= 1, "{at_cancel:#}");
+
+    let summary = srv
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["runs"].as_array().unwrap().iter().all(|r| {
+                matches!(
+                    r["state"].as_str(),
+                    Some("CANCELLED" | "COMPLETE" | "HALTED")
+                )
+            })
+        })
+        .await;
+    assert_eq!(summary["finished"], true);
+    // Nothing was dispatched after the cancel: the attempts are those in flight then.
+    assert_eq!(total_attempts(&summary), dispatched, "{summary:#}");
+    assert!(
+        summary["counts"]["CANCELLED"].as_u64().unwrap() >= 4,
+        "{summary:#}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_failed_resumes_halted_runs_at_the_failed_step() {
+    let srv = Server::start().await;
+    let marker = srv.dir.path().join("fixed");
+    // FIRST always passes; SECOND fails permanently (exit 2) until the marker exists.
+    let file = srv.pipeline(
+        "fixable",
+        json!([
+            {"id": "FIRST", "command": "sh", "args": ["-c", "echo ran >> first.log"]},
+            {"id": "SECOND", "command": "sh",
+             "args": ["-c", format!("test -f {} || (echo missing input; exit 2)", marker.display())]},
+        ]),
+    );
+    let id = srv
+        .submit(&file, json!({"months": "2024-01..2024-02"}))
+        .await;
+    let halted = srv.wait_finished(&id).await;
+    assert_eq!(halted["counts"], json!({"HALTED": 2}), "{halted:#}");
+    for r in halted["runs"].as_array().unwrap() {
+        assert_eq!(r["step"], "SECOND", "{r}");
+        assert!(r["reason"].as_str().unwrap().contains("exit code 2"), "{r}");
+    }
+
+    std::fs::write(&marker, "").unwrap();
+    let (status, resp) = srv
+        .post(&format!("/v1/backfills/{id}/retry-failed"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["resumed"], 2);
+    let done = srv
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["counts"] == json!({"COMPLETE": 2})
+        })
+        .await;
+    for r in done["runs"].as_array().unwrap() {
+        // FIRST is not run again; SECOND has its failed attempt and the resumed one.
+        assert_eq!(r["attempts"], json!({"FIRST": 1, "SECOND": 2}), "{r}");
+        let log = srv.dir.path().join(format!(
+            "fixable/work/runs/{}/first.log",
+            r["partition"].as_str().unwrap()
+        ));
+        assert_eq!(std::fs::read_to_string(log).unwrap(), "ran\n");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submits_are_refused_with_what_was_wrong() {
+    let srv = Server::start().await;
+    let file = srv.pipeline(
+        "ok",
+        json!([{"id": "A", "command": "sh", "args": ["-c", "true"]}]),
+    );
+    let good: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let cases = [
+        (
+            json!({"pipeline_file": file, "pipeline": pipeline_json("bad", json!([{"id": "A", "command": "sh", "timeout_s": "soon"}])), "months": "2024-01"}),
+            "steps[0].timeout_s",
+        ),
+        (
+            json!({"pipeline_file": "relative.json", "pipeline": good, "months": "2024-01"}),
+            "absolute",
+        ),
+        (
+            json!({"pipeline_file": file, "pipeline": good, "months": "2024-13"}),
+            "invalid month `2024-13`",
+        ),
+        (
+            json!({"pipeline_file": file, "pipeline": good}),
+            "no partitions",
+        ),
+        (
+            json!({"pipeline_file": file, "pipeline": pipeline_json("ds", json!([{"id": "A", "command": "sh", "args": ["{dataset}"]}])), "months": "2024-01"}),
+            "--datasets",
+        ),
+        (
+            json!({"pipeline_file": file, "pipeline": good, "months": "2024-01", "max_parallel": 0}),
+            "max_parallel",
+        ),
+        (
+            json!({"pipeline_file": file, "pipeline": good, "months": "2024-01", "order": "random"}),
+            "order",
+        ),
+        (
+            json!({"pipeline_file": file, "pipeline": good, "months": "2024-01", "workdir": "rel"}),
+            "workdir",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, err) = srv.post("/v1/backfills", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {err}");
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains(expected), "{expected:?} not in {msg:?}");
+    }
+    // A body that is not JSON at all is a JSON error too.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/backfills", srv.url))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let err: Value = resp.json().await.unwrap();
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid request body"),
+        "{err}"
+    );
+    // Nothing was submitted.
+    assert_eq!(srv.get("/v1/backfills").await.1, json!([]));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_are_404_and_malformed_ids_400() {
+    let srv = Server::start().await;
+    let id = Uuid::now_v7();
+    for (path, post) in [
+        (format!("/v1/backfills/{id}"), false),
+        (format!("/v1/backfills/{id}/cancel"), true),
+        (format!("/v1/backfills/{id}/retry-failed"), true),
+    ] {
+        let (status, err) = if post {
+            srv.post(&path, json!({})).await
+        } else {
+            srv.get(&path).await
+        };
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {err}");
+        assert_eq!(err["error"], format!("no backfill `{id}`"));
+    }
+    let (status, err) = srv.get("/v1/backfills/not-an-id").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        err["error"].as_str().unwrap().contains("`not-an-id`"),
+        "{err}"
+    );
+    let (status, err) = srv.get("/v1/workers").await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{err}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_until_the_flag_is_set() {
+    let srv = Server::start().await;
+    assert_eq!(srv.get("/healthz").await.0, StatusCode::OK);
+    let (status, err) = srv.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        err["error"].as_str().unwrap().starts_with("not ready"),
+        "{err}"
+    );
+    srv.ready.set(true);
+    assert_eq!(
+        srv.get("/readyz").await,
+        (StatusCode::OK, json!({"ready": true}))
+    );
+    srv.ready.set(false);
+    assert_eq!(srv.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    srv.stop().await;
+}
