@@ -58,7 +58,10 @@ impl Server {
             Box::new(Quiet),
             tx.clone(),
         );
-        let engine_task = tokio::spawn(engine.run(rx));
+        let engine_task = tokio::spawn(async move {
+            let mut rx = rx;
+            engine.run(&mut rx).await
+        });
         let ready = ReadyFlag::new();
         let app = router(EngineHandle::new(tx.clone()), ready.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
