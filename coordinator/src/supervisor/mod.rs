@@ -16,6 +16,8 @@ pub mod llm;
 pub mod policy;
 mod rules;
 pub mod settings;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
