@@ -1097,6 +1097,11 @@ impl Engine {
                 latency_ms: reply.latency_ms,
                 tokens: reply.tokens,
                 fallback: reply.fallback,
+                prompt_hash: reply.prompt_hash,
+                raw_reply: reply.raw_reply,
+                requests: reply.requests,
+                state: reply.state.map(Box::new),
+                shadow: reply.shadow.map(Box::new),
             },
         );
         if let Some(why) = &applied.overridden {

@@ -4,7 +4,8 @@
 //! - [`engine`]: the event loop over a closed [`engine::Event`] enum, and the small
 //!   [`engine::Transport`], [`engine::Store`] and [`engine::Observer`] traits that let local
 //!   mode and fleet mode share it.
-//! - [`supervisor`]: the agents (`rules`, `always-proceed`).
+//! - [`supervisor`]: the agents (`rules`, `always-proceed`, LLMs over HTTP) and the policy
+//!   layer around them (fast path, budget, fallback, shadow).
 //! - [`audit_log`]: the append-only, hash-chained JSONL writer.
 //! - [`local`]: in-process workers over channels (`warpline run`).
 //! - [`progress`]: progress bars and line logs, fed by committed audit records.

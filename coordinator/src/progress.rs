@@ -105,11 +105,18 @@ pub fn describe(part: &str, r: &AuditRecord) -> Option<String> {
             attempt,
             agent,
             decision,
+            fallback,
             ..
-        } => format!(
-            "{part} {step_id}#{attempt} → {} ({agent}): {}",
-            decision.action, decision.reason
-        ),
+        } => {
+            let why = fallback
+                .as_deref()
+                .map(|f| format!("; fallback: {f}"))
+                .unwrap_or_default();
+            format!(
+                "{part} {step_id}#{attempt} → {} ({agent}{why}): {}",
+                decision.action, decision.reason
+            )
+        }
         AuditEvent::GuardOverride {
             proposed,
             applied,

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::contracts::{Action, StepOutcome, SupervisorDecision};
+use crate::contracts::{Action, PipelineState, StepOutcome, SupervisorDecision};
 use crate::partition::Partition;
 
 /// The `prev_hash` of the first line.
@@ -49,6 +49,37 @@ pub struct TokenUsage {
     pub input: u64,
     /// Reply tokens.
     pub output: u64,
+}
+
+/// In shadow mode, the decision that was asked for but not applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShadowDecision {
+    /// Which agent proposed it (`llm` or `rules`).
+    pub agent: String,
+    /// The model, for an LLM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Its proposal; absent when the call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<SupervisorDecision>,
+    /// How long it took.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Tokens used, for an LLM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenUsage>,
+    /// sha256 (hex) of the exact request body, for an LLM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_hash: Option<String>,
+    /// The model's raw reply (bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_reply: Option<String>,
+    /// Why the call failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether it proposed the same action as the applied decision (absent when it failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreed: Option<bool>,
 }
 
 /// Everything the audit log records.
@@ -143,6 +174,21 @@ pub enum AuditEvent {
         /// Why another agent stood in, if one did.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fallback: Option<String>,
+        /// sha256 (hex) of the exact request body sent to the model, for an LLM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompt_hash: Option<String>,
+        /// The model's raw reply as received (bounded), also when it could not be used.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        raw_reply: Option<String>,
+        /// HTTP requests made for this decision (retries included), for an LLM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requests: Option<u32>,
+        /// The run as the agent was shown it, so the decision can be replayed exactly.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<Box<PipelineState>>,
+        /// In shadow mode, the other agent's proposal and whether the two agreed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shadow: Option<Box<ShadowDecision>>,
     },
     /// The guard replaced an illegal decision.
     GuardOverride {

@@ -5,6 +5,10 @@
 //! Every error names the file, the JSON path (`steps[2].validations[0].pattern`) and what was
 //! expected. Unknown fields are refused at the pipeline and step level, so a misspelt
 //! `max_attempt` is caught rather than silently defaulted.
+//!
+//! An optional `agent` section ([`AgentConfig`]) chooses the supervisor agent and bounds an
+//! LLM's calls (timeout, concurrency, rate, retries, budget); it never widens what the state
+//! machine allows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -64,6 +68,172 @@ pub struct PipelineConfig {
     pub lost_grace_s: u64,
     /// The steps, in order.
     pub steps: Vec<StepConfig>,
+    /// The supervisor agent: which one, and how an LLM is called and bounded. Optional; the
+    /// `warpline run` flags and `WARPLINE_LLM_*` variables override it.
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+/// Which supervisor agent decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentKindConfig {
+    /// The cautious operator's rules (no model, no network).
+    #[default]
+    Rules,
+    /// Always proposes proceed; the guard still applies (a test decider).
+    AlwaysProceed,
+    /// Google Gemini over its REST API (`generateContent`).
+    Gemini,
+    /// Any OpenAI-compatible chat completions endpoint.
+    Openai,
+}
+
+/// When an LLM agent is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOn {
+    /// After every attempt.
+    Always,
+    /// Only when `proceed` is illegal; a clean pass is proceeded without a call (`fast_path`).
+    #[default]
+    Unclean,
+}
+
+/// In shadow mode, whose decision is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowApply {
+    /// The rules decide; the LLM is only asked and audited.
+    #[default]
+    Rules,
+    /// The LLM decides (rules when it fails); the rules are audited beside it.
+    Llm,
+}
+
+/// The `agent` section of a pipeline config. Every field has a default, so `{}` (or no section
+/// at all) means the rules agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent: `rules` (default), `always-proceed`, `gemini` or `openai`.
+    #[serde(default)]
+    pub kind: AgentKindConfig,
+    /// The model (default: the provider's current small model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The API's base URL, without the path (default: the provider's public endpoint).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Seconds one HTTP request may take before it counts as failed.
+    #[serde(default = "default_agent_timeout")]
+    pub timeout_s: u64,
+    /// Most model calls in flight at once.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    /// Most model requests started per second (retries included).
+    #[serde(default = "default_rate_per_s")]
+    pub rate_per_s: f64,
+    /// Retries of one call after a timeout, a transport error, HTTP 429 or 5xx.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First backoff between retries in milliseconds (doubled each time, with jitter);
+    /// an HTTP `Retry-After` wins when longer.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// `unclean` (default): ask only when `proceed` is illegal; `always`: after every attempt.
+    #[serde(default)]
+    pub call_on: CallOn,
+    /// Most model calls per backfill; afterwards the rules decide ("budget exhausted").
+    #[serde(default)]
+    pub budget: Option<u32>,
+    /// Ask the LLM beside the rules and audit both, applying only one (`apply`).
+    #[serde(default)]
+    pub shadow: bool,
+    /// In shadow mode, whose decision is applied (default `rules`).
+    #[serde(default)]
+    pub apply: ShadowApply,
+    /// Sampling temperature sent to the model (default 0); `null` omits it, for models that
+    /// accept only their own default.
+    #[serde(default = "default_temperature")]
+    pub temperature: Option<f64>,
+}
+
+fn default_agent_timeout() -> u64 {
+    30
+}
+fn default_max_concurrent() -> u32 {
+    4
+}
+fn default_rate_per_s() -> f64 {
+    5.0
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_backoff_ms() -> u64 {
+    500
+}
+fn default_temperature() -> Option<f64> {
+    Some(0.0)
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            kind: AgentKindConfig::default(),
+            model: None,
+            base_url: None,
+            timeout_s: default_agent_timeout(),
+            max_concurrent: default_max_concurrent(),
+            rate_per_s: default_rate_per_s(),
+            max_retries: default_max_retries(),
+            backoff_ms: default_backoff_ms(),
+            call_on: CallOn::default(),
+            budget: None,
+            shadow: false,
+            apply: ShadowApply::default(),
+            temperature: default_temperature(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Semantic checks; the error is (JSON path below `agent`, message).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
+        if self.timeout_s == 0 {
+            return err("timeout_s", "expected a timeout of at least 1 second");
+        }
+        if self.max_concurrent == 0 {
+            return err("max_concurrent", "expected at least 1 call in flight");
+        }
+        if !(self.rate_per_s.is_finite() && self.rate_per_s > 0.0) {
+            return err("rate_per_s", "expected a number of requests per second > 0");
+        }
+        if let Some(t) = self.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return err(
+                "temperature",
+                "expected a temperature between 0 and 2, or null",
+            );
+        }
+        if let Some(m) = &self.model
+            && m.trim().is_empty()
+        {
+            return err("model", "expected a model name");
+        }
+        if let Some(u) = &self.base_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return err(
+                "base_url",
+                "expected an http:// or https:// URL such as `https://api.openai.com`",
+            );
+        }
+        Ok(())
+    }
 }
 
 fn default_workdir() -> String {
@@ -424,6 +594,9 @@ impl Pipeline {
         if c.retry.multiplier < 1.0 || !c.retry.multiplier.is_finite() {
             return err("retry.multiplier", "expected a number ≥ 1".into());
         }
+        c.agent
+            .check()
+            .map_err(|(path, message)| (format!("agent.{path}"), message))?;
         for name in c.vars.keys() {
             if BUILTIN_PLACEHOLDERS.contains(&name.as_str()) || name.starts_with("artefacts.") {
                 return err(
@@ -1003,6 +1176,44 @@ mod tests {
         let err = p.check_partitions(&months_only).unwrap_err();
         assert!(err.to_string().contains("--datasets"), "{err}");
         assert!(p.check_partitions(&[part()]).is_ok());
+    }
+
+    #[test]
+    fn agent_section_defaults_and_errors_name_the_path() {
+        let p = load(GOOD).unwrap();
+        assert_eq!(p.config.agent, AgentConfig::default());
+        assert_eq!(p.config.agent.kind, AgentKindConfig::Rules);
+        assert_eq!(p.config.agent.call_on, CallOn::Unclean);
+        let with = |agent: &str| {
+            GOOD.replacen(
+                r#""workdir": "work","#,
+                &format!(r#""workdir": "work", "agent": {agent},"#),
+                1,
+            )
+        };
+        let p = load(&with(
+            r#"{"kind": "gemini", "model": "m", "call_on": "always", "budget": 3, "shadow": true, "apply": "llm", "temperature": null}"#,
+        ))
+        .unwrap();
+        let a = &p.config.agent;
+        assert_eq!(a.kind, AgentKindConfig::Gemini);
+        assert_eq!(
+            (a.call_on, a.budget, a.shadow, a.apply),
+            (CallOn::Always, Some(3), true, ShadowApply::Llm)
+        );
+        assert_eq!(a.temperature, None);
+        let (path, msg) = invalid_at(&with(r#"{"kind": "claude"}"#));
+        assert_eq!(path, "agent.kind");
+        assert!(msg.contains("unknown variant `claude`"), "{msg}");
+        let (path, _) = invalid_at(&with(r#"{"timeout": 3}"#));
+        assert_eq!(path, "agent.timeout");
+        let (path, msg) = invalid_at(&with(r#"{"rate_per_s": 0}"#));
+        assert_eq!(path, "agent.rate_per_s");
+        assert!(msg.contains("> 0"), "{msg}");
+        let (path, _) = invalid_at(&with(r#"{"base_url": "localhost:8080"}"#));
+        assert_eq!(path, "agent.base_url");
+        let (path, _) = invalid_at(&with(r#"{"call_on": "sometimes"}"#));
+        assert_eq!(path, "agent.call_on");
     }
 
     #[test]

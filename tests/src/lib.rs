@@ -1,5 +1,6 @@
 //! The end-to-end harness: finds the built `warpline` binaries, checks the services, runs real
-//! processes with their output captured, and serves scripted HTTP faults on 127.0.0.1.
+//! processes with their output captured, serves scripted HTTP faults on 127.0.0.1, and plays a
+//! scripted LLM provider ([`ModelServer`]) speaking the Gemini and OpenAI wire formats.
 //!
 //! Every test gets its own workdir (a temporary directory) and its own PostgreSQL schema, so
 //! tests run in parallel without seeing each other's files or rows. When a service is down the
@@ -291,4 +292,259 @@ pub fn alive(pid: i32) -> bool {
             .unwrap_or(false),
         Err(_) => false,
     }
+}
+
+/// One scripted reply of a [`ModelServer`].
+#[derive(Debug, Clone)]
+pub struct ModelReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers (e.g. `Retry-After`).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+    /// How long to wait before answering.
+    pub delay: Duration,
+}
+
+impl ModelReply {
+    /// A 200 with this JSON body.
+    pub fn ok(body: impl Into<String>) -> ModelReply {
+        ModelReply::status(200, body)
+    }
+
+    /// Any status with this body.
+    pub fn status(status: u16, body: impl Into<String>) -> ModelReply {
+        ModelReply {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> ModelReply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Answers only after `delay`.
+    pub fn after(mut self, delay: Duration) -> ModelReply {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A request a [`ModelServer`] received.
+#[derive(Debug, Clone)]
+pub struct ModelRequest {
+    /// The request path (`/v1beta/models/m:generateContent`).
+    pub path: String,
+    /// Headers, names lowercased.
+    pub headers: HashMap<String, String>,
+    /// The raw body, exactly as received.
+    pub body: String,
+}
+
+impl ModelRequest {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The user message text, in either wire format.
+    pub fn user_text(&self) -> String {
+        let v = self.json();
+        v["contents"][0]["parts"][0]["text"]
+            .as_str()
+            .or_else(|| v["messages"][1]["content"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+type Responder = dyn Fn(&ModelRequest, usize) -> ModelReply + Send + Sync;
+
+/// A fake LLM provider on 127.0.0.1: every request is recorded and answered by a responder
+/// given the request and its 1-based number. It tracks how many requests were in flight at
+/// once, so tests can check concurrency bounds.
+pub struct ModelServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    requests: Arc<Mutex<Vec<ModelRequest>>>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+impl ModelServer {
+    /// Starts a server answering with `respond`.
+    pub fn start(
+        respond: impl Fn(&ModelRequest, usize) -> ModelReply + Send + Sync + 'static,
+    ) -> ModelServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        let requests: Arc<Mutex<Vec<ModelRequest>>> = Arc::default();
+        let in_flight: Arc<AtomicUsize> = Arc::default();
+        let max_in_flight: Arc<AtomicUsize> = Arc::default();
+        let respond: Arc<Responder> = Arc::new(respond);
+        let (reqs, flying, peak) = (requests.clone(), in_flight.clone(), max_in_flight.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (reqs, flying, peak, respond) =
+                    (reqs.clone(), flying.clone(), peak.clone(), respond.clone());
+                std::thread::spawn(move || {
+                    let now = flying.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let _ = answer_model(stream, &reqs, &*respond);
+                    flying.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        ModelServer {
+            base,
+            requests,
+            in_flight,
+            max_in_flight,
+        }
+    }
+
+    /// Starts a server whose n-th request gets the n-th reply (the last one repeats).
+    pub fn script(replies: Vec<ModelReply>) -> ModelServer {
+        assert!(!replies.is_empty(), "a script needs at least one reply");
+        ModelServer::start(move |_, n| replies[(n - 1).min(replies.len() - 1)].clone())
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<ModelRequest> {
+        self.requests.lock().expect("requests lock").clone()
+    }
+
+    /// The most requests that were being answered at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+fn answer_model(
+    mut stream: TcpStream,
+    requests: &Mutex<Vec<ModelRequest>>,
+    respond: &Responder,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    let request = ModelRequest {
+        path,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    let n = {
+        let mut all = requests.lock().expect("requests lock");
+        all.push(request.clone());
+        all.len()
+    };
+    let reply = respond(&request, n);
+    std::thread::sleep(reply.delay);
+    let mut head = format!(
+        "HTTP/1.1 {} Status\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reply.status,
+        reply.body.len()
+    );
+    for (k, v) in &reply.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(reply.body.as_bytes())?;
+    stream.flush()
+}
+
+/// A Gemini `generateContent` reply whose single candidate says `text`.
+pub fn gemini_text(text: &str) -> String {
+    serde_json::json!({
+        "candidates": [{
+            "content": {"parts": [{"text": text}], "role": "model"},
+            "finishReason": "STOP",
+            "index": 0
+        }],
+        "usageMetadata": {"promptTokenCount": 812, "candidatesTokenCount": 24, "totalTokenCount": 836},
+        "modelVersion": "scripted"
+    })
+    .to_string()
+}
+
+/// A Gemini reply stopped by its safety filter.
+pub fn gemini_safety_stop() -> String {
+    serde_json::json!({
+        "candidates": [{"finishReason": "SAFETY", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 812, "totalTokenCount": 812}
+    })
+    .to_string()
+}
+
+/// A Gemini reply refusing the prompt itself.
+pub fn gemini_prompt_blocked() -> String {
+    serde_json::json!({
+        "promptFeedback": {"blockReason": "SAFETY"},
+        "usageMetadata": {"promptTokenCount": 812, "totalTokenCount": 812}
+    })
+    .to_string()
+}
+
+/// An OpenAI chat completion whose single choice says `text`.
+pub fn openai_text(text: &str) -> String {
+    serde_json::json!({
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "model": "scripted",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 790, "completion_tokens": 21, "total_tokens": 811}
+    })
+    .to_string()
+}
+
+/// An OpenAI chat completion where the model refused.
+pub fn openai_refusal() -> String {
+    serde_json::json!({
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": null, "refusal": "I can't help with that."},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 790, "completion_tokens": 8, "total_tokens": 798}
+    })
+    .to_string()
+}
+
+/// A decision as a model would write it.
+pub fn decision_json(action: &str, reason: &str) -> String {
+    serde_json::json!({"action": action, "reason": reason}).to_string()
 }

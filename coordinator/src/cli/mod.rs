@@ -1,6 +1,8 @@
-//! The `warpline` command line. Each subcommand lives in its own module: [`run`] (local mode)
-//! and [`audit`] (verify, show); this module holds the argument types and the dispatch.
+//! The `warpline` command line. Each subcommand lives in its own module: [`run`] (local mode),
+//! [`audit`] (verify, show) and [`agent`] (replay); this module holds the argument types and
+//! the dispatch.
 
+mod agent;
 mod audit;
 mod run;
 pub mod serve;
@@ -32,6 +34,49 @@ pub enum Command {
     /// Inspect audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Supervisor agents: replay an audit log's decisions against an agent.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+/// How an LLM agent is reached (flags over `WARPLINE_LLM_*` over the pipeline's `agent`).
+#[derive(Debug, Clone, Args)]
+pub struct LlmArgs {
+    /// The model (default: the config's `agent.model`, `WARPLINE_LLM_MODEL`, or the
+    /// provider's current small model).
+    #[arg(long)]
+    pub llm_model: Option<String>,
+    /// The API's base URL (default: the config's `agent.base_url`, `WARPLINE_LLM_BASE_URL`, or
+    /// the provider's public endpoint).
+    #[arg(long)]
+    pub llm_base_url: Option<String>,
+}
+
+/// `warpline agent ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Re-ask an agent at every decision point of an audit log and show how often it agrees
+    /// with what was recorded.
+    Replay(ReplayArgs),
+}
+
+/// `warpline agent replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The audit log (JSONL) to replay.
+    pub audit: PathBuf,
+    /// The agent to ask.
+    #[arg(long, value_enum)]
+    pub agent: AgentKind,
+    /// How the model is reached.
+    #[command(flatten)]
+    pub llm: LlmArgs,
+    /// Take the `agent` section (timeouts, limits) from this pipeline config.
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The partitions of a backfill.
@@ -73,9 +118,16 @@ pub struct RunArgs {
     /// some runs wait out a retry backoff).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_parallel: Option<u32>,
-    /// The supervisor agent.
-    #[arg(long, value_enum, default_value_t = AgentKind::Rules)]
-    pub agent: AgentKind,
+    /// The supervisor agent (default: the config's `agent.kind`, else `rules`).
+    #[arg(long, value_enum)]
+    pub agent: Option<AgentKind>,
+    /// How an LLM agent is reached.
+    #[command(flatten)]
+    pub llm: LlmArgs,
+    /// Shadow mode: ask the model beside the rules, apply one (config `agent.apply`, default
+    /// rules) and audit both.
+    #[arg(long)]
+    pub shadow: bool,
     /// The audit log to append to (default: `<workdir>/audit/<backfill id>.jsonl`).
     #[arg(long)]
     pub audit: Option<PathBuf>,
@@ -123,5 +175,6 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
         Command::Audit(AuditCommand::Show { run, file, json }) => {
             audit::audit_show(&run, &file, json)
         }
+        Command::Agent(AgentCommand::Replay(args)) => agent::replay(args).await,
     }
 }

@@ -19,6 +19,8 @@ use crate::audit_log::AuditLog;
 use crate::engine::{BackfillRequest, Engine, EngineConfig, Event, Observer, Summary};
 use crate::local::LocalFleet;
 use crate::progress::{Bars, Lines, Quiet};
+use crate::supervisor::settings::{AgentOverrides, build_agent};
+use crate::supervisor::{Agent, AgentTotals};
 
 /// Parses `NAME=VALUE` pairs.
 pub(crate) fn parse_vars(vars: &[String]) -> anyhow::Result<Vec<(String, String)>> {
@@ -44,6 +46,18 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     )?;
     pipeline.check_partitions(&partitions)?;
     let pipeline = Arc::new(pipeline);
+    // The agent is set up before anything runs, so a missing API key stops the backfill here.
+    let overrides = AgentOverrides {
+        kind: args.agent.map(Into::into),
+        model: args.llm.llm_model.clone(),
+        base_url: args.llm.llm_base_url.clone(),
+        shadow: args.shadow,
+    };
+    let agent = build_agent(&pipeline.config.agent, &overrides, &|k| {
+        std::env::var(k).ok()
+    })?;
+    let agent_stats = agent.stats();
+    let agent_model = agent.llm_agent().map(|l| l.settings().model.clone());
 
     let backfill_id = Uuid::now_v7();
     let audit_path = args.audit.clone().unwrap_or_else(|| {
@@ -90,9 +104,10 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     let cfg = EngineConfig {
         exit_when_idle: true,
     };
+    let agent_name = agent.name();
     let mut engine = Engine::new(
         cfg,
-        args.agent.build(),
+        Arc::new(agent),
         Box::new(store),
         Box::new(fleet),
         observer,
@@ -125,7 +140,12 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     if !clean {
         eprintln!("warpline: some workers did not stop within 15 s");
     }
-    print_summary(&summary, args.json)?;
+    let usage = AgentUsage {
+        name: agent_name,
+        model: agent_model,
+        totals: agent_stats.totals(),
+    };
+    print_summary(&summary, &usage, args.json)?;
     if shutdown.is_cancelled() {
         return Ok(ExitCode::from(130));
     }
@@ -136,9 +156,23 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     })
 }
 
-fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
+/// The agent's part of the summary: who decided and what the model calls cost.
+#[derive(Debug, serde::Serialize)]
+struct AgentUsage {
+    name: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    #[serde(flatten)]
+    totals: AgentTotals,
+}
+
+fn print_summary(summary: &Summary, usage: &AgentUsage, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(summary)?);
+        // The engine's summary plus an `agent` object (kept out of the engine: the agent layer
+        // owns its counters).
+        let mut value = serde_json::to_value(summary)?;
+        value["agent"] = serde_json::to_value(usage)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     let counts: Vec<String> = summary
@@ -160,6 +194,23 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
             r.state,
             r.step.as_deref().unwrap_or("-"),
             r.reason.as_deref().unwrap_or("")
+        );
+    }
+    let t = &usage.totals;
+    if let Some(model) = &usage.model {
+        eprintln!(
+            "warpline: agent {} ({model}): {} decisions, {} model calls ({} failed, {} requests), \
+             {} fast path, {} fallbacks; tokens {} in / {} out; {} ms per call on average",
+            usage.name,
+            t.decisions,
+            t.llm_calls,
+            t.llm_failures,
+            t.requests,
+            t.fast_path,
+            t.fallbacks,
+            t.tokens_in,
+            t.tokens_out,
+            t.llm_latency_mean_ms
         );
     }
     eprintln!(

@@ -24,6 +24,9 @@ use crate::fleet::amqp::{self, LinkConfig};
 use crate::fleet::pg::{self, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
+use crate::supervisor::settings::{AgentOverrides, build_agent};
+use std::sync::Arc;
+use warpline_shared::config::AgentConfig;
 
 /// `warpline serve`.
 #[derive(Debug, Args)]
@@ -57,6 +60,15 @@ pub struct ServeArgs {
     /// The supervisor agent.
     #[arg(long, value_enum, default_value_t = AgentKind::Rules)]
     pub agent: AgentKind,
+    /// The model for `--agent gemini|openai` (default: the provider's current Flash/mini model).
+    #[arg(long, env = "WARPLINE_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// The model endpoint (default: the provider's public API).
+    #[arg(long, env = "WARPLINE_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// Ask the model beside the rules and audit both (the rules' decision is applied).
+    #[arg(long)]
+    pub shadow: bool,
     /// Worker pools whose queues to declare at start (more are declared as pipelines use them).
     #[arg(long = "pool", default_value = "default")]
     pub pools: Vec<String>,
@@ -72,6 +84,16 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
         .ok()
         .map(String::into_bytes);
+    // The agent is set up before anything runs, so a missing API key stops here.
+    let overrides = AgentOverrides {
+        kind: Some(args.agent.into()),
+        model: args.llm_model.clone(),
+        base_url: args.llm_base_url.clone(),
+        shadow: args.shadow,
+    };
+    let agent = build_agent(&AgentConfig::default(), &overrides, &|k| {
+        std::env::var(k).ok()
+    })?;
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let ready = ReadyFlag::new();
@@ -130,7 +152,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             EngineConfig {
                 exit_when_idle: false,
             },
-            args.agent.build(),
+            Arc::new(agent.clone()),
             Box::new(store),
             Box::new(transport),
             observer,

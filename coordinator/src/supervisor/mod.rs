@@ -5,20 +5,33 @@
 //!
 //! An agent call returns a `'static` future so that the event loop can spawn it and go on:
 //! many runs may await decisions at once, and a slow agent delays only the runs it decides for.
+//!
+//! - [`RulesAgent`]: the cautious operator's rules; [`AlwaysProceed`]: the seed's test decider.
+//! - [`llm`]: a hosted model over HTTP (Gemini or OpenAI-compatible), strict about its answer.
+//! - [`policy`]: the layer every agent is wrapped in: the fast path, the call budget, the
+//!   fallback to the rules, shadow mode, and the cost counters.
+//! - [`settings`]: config section, flags and environment resolved into an agent.
 
+pub mod llm;
+pub mod policy;
 mod rules;
+pub mod settings;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use warpline_shared::audit::TokenUsage;
+use warpline_shared::audit::{ShadowDecision, TokenUsage};
+use warpline_shared::config::AgentKindConfig;
 use warpline_shared::contracts::{
     Action, PipelineState, StepResult, SupervisorDecision, ValidationReport,
 };
 
-pub use rules::RulesAgent;
+pub use policy::{AgentStats, AgentTotals, PolicyAgent};
+pub use rules::{RulesAgent, decide as rules_decide};
 
 /// Everything an agent may see: the three artefacts, nothing else.
 #[derive(Debug, Clone)]
@@ -46,6 +59,35 @@ pub struct AgentReply {
     pub tokens: Option<TokenUsage>,
     /// Why another agent stood in, if one did.
     pub fallback: Option<String>,
+    /// sha256 of the exact request body, for an LLM.
+    pub prompt_hash: Option<String>,
+    /// The model's raw reply (bounded), for an LLM; kept when it could not be used.
+    pub raw_reply: Option<String>,
+    /// HTTP requests made (retries included), for an LLM.
+    pub requests: Option<u32>,
+    /// The run as the agent was shown it (set by the [`PolicyAgent`]), for exact replay.
+    pub state: Option<PipelineState>,
+    /// In shadow mode, the proposal that was not applied.
+    pub shadow: Option<ShadowDecision>,
+}
+
+impl AgentReply {
+    /// A reply with nothing but the decision and who made it.
+    pub fn new(agent: impl Into<String>, decision: SupervisorDecision) -> AgentReply {
+        AgentReply {
+            decision,
+            agent: agent.into(),
+            model: None,
+            latency_ms: 0,
+            tokens: None,
+            fallback: None,
+            prompt_hash: None,
+            raw_reply: None,
+            requests: None,
+            state: None,
+            shadow: None,
+        }
+    }
 }
 
 /// A boxed agent future.
@@ -70,14 +112,10 @@ impl Agent for AlwaysProceed {
 
     fn decide(&self, _input: Arc<DecisionInput>) -> DecisionFuture {
         Box::pin(async {
-            AgentReply {
-                decision: SupervisorDecision::new(Action::Proceed, "always-proceed agent"),
-                agent: "always-proceed".into(),
-                model: None,
-                latency_ms: 0,
-                tokens: None,
-                fallback: None,
-            }
+            AgentReply::new(
+                "always-proceed",
+                SupervisorDecision::new(Action::Proceed, "always-proceed agent"),
+            )
         })
     }
 }
@@ -89,14 +127,19 @@ pub enum AgentKind {
     Rules,
     /// Always proposes proceed (the guard still applies).
     AlwaysProceed,
+    /// Google Gemini (`GEMINI_API_KEY`).
+    Gemini,
+    /// An OpenAI-compatible chat completions endpoint (`OPENAI_API_KEY` when set).
+    Openai,
 }
 
-impl AgentKind {
-    /// Builds the agent.
-    pub fn build(self) -> Arc<dyn Agent> {
-        match self {
-            AgentKind::Rules => Arc::new(RulesAgent),
-            AgentKind::AlwaysProceed => Arc::new(AlwaysProceed),
+impl From<AgentKind> for AgentKindConfig {
+    fn from(k: AgentKind) -> AgentKindConfig {
+        match k {
+            AgentKind::Rules => AgentKindConfig::Rules,
+            AgentKind::AlwaysProceed => AgentKindConfig::AlwaysProceed,
+            AgentKind::Gemini => AgentKindConfig::Gemini,
+            AgentKind::Openai => AgentKindConfig::Openai,
         }
     }
 }
@@ -106,11 +149,7 @@ pub(crate) fn timed(agent: &'static str, f: impl FnOnce() -> SupervisorDecision)
     let start = Instant::now();
     let decision = f();
     AgentReply {
-        decision,
-        agent: agent.into(),
-        model: None,
         latency_ms: start.elapsed().as_millis() as u64,
-        tokens: None,
-        fallback: None,
+        ..AgentReply::new(agent, decision)
     }
 }

@@ -2,4 +2,5 @@
 //!
 //! Build the binaries first: `cargo build --workspace --bins && cargo test --workspace`.
 
+mod agent;
 mod local;
