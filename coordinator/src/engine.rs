@@ -452,7 +452,6 @@ pub struct Engine {
     turn: Vec<AuditRecord>,
     dirty_runs: HashSet<Uuid>,
     dirty_backfills: HashSet<Uuid>,
-    steps_executed: HashMap<Uuid, u64>,
     /// Workers by id: their last heartbeat and when it arrived.
     workers: HashMap<String, (Heartbeat, Instant)>,
     /// Attempts seen running in heartbeats: which worker, and when last.
@@ -488,7 +487,6 @@ impl Engine {
             turn: Vec::new(),
             dirty_runs: HashSet::new(),
             dirty_backfills: HashSet::new(),
-            steps_executed: HashMap::new(),
             workers: HashMap::new(),
             seen: HashMap::new(),
             stopping: false,
@@ -948,7 +946,6 @@ impl Engine {
             }
             Receipt::Accepted(a) => {
                 run.dispatched_at = None;
-                *self.steps_executed.entry(run.backfill_id).or_insert(0) += 1;
                 let mut audited = outcome.clone();
                 bound_tail(&mut audited.result.log_tail, AUDIT_TAIL_BYTES);
                 self.record_run(run_id, AuditEvent::StepResult { outcome: audited });
@@ -1542,6 +1539,18 @@ impl Engine {
                 }
             })
             .collect();
+        // Attempts started, less those still awaited: derived from the runs, so it survives a
+        // coordinator restart.
+        let steps_executed: u64 = b
+            .rec
+            .runs
+            .iter()
+            .map(|id| {
+                let r = &self.runs[id];
+                let started: u64 = r.attempts_total.iter().map(|&n| u64::from(n)).sum();
+                started - u64::from(r.machine.outstanding.is_some())
+            })
+            .sum();
         let finals = runs
             .iter()
             .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
@@ -1570,7 +1579,7 @@ impl Engine {
             steps: b.pipeline.steps().iter().map(|s| s.id.clone()).collect(),
             counts,
             in_step,
-            steps_executed: self.steps_executed.get(&backfill_id).copied().unwrap_or(0),
+            steps_executed,
             runs_per_minute: (rate * 10.0).round() / 10.0,
             eta_s,
             wall_ms: elapsed.as_millis() as u64,
