@@ -231,15 +231,17 @@ impl Worker {
         ));
 
         let ended = self
-            .consume_loop(&mut consumer, &ctx, &tasks, shutdown)
+            .consume_loop(&consume, &mut consumer, &ctx, &tasks, shutdown)
             .await;
-        heartbeats.cancel();
-        let _ = heartbeat_task.await;
 
         match ended {
             LoopEnd::Shutdown => {
+                // Heartbeats go on while draining: the coordinator must not declare the steps
+                // still finishing lost.
                 self.drain(&consume, &tag, &mut consumer, &ctx, &tasks)
                     .await;
+                heartbeats.cancel();
+                let _ = heartbeat_task.await;
                 self.send_heartbeat(&publish, true).await;
                 let _ = publish.close(200, "worker stopping".into()).await;
                 let _ = consume.close(200, "worker stopping".into()).await;
@@ -248,6 +250,8 @@ impl Worker {
                 Ok(())
             }
             LoopEnd::Lost(reason) => {
+                heartbeats.cancel();
+                let _ = heartbeat_task.await;
                 // The broker requeues whatever this connection had unacked; the steps still
                 // running for it cannot ack, so stop them rather than race their redelivery.
                 let in_flight = tasks.len();
@@ -268,17 +272,30 @@ impl Worker {
     /// Takes a slot, then a delivery, and spawns its step; until shutdown or a lost connection.
     async fn consume_loop(
         &self,
+        consume: &Channel,
         consumer: &mut Consumer,
         ctx: &SessionCtx,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> LoopEnd {
+        // While every slot is busy the consumer is not polled, so a dropped connection would go
+        // unnoticed until a step ends; this tick looks at the channel meanwhile.
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return LoopEnd::Shutdown,
-                permit = Arc::clone(&self.slots).acquire_owned() => {
-                    permit.expect("the slots semaphore is never closed")
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return LoopEnd::Shutdown,
+                    permit = Arc::clone(&self.slots).acquire_owned() => {
+                        break permit.expect("the slots semaphore is never closed");
+                    }
+                    _ = watch.tick() => {
+                        if !consume.status().connected() {
+                            return LoopEnd::Lost(
+                                "the channel closed while every slot was busy".to_string(),
+                            );
+                        }
+                    }
                 }
             };
             let delivery = tokio::select! {

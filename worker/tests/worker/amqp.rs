@@ -298,10 +298,21 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// A worker still running (a failed test) gets SIGTERM first, so it cancels its tools'
+    /// process groups instead of leaving them behind, and SIGKILL after a few seconds.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take()
             && child.try_wait().ok().flatten().is_none()
         {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -514,14 +525,18 @@ async fn malformed_messages_are_dead_lettered_with_the_reason() {
         .publish_raw(br#"{"step_id": "X"}"#, FieldTable::default())
         .await;
 
-    for expected in ["this is not json".as_bytes(), br#"{"step_id": "X"}"#] {
+    // Two slots handle the two at once, so they may arrive in either order.
+    let mut dead = Vec::new();
+    for _ in 0..2 {
         let Some((body, props)) = broker.get(&broker.topology.dead_queue(), LONG).await else {
             panic!("nothing dead-lettered\n{}", worker.logs());
         };
-        assert_eq!(body, expected);
         let reason = header(&props, DEAD_REASON_HEADER).unwrap();
         assert!(reason.contains("not a valid StepSpec"), "{reason}");
+        dead.push(String::from_utf8(body).unwrap());
     }
+    dead.sort();
+    assert_eq!(dead, ["this is not json", r#"{"step_id": "X"}"#]);
     // The worker lives on and runs the next good spec.
     let w = Workdir::new();
     let spec = w.sh("true", 30);
@@ -588,7 +603,12 @@ async fn sigterm_lets_a_running_step_finish_and_publishes_it() {
     let w = Workdir::new();
     let spec = w.sh("echo started > started; sleep 2; echo done", 60);
     broker.publish_spec(&spec, None).await;
-    let mut worker = Worker::start(&broker, &["--allow", "sh", "--drain-s", "20"], &[]);
+    let beats = broker.heartbeat_queue().await;
+    let mut worker = Worker::start(
+        &broker,
+        &["--allow", "sh", "--drain-s", "20", "--heartbeat-s", "0.3"],
+        &[],
+    );
     wait_file(&w, "run/started", &worker).await;
     let start = Instant::now();
     worker.signal(nix::sys::signal::Signal::SIGTERM);
@@ -605,6 +625,19 @@ async fn sigterm_lets_a_running_step_finish_and_publishes_it() {
     assert_eq!(outcome.result.error, None);
     assert_eq!(outcome.result.log_tail, "done\n");
     assert_eq!(broker.ready(&broker.topology.steps_queue(POOL)).await, 0);
+
+    // Heartbeats named the running attempt, went on while it drained, and the last says
+    // stopping with nothing running.
+    let beats = broker.heartbeats(&beats, LONG).await;
+    let sigterm = chrono::Utc::now() - chrono::Duration::from_std(start.elapsed()).unwrap();
+    assert!(
+        beats.iter().any(|b| b.sent_at > sigterm
+            && !b.stopping
+            && b.running.iter().any(|r| r.attempt_id == spec.attempt_id)),
+        "no heartbeat during the drain: {beats:?}"
+    );
+    let last = beats.last().unwrap();
+    assert!(last.stopping && last.running.is_empty(), "{last:?}");
 }
 
 #[tokio::test]
@@ -677,20 +710,64 @@ async fn slots_bound_how_many_steps_run_at_once() {
 }
 
 #[tokio::test]
-async fn the_worker_reconnects_after_its_connection_is_closed() {
+async fn the_worker_reconnects_and_reruns_what_its_lost_connection_held() {
     let broker = Broker::new().await;
     let id = format!("w-reconnect-{}", broker.prefix());
-    let worker = Worker::start(&broker, &["--allow", "sh", "--worker-id", &id], &[]);
-    worker.wait_log("consuming", LONG).await;
+    let w = Workdir::new();
+    // One slot, busy with a long step: the lost connection is noticed even though the consume
+    // loop is waiting for a slot, the orphaned tool is stopped, and the broker redelivers the
+    // spec to the new session.
+    let long = w.sh("echo $$ >> pids; sleep 300", 600);
+    broker.publish_spec(&long, None).await;
+    let mut worker = Worker::start(
+        &broker,
+        &[
+            "--allow",
+            "sh",
+            "--worker-id",
+            &id,
+            "--slots",
+            "1",
+            "--drain-s",
+            "0",
+            "--kill-grace-s",
+            "1",
+        ],
+        &[],
+    );
+    let pids = wait_file(&w, "run/pids", &worker).await;
+    let first: i32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     close_connection(&format!("warpline-worker {id}"));
     worker.wait_log("reconnecting", LONG).await;
+    assert!(
+        wait_gone(first, Duration::from_secs(10)),
+        "orphaned tool {first} survived"
+    );
+    worker.wait_log("session=2", LONG).await;
+    let start = Instant::now();
+    while std::fs::read_to_string(&pids).unwrap().lines().count() < 2 {
+        assert!(start.elapsed() < LONG, "not redelivered\n{}", worker.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        broker
+            .get(&broker.topology.results_queue(), Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a step cut off by a lost connection must not report"
+    );
 
-    let w = Workdir::new();
-    let spec = w.sh("echo after", 30);
-    broker.publish_spec(&spec, None).await;
-    let (outcome, _) = broker.outcome(&worker, LONG).await;
-    assert_eq!(outcome.result.attempt_id, Some(spec.attempt_id));
-    assert!(worker.logs().contains("session=2"), "{}", worker.logs());
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(worker.wait_exit(LONG).await, Some(0), "{}", worker.logs());
+    let Some((body, _)) = broker.get(&broker.topology.steps_queue(POOL), LONG).await else {
+        panic!("the spec was not requeued\n{}", worker.logs());
+    };
+    let back: StepSpec = serde_json::from_slice(&body).unwrap();
+    assert_eq!(back.attempt_id, long.attempt_id);
 }
 
 /// Closes the broker connection whose client-provided name is `name`, as an operator (or a
@@ -707,11 +784,15 @@ fn close_connection(name: &str) {
         .find(|l| l.contains(&quoted))
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no connection named `{name}` in:\n{listing}"));
-    let status = Command::new("rabbitmqctl")
+    let out = Command::new("rabbitmqctl")
         .args(["close_connection", pid, "closed by the reconnect test"])
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits for the tool to create `rel` under the workdir and returns its path.
