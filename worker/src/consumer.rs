@@ -531,3 +531,71 @@ fn requeue() -> BasicNackOptions {
         requeue: true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use warpline_shared::fleet::sign;
+
+    use super::*;
+
+    fn spec_json() -> Vec<u8> {
+        let spec = StepSpec {
+            schema_version: 1,
+            run_id: Uuid::now_v7(),
+            step_id: "EXTRACT".into(),
+            attempt: 1,
+            attempt_id: Uuid::now_v7(),
+            command: "sh".into(),
+            args: vec!["-c".into(), "true".into()],
+            env: BTreeMap::new(),
+            cwd: "/w/run".into(),
+            timeout_s: 5,
+            artefacts: BTreeMap::new(),
+            validations: Vec::new(),
+            log_dir: "/w/logs".into(),
+            workdir: "/w".into(),
+            input_roots: Vec::new(),
+            pool: "default".into(),
+            trace: BTreeMap::new(),
+        };
+        serde_json::to_vec(&spec).unwrap()
+    }
+
+    fn signed(sig: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(SIGNATURE_HEADER.into(), amqp::long_string(sig));
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn without_a_key_any_valid_spec_is_accepted() {
+        let body = spec_json();
+        assert!(accept(&body, &BasicProperties::default(), None).is_ok());
+        assert!(matches!(
+            accept(b"{", &BasicProperties::default(), None),
+            Err(Refusal::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn with_a_key_only_correctly_signed_specs_are_accepted() {
+        let body = spec_json();
+        let key = b"k".as_slice();
+        assert!(matches!(
+            accept(&body, &BasicProperties::default(), Some(key)),
+            Err(Refusal::Unsigned)
+        ));
+        assert!(matches!(
+            accept(&body, &signed(&sign(b"other", &body)), Some(key)),
+            Err(Refusal::BadSignature)
+        ));
+        assert!(accept(&body, &signed(&sign(key, &body)), Some(key)).is_ok());
+        // The signature is checked before the body is parsed.
+        assert!(matches!(
+            accept(b"{", &BasicProperties::default(), Some(key)),
+            Err(Refusal::Unsigned)
+        ));
+    }
+}
