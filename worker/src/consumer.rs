@@ -143,6 +143,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         let started = Instant::now();
         match worker.session(conn, session, &shutdown).await {
             Ok(()) => return Ok(()),
+            Err(e)
+                if e.downcast_ref::<amqp::AmqpError>()
+                    .is_some_and(|e| !e.is_retryable()) =>
+            {
+                return Err(e)
+                    .context("the broker refused this worker's setup; reconnecting will not help");
+            }
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
                     delays = worker.cfg.backoff.delays();

@@ -37,6 +37,8 @@ struct Broker {
     topology: Topology,
     conn: Connection,
     channel: Channel,
+    /// Queues a test declared beyond the topology, deleted with it.
+    extra_queues: Vec<String>,
 }
 
 impl Broker {
@@ -68,6 +70,7 @@ impl Broker {
             topology,
             conn,
             channel,
+            extra_queues: Vec::new(),
         }
     }
 
@@ -186,6 +189,7 @@ impl Drop for Broker {
     /// await (and may run while a failed test unwinds inside a runtime).
     fn drop(&mut self) {
         let topology = self.topology.clone();
+        let extra_queues = std::mem::take(&mut self.extra_queues);
         let done = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -199,6 +203,10 @@ impl Drop for Broker {
                 let conn = amqp::connect(URL, "warpline worker tests cleanup", &backoff).await?;
                 let ch = conn.create_channel().await?;
                 amqp::delete_topology(&ch, &topology, &[POOL]).await?;
+                for q in extra_queues {
+                    ch.queue_delete(q.as_str().into(), Default::default())
+                        .await?;
+                }
                 let _ = conn.close(200, "cleaned up".into()).await;
                 Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
             })
@@ -225,22 +233,18 @@ impl Worker {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "--queue-prefix",
-            broker.prefix(),
-            "--pool",
-            POOL,
-            "--amqp-url",
-            URL,
-        ])
-        .args(args)
-        .env_remove("WARPLINE_SIGNING_KEY")
-        .env_remove("WARPLINE_ALLOW")
-        .env("RUST_LOG", "info,lapin=warn")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+        cmd.args(["--queue-prefix", broker.prefix(), "--amqp-url", URL]);
+        if !args.contains(&"--pool") {
+            cmd.args(["--pool", POOL]);
+        }
+        cmd.args(args)
+            .env_remove("WARPLINE_SIGNING_KEY")
+            .env_remove("WARPLINE_ALLOW")
+            .env("RUST_LOG", "info,lapin=warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().expect("cannot start warpline-worker");
         Worker {
             child: Some(child),
@@ -423,6 +427,34 @@ async fn topology_is_declared_with_the_right_arguments() {
     .await
     .unwrap_err();
     assert!(matches!(err, amqp::AmqpError::Unroutable { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_stops_the_worker_with_why() {
+    let mut broker = Broker::new().await;
+    let queue = broker.topology.steps_queue("classic");
+    broker.extra_queues.push(queue.clone());
+    broker
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut worker = Worker::start(&broker, &["--allow", "sh", "--pool", "classic"], &[]);
+    assert_eq!(worker.wait_exit(LONG).await, Some(2), "{}", worker.logs());
+    let logs = worker.logs();
+    assert!(
+        logs.contains(&format!("cannot declare queue `{queue}`")),
+        "{logs}"
+    );
+    assert!(logs.contains("PRECONDITION_FAILED"), "{logs}");
+    assert!(logs.contains("reconnecting will not help"), "{logs}");
 }
 
 #[tokio::test]
