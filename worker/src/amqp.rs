@@ -15,6 +15,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -124,12 +125,18 @@ impl AmqpError {
     pub fn is_retryable(&self) -> bool {
         match self {
             AmqpError::BadUrl { .. } | AmqpError::NotConfirming => false,
-            // Conflicting arguments (PRECONDITION_FAILED) will not heal by themselves, but a lost
-            // connection during a declare will; without string matching we cannot tell them
-            // apart reliably, so a declare is retried and the log shows why.
+            // An entity that exists with other arguments (PRECONDITION_FAILED), or that this
+            // user may not touch (ACCESS_REFUSED), stays so until an operator acts; a lost
+            // connection during a declare heals by reconnecting.
+            AmqpError::Topology { source, .. } => !matches!(
+                source.kind(),
+                lapin::ErrorKind::ProtocolError(e) if matches!(
+                    e.kind(),
+                    AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
+                )
+            ),
             AmqpError::Connect { .. }
             | AmqpError::Channel { .. }
-            | AmqpError::Topology { .. }
             | AmqpError::Publish { .. }
             | AmqpError::Nacked { .. }
             | AmqpError::Unroutable { .. } => true,

@@ -143,6 +143,13 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         let started = Instant::now();
         match worker.session(conn, session, &shutdown).await {
             Ok(()) => return Ok(()),
+            Err(e)
+                if e.downcast_ref::<amqp::AmqpError>()
+                    .is_some_and(|e| !e.is_retryable()) =>
+            {
+                return Err(e)
+                    .context("the broker refused this worker's setup; reconnecting will not help");
+            }
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
                     delays = worker.cfg.backoff.delays();
@@ -231,15 +238,17 @@ impl Worker {
         ));
 
         let ended = self
-            .consume_loop(&mut consumer, &ctx, &tasks, shutdown)
+            .consume_loop(&consume, &mut consumer, &ctx, &tasks, shutdown)
             .await;
-        heartbeats.cancel();
-        let _ = heartbeat_task.await;
 
         match ended {
             LoopEnd::Shutdown => {
+                // Heartbeats go on while draining: the coordinator must not declare the steps
+                // still finishing lost.
                 self.drain(&consume, &tag, &mut consumer, &ctx, &tasks)
                     .await;
+                heartbeats.cancel();
+                let _ = heartbeat_task.await;
                 self.send_heartbeat(&publish, true).await;
                 let _ = publish.close(200, "worker stopping".into()).await;
                 let _ = consume.close(200, "worker stopping".into()).await;
@@ -248,6 +257,8 @@ impl Worker {
                 Ok(())
             }
             LoopEnd::Lost(reason) => {
+                heartbeats.cancel();
+                let _ = heartbeat_task.await;
                 // The broker requeues whatever this connection had unacked; the steps still
                 // running for it cannot ack, so stop them rather than race their redelivery.
                 let in_flight = tasks.len();
@@ -268,17 +279,30 @@ impl Worker {
     /// Takes a slot, then a delivery, and spawns its step; until shutdown or a lost connection.
     async fn consume_loop(
         &self,
+        consume: &Channel,
         consumer: &mut Consumer,
         ctx: &SessionCtx,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> LoopEnd {
+        // While every slot is busy the consumer is not polled, so a dropped connection would go
+        // unnoticed until a step ends; this tick looks at the channel meanwhile.
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return LoopEnd::Shutdown,
-                permit = Arc::clone(&self.slots).acquire_owned() => {
-                    permit.expect("the slots semaphore is never closed")
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return LoopEnd::Shutdown,
+                    permit = Arc::clone(&self.slots).acquire_owned() => {
+                        break permit.expect("the slots semaphore is never closed");
+                    }
+                    _ = watch.tick() => {
+                        if !consume.status().connected() {
+                            return LoopEnd::Lost(
+                                "the channel closed while every slot was busy".to_string(),
+                            );
+                        }
+                    }
                 }
             };
             let delivery = tokio::select! {
@@ -512,5 +536,73 @@ fn requeue() -> BasicNackOptions {
     BasicNackOptions {
         multiple: false,
         requeue: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use warpline_shared::fleet::sign;
+
+    use super::*;
+
+    fn spec_json() -> Vec<u8> {
+        let spec = StepSpec {
+            schema_version: 1,
+            run_id: Uuid::now_v7(),
+            step_id: "EXTRACT".into(),
+            attempt: 1,
+            attempt_id: Uuid::now_v7(),
+            command: "sh".into(),
+            args: vec!["-c".into(), "true".into()],
+            env: BTreeMap::new(),
+            cwd: "/w/run".into(),
+            timeout_s: 5,
+            artefacts: BTreeMap::new(),
+            validations: Vec::new(),
+            log_dir: "/w/logs".into(),
+            workdir: "/w".into(),
+            input_roots: Vec::new(),
+            pool: "default".into(),
+            trace: BTreeMap::new(),
+        };
+        serde_json::to_vec(&spec).unwrap()
+    }
+
+    fn signed(sig: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(SIGNATURE_HEADER.into(), amqp::long_string(sig));
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn without_a_key_any_valid_spec_is_accepted() {
+        let body = spec_json();
+        assert!(accept(&body, &BasicProperties::default(), None).is_ok());
+        assert!(matches!(
+            accept(b"{", &BasicProperties::default(), None),
+            Err(Refusal::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn with_a_key_only_correctly_signed_specs_are_accepted() {
+        let body = spec_json();
+        let key = b"k".as_slice();
+        assert!(matches!(
+            accept(&body, &BasicProperties::default(), Some(key)),
+            Err(Refusal::Unsigned)
+        ));
+        assert!(matches!(
+            accept(&body, &signed(&sign(b"other", &body)), Some(key)),
+            Err(Refusal::BadSignature)
+        ));
+        assert!(accept(&body, &signed(&sign(key, &body)), Some(key)).is_ok());
+        // The signature is checked before the body is parsed.
+        assert!(matches!(
+            accept(b"{", &BasicProperties::default(), Some(key)),
+            Err(Refusal::Unsigned)
+        ));
     }
 }

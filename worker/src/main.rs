@@ -1,6 +1,7 @@
 //! `warpline-worker`: parses the command line, logs to stderr and hands over to
 //! [`warpline_worker::cli::run`] with a shutdown token that SIGINT and SIGTERM cancel.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +15,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs collected from a file or a container stay greppable.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )

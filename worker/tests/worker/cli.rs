@@ -1,5 +1,6 @@
 //! The `warpline-worker` binary: `exec` prints the outcome as JSON, exits by the outcome, and
-//! turns SIGTERM into a clean cancellation.
+//! turns SIGTERM into a clean cancellation; fleet mode (the default) refuses to start without an
+//! allowlist and waits out an unreachable broker. Fleet mode with a broker is in `amqp.rs`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -105,4 +106,65 @@ fn sigterm_cancels_exec_cleanly() {
         wait_gone(tool, Duration::from_secs(1)),
         "tool {tool} survived"
     );
+}
+
+#[test]
+fn fleet_mode_refuses_to_start_without_an_allowlist() {
+    let out = Command::new(BIN)
+        .env_remove("WARPLINE_ALLOW")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no commands allowed: pass --allow"),
+        "{stderr}"
+    );
+
+    // An allowlist of only empty names is no allowlist.
+    let out = Command::new(BIN)
+        .env("WARPLINE_ALLOW", ",")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn fleet_mode_retries_an_unreachable_broker_and_stops_on_sigterm() {
+    // Port 1 on loopback refuses connections at once.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "--allow",
+            "sh",
+            "--amqp-url",
+            "amqp://guest:secret@127.0.0.1:1/%2f",
+        ])
+        .env("NO_COLOR", "1")
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let read = || std::fs::read_to_string(log.path()).unwrap();
+    while read()
+        .matches("cannot connect to RabbitMQ; retrying")
+        .count()
+        < 3
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "{}", read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", read());
+    let logs = read();
+    assert!(
+        !logs.contains("secret"),
+        "the password leaked into the logs: {logs}"
+    );
+    assert!(logs.contains("guest:***@127.0.0.1:1"), "{logs}");
 }

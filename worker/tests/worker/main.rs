@@ -1,6 +1,7 @@
-//! End-to-end tests of the worker: the executor against real processes (`sh`, `head`, `sleep`)
-//! and the `warpline-worker` binary. One test binary, one module per area.
+//! End-to-end tests of the worker: the executor against real processes (`sh`, `head`, `sleep`),
+//! the `warpline-worker` binary, and fleet mode against a real RabbitMQ. One test binary, one module per area.
 
+mod amqp;
 mod cli;
 mod executor;
 mod support;
