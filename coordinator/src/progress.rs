@@ -175,6 +175,21 @@ impl Observer for Lines {
     }
 }
 
+/// The width of a bar's prefix: the longest step id, at least 7.
+pub(crate) fn prefix_width(step_ids: &[String]) -> usize {
+    step_ids.iter().map(String::len).max().unwrap_or(4).max(7)
+}
+
+/// The look of every bar (`warpline run`, `warpline watch`): prefix, bar, count, rate, ETA and
+/// a message.
+pub(crate) fn bar_style(width: usize, color: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{prefix:>{width}}} [{{bar:40.{color}/blue}}] {{pos:>5}}/{{len:5}} {{per_sec:>9}} eta {{eta:>4}} {{msg}}"
+    ))
+    .expect("valid template")
+    .progress_chars("=> ")
+}
+
 /// Live bars: one per step (runs past it) and one overall (runs finished), with rate and ETA.
 pub struct Bars {
     names: Names,
@@ -190,14 +205,8 @@ impl Bars {
     /// Bars for a backfill of `runs` runs over these steps, drawn on standard error.
     pub fn new(step_ids: &[String], runs: u64) -> Bars {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
-        let width = step_ids.iter().map(String::len).max().unwrap_or(4).max(7);
-        let style = |color: &str| {
-            ProgressStyle::with_template(&format!(
-                "{{prefix:>{width}}} [{{bar:40.{color}/blue}}] {{pos:>5}}/{{len:5}} {{per_sec:>9}} eta {{eta:>4}} {{msg}}"
-            ))
-            .expect("valid template")
-            .progress_chars("=> ")
-        };
+        let width = prefix_width(step_ids);
+        let style = |color: &str| bar_style(width, color);
         let steps = step_ids
             .iter()
             .map(|id| {

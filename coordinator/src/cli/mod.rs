@@ -1,11 +1,14 @@
 //! The `warpline` command line. Each subcommand lives in its own module: [`run`] (local mode),
-//! [`audit`] (verify, show) and [`agent`] (replay); this module holds the argument types and
-//! the dispatch.
+//! [`serve`] (the fleet coordinator), [`ops`] and [`watch`] (operator commands over a
+//! coordinator's HTTP API), [`audit`] (verify, show) and [`agent`] (replay); this module holds
+//! the argument types and the dispatch.
 
 mod agent;
 mod audit;
+mod ops;
 mod run;
 pub mod serve;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::PartitionOrder;
 use crate::supervisor::AgentKind;
 
 /// Warpline: supervised backfills of command-line pipelines.
@@ -37,6 +41,145 @@ pub enum Command {
     /// Supervisor agents: replay an audit log's decisions against an agent.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Submit a backfill to a coordinator (`warpline serve`); prints its id.
+    Submit(SubmitArgs),
+    /// Show one backfill (counts per state and step, rate, ETA, failures, escalations) or all.
+    Status(StatusArgs),
+    /// Follow a backfill with live progress bars until it finishes.
+    Watch(WatchArgs),
+    /// List the runs waiting for an operator.
+    Escalations(EscalationsArgs),
+    /// Answer an escalated run: proceed, retry or halt, with a reason.
+    Resolve(ResolveArgs),
+    /// Cancel a backfill: nothing new starts, running steps finish, every run ends.
+    Cancel(BackfillArgs),
+    /// Resume every HALTED run of a backfill at the step that failed.
+    RetryFailed(BackfillArgs),
+}
+
+/// Where the coordinator's HTTP API is.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The coordinator's HTTP API (`warpline serve --http`).
+    #[arg(
+        long = "api",
+        value_name = "URL",
+        env = "WARPLINE_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+}
+
+/// `warpline submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The pipeline config (JSON). Its path is sent as an absolute path: the coordinator and
+    /// the workers must see the same file system (inputs are resolved against its directory).
+    pub pipeline: PathBuf,
+    /// The partitions.
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+    /// Set a pipeline variable: NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// Use this workdir instead of the pipeline's (sent as an absolute path).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Most runs in progress at once (default 8).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_parallel: Option<u32>,
+    /// Higher goes first when the fleet is busy with several backfills.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Which partitions start first: `asc` (as given) or `desc` (newest month first).
+    #[arg(long, value_enum, default_value_t = PartitionOrder::Asc)]
+    pub order: PartitionOrder,
+    /// Follow the backfill to its end; exit 0 only if every run completed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print JSON on standard output: the submit's answer, or with --wait the final summary.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `warpline status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A backfill id (default: every backfill, one line each).
+    pub backfill: Option<String>,
+    /// Print the summary (or every summary) as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `warpline watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The backfill id.
+    pub backfill: String,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `warpline escalations`.
+#[derive(Debug, Args)]
+pub struct EscalationsArgs {
+    /// Print the list as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// An operator's answer to an escalation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Resolution {
+    /// Accept the attempt and go to the next step.
+    Proceed,
+    /// Run the step again.
+    Retry,
+    /// Stop the run (it can be resumed with retry-failed).
+    Halt,
+}
+
+/// `warpline resolve`.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// The escalated run's id.
+    pub run: String,
+    /// What to do.
+    #[arg(long, value_enum)]
+    pub action: Resolution,
+    /// Why (required; it goes into the audit log).
+    #[arg(long)]
+    pub reason: String,
+    /// Who decides (default: $USER).
+    #[arg(long)]
+    pub operator: Option<String>,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `warpline cancel` and `warpline retry-failed`.
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// The backfill id.
+    pub backfill: String,
+    /// Print the coordinator's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// How an LLM agent is reached (flags over `WARPLINE_LLM_*` over the pipeline's `agent`).
@@ -176,5 +319,12 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
             audit::audit_show(&run, &file, json)
         }
         Command::Agent(AgentCommand::Replay(args)) => agent::replay(args).await,
+        Command::Submit(args) => ops::submit(args, shutdown).await,
+        Command::Status(args) => ops::status(args).await,
+        Command::Watch(args) => watch::watch(args, shutdown).await,
+        Command::Escalations(args) => ops::escalations(args).await,
+        Command::Resolve(args) => ops::resolve(args).await,
+        Command::Cancel(args) => ops::cancel(args).await,
+        Command::RetryFailed(args) => ops::retry_failed(args).await,
     }
 }

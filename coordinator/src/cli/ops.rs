@@ -1,0 +1,626 @@
+//! The operator commands that talk to a running coordinator over its HTTP API (see
+//! [`crate::api`]): `submit`, `status`, `escalations`, `resolve`, `cancel` and `retry-failed`.
+//! `watch` and `submit --wait` follow a backfill with [`super::watch`].
+//!
+//! Output for people goes to standard error or is a table on standard output; `--json` prints
+//! exactly what the coordinator answered. An unreachable coordinator is named with its URL.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::{RequestBuilder, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use warpline_shared::contracts::Action;
+
+use super::run::parse_vars;
+use super::watch::follow;
+use super::{
+    ApiArgs, BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs,
+};
+use crate::api::{ErrorBody, ResolveRequest, SubmitRequest, SubmitResponse};
+use crate::engine::{Escalation, Summary};
+
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client of the coordinator's HTTP API.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// A failed request: the coordinator could not be reached, or it answered with an error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// No connection (nothing listening, wrong host).
+    #[error("cannot reach the coordinator at {url}: is `warpline serve` running? ({source})")]
+    Unreachable {
+        /// The API's base URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The request failed on the way (timeout, connection reset, unreadable answer).
+    #[error("request to the coordinator at {url} failed: {source}")]
+    Transport {
+        /// The API's base URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The coordinator answered with an error status.
+    #[error("{message} (HTTP {status} from {url})")]
+    Refused {
+        /// The API's base URL.
+        url: String,
+        /// The status.
+        status: StatusCode,
+        /// The coordinator's message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// True when trying again later may work (the coordinator is down, restarting or failing
+    /// over to a standby), as opposed to a refusal of the request itself.
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Transport { .. } => true,
+            ClientError::Refused { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl Client {
+    /// A client for the API at `args.url`.
+    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Client> {
+        let base = args.url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("invalid --api `{base}`: expected an http:// or https:// URL");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .context("cannot build an HTTP client")?;
+        Ok(Client { base, http })
+    }
+
+    /// `GET path`.
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// `POST path` with a JSON body.
+    pub(crate) async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
+        let url = self.base.clone();
+        let resp = req.send().await.map_err(|source| {
+            if source.is_connect() {
+                ClientError::Unreachable {
+                    url: url.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Transport {
+                    url: url.clone(),
+                    source,
+                }
+            }
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| format!("unexpected answer: {}", text.trim()));
+            return Err(ClientError::Refused {
+                url,
+                status,
+                message,
+            });
+        }
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Transport { url, source })
+    }
+}
+
+/// `warpline submit`.
+pub async fn submit(args: SubmitArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let file = std::path::absolute(&args.pipeline)
+        .with_context(|| format!("invalid pipeline path `{}`", args.pipeline.display()))?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read pipeline config `{}`", file.display()))?;
+    let pipeline: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("invalid pipeline config `{}`", file.display()))?;
+    let workdir = args
+        .workdir
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("invalid --workdir")?;
+    let req = SubmitRequest {
+        pipeline_file: file.display().to_string(),
+        pipeline,
+        months: args.partitions.months,
+        datasets: args.partitions.datasets,
+        vars: parse_vars(&args.vars)?
+            .into_iter()
+            .collect::<BTreeMap<_, _>>(),
+        workdir: workdir.map(|w| w.display().to_string()),
+        max_parallel: args.max_parallel.map(|m| m as usize),
+        priority: args.priority,
+        order: args.order,
+    };
+    let answer: SubmitResponse = client.post("/v1/backfills", &req).await?;
+    let id = answer.backfill_id.to_string();
+    eprintln!(
+        "warpline: submitted backfill {id}: {} runs of `{}` to {}",
+        answer.runs,
+        file.display(),
+        client.base
+    );
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        } else {
+            println!("{id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.json {
+        println!("{id}");
+    }
+    let Some(summary) = follow(&client, &id, shutdown).await? else {
+        return Ok(ExitCode::from(130));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_end(&summary);
+    }
+    Ok(exit_for(&summary))
+}
+
+/// 0 when every run completed, 1 otherwise.
+pub(crate) fn exit_for(summary: &Summary) -> ExitCode {
+    if summary.all_complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The last words of a followed backfill, on standard error.
+pub(crate) fn print_end(s: &Summary) {
+    eprintln!(
+        "warpline: backfill {} {}: {} runs: {}; {} steps executed in {}",
+        s.backfill_id,
+        if s.cancelling {
+            "cancelled"
+        } else {
+            "finished"
+        },
+        s.runs.len(),
+        counts_line(s),
+        s.steps_executed,
+        duration(s.wall_ms / 1000)
+    );
+    for r in s.runs.iter().filter(|r| r.state != "COMPLETE") {
+        eprintln!(
+            "  {} {} at {}: {}",
+            r.partition,
+            r.state,
+            r.step.as_deref().unwrap_or("-"),
+            r.reason
+                .as_deref()
+                .unwrap_or("waiting for an operator: see `warpline escalations`")
+        );
+    }
+}
+
+/// `warpline status`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let path = match &args.backfill {
+        Some(id) => format!("/v1/backfills/{id}"),
+        None => "/v1/backfills".into(),
+    };
+    let value: serde_json::Value = client.get(&path).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let escalations: Vec<Escalation> = client.get("/v1/escalations").await?;
+    if args.backfill.is_some() {
+        let summary: Summary =
+            serde_json::from_value(value).context("unexpected summary from the coordinator")?;
+        print!("{}", render_status(&summary, &escalations));
+    } else {
+        let all: Vec<Summary> =
+            serde_json::from_value(value).context("unexpected summaries from the coordinator")?;
+        print!("{}", render_list(&all, &escalations));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warpline escalations`.
+pub async fn escalations(args: EscalationsArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let list: Vec<Escalation> = client.get("/v1/escalations").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        eprintln!("warpline: no run is waiting for an operator");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|e| {
+            vec![
+                e.run_id.to_string(),
+                e.backfill_id.to_string(),
+                e.partition.clone(),
+                e.step.clone(),
+                e.attempts.to_string(),
+                e.reason.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["RUN", "BACKFILL", "PARTITION", "STEP", "ATTEMPTS", "REASON"],
+            &rows
+        )
+    );
+    eprintln!("answer with: warpline resolve RUN --action proceed|retry|halt --reason TEXT");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warpline resolve`.
+pub async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    if args.reason.trim().is_empty() {
+        bail!("--reason must not be empty: say why, it goes into the audit log");
+    }
+    let operator = match args.operator {
+        Some(o) => o,
+        None => std::env::var("USER")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .context("who is deciding? $USER is not set: give --operator NAME")?,
+    };
+    let action = match args.action {
+        Resolution::Proceed => Action::Proceed,
+        Resolution::Retry => Action::Retry,
+        Resolution::Halt => Action::Halt,
+    };
+    let req = ResolveRequest {
+        action,
+        reason: args.reason,
+        operator: operator.clone(),
+    };
+    let answer: serde_json::Value = client
+        .post(&format!("/v1/runs/{}/resolve", args.run), &req)
+        .await?;
+    println!(
+        "run {}: {action} by {operator}; now {}",
+        args.run,
+        answer["state"].as_str().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warpline cancel`.
+pub async fn cancel(args: BackfillArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let value: serde_json::Value = client
+        .post(&format!("/v1/backfills/{}/cancel", args.backfill), &())
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s: Summary = serde_json::from_value(value).context("unexpected summary")?;
+    let running = s.counts.get("RUNNING").copied().unwrap_or(0);
+    println!(
+        "backfill {}: cancelling; nothing new starts. Runs: {}",
+        s.backfill_id,
+        counts_line(&s)
+    );
+    if running > 0 {
+        println!("{running} runs end CANCELLED once their running step finishes");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warpline retry-failed`.
+pub async fn retry_failed(args: BackfillArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let value: serde_json::Value = client
+        .post(
+            &format!("/v1/backfills/{}/retry-failed", args.backfill),
+            &(),
+        )
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "backfill {}: resumed {} halted runs at the step that failed",
+        args.backfill, value["resumed"]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `6 COMPLETE, 2 RUNNING, 1 HALTED`.
+pub(crate) fn counts_line(s: &Summary) -> String {
+    if s.counts.is_empty() {
+        return "none".into();
+    }
+    s.counts
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whole seconds as `42s`, `3m 05s` or `1h 02m`.
+pub(crate) fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {:02}s", s / 60, s % 60),
+        s => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// Runs per step of a summary: (running at it, past it, halted at it, escalated at it,
+/// attempts of it).
+fn step_rows(s: &Summary) -> Vec<Vec<String>> {
+    let past = super::watch::passed_per_step(s);
+    s.steps
+        .iter()
+        .zip(past)
+        .map(|(id, past)| {
+            let at = |state: &str| {
+                s.runs
+                    .iter()
+                    .filter(|r| r.state == state && r.step.as_deref() == Some(id))
+                    .count()
+            };
+            let attempts: u32 = s.runs.iter().filter_map(|r| r.attempts.get(id)).sum();
+            vec![
+                id.clone(),
+                s.in_step.get(id).copied().unwrap_or(0).to_string(),
+                past.to_string(),
+                at("HALTED").to_string(),
+                at("ESCALATED").to_string(),
+                attempts.to_string(),
+            ]
+        })
+        .collect()
+}
+
+fn state_word(s: &Summary) -> &'static str {
+    let parked = s.counts.get("ESCALATED").copied().unwrap_or(0) > 0;
+    match (s.finished, s.cancelling) {
+        (true, _) if parked => "waiting for an operator",
+        (true, true) => "cancelled",
+        (true, false) => "finished",
+        (false, true) => "cancelling",
+        (false, false) => "running",
+    }
+}
+
+/// `warpline status BACKFILL` for people.
+pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
+    let mut out = format!(
+        "backfill {} of `{}`: {}\n",
+        s.backfill_id,
+        s.pipeline,
+        state_word(s)
+    );
+    out.push_str(&format!("runs: {} — {}\n", s.runs.len(), counts_line(s)));
+    let finals = s
+        .runs
+        .iter()
+        .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
+        .count();
+    let eta = s.eta_s.map(duration).unwrap_or_else(|| "-".into());
+    out.push_str(&format!(
+        "progress: {finals}/{} final, {:.1} runs/min, ETA {eta}, {} steps executed, {} elapsed\n",
+        s.runs.len(),
+        s.runs_per_minute,
+        s.steps_executed,
+        duration(s.wall_ms / 1000)
+    ));
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "STEP",
+            "RUNNING",
+            "PASSED",
+            "HALTED",
+            "ESCALATED",
+            "ATTEMPTS",
+        ],
+        &step_rows(s),
+    ));
+    let failures: Vec<Vec<String>> = s
+        .runs
+        .iter()
+        .filter(|r| r.state == "HALTED")
+        .map(|r| {
+            vec![
+                r.partition.clone(),
+                r.step.clone().unwrap_or_else(|| "-".into()),
+                r.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    if !failures.is_empty() {
+        out.push_str(&format!(
+            "\nfailures ({}; `warpline retry-failed {}` resumes them):\n",
+            failures.len(),
+            s.backfill_id
+        ));
+        out.push_str(&table(&["PARTITION", "HALTED AT", "REASON"], &failures));
+    }
+    let mine: Vec<Vec<String>> = escalations
+        .iter()
+        .filter(|e| e.backfill_id == s.backfill_id)
+        .map(|e| {
+            vec![
+                e.partition.clone(),
+                e.step.clone(),
+                e.run_id.to_string(),
+                e.reason.clone(),
+            ]
+        })
+        .collect();
+    if !mine.is_empty() {
+        out.push_str(&format!(
+            "\nescalations ({}; answer with `warpline resolve RUN --action proceed|retry|halt --reason TEXT`):\n",
+            mine.len()
+        ));
+        out.push_str(&table(&["PARTITION", "STEP", "RUN", "REASON"], &mine));
+    }
+    out.push_str(&format!(
+        "\naudit log: {} (head {})\n",
+        s.audit, s.audit_head
+    ));
+    out
+}
+
+/// `warpline status` (every backfill) for people.
+pub(crate) fn render_list(all: &[Summary], escalations: &[Escalation]) -> String {
+    if all.is_empty() {
+        return "no backfills\n".into();
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|s| {
+            let n = |state: &str| s.counts.get(state).copied().unwrap_or(0).to_string();
+            vec![
+                s.backfill_id.to_string(),
+                s.pipeline.clone(),
+                state_word(s).to_string(),
+                s.runs.len().to_string(),
+                n("COMPLETE"),
+                n("RUNNING"),
+                n("HALTED"),
+                n("ESCALATED"),
+                n("CANCELLED"),
+                format!("{:.1}", s.runs_per_minute),
+                s.eta_s.map(duration).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "BACKFILL",
+            "PIPELINE",
+            "STATE",
+            "RUNS",
+            "COMPLETE",
+            "RUNNING",
+            "HALTED",
+            "ESCALATED",
+            "CANCELLED",
+            "RUNS/MIN",
+            "ETA",
+        ],
+        &rows,
+    );
+    if !escalations.is_empty() {
+        out.push_str(&format!(
+            "\nruns waiting for an operator: {} (`warpline escalations`)\n",
+            escalations.len()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(42), "42s");
+        assert_eq!(duration(185), "3m 05s");
+        assert_eq!(duration(3720), "1h 02m");
+    }
+
+    #[test]
+    fn tables_align_columns_and_leave_the_last_unpadded() {
+        let t = table(
+            &["A", "LONGER", "LAST"],
+            &[vec!["xyz".into(), "1".into(), "free text".into()]],
+        );
+        assert_eq!(t, "A    LONGER  LAST\nxyz  1       free text\n");
+    }
+
+    #[test]
+    fn unreachable_and_503_are_transient_but_refusals_are_not() {
+        let refused = |status| ClientError::Refused {
+            url: "http://x".into(),
+            status,
+            message: "m".into(),
+        };
+        assert!(refused(StatusCode::SERVICE_UNAVAILABLE).is_transient());
+        assert!(!refused(StatusCode::NOT_FOUND).is_transient());
+        assert_eq!(
+            refused(StatusCode::NOT_FOUND).to_string(),
+            "m (HTTP 404 Not Found from http://x)"
+        );
+    }
+}

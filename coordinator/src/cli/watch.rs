@@ -1,0 +1,340 @@
+//! Following a backfill on a coordinator (`warpline watch`, `warpline submit --wait`): polls its
+//! summary every [`POLL`] and shows it as live bars on a terminal (one per step: runs past that
+//! step; one overall: final runs), or as one line per change otherwise. Runs that halt or
+//! escalate are named as they do. Ends when the backfill finishes; Ctrl-C stops watching only,
+//! the backfill goes on.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::WatchArgs;
+use super::ops::{Client, exit_for, print_end};
+use crate::engine::{RunSummary, Summary};
+use crate::progress::{bar_style, prefix_width};
+
+/// How often the summary is fetched.
+pub const POLL: Duration = Duration::from_millis(500);
+/// How long the coordinator may stay unreachable (a restart, a failover) before giving up.
+pub const GIVE_UP: Duration = Duration::from_secs(60);
+
+/// `warpline watch`.
+pub async fn watch(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let Some(summary) = follow(&client, &args.backfill, shutdown).await? else {
+        return Ok(ExitCode::from(130));
+    };
+    print_end(&summary);
+    Ok(exit_for(&summary))
+}
+
+/// Shows a backfill until it finishes and returns its last summary, or `None` when interrupted.
+pub(crate) async fn follow(
+    client: &Client,
+    id: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<Summary>> {
+    let path = format!("/v1/backfills/{id}");
+    let bars = std::io::stderr().is_terminal();
+    let mut view: Option<View> = None;
+    let mut failing_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let got = tokio::select! {
+            _ = shutdown.cancelled() => {
+                if let Some(v) = &view {
+                    v.abandon();
+                }
+                eprintln!("warpline: stopped watching; backfill {id} goes on (`warpline status {id}`)");
+                return Ok(None);
+            }
+            got = async {
+                tick.tick().await;
+                client.get::<Summary>(&path).await
+            } => got,
+        };
+        let summary = match got {
+            Ok(s) => {
+                failing_since = None;
+                s
+            }
+            Err(e) if e.is_transient() => {
+                let since = *failing_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "warpline: {e}; trying again for up to {} s",
+                        GIVE_UP.as_secs()
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() > GIVE_UP {
+                    return Err(e.into());
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let v = view.get_or_insert_with(|| View::new(bars, &summary));
+        v.update(&summary);
+        if summary.finished {
+            v.abandon();
+            return Ok(Some(summary));
+        }
+    }
+}
+
+/// How many runs have passed each step (proceeded from it), in the pipeline's step order.
+pub(crate) fn passed_per_step(s: &Summary) -> Vec<u64> {
+    let mut out = vec![0; s.steps.len()];
+    for r in &s.runs {
+        for n in out.iter_mut().take(steps_passed(r, &s.steps)) {
+            *n += 1;
+        }
+    }
+    out
+}
+
+/// How many steps a run has passed.
+fn steps_passed(r: &RunSummary, steps: &[String]) -> usize {
+    if r.state == "COMPLETE" {
+        return steps.len();
+    }
+    if let Some(i) = r
+        .step
+        .as_ref()
+        .and_then(|s| steps.iter().position(|x| x == s))
+    {
+        return i;
+    }
+    // A cancelled run names no step: the steps before the last one it attempted passed.
+    steps
+        .iter()
+        .rposition(|id| r.attempts.contains_key(id))
+        .unwrap_or(0)
+}
+
+fn finals(s: &Summary) -> u64 {
+    s.runs
+        .iter()
+        .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
+        .count() as u64
+}
+
+/// Attempts beyond the first of each step (retries, resumes and operator retries).
+fn retries(s: &Summary) -> u64 {
+    s.runs
+        .iter()
+        .flat_map(|r| r.attempts.values())
+        .map(|n| u64::from(n.saturating_sub(1)))
+        .sum()
+}
+
+fn message(s: &Summary) -> String {
+    let n = |state: &str| s.counts.get(state).copied().unwrap_or(0);
+    let mut m = format!(
+        "{} retries, {} halted, {} escalated",
+        retries(s),
+        n("HALTED"),
+        n("ESCALATED")
+    );
+    if s.cancelling {
+        m.push_str(", cancelling");
+    }
+    m
+}
+
+/// Bars or lines.
+enum View {
+    Bars {
+        multi: MultiProgress,
+        steps: Vec<ProgressBar>,
+        overall: ProgressBar,
+        told: HashSet<(Uuid, String)>,
+    },
+    Lines {
+        last: Option<(BTreeMap<String, usize>, BTreeMap<String, usize>)>,
+        told: HashSet<(Uuid, String)>,
+    },
+}
+
+impl View {
+    fn new(bars: bool, s: &Summary) -> View {
+        if !bars {
+            return View::Lines {
+                last: None,
+                told: HashSet::new(),
+            };
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
+        let width = prefix_width(&s.steps);
+        let runs = s.runs.len() as u64;
+        // Bars start at the current positions, so rates count only what happens while watching.
+        let steps = s
+            .steps
+            .iter()
+            .zip(passed_per_step(s))
+            .map(|(id, n)| {
+                multi.add(
+                    ProgressBar::new(runs)
+                        .with_style(bar_style(width, "cyan"))
+                        .with_prefix(id.clone())
+                        .with_position(n),
+                )
+            })
+            .collect();
+        let overall = multi.add(
+            ProgressBar::new(runs)
+                .with_style(bar_style(width, "green"))
+                .with_prefix("runs")
+                .with_position(finals(s)),
+        );
+        overall.enable_steady_tick(Duration::from_millis(250));
+        View::Bars {
+            multi,
+            steps,
+            overall,
+            told: HashSet::new(),
+        }
+    }
+
+    fn update(&mut self, s: &Summary) {
+        match self {
+            View::Bars {
+                multi,
+                steps,
+                overall,
+                told,
+            } => {
+                for (bar, n) in steps.iter().zip(passed_per_step(s)) {
+                    bar.set_position(n);
+                }
+                overall.set_position(finals(s));
+                overall.set_message(message(s));
+                for line in news(s, told) {
+                    let _ = multi.println(line);
+                }
+            }
+            View::Lines { last, told } => {
+                let now = (s.counts.clone(), s.in_step.clone());
+                if last.as_ref() != Some(&now) {
+                    eprintln!("{}", progress_line(s));
+                    *last = Some(now);
+                }
+                for line in news(s, told) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+
+    fn abandon(&self) {
+        if let View::Bars { steps, overall, .. } = self {
+            for bar in steps {
+                bar.abandon();
+            }
+            overall.abandon();
+        }
+    }
+}
+
+/// `12:00:01 backfill 0190…: 3/10 final: 2 COMPLETE, 1 HALTED, 7 RUNNING (EXTRACT 4, ENRICH 3)`.
+fn progress_line(s: &Summary) -> String {
+    let counts: Vec<String> = s.counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    let at: Vec<String> = s
+        .steps
+        .iter()
+        .filter_map(|id| s.in_step.get(id).map(|n| format!("{id} {n}")))
+        .collect();
+    let at = if at.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", at.join(", "))
+    };
+    format!(
+        "{} backfill {}: {}/{} final: {}{at}; {}",
+        chrono::Local::now().format("%H:%M:%S"),
+        s.backfill_id,
+        finals(s),
+        s.runs.len(),
+        counts.join(", "),
+        message(s)
+    )
+}
+
+/// Runs that halted or escalated since the last look, one line each.
+fn news(s: &Summary, told: &mut HashSet<(Uuid, String)>) -> Vec<String> {
+    s.runs
+        .iter()
+        .filter(|r| matches!(r.state.as_str(), "HALTED" | "ESCALATED"))
+        .filter(|r| told.insert((r.run_id, format!("{}:{:?}", r.state, r.attempts))))
+        .map(|r| {
+            format!(
+                "  {} {} at {}: {}",
+                r.partition,
+                r.state,
+                r.step.as_deref().unwrap_or("-"),
+                r.reason
+                    .as_deref()
+                    .unwrap_or("waiting for an operator (`warpline escalations`)")
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(state: &str, step: Option<&str>, attempts: &[(&str, u32)]) -> RunSummary {
+        RunSummary {
+            run_id: Uuid::now_v7(),
+            partition: "p".into(),
+            month: None,
+            dataset: None,
+            state: state.into(),
+            step: step.map(String::from),
+            attempts: attempts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            reason: None,
+        }
+    }
+
+    fn summary(runs: Vec<RunSummary>) -> Summary {
+        Summary {
+            schema_version: 1,
+            backfill_id: Uuid::nil(),
+            pipeline: "p".into(),
+            steps: vec!["A".into(), "B".into(), "C".into()],
+            counts: BTreeMap::new(),
+            in_step: BTreeMap::new(),
+            steps_executed: 0,
+            runs_per_minute: 0.0,
+            eta_s: None,
+            wall_ms: 0,
+            finished: false,
+            cancelling: false,
+            audit: String::new(),
+            audit_head: String::new(),
+            runs,
+        }
+    }
+
+    #[test]
+    fn runs_pass_the_steps_before_the_one_they_are_at() {
+        let s = summary(vec![
+            run("COMPLETE", None, &[("A", 1), ("B", 1), ("C", 1)]),
+            run("B", Some("B"), &[("A", 1), ("B", 1)]),
+            run("HALTED", Some("C"), &[("A", 1), ("B", 1), ("C", 3)]),
+            run("ESCALATED", Some("A"), &[("A", 1)]),
+            run("CANCELLED", None, &[("A", 1), ("B", 1)]),
+            run("INIT", None, &[]),
+        ]);
+        assert_eq!(passed_per_step(&s), [4, 2, 1]);
+        assert_eq!(finals(&s), 3);
+        assert_eq!(retries(&s), 2);
+    }
+}
