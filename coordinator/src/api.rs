@@ -16,7 +16,7 @@
 //! | `POST /v1/backfills/{id}/retry-failed` | `RetryFailed` | 200 `{backfill_id, resumed}` |
 //! | `GET /v1/escalations` | `Escalations` | 200 `[Escalation]` |
 //! | `POST /v1/runs/{id}/resolve` ([`ResolveRequest`]) | `Resolve` | 200 `{run_id, action, state}` |
-//! | `GET /v1/workers` | — | 501 until worker heartbeats are tracked |
+//! | `GET /v1/workers` | — | the workers heard from recently (heartbeats) |
 //! | `GET /healthz` | — | 200 while the process lives |
 //! | `GET /readyz` | — | 200 once [`ReadyFlag`] is set, else 503 |
 //!
@@ -168,9 +168,6 @@ pub enum ApiError {
     /// 409: the engine refused the command in the run's current state.
     #[error("{0}")]
     Conflict(String),
-    /// 501: the route exists but this coordinator cannot answer it yet.
-    #[error("{0}")]
-    NotImplemented(String),
     /// 503: the event loop did not answer (stopped, or too slow), or not ready.
     #[error("{0}")]
     Unavailable(String),
@@ -248,7 +245,6 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let body = ErrorBody {
@@ -432,14 +428,9 @@ async fn resolve(
     st.engine.command(cmd).await.map(Json)
 }
 
-/// The engine does not track workers yet: results name their worker, but only heartbeats (fleet
-/// mode, added with `warpline serve`) tell which workers are alive. Until then this says so
-/// rather than answer with an empty fleet.
-async fn workers() -> ApiError {
-    ApiError::NotImplemented(
-        "this coordinator does not track workers yet (worker heartbeats arrive with `warpline serve`)"
-            .into(),
-    )
+/// The workers heard from in the last three heartbeat intervals (fleet mode; empty in-process).
+async fn workers(State(st): State<AppState>) -> Answer {
+    st.engine.command(OperatorCommand::Workers).await.map(Json)
 }
 
 #[cfg(test)]

@@ -258,7 +258,35 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             serde_json::from_value(value).context("unexpected summaries from the coordinator")?;
         print!("{}", render_list(&all, &escalations));
     }
+    let workers: Vec<serde_json::Value> = client.get("/v1/workers").await?;
+    print!("{}", render_workers(&workers));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The live workers as a table (workers heard from in the last three heartbeat intervals).
+fn render_workers(workers: &[serde_json::Value]) -> String {
+    if workers.is_empty() {
+        return "\nworkers: none heard from (in-process workers send no heartbeats)\n".into();
+    }
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            vec![
+                w["worker_id"].as_str().unwrap_or("?").to_string(),
+                w["pool"].as_str().unwrap_or("?").to_string(),
+                format!("{}/{}", w["running"], w["slots"]),
+                format!(
+                    "{:.1} s ago",
+                    w["last_seen_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+                ),
+            ]
+        })
+        .collect();
+    format!(
+        "\nworkers: {} live\n{}",
+        workers.len(),
+        table(&["WORKER", "POOL", "BUSY", "LAST HEARD"], &rows)
+    )
 }
 
 /// `warpline escalations`.
