@@ -45,7 +45,7 @@ use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
 use warpline_shared::partition::{self, Partition};
 
-use crate::engine::{BackfillRequest, Event, OperatorCommand, OperatorError};
+use crate::engine::{BackfillAction, BackfillRequest, Event, OperatorCommand, OperatorError};
 
 /// How long a handler waits for the event loop's answer by default.
 pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -274,6 +274,7 @@ pub fn router(handle: EngineHandle, ready: ReadyFlag) -> Router {
         .route("/v1/backfills/{id}/retry-failed", post(retry_failed))
         .route("/v1/escalations", get(escalations))
         .route("/v1/runs/{id}/resolve", post(resolve))
+        .route("/v1/backfills/{id}/resolve", post(resolve_backfill))
         .route("/v1/workers", get(workers))
         .with_state(AppState {
             engine: handle,
@@ -421,6 +422,39 @@ async fn resolve(
     }
     let cmd = OperatorCommand::Resolve {
         run_id,
+        action: req.action,
+        reason: req.reason,
+        operator: req.operator,
+    };
+    st.engine.command(cmd).await.map(Json)
+}
+
+/// `POST /v1/backfills/{id}/resolve` body: the answer to a backfill escalation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBackfillRequest {
+    /// continue or cancel.
+    pub action: BackfillAction,
+    /// Why (required, and audited).
+    pub reason: String,
+    /// Who (audited).
+    pub operator: String,
+}
+
+async fn resolve_backfill(
+    State(st): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<ResolveBackfillRequest>, JsonRejection>,
+) -> Answer {
+    let backfill_id = parse_id("backfill", &id)?;
+    let Json(req) = body?;
+    if req.reason.trim().is_empty() || req.operator.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "`reason` and `operator` must not be empty: they go into the audit log".into(),
+        ));
+    }
+    let cmd = OperatorCommand::ResolveBackfill {
+        backfill_id,
         action: req.action,
         reason: req.reason,
         operator: req.operator,

@@ -138,6 +138,27 @@ pub enum OperatorCommand {
     Escalations,
     /// The workers heard from recently.
     Workers,
+    /// Answer a backfill's escalation: continue starting runs, or cancel the backfill.
+    ResolveBackfill {
+        /// The backfill.
+        backfill_id: Uuid,
+        /// continue or cancel.
+        action: BackfillAction,
+        /// Why.
+        reason: String,
+        /// Who.
+        operator: String,
+    },
+}
+
+/// An operator's answer to a backfill escalation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackfillAction {
+    /// Start runs again (the signature count starts over).
+    Continue,
+    /// Cancel the backfill.
+    Cancel,
 }
 
 /// The engine's answer to an operator: a JSON document, or why it refused.
@@ -314,6 +335,12 @@ pub struct BackfillRecord {
     pub created_at: DateTime<Utc>,
     /// The pipeline as submitted, so a restarted coordinator can rebuild it.
     pub source: PipelineSource,
+    /// Why the backfill is escalated (no new run starts until an operator answers).
+    #[serde(default)]
+    pub escalated: Option<String>,
+    /// HALTED runs by failure signature, for backfill-level supervision.
+    #[serde(default)]
+    pub halt_signatures: BTreeMap<String, Vec<Uuid>>,
 }
 
 /// A pipeline as submitted: its file, its config (variables applied) and its workdir.
@@ -415,6 +442,9 @@ pub struct Summary {
     pub finished: bool,
     /// Cancel requested.
     pub cancelling: bool,
+    /// Why the backfill is escalated, when it is (no new run starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalated: Option<String>,
     /// The audit log.
     pub audit: String,
     /// Its last committed line's hash.
@@ -537,6 +567,8 @@ impl Engine {
             cancelling: false,
             created_at: Utc::now(),
             source: PipelineSource::of(&req.pipeline),
+            escalated: None,
+            halt_signatures: BTreeMap::new(),
         };
         for p in req.partitions {
             let run_id = Uuid::now_v7();
@@ -662,7 +694,10 @@ impl Engine {
             .copied()
             .filter(|id| {
                 let b = &self.backfills[id];
-                !b.rec.cancelling && !b.rec.pending.is_empty() && b.active < b.rec.max_parallel
+                !b.rec.cancelling
+                    && b.rec.escalated.is_none()
+                    && !b.rec.pending.is_empty()
+                    && b.active < b.rec.max_parallel
             })
             .collect();
         ids.sort_by_key(|id| std::cmp::Reverse(self.backfills[id].rec.priority));
@@ -789,7 +824,56 @@ impl Engine {
                 reason,
             },
         );
+        if matches!(state, RunState::Halted(_)) {
+            self.note_halt(run_id);
+        }
         self.free_slot(bid);
+    }
+
+    /// Backfill-level supervision: counts HALTED runs by failure signature and escalates the
+    /// backfill when `escalate_after_same_halts` of them share one.
+    fn note_halt(&mut self, run_id: Uuid) {
+        let run = &self.runs[&run_id];
+        let bid = run.backfill_id;
+        let Some(last) = run.history.last() else {
+            return;
+        };
+        let mut signature = format!("{}: exit {}", last.step_id, last.exit_code);
+        if last.timed_out {
+            signature.push_str(", timed out");
+        }
+        if last.lost {
+            signature.push_str(", lost");
+        }
+        if !last.failed_checks.is_empty() {
+            signature.push_str(&format!(", failed {}", last.failed_checks.join(", ")));
+        }
+        let Some(b) = self.backfills.get_mut(&bid) else {
+            return;
+        };
+        let threshold = b.pipeline.config.escalate_after_same_halts as usize;
+        let runs = b.rec.halt_signatures.entry(signature.clone()).or_default();
+        runs.push(run_id);
+        self.dirty_backfills.insert(bid);
+        if threshold == 0 || runs.len() < threshold || b.rec.escalated.is_some() {
+            return;
+        }
+        let runs = runs.clone();
+        let reason = format!(
+            "{} runs halted the same way ({signature}): no new run starts until an operator answers \
+             `warpline resolve {bid} --action continue|cancel`",
+            runs.len()
+        );
+        b.rec.escalated = Some(reason.clone());
+        self.record(
+            Some(bid),
+            None,
+            AuditEvent::BackfillEscalated {
+                signature,
+                runs,
+                reason,
+            },
+        );
     }
 
     fn free_slot(&mut self, bid: Uuid) {
@@ -1309,6 +1393,48 @@ impl Engine {
                 let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();
                 Ok(serde_json::to_value(all).expect("summaries serialise"))
             }
+            OperatorCommand::ResolveBackfill {
+                backfill_id,
+                action,
+                reason,
+                operator,
+            } => {
+                let b = self
+                    .backfills
+                    .get_mut(&backfill_id)
+                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
+                if b.rec.escalated.is_none() {
+                    return Err(OperatorError::Refused(format!(
+                        "backfill `{backfill_id}` is not escalated"
+                    )));
+                }
+                b.rec.escalated = None;
+                b.rec.halt_signatures.clear();
+                self.dirty_backfills.insert(backfill_id);
+                let name = match action {
+                    BackfillAction::Continue => "continue",
+                    BackfillAction::Cancel => "cancel",
+                };
+                self.record(
+                    Some(backfill_id),
+                    None,
+                    AuditEvent::BackfillResolution {
+                        operator,
+                        action: name.to_string(),
+                        reason,
+                    },
+                );
+                match action {
+                    BackfillAction::Continue => {
+                        self.fill();
+                        Ok(serde_json::to_value(self.summary(backfill_id))
+                            .expect("summary serialises"))
+                    }
+                    BackfillAction::Cancel => {
+                        self.on_operator(OperatorCommand::Cancel { backfill_id })
+                    }
+                }
+            }
             OperatorCommand::Workers => {
                 let mut list: Vec<serde_json::Value> = self
                     .workers
@@ -1382,10 +1508,15 @@ impl Engine {
 
     /// True when no run can move any more without an operator.
     pub fn idle(&self) -> bool {
-        self.backfills.values().all(|b| b.rec.pending.is_empty())
-            && self.runs.values().all(|r| {
-                r.machine.state.is_final() || matches!(r.machine.state, RunState::Escalated(_))
-            })
+        self.runs.values().all(|r| match r.machine.state {
+            RunState::Running(_) => false,
+            // A run not started yet can only start if its backfill is not escalated.
+            RunState::Init => self
+                .backfills
+                .get(&r.backfill_id)
+                .is_some_and(|b| b.rec.escalated.is_some()),
+            _ => true,
+        })
     }
 
     /// Commits the turn, shows it, then acts on it.
@@ -1471,6 +1602,21 @@ impl Engine {
             // Runs go on after a restart: nothing is finished, nothing more is recorded.
             self.observer.finish();
             return Ok(self);
+        }
+        // Local mode ends with no operator to answer: runs an escalated backfill never started
+        // are cancelled, saying why.
+        for id in self.order.clone() {
+            let b = self.backfills.get_mut(&id).expect("backfill exists");
+            let Some(why) = b.rec.escalated.clone() else {
+                continue;
+            };
+            let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
+            for run_id in pending {
+                self.cancel_run(
+                    run_id,
+                    format!("not started: the backfill was escalated ({why})"),
+                );
+            }
         }
         let reason = if self.stopping {
             "stopped before every run finished".to_string()
@@ -1585,6 +1731,7 @@ impl Engine {
             wall_ms: elapsed.as_millis() as u64,
             finished,
             cancelling: b.rec.cancelling,
+            escalated: b.rec.escalated.clone(),
             audit,
             audit_head,
             runs,

@@ -161,6 +161,12 @@ pub fn describe(part: &str, r: &AuditRecord) -> Option<String> {
         } => {
             format!("{part} operator {operator}: {action} ({reason})")
         }
+        AuditEvent::BackfillEscalated { reason, .. } => format!("backfill ESCALATED: {reason}"),
+        AuditEvent::BackfillResolution {
+            operator,
+            action,
+            reason,
+        } => format!("backfill resolved by {operator}: {action} ({reason})"),
         AuditEvent::RunCreated { .. } | AuditEvent::Transition { .. } => return None,
     };
     Some(format!("{ts} {text}"))

@@ -217,6 +217,25 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// Several runs halted the same way: the backfill starts no new run until an operator
+    /// answers.
+    BackfillEscalated {
+        /// The shared failure signature.
+        signature: String,
+        /// The runs that halted with it.
+        runs: Vec<Uuid>,
+        /// Why.
+        reason: String,
+    },
+    /// An operator answered a backfill's escalation.
+    BackfillResolution {
+        /// Who.
+        operator: String,
+        /// `continue` or `cancel`.
+        action: String,
+        /// Why.
+        reason: String,
+    },
     /// A run reached a final state.
     RunFinished {
         /// COMPLETE, HALTED or CANCELLED.
@@ -257,6 +276,8 @@ impl AuditEvent {
             AuditEvent::GuardOverride { .. } => "guard_override",
             AuditEvent::Escalated { .. } => "escalated",
             AuditEvent::OperatorResolution { .. } => "operator_resolution",
+            AuditEvent::BackfillEscalated { .. } => "backfill_escalated",
+            AuditEvent::BackfillResolution { .. } => "backfill_resolution",
             AuditEvent::RunFinished { .. } => "run_finished",
             AuditEvent::BackfillFinished { .. } => "backfill_finished",
         }

@@ -66,6 +66,12 @@ pub struct PipelineConfig {
     /// Seconds past a step's `timeout_s` after which an attempt with no result is lost.
     #[serde(default = "default_lost_grace")]
     pub lost_grace_s: u64,
+    /// Backfill-level supervision: when this many runs of one backfill halt with the same
+    /// failure signature (step, exit code, failed checks), no new run of the backfill starts
+    /// and the backfill is escalated to an operator, instead of spending every partition's
+    /// retries on the same broken upstream. 0 turns it off.
+    #[serde(default = "default_same_failure_halts")]
+    pub escalate_after_same_halts: u32,
     /// The steps, in order.
     pub steps: Vec<StepConfig>,
     /// The supervisor agent: which one, and how an LLM is called and bounded. Optional; the
@@ -244,6 +250,9 @@ fn default_run_dir() -> String {
 }
 fn default_lost_grace() -> u64 {
     30
+}
+fn default_same_failure_halts() -> u32 {
+    3
 }
 fn default_timeout() -> u64 {
     600

@@ -148,12 +148,16 @@ pub enum Resolution {
     Retry,
     /// Stop the run (it can be resumed with retry-failed).
     Halt,
+    /// For an escalated backfill: start runs again.
+    Continue,
+    /// For an escalated backfill: cancel it.
+    Cancel,
 }
 
 /// `warpline resolve`.
 #[derive(Debug, Args)]
 pub struct ResolveArgs {
-    /// The escalated run's id.
+    /// The escalated run's id, or an escalated backfill's id (with continue or cancel).
     pub run: String,
     /// What to do.
     #[arg(long, value_enum)]

@@ -21,8 +21,10 @@ use super::watch::follow;
 use super::{
     ApiArgs, BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs,
 };
-use crate::api::{ErrorBody, ResolveRequest, SubmitRequest, SubmitResponse};
-use crate::engine::{Escalation, Summary};
+use crate::api::{
+    ErrorBody, ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse,
+};
+use crate::engine::{BackfillAction, Escalation, Summary};
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -342,6 +344,28 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
         Resolution::Proceed => Action::Proceed,
         Resolution::Retry => Action::Retry,
         Resolution::Halt => Action::Halt,
+        Resolution::Continue | Resolution::Cancel => {
+            // A backfill escalation: the id names a backfill.
+            let action = if args.action == Resolution::Continue {
+                BackfillAction::Continue
+            } else {
+                BackfillAction::Cancel
+            };
+            let req = ResolveBackfillRequest {
+                action,
+                reason: args.reason,
+                operator: operator.clone(),
+            };
+            let answer: serde_json::Value = client
+                .post(&format!("/v1/backfills/{}/resolve", args.run), &req)
+                .await?;
+            let counts = answer["counts"].to_string();
+            println!(
+                "backfill {}: {action:?} by {operator}; runs {counts}",
+                args.run
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     let req = ResolveRequest {
         action,
@@ -497,6 +521,9 @@ pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
         state_word(s)
     );
     out.push_str(&format!("runs: {} — {}\n", s.runs.len(), counts_line(s)));
+    if let Some(why) = &s.escalated {
+        out.push_str(&format!("ESCALATED: {why}\n"));
+    }
     let finals = s
         .runs
         .iter()

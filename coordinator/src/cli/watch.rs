@@ -317,6 +317,7 @@ mod tests {
             wall_ms: 0,
             finished: false,
             cancelling: false,
+            escalated: None,
             audit: String::new(),
             audit_head: String::new(),
             runs,

@@ -360,3 +360,80 @@ async fn readyz_is_503_until_the_flag_is_set() {
     assert_eq!(srv.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_whose_runs_halt_the_same_way_is_escalated_then_continued() {
+    let srv = Server::start().await;
+    // Every run fails the same permanent way until the upstream is "fixed" (a marker file).
+    let mut config = pipeline_json(
+        "same-failure",
+        json!([{
+            "id": "FETCH", "command": "sh",
+            "args": ["-c", "test -e {config_dir}/fixed || {{ echo 'CRITICAL: upstream answers 410'; exit 1; }}"],
+        }]),
+    );
+    config["escalate_after_same_halts"] = json!(2);
+    let dir = srv.pipeline("same-failure", json!([]));
+    std::fs::write(&dir, config.to_string()).unwrap();
+    let marker = std::path::Path::new(&dir).parent().unwrap().join("fixed");
+    let id = srv
+        .submit(
+            &dir,
+            json!({"months": "2024-01..2024-05", "max_parallel": 1}),
+        )
+        .await;
+    let summary = srv
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["escalated"].is_string() && s["counts"]["RUNNING"].is_null()
+        })
+        .await;
+    // Two runs halted; the other three never started.
+    assert_eq!(
+        summary["counts"],
+        json!({"HALTED": 2, "INIT": 3}),
+        "{summary:#}"
+    );
+    let why = summary["escalated"].as_str().unwrap();
+    assert!(why.contains("FETCH: exit 1"), "{why}");
+    // Nothing starts while it waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, again) = srv.get(&format!("/v1/backfills/{id}")).await;
+    assert_eq!(
+        again["counts"],
+        json!({"HALTED": 2, "INIT": 3}),
+        "{again:#}"
+    );
+
+    // Answering a backfill that is not escalated, or with an empty reason, is refused.
+    let resolve = format!("/v1/backfills/{id}/resolve");
+    let (status, _) = srv
+        .post(
+            &resolve,
+            json!({"action": "continue", "reason": "", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    std::fs::write(&marker, "").unwrap();
+    let (status, body) = srv
+        .post(
+            &resolve,
+            json!({"action": "continue", "reason": "upstream fixed", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = srv
+        .post(
+            &resolve,
+            json!({"action": "continue", "reason": "again", "operator": "ana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let done = srv.wait_finished(&id).await;
+    assert_eq!(
+        done["counts"],
+        json!({"HALTED": 2, "COMPLETE": 3}),
+        "{done:#}"
+    );
+    assert!(done["escalated"].is_null(), "{done:#}");
+    srv.stop().await;
+}

@@ -471,3 +471,59 @@ fn bad_config_and_partitions_are_refused_before_anything_runs() {
         assert!(run.stderr().contains(needle), "{needle}\n{}", run.context());
     }
 }
+
+#[test]
+fn runs_halting_the_same_way_escalate_the_backfill_and_stop_new_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "name": "broken-upstream",
+        "workdir": "work",
+        "escalate_after_same_halts": 2,
+        "steps": [{
+            "id": "FETCH", "command": "sh",
+            "args": ["-c", "echo 'CRITICAL: upstream answers 410 Gone'; exit 1"]
+        }]
+    });
+    let path = dir.path().join("pipeline.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let run = warpline(
+        &[
+            "run",
+            path.to_str().unwrap(),
+            "--months",
+            "2024-01..2024-06",
+            "--workers",
+            "1",
+            "--max-parallel",
+            "1",
+            "--json",
+            "--progress",
+            "none",
+        ],
+        &[],
+    );
+    run.expect_code(1);
+    let summary = run.summary();
+    assert_eq!(summary["counts"]["HALTED"], 2, "{}", run.context());
+    assert_eq!(summary["counts"]["CANCELLED"], 4, "{}", run.context());
+    assert_eq!(summary["steps_executed"], 2, "{}", run.context());
+    let not_started = run_of(&summary, "2024-06")["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        not_started.contains("backfill was escalated"),
+        "{not_started}"
+    );
+    let escalations: Vec<(String, usize)> =
+        audit_records(Path::new(summary["audit"].as_str().unwrap()))
+            .into_iter()
+            .filter_map(|r| match r.event {
+                AuditEvent::BackfillEscalated {
+                    signature, runs, ..
+                } => Some((signature, runs.len())),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(escalations, [("FETCH: exit 1".to_string(), 2)]);
+}
