@@ -246,7 +246,10 @@ impl Fleet {
             .env_remove("WARPLINE_API_URL")
             .env_remove("WARPLINE_ALLOW");
         let command = describe(&cmd);
-        self.commands.lock().unwrap().push(format!("[{name}] {command}"));
+        self.commands
+            .lock()
+            .unwrap()
+            .push(format!("[{name}] {command}"));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
@@ -318,10 +321,10 @@ impl Fleet {
     /// Runs `warpline ARGS` (no API) and waits for it, recording the command.
     pub fn warpline(&self, args: &[&str]) -> Finished {
         let finished = crate::warpline(args, &[]);
-        self.commands
-            .lock()
-            .unwrap()
-            .push(format!("{} -> {:?}", finished.command, finished.output.status));
+        self.commands.lock().unwrap().push(format!(
+            "{} -> {:?}",
+            finished.command, finished.output.status
+        ));
         finished
     }
 
@@ -501,9 +504,10 @@ impl Fleet {
         if let Ok(mut db) = postgres::Client::connect(
             "host=127.0.0.1 port=5432 user=postgres dbname=warpline connect_timeout=5",
             postgres::NoTls,
-        ) && let Err(e) =
-            db.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema))
-        {
+        ) && let Err(e) = db.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        )) {
             eprintln!("cannot drop schema `{}`: {e}", self.schema);
         }
         let topology = self.topology();

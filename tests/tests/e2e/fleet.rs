@@ -122,7 +122,11 @@ fn datawarp_backfill_runs_across_three_workers_and_its_log_verifies() {
     );
     let verify = fleet.warpline(&["audit", "verify", fleet.audit().to_str().unwrap()]);
     verify.expect_code(0);
-    assert!(verify.stdout().contains("chain intact"), "{}", verify.context());
+    assert!(
+        verify.stdout().contains("chain intact"),
+        "{}",
+        verify.context()
+    );
 }
 
 #[test]
@@ -135,13 +139,19 @@ fn a_step_whose_worker_is_killed_runs_again_on_another_worker() {
         json!([
             // The first run of the step sleeps until its worker is killed; the redelivered
             // one finishes at once.
-            sh("SLOW", "echo $$ >> pids; [ $(wc -l < pids) -gt 1 ] || sleep 30"),
+            sh(
+                "SLOW",
+                "echo $$ >> pids; [ $(wc -l < pids) -gt 1 ] || sleep 30"
+            ),
             sh("DONE", "echo done > done"),
         ]),
     );
     fleet.worker("doomed", 1, &["sh"]);
     let id = fleet.submit(&c, &pipeline, &["--months", "2024-01"]);
-    let run_dir = Path::new(&pipeline).parent().unwrap().join("work/runs/2024-01");
+    let run_dir = Path::new(&pipeline)
+        .parent()
+        .unwrap()
+        .join("work/runs/2024-01");
     let first: i32 = fleet
         .wait_file(&run_dir.join("pids"), LIMIT)
         .trim()
@@ -233,7 +243,10 @@ fn a_restarted_coordinator_finishes_the_backfill_without_applying_a_result_twice
             *decisions_per_run.entry(r.run_id.unwrap()).or_default() += 1;
         }
     }
-    assert_eq!(decisions_per_run, results_per_run, "one decision per result");
+    assert_eq!(
+        decisions_per_run, results_per_run,
+        "one decision per result"
+    );
     assert_eq!(results.len(), 24, "3 steps × 8 runs, each applied once");
     let verify = fleet.warpline(&["audit", "verify", audit.to_str().unwrap()]);
     verify.expect_code(0);
@@ -262,7 +275,11 @@ fn a_standby_coordinator_takes_over_when_the_active_one_dies() {
     fleet_wait(LIMIT, "2 step results before the kill", || {
         count_events(&audit, "step_result") >= 2
     });
-    assert_eq!(readyz(&standby), 503, "the standby leads while the active lives");
+    assert_eq!(
+        readyz(&standby),
+        503,
+        "the standby leads while the active lives"
+    );
     fleet.kill("active");
     fleet.wait_ready(&standby, LIMIT);
     fleet.wait_log("standby", "leading schema");
@@ -321,7 +338,7 @@ fn an_escalation_resolved_over_the_cli_completes() {
     fleet.wait_ready(&c, LIMIT);
     let marker = fleet.dir().join("fixed");
     let script = format!(
-        "test -f '{}' || {{ echo 'the numbers look odd' >&2; exit 3; }}",
+        "test -f '{}' || (echo 'the numbers look odd' >&2; exit 3)",
         marker.display()
     );
     let pipeline = fleet.pipeline("escalate", json!([sh("ODD", &script), sh("NEXT", "true")]));
@@ -365,7 +382,11 @@ fn an_escalation_resolved_over_the_cli_completes() {
     };
     let ok = resolve(&fleet);
     ok.expect_code(0);
-    assert!(ok.stdout().contains("retry by e2e-operator"), "{}", ok.context());
+    assert!(
+        ok.stdout().contains("retry by e2e-operator"),
+        "{}",
+        ok.context()
+    );
 
     let summary = fleet.wait_finished(&c, &id, LIMIT);
     assert_all(&summary, "COMPLETE", 1);
@@ -404,7 +425,10 @@ fn cancel_starts_nothing_new_and_every_run_ends() {
     fleet.wait_ready(&c, LIMIT);
     let pipeline = fleet.pipeline(
         "cancel",
-        json!([sh("SLEEP", "echo $$ > pid; sleep 2"), sh("AFTER", "touch after")]),
+        json!([
+            sh("SLEEP", "echo $$ > pid; sleep 2"),
+            sh("AFTER", "touch after")
+        ]),
     );
     fleet.worker("w1", 2, &["sh"]);
     let id = fleet.submit(
@@ -424,7 +448,9 @@ fn cancel_starts_nothing_new_and_every_run_ends() {
     let cancel = fleet.cli(&c, &["cancel", &id]);
     cancel.expect_code(0);
     assert!(
-        cancel.stdout().contains("2 runs end CANCELLED once their running step finishes"),
+        cancel
+            .stdout()
+            .contains("2 runs end CANCELLED once their running step finishes"),
         "{}",
         cancel.context()
     );
@@ -436,7 +462,11 @@ fn cancel_starts_nothing_new_and_every_run_ends() {
         .into_iter()
         .filter(|d| started(d))
         .collect();
-    assert_eq!(ran.len(), 2, "only the two running tools ever started: {ran:?}");
+    assert_eq!(
+        ran.len(),
+        2,
+        "only the two running tools ever started: {ran:?}"
+    );
     for d in ["a", "b", "c", "d", "e", "f"] {
         assert!(
             !runs_dir.join(d).join("after").exists(),
@@ -465,8 +495,15 @@ fn cancel_starts_nothing_new_and_every_run_ends() {
         .filter(|r| matches!(r.event, AuditEvent::StepDispatched { .. }) && r.seq > cancelled_at)
         .map(|r| r.seq)
         .collect();
-    assert!(late.is_empty(), "steps dispatched after the cancel: {late:?}");
-    assert_eq!(step_results(&records).len(), 2, "the running steps reported");
+    assert!(
+        late.is_empty(),
+        "steps dispatched after the cancel: {late:?}"
+    );
+    assert_eq!(
+        step_results(&records).len(),
+        2,
+        "the running steps reported"
+    );
 }
 
 #[test]
@@ -502,7 +539,11 @@ fn retry_failed_resumes_halted_runs_at_the_failed_step() {
     assert_all(&summary, "COMPLETE", 3);
     let runs_dir = Path::new(&pipeline).parent().unwrap().join("work/runs");
     for r in runs(&summary) {
-        assert_eq!(r["attempts"], json!({"FIRST": 1, "GATE": 2, "LAST": 1}), "{r}");
+        assert_eq!(
+            r["attempts"],
+            json!({"FIRST": 1, "GATE": 2, "LAST": 1}),
+            "{r}"
+        );
         let d = r["partition"].as_str().unwrap();
         let first = std::fs::read_to_string(runs_dir.join(d).join("first")).unwrap();
         assert_eq!(first.lines().count(), 1, "FIRST ran again for `{d}`");
