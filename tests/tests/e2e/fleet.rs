@@ -248,6 +248,20 @@ fn a_restarted_coordinator_finishes_the_backfill_without_applying_a_result_twice
         "one decision per result"
     );
     assert_eq!(results.len(), 24, "3 steps × 8 runs, each applied once");
+    // The restarted coordinator's event lines name the runs it restored.
+    let log = fleet.log("second");
+    let dispatched: Vec<&str> = log.lines().filter(|l| l.ends_with(" dispatched")).collect();
+    assert!(
+        !dispatched.is_empty(),
+        "no dispatch after the restart:\n{log}"
+    );
+    for line in dispatched {
+        let run = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(
+            "abcdefgh".contains(run) && run.len() == 1,
+            "a restored run is not named: `{line}`"
+        );
+    }
     let verify = fleet.warpline(&["audit", "verify", audit.to_str().unwrap()]);
     verify.expect_code(0);
 }
