@@ -292,13 +292,31 @@ fn a_standby_coordinator_takes_over_when_the_active_one_dies() {
     assert_eq!(
         readyz(&standby),
         503,
-        "the standby leads while the active lives"
+        "a standby is not ready while the active one lives"
     );
+    // A standby takes no work: what it refuses must not happen later, when it leads.
+    let refused = fleet.cli(&standby, &["submit", &pipeline, "--datasets", "x"]);
+    refused.expect_code(2);
+    assert!(refused.stderr().contains("503"), "{}", refused.context());
     fleet.kill("active");
     fleet.wait_ready(&standby, LIMIT);
     fleet.wait_log("standby", "leading schema");
 
     let summary = fleet.wait_finished(&standby, &id, LIMIT);
+    let all = fleet.cli(&standby, &["status", "--json"]);
+    all.expect_code(0);
+    let ids: Vec<Value> = all
+        .summary()
+        .as_array()
+        .expect("a list of summaries")
+        .iter()
+        .map(|s| s["backfill_id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [json!(id)],
+        "only the backfill the active accepted exists"
+    );
     assert_all(&summary, "COMPLETE", 6);
     for r in runs(&summary) {
         for step in ["A", "B"] {
