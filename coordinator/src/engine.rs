@@ -926,6 +926,18 @@ impl Engine {
                 }
             }
             Event::Deadline { run_id, attempt_id } => self.on_deadline(run_id, attempt_id),
+            // A request whose client stopped waiting was answered with a 503 ("try again"):
+            // applying it now (a standby that queued it before it led, a loop that answered
+            // too late) would do what the client was told did not happen.
+            Event::Submit(req, Some(reply)) if reply.is_closed() => {
+                warn!(backfill_id = %req.id, "dropping a submit whose client gave up waiting");
+            }
+            Event::Operator(cmd, reply) if reply.is_closed() => {
+                warn!(
+                    ?cmd,
+                    "dropping an operator command whose client gave up waiting"
+                );
+            }
             Event::Submit(req, reply) => {
                 let id = self.submit(*req);
                 if let Some(reply) = reply {
@@ -1801,6 +1813,82 @@ pub fn bound_tail(tail: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit_log::AuditLog;
+    use crate::progress::Quiet;
+    use crate::supervisor::RulesAgent;
+
+    /// A transport that drops every spec: these tests never run a step.
+    struct Nowhere;
+
+    impl Transport for Nowhere {
+        fn dispatch(&mut self, _: StepSpec) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let (tx, _) = mpsc::unbounded_channel();
+        Engine::new(
+            EngineConfig {
+                exit_when_idle: false,
+            },
+            Arc::new(RulesAgent),
+            Box::new(AuditLog::open(dir.join("audit.jsonl")).unwrap()),
+            Box::new(Nowhere),
+            Box::new(Quiet),
+            tx,
+        )
+    }
+
+    fn backfill(dir: &std::path::Path) -> BackfillRequest {
+        let config = r#"{"name": "p", "steps": [{"id": "A", "command": "true"}]}"#;
+        let pipeline = Pipeline::from_json(&dir.join("p.json"), config).unwrap();
+        BackfillRequest {
+            id: Uuid::now_v7(),
+            pipeline: Arc::new(pipeline),
+            partitions: vec![Partition {
+                month: None,
+                dataset: Some("a".into()),
+            }],
+            max_parallel: 1,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn requests_whose_client_gave_up_are_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine(dir.path());
+        let (reply, gave_up) = oneshot::channel();
+        drop(gave_up);
+        engine.handle(Event::Submit(Box::new(backfill(dir.path())), Some(reply)));
+        assert!(
+            engine.backfills.is_empty(),
+            "a submit answered 503 took effect"
+        );
+
+        let id = engine.submit(backfill(dir.path()));
+        let (reply, gave_up) = oneshot::channel();
+        drop(gave_up);
+        let cancel = OperatorCommand::Cancel { backfill_id: id };
+        engine.handle(Event::Operator(cancel, reply));
+        assert!(
+            !engine.backfills[&id].rec.cancelling,
+            "a cancel answered 503 took effect"
+        );
+
+        let (reply, mut answer) = oneshot::channel();
+        engine.handle(Event::Operator(
+            OperatorCommand::Cancel { backfill_id: id },
+            reply,
+        ));
+        assert!(engine.backfills[&id].rec.cancelling);
+        assert!(matches!(engine.effects.last(), Some(Effect::Reply(..))));
+        assert!(
+            answer.try_recv().is_err(),
+            "answered only after the turn commits"
+        );
+    }
 
     #[test]
     fn bound_tail_keeps_the_end_on_a_char_boundary() {

@@ -1,5 +1,6 @@
 //! `warpline`: parse the command line, install tracing and signal handling, run.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,6 +16,9 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_env("WARPLINE_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a coordinator's log collected from a file or a container
+        // stays greppable (as the worker's does).
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let shutdown = CancellationToken::new();
     if let Err(e) = warpline_worker::shutdown::cancel_on_signals(shutdown.clone()) {

@@ -47,8 +47,15 @@ pub struct Lines {
 impl Lines {
     /// Lines to standard error.
     pub fn stderr() -> Lines {
+        Lines::stderr_knowing([])
+    }
+
+    /// Lines to standard error that already know these runs' partition keys: a coordinator
+    /// restored from its store never sees their `run_created` records, and would otherwise
+    /// name every such run `-`.
+    pub fn stderr_knowing(runs: impl IntoIterator<Item = (Uuid, String)>) -> Lines {
         Lines {
-            names: Names::default(),
+            names: Names(runs.into_iter().collect()),
             out: Box::new(std::io::stderr()),
         }
     }
@@ -298,5 +305,47 @@ impl Observer for Bars {
             bar.abandon();
         }
         self.overall.abandon_with_message(self.status());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use warpline_shared::partition::Partition;
+
+    fn record(run_id: Uuid, event: AuditEvent) -> AuditRecord {
+        AuditRecord {
+            seq: 1,
+            ts: Utc::now(),
+            prev_hash: String::new(),
+            backfill_id: None,
+            run_id: Some(run_id),
+            event,
+        }
+    }
+
+    #[test]
+    fn runs_are_named_whether_created_or_restored() {
+        let (created, restored) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut names = Lines::stderr_knowing([(restored, "b_2024-02".to_string())]).names;
+        let partition = Partition {
+            month: Some("2024-01".into()),
+            dataset: Some("a".into()),
+        };
+        names.learn(&record(created, AuditEvent::RunCreated { partition }));
+        let finished = |id| {
+            record(
+                id,
+                AuditEvent::RunFinished {
+                    state: "COMPLETE".into(),
+                    step_id: None,
+                    reason: String::new(),
+                },
+            )
+        };
+        assert_eq!(names.of(&finished(created)), "a_2024-01");
+        assert_eq!(names.of(&finished(restored)), "b_2024-02");
+        assert_eq!(names.of(&finished(Uuid::now_v7())), "-");
     }
 }

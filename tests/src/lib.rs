@@ -1,10 +1,13 @@
 //! The end-to-end harness: finds the built `warpline` binaries, checks the services, runs real
 //! processes with their output captured, serves scripted HTTP faults on 127.0.0.1, and plays a
-//! scripted LLM provider ([`ModelServer`]) speaking the Gemini and OpenAI wire formats.
+//! scripted LLM provider ([`ModelServer`]) speaking the Gemini and OpenAI wire formats. Fleet
+//! mode's coordinators and workers are started by [`fleet::Fleet`].
 //!
 //! Every test gets its own workdir (a temporary directory) and its own PostgreSQL schema, so
 //! tests run in parallel without seeing each other's files or rows. When a service is down the
 //! test fails and says how to start it; nothing is skipped silently.
+
+pub mod fleet;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

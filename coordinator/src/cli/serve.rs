@@ -144,7 +144,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             transport.dispatch(spec)?;
         }
         let observer: Box<dyn Observer> = if args.log_events {
-            Box::new(Lines::stderr())
+            Box::new(Lines::stderr_knowing(
+                recovered.runs.iter().map(|r| (r.id, r.partition.key())),
+            ))
         } else {
             Box::new(Quiet)
         };

@@ -1,6 +1,7 @@
-//! End-to-end suites: real `warpline` processes, real tools, real PostgreSQL.
+//! End-to-end suites: real `warpline` processes, real tools, real PostgreSQL and RabbitMQ.
 //!
 //! Build the binaries first: `cargo build --workspace --bins && cargo test --workspace`.
 
 mod agent;
+mod fleet;
 mod local;
