@@ -3,5 +3,6 @@
 //! Build the binaries first: `cargo build --workspace --bins && cargo test --workspace`.
 
 mod agent;
+mod deploy;
 mod fleet;
 mod local;
