@@ -566,6 +566,18 @@ async fn run_tool(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // If this worker dies (SIGKILL, the OOM killer), its tool dies with it: the broker hands
+    // the step to another worker, and two copies must never write the same artefacts at once.
+    // The signal follows the spawning thread, which is a runtime worker thread that lives as
+    // long as the worker.
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
+                .map_err(io::Error::from)
+        });
+    }
     let mut child = command.spawn().map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => SpawnError::NotFound {
             command: spec.command.clone(),

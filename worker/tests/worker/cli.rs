@@ -69,6 +69,26 @@ fn exec_refuses_a_bad_spec_file_clearly() {
 }
 
 #[test]
+fn a_worker_killed_with_sigkill_takes_its_tool_with_it() {
+    let w = Workdir::new();
+    let spec = write_spec(&w, &w.sh("echo $$ > tool.pid; exec sleep 300", 120));
+    let mut child = Command::new(BIN)
+        .args(["exec", &spec])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tool = read_pid(&w.root().join("run/tool.pid"), Duration::from_secs(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The tool is in its own process group, so only the parent-death signal can reach it.
+    assert!(
+        wait_gone(tool, Duration::from_secs(5)),
+        "tool {tool} outlived its SIGKILLed worker"
+    );
+}
+
+#[test]
 fn sigterm_cancels_exec_cleanly() {
     let w = Workdir::new();
     let spec = write_spec(&w, &w.sh("echo $$ > tool.pid; sleep 300", 120));
