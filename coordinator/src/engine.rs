@@ -1364,7 +1364,21 @@ impl Engine {
                     .get_mut(&backfill_id)
                     .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
                 b.rec.cancelling = false;
+                // Resuming the halted runs is the operator's answer to a backfill escalation too.
+                let was_escalated = b.rec.escalated.take().is_some();
+                b.rec.halt_signatures.clear();
                 let runs = b.rec.runs.clone();
+                if was_escalated {
+                    self.record(
+                        Some(backfill_id),
+                        None,
+                        AuditEvent::BackfillResolution {
+                            operator: "retry-failed".into(),
+                            action: "continue".into(),
+                            reason: "the halted runs were resumed".into(),
+                        },
+                    );
+                }
                 let mut resumed = 0;
                 for id in runs {
                     let run = self.runs.get_mut(&id).expect("run exists");
