@@ -197,9 +197,16 @@ pub(crate) fn prefix_width(step_ids: &[String]) -> usize {
 /// a message.
 pub(crate) fn bar_style(width: usize, color: &str) -> ProgressStyle {
     ProgressStyle::with_template(&format!(
-        "{{prefix:>{width}}} [{{bar:40.{color}/blue}}] {{pos:>5}}/{{len:5}} {{per_sec:>9}} eta {{eta:>4}} {{msg}}"
+        "{{prefix:>{width}}} [{{bar:40.{color}/blue}}] {{pos:>5}}/{{len:5}} {{rate:>8}} eta {{eta:>4}} {{msg}}"
     ))
     .expect("valid template")
+    // indicatif's `per_sec` prints every digit of the float; one decimal is enough.
+    .with_key(
+        "rate",
+        |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.1}/s", state.per_sec());
+        },
+    )
     .progress_chars("=> ")
 }
 
