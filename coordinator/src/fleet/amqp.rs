@@ -1,9 +1,10 @@
 //! Fleet mode's transport: StepSpecs out to RabbitMQ, results and heartbeats in.
 //!
 //! - The [`AmqpTransport`] hands each StepSpec to a publisher task, which publishes batches
-//!   with publisher confirms and then marks their outbox rows sent. The engine has already
-//!   committed them to the outbox, so a crash before the confirm only means they are
-//!   published again at the next start (a duplicate attempt is ignored as stale).
+//!   with publisher confirms and then marks their outbox rows sent (in the background, without
+//!   waiting for the WAL flush). The engine has already committed them to the outbox, so a
+//!   crash before the confirm or the mark only means they are published again at the next
+//!   start (a duplicate attempt is ignored as stale).
 //! - The results consumer turns each message into [`Event::Outcome`] with an acknowledgement
 //!   that the engine runs only after the turn that applied the result is durable. A malformed
 //!   or wrongly signed message is copied to the dead-letter exchange with the reason and acked:
@@ -233,9 +234,15 @@ async fn publisher(
                 }
             }
         }
-        pg::mark_sent(&db, &sent)
-            .await
-            .context("cannot mark outbox rows sent")?;
+        // Marked beside the next batch rather than before it: the mark is bookkeeping for a
+        // restart (an unmarked row is published again and its duplicate ignored as stale), so
+        // the next StepSpecs need not wait for it.
+        let db = db.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pg::mark_sent(&db, &sent).await {
+                tracing::warn!(error = %format!("{e:#}"), rows = sent.len(), "cannot mark outbox rows sent; they will be published again at the next start");
+            }
+        });
         batch.clear();
     }
     Ok(())

@@ -436,9 +436,7 @@ impl PgStore {
             )
             .await
             .context("cannot store audit events")?;
-            for (rec, _) in &self.records {
-                derive(&tx, rec).await?;
-            }
+            derive(&tx, &self.records).await?;
         }
         for b in self.backfills.values() {
             tx.execute(
@@ -499,65 +497,140 @@ impl PgStore {
     }
 }
 
-/// Fills the attempts, decisions and escalations tables from one audit record.
-async fn derive(tx: &deadpool_postgres::Transaction<'_>, rec: &AuditRecord) -> anyhow::Result<()> {
-    let seq = rec.seq as i64;
-    match &rec.event {
-        AuditEvent::StepDispatched {
-            step_id,
-            attempt,
-            attempt_id,
-            ..
-        } => {
-            tx.execute(
-                "INSERT INTO attempts (attempt_id, run_id, step_id, attempt, dispatched_at) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (attempt_id) DO NOTHING",
-                &[attempt_id, &rec.run_id, step_id, &(*attempt as i32), &rec.ts],
-            )
-            .await?;
+/// Fills the attempts, decisions and escalations tables from a turn's audit records. The
+/// frequent ones (dispatches, results, decisions) take one statement each per turn, whatever
+/// the number of records; escalations and resolutions, which are rare and may follow each
+/// other within a turn, take one statement each, in order.
+async fn derive(
+    tx: &deadpool_postgres::Transaction<'_>,
+    records: &[(AuditRecord, String)],
+) -> anyhow::Result<()> {
+    let mut dispatched = Dispatched::default();
+    let mut results = Results::default();
+    let mut decisions = Decisions::default();
+    for (rec, _) in records {
+        match &rec.event {
+            AuditEvent::StepDispatched {
+                step_id,
+                attempt,
+                attempt_id,
+                ..
+            } => {
+                dispatched.attempt_ids.push(*attempt_id);
+                dispatched.run_ids.push(rec.run_id);
+                dispatched.step_ids.push(step_id);
+                dispatched.attempts.push(*attempt as i32);
+                dispatched.at.push(rec.ts);
+            }
+            AuditEvent::StepResult { outcome } => {
+                results.attempt_ids.push(outcome.result.attempt_id);
+                results.outcomes.push(serde_json::to_value(outcome)?);
+                results.at.push(rec.ts);
+            }
+            AuditEvent::Decision {
+                step_id,
+                attempt,
+                agent,
+                decision,
+                ..
+            } => {
+                decisions.seqs.push(rec.seq as i64);
+                decisions.run_ids.push(rec.run_id);
+                decisions.step_ids.push(step_id);
+                decisions.attempts.push(*attempt as i32);
+                decisions.agents.push(agent);
+                decisions.actions.push(decision.action.as_str());
+                decisions.reasons.push(&decision.reason);
+                decisions.at.push(rec.ts);
+            }
+            _ => {}
         }
-        AuditEvent::StepResult { outcome } => {
-            tx.execute(
-                "UPDATE attempts SET outcome = $2, finished_at = $3 WHERE attempt_id = $1",
-                &[
-                    &outcome.result.attempt_id,
-                    &serde_json::to_value(outcome)?,
-                    &rec.ts,
-                ],
-            )
-            .await?;
+    }
+    // Dispatches first: a result may name an attempt dispatched in the same turn.
+    if !dispatched.attempt_ids.is_empty() {
+        let d = &dispatched;
+        tx.execute(
+            "INSERT INTO attempts (attempt_id, run_id, step_id, attempt, dispatched_at)
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
+             ON CONFLICT (attempt_id) DO NOTHING",
+            &[&d.attempt_ids, &d.run_ids, &d.step_ids, &d.attempts, &d.at],
+        )
+        .await
+        .context("cannot store attempts")?;
+    }
+    if !results.attempt_ids.is_empty() {
+        let r = &results;
+        tx.execute(
+            "UPDATE attempts SET outcome = u.outcome, finished_at = u.at
+             FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[]) AS u(attempt_id, outcome, at)
+             WHERE attempts.attempt_id = u.attempt_id",
+            &[&r.attempt_ids, &r.outcomes, &r.at],
+        )
+        .await
+        .context("cannot store results")?;
+    }
+    if !decisions.seqs.is_empty() {
+        let d = &decisions;
+        tx.execute(
+            "INSERT INTO decisions (seq, run_id, step_id, attempt, agent, action, reason, decided_at)
+             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])",
+            &[&d.seqs, &d.run_ids, &d.step_ids, &d.attempts, &d.agents, &d.actions, &d.reasons, &d.at],
+        )
+        .await
+        .context("cannot store decisions")?;
+    }
+    for (rec, _) in records {
+        let seq = rec.seq as i64;
+        match &rec.event {
+            AuditEvent::Escalated { step_id, reason } => {
+                tx.execute(
+                    "INSERT INTO escalations (seq, run_id, step_id, reason, opened_at) VALUES ($1, $2, $3, $4, $5)",
+                    &[&seq, &rec.run_id, step_id, reason, &rec.ts],
+                )
+                .await?;
+            }
+            AuditEvent::OperatorResolution { .. } => {
+                tx.execute(
+                    "UPDATE escalations SET resolved_at = $2, resolution = $3 WHERE run_id = $1 AND resolved_at IS NULL",
+                    &[&rec.run_id, &rec.ts, &serde_json::to_value(&rec.event)?],
+                )
+                .await?;
+            }
+            _ => {}
         }
-        AuditEvent::Decision {
-            step_id,
-            attempt,
-            agent,
-            decision,
-            ..
-        } => {
-            tx.execute(
-                "INSERT INTO decisions (seq, run_id, step_id, attempt, agent, action, reason, decided_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[&seq, &rec.run_id, step_id, &(*attempt as i32), agent, &decision.action.as_str(), &decision.reason, &rec.ts],
-            )
-            .await?;
-        }
-        AuditEvent::Escalated { step_id, reason } => {
-            tx.execute(
-                "INSERT INTO escalations (seq, run_id, step_id, reason, opened_at) VALUES ($1, $2, $3, $4, $5)",
-                &[&seq, &rec.run_id, step_id, reason, &rec.ts],
-            )
-            .await?;
-        }
-        AuditEvent::OperatorResolution { .. } => {
-            tx.execute(
-                "UPDATE escalations SET resolved_at = $2, resolution = $3 WHERE run_id = $1 AND resolved_at IS NULL",
-                &[&rec.run_id, &rec.ts, &serde_json::to_value(&rec.event)?],
-            )
-            .await?;
-        }
-        _ => {}
     }
     Ok(())
+}
+
+/// A turn's dispatches, column by column.
+#[derive(Default)]
+struct Dispatched<'a> {
+    attempt_ids: Vec<Uuid>,
+    run_ids: Vec<Option<Uuid>>,
+    step_ids: Vec<&'a str>,
+    attempts: Vec<i32>,
+    at: Vec<DateTime<Utc>>,
+}
+
+/// A turn's results, column by column.
+#[derive(Default)]
+struct Results {
+    attempt_ids: Vec<Option<Uuid>>,
+    outcomes: Vec<serde_json::Value>,
+    at: Vec<DateTime<Utc>>,
+}
+
+/// A turn's decisions, column by column.
+#[derive(Default)]
+struct Decisions<'a> {
+    seqs: Vec<i64>,
+    run_ids: Vec<Option<Uuid>>,
+    step_ids: Vec<&'a str>,
+    attempts: Vec<i32>,
+    agents: Vec<&'a str>,
+    actions: Vec<&'a str>,
+    reasons: Vec<&'a str>,
+    at: Vec<DateTime<Utc>>,
 }
 
 impl Store for PgStore {
@@ -567,8 +640,7 @@ impl Store for PgStore {
         run_id: Option<Uuid>,
         event: AuditEvent,
     ) -> AuditRecord {
-        let rec = self.audit.stage(backfill_id, run_id, event);
-        let (line, _) = audit::seal(&rec);
+        let (rec, line) = self.audit.stage_line(backfill_id, run_id, event);
         self.records.push((rec.clone(), line));
         rec
     }
@@ -600,18 +672,24 @@ impl Store for PgStore {
     }
 }
 
-/// Marks outbox rows sent once the broker confirmed them.
+/// Marks outbox rows sent once the broker confirmed them. The commit does not wait for its WAL
+/// flush (`synchronous_commit` is off for this transaction only): a mark lost in a crash only
+/// means those StepSpecs are published again at the next start, where their duplicates are
+/// ignored as stale. The turns' own commits stay synchronous.
 pub async fn mark_sent(pool: &Pool, ids: &[Uuid]) -> anyhow::Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let client = pool.get().await?;
-    client
-        .execute(
-            "UPDATE outbox SET sent_at = now() WHERE attempt_id = ANY($1) AND sent_at IS NULL",
-            &[&ids],
-        )
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit TO off")
         .await?;
+    tx.execute(
+        "UPDATE outbox SET sent_at = now() WHERE attempt_id = ANY($1) AND sent_at IS NULL",
+        &[&ids],
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
