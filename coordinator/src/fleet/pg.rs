@@ -4,7 +4,8 @@
 //! every changed run and backfill, the attempts, decisions and escalations they imply, and the
 //! outbox rows of the StepSpecs the turn dispatches. Its statements (one per table, arrays
 //! through `unnest`) are prepared once per connection and pipelined, so a turn costs about
-//! one round trip and its commit. Only after it commits does the JSONL audit
+//! one round trip and its commit; JSON columns are serialised straight from the records,
+//! without an intermediate `serde_json::Value`. Only after it commits does the JSONL audit
 //! file get the same lines, and only then does the engine act (the transactional outbox). A
 //! crash between the two writes is repaired at the next start, which appends the lines the file
 //! lacks from the database; so the file never holds a line the database does not, and nothing
@@ -22,11 +23,11 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 use warpline_shared::audit::{self, AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
-use warpline_shared::contracts::StepSpec;
+use warpline_shared::contracts::{StepOutcome, StepSpec};
 
 use crate::audit_log::AuditLog;
 use crate::engine::{BackfillRecord, RunRecord, Store, StoreFuture};
@@ -445,11 +446,8 @@ impl PgStore {
         derived.push_to(&mut turn);
 
         // Backfills before runs: a run references its backfill.
-        let backfills: Vec<(&BackfillRecord, serde_json::Value)> = self
-            .backfills
-            .values()
-            .map(|b| Ok((b, serde_json::to_value(b)?)))
-            .collect::<anyhow::Result<_>>()?;
+        let backfills: Vec<(&BackfillRecord, Json<&BackfillRecord>)> =
+            self.backfills.values().map(|b| (b, Json(b))).collect();
         for (b, json) in &backfills {
             turn.push(
                 "a backfill",
@@ -469,7 +467,7 @@ impl PgStore {
             run_bids.push(r.backfill_id);
             keys.push(r.partition.key());
             states.push(r.machine.state_name());
-            recs.push(serde_json::to_value(r)?);
+            recs.push(Json(r));
         }
         if !self.runs.is_empty() {
             turn.push(
@@ -489,7 +487,7 @@ impl PgStore {
             out_ids.push(s.attempt_id);
             out_rids.push(s.run_id);
             pools.push(s.pool.as_str());
-            specs.push(serde_json::to_value(s)?);
+            specs.push(Json(s));
         }
         if !self.outbox.is_empty() {
             turn.push(
@@ -562,7 +560,7 @@ impl<'a> Statements<'a> {
 #[derive(Default)]
 struct Derived<'a> {
     dispatched: Dispatched<'a>,
-    results: Results,
+    results: Results<'a>,
     decisions: Decisions<'a>,
     escalations: Vec<Escalation<'a>>,
 }
@@ -592,7 +590,7 @@ impl<'a> Derived<'a> {
                 }
                 AuditEvent::StepResult { outcome } => {
                     d.results.attempt_ids.push(outcome.result.attempt_id);
-                    d.results.outcomes.push(serde_json::to_value(outcome)?);
+                    d.results.outcomes.push(Json(outcome));
                     d.results.at.push(rec.ts);
                 }
                 AuditEvent::Decision {
@@ -702,9 +700,9 @@ struct Dispatched<'a> {
 
 /// A turn's results, column by column.
 #[derive(Default)]
-struct Results {
+struct Results<'a> {
     attempt_ids: Vec<Option<Uuid>>,
-    outcomes: Vec<serde_json::Value>,
+    outcomes: Vec<Json<&'a StepOutcome>>,
     at: Vec<DateTime<Utc>>,
 }
 
