@@ -270,16 +270,30 @@ impl Fleet {
     /// Stops the processes (SIGTERM, by PID), then drops the schema, the queues and the
     /// directory.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        let mut stuck = Vec::new();
         for w in &mut self.workers {
             terminate(w);
         }
-        for w in &mut self.workers {
-            let _ = w.wait();
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if !exits_within(w, STOP_GRACE).await {
+                stuck.push(format!("worker {i}"));
+            }
         }
         self.workers.clear();
         if let Some(mut c) = self.coordinator.take() {
             terminate(&mut c);
-            let _ = c.wait();
+            if !exits_within(&mut c, STOP_GRACE).await {
+                stuck.push("the coordinator".to_string());
+            }
+        }
+        if !stuck.is_empty() {
+            // Reported, not fatal: the measurement was taken before the stop.
+            eprintln!(
+                "warning: {} did not exit within {} s of SIGTERM and was killed; see {}",
+                stuck.join(", "),
+                STOP_GRACE.as_secs(),
+                self.dir.path().display()
+            );
         }
         let (client, conn) =
             tokio_postgres::connect(&self.services.database_url, tokio_postgres::NoTls)
@@ -297,7 +311,7 @@ impl Fleet {
         let channel = conn.create_channel().await?;
         amqp::delete_topology(&channel, &Topology::new(self.prefix()), &["default"]).await?;
         let _ = conn.close(200, "benchmark done".into()).await;
-        if self.services.keep {
+        if self.services.keep || !stuck.is_empty() {
             let kept = std::mem::replace(&mut self.dir, tempfile::tempdir()?).keep();
             eprintln!("kept {}", kept.display());
         }
@@ -313,6 +327,23 @@ impl Drop for Fleet {
             let _ = c.wait();
         }
     }
+}
+
+/// How long a process may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Waits up to `grace` for `child` to exit; kills it (SIGKILL, this PID only) if it does not.
+async fn exits_within(child: &mut Child, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
 }
 
 /// Three quick connection attempts: the benchmark needs the broker up, not a patient wait.
