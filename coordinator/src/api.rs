@@ -17,6 +17,7 @@
 //! | `GET /v1/escalations` | `Escalations` | 200 `[Escalation]` |
 //! | `POST /v1/runs/{id}/resolve` ([`ResolveRequest`]) | `Resolve` | 200 `{run_id, action, state}` |
 //! | `GET /v1/workers` | — | the workers heard from recently (heartbeats) |
+//! | `GET /v1/metrics` ([`metrics_router`], fleet mode) | — | 200 [`LatencySnapshot`] |
 //! | `GET /healthz` | — | 200 while the process lives |
 //! | `GET /readyz` | — | 200 once [`ReadyFlag`] is set, else 503 |
 //!
@@ -46,6 +47,7 @@ use warpline_shared::contracts::Action;
 use warpline_shared::partition::{self, Partition};
 
 use crate::engine::{BackfillAction, BackfillRequest, Event, OperatorCommand, OperatorError};
+use crate::fleet::metrics::{LatencySnapshot, StepLatency};
 
 /// How long a handler waits for the event loop's answer by default.
 pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -280,6 +282,18 @@ pub fn router(handle: EngineHandle, ready: ReadyFlag) -> Router {
             engine: handle,
             ready,
         })
+}
+
+/// `GET /v1/metrics`: the coordinator's overhead per step (fleet mode), read without the event
+/// loop. Merged beside [`router`] by `warpline serve`.
+pub fn metrics_router(latency: Arc<StepLatency>) -> Router {
+    Router::new()
+        .route("/v1/metrics", get(metrics))
+        .with_state(latency)
+}
+
+async fn metrics(State(latency): State<Arc<StepLatency>>) -> Json<LatencySnapshot> {
+    Json(latency.snapshot())
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -95,6 +95,17 @@ impl AuditLog {
         run_id: Option<Uuid>,
         event: AuditEvent,
     ) -> AuditRecord {
+        self.stage_line(backfill_id, run_id, event).0
+    }
+
+    /// Like [`AuditLog::stage`], and also returns the sealed line (without its newline), so a
+    /// store that keeps the line elsewhere need not seal the record again.
+    pub fn stage_line(
+        &mut self,
+        backfill_id: Option<Uuid>,
+        run_id: Option<Uuid>,
+        event: AuditEvent,
+    ) -> (AuditRecord, String) {
         self.staged_seq += 1;
         let record = AuditRecord {
             seq: self.staged_seq,
@@ -108,7 +119,7 @@ impl AuditLog {
         self.staged.extend_from_slice(line.as_bytes());
         self.staged.push(b'\n');
         self.staged_head = hash;
-        record
+        (record, line)
     }
 
     /// Writes and syncs the staged records. Call before acting on them.

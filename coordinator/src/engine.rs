@@ -6,7 +6,9 @@
 //! the runs, stages what happened in the [`Store`] (audit records, changed runs and backfills,
 //! StepSpecs to send), commits, and only then acts: dispatches StepSpecs, acknowledges consumed
 //! messages, spawns supervisor calls, arms timers, answers operators. An action is therefore
-//! never taken that the store does not already hold (persist before act).
+//! never taken that the store does not already hold (persist before act). A decision an agent
+//! gives at once ([`Agent::decide_now`]: the rules, the fast path) is applied in the turn of its
+//! result, so a passing step costs one commit; other agents answer with [`Event::Decided`].
 //!
 //! Local mode and fleet mode run this same loop; only the [`Transport`] (channels or RabbitMQ)
 //! and the [`Store`] (a JSONL file, or PostgreSQL beside it) differ.
@@ -1127,17 +1129,22 @@ impl Engine {
             history: run.history.clone(),
             legal_actions: run.machine.legal_now(),
         };
-        let input = Arc::new(DecisionInput {
+        let input = DecisionInput {
             state,
             result: outcome.result.clone(),
             report: outcome.report.clone(),
-        });
+        };
         run.last = Some(outcome);
         self.dirty_runs.insert(run_id);
+        if let Some(reply) = self.agent.decide_now(&input) {
+            // No I/O needed (the rules, the fast path): decided in this turn, so the result,
+            // the decision and the next StepSpec commit together.
+            return self.on_decided(run_id, a.attempt_id, reply);
+        }
         self.effects.push(Effect::Decide {
             run_id,
             attempt_id: a.attempt_id,
-            input,
+            input: Arc::new(input),
         });
     }
 

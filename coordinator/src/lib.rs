@@ -10,6 +10,7 @@
 //! - [`local`]: in-process workers over channels (`warpline run`).
 //! - [`progress`]: progress bars and line logs, fed by committed audit records.
 //! - [`api`]: the HTTP API over the event loop (fleet mode), used by the operator commands.
+//! - [`fleet`]: fleet mode's PostgreSQL store, RabbitMQ transport and per-step latency metrics.
 //! - [`cli`]: the `warpline` command line.
 
 pub mod api;

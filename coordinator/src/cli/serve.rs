@@ -18,9 +18,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warpline_shared::fleet::Topology;
 
-use crate::api::{EngineHandle, ReadyFlag, router};
+use crate::api::{EngineHandle, ReadyFlag, metrics_router, router};
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
+use crate::fleet::metrics::StepLatency;
 use crate::fleet::pg::{self, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
@@ -101,7 +102,9 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .await
         .with_context(|| format!("cannot listen on `{}` for the HTTP API", args.http))?;
     let addr = listener.local_addr()?;
-    let app = router(EngineHandle::new(tx.clone()), ready.clone());
+    let latency = Arc::new(StepLatency::new());
+    let app =
+        router(EngineHandle::new(tx.clone()), ready.clone()).merge(metrics_router(latency.clone()));
     let http_stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -134,6 +137,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             topology: topology.clone(),
             pools,
             signing_key: signing_key.clone(),
+            latency: latency.clone(),
         };
         let (mut transport, link) = tokio::select! {
             r = amqp::connect(&link_cfg, db.clone(), tx.clone()) => r?,

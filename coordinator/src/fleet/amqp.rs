@@ -1,18 +1,22 @@
 //! Fleet mode's transport: StepSpecs out to RabbitMQ, results and heartbeats in.
 //!
 //! - The [`AmqpTransport`] hands each StepSpec to a publisher task, which publishes batches
-//!   with publisher confirms and then marks their outbox rows sent. The engine has already
-//!   committed them to the outbox, so a crash before the confirm only means they are
-//!   published again at the next start (a duplicate attempt is ignored as stale).
+//!   with publisher confirms and then marks their outbox rows sent (in the background, without
+//!   waiting for the WAL flush). The engine has already committed them to the outbox, so a
+//!   crash before the confirm or the mark only means they are published again at the next
+//!   start (a duplicate attempt is ignored as stale).
 //! - The results consumer turns each message into [`Event::Outcome`] with an acknowledgement
 //!   that the engine runs only after the turn that applied the result is durable. A malformed
 //!   or wrongly signed message is copied to the dead-letter exchange with the reason and acked:
 //!   it never stops the coordinator.
 //! - The heartbeat consumer feeds [`Event::Heartbeat`] from an exclusive queue on the fanout.
+//! - All three note what [`StepLatency`] measures: a result taken off the queue, its run's next
+//!   StepSpec handed to the publisher, and that StepSpec confirmed.
 //!
 //! Every task ends when the connection fails; the caller sees it on [`FleetLink::failed`] and
 //! starts a new session (state is in PostgreSQL).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -34,6 +38,7 @@ use warpline_shared::fleet::{
 use warpline_worker::amqp;
 
 use crate::engine::{Event, Transport};
+use crate::fleet::metrics::StepLatency;
 use crate::fleet::pg;
 
 /// Most StepSpecs published before awaiting their confirms together.
@@ -45,10 +50,12 @@ pub const RESULTS_PREFETCH: u16 = 512;
 /// most one attempt outstanding, so the queue never holds more specs than runs in progress.
 pub struct AmqpTransport {
     tx: mpsc::UnboundedSender<StepSpec>,
+    latency: Arc<StepLatency>,
 }
 
 impl Transport for AmqpTransport {
     fn dispatch(&mut self, spec: StepSpec) -> anyhow::Result<()> {
+        self.latency.dispatched(spec.run_id);
         self.tx
             .send(spec)
             .map_err(|_| anyhow::anyhow!("the RabbitMQ publisher has stopped"))
@@ -84,6 +91,8 @@ pub struct LinkConfig {
     pub pools: Vec<String>,
     /// HMAC key for StepSpecs out and results in.
     pub signing_key: Option<Vec<u8>>,
+    /// Where the overhead per step is recorded (it outlives the connection).
+    pub latency: Arc<StepLatency>,
 }
 
 /// Connects, declares the topology and starts the publisher and both consumers.
@@ -108,6 +117,7 @@ pub async fn connect(
             cfg.signing_key.clone(),
             db,
             rx,
+            cfg.latency.clone(),
         ),
     )));
     let results = conn
@@ -124,6 +134,7 @@ pub async fn connect(
             cfg.topology.clone(),
             cfg.signing_key.clone(),
             events.clone(),
+            cfg.latency.clone(),
         ),
     )));
     let beats = conn
@@ -136,7 +147,10 @@ pub async fn connect(
         heartbeat_consumer(beats, cfg.topology.clone(), events),
     )));
     Ok((
-        AmqpTransport { tx },
+        AmqpTransport {
+            tx,
+            latency: cfg.latency.clone(),
+        },
         FleetLink {
             failed,
             conn,
@@ -169,6 +183,7 @@ async fn publisher(
     key: Option<Vec<u8>>,
     db: Pool,
     mut rx: mpsc::UnboundedReceiver<StepSpec>,
+    latency: Arc<StepLatency>,
 ) -> anyhow::Result<()> {
     let exchange = topology.steps_exchange();
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -199,12 +214,15 @@ async fn publisher(
                 )
                 .await
                 .with_context(|| format!("cannot publish a StepSpec to `{exchange}`"))?;
-            confirms.push((spec.attempt_id, spec.pool.clone(), confirm));
+            confirms.push((spec.run_id, spec.attempt_id, spec.pool.clone(), confirm));
         }
         let mut sent: Vec<Uuid> = Vec::with_capacity(confirms.len());
-        for (attempt_id, pool, confirm) in confirms {
+        for (run_id, attempt_id, pool, confirm) in confirms {
             match confirm.await.context("lost a publisher confirm")? {
-                Confirmation::Ack(None) => sent.push(attempt_id),
+                Confirmation::Ack(None) => {
+                    latency.confirmed(run_id);
+                    sent.push(attempt_id);
+                }
                 Confirmation::Ack(Some(_)) => {
                     // No queue for the pool: the spec stays unsent and the deadline will
                     // declare the attempt lost, so the run is not stuck silently.
@@ -216,9 +234,15 @@ async fn publisher(
                 }
             }
         }
-        pg::mark_sent(&db, &sent)
-            .await
-            .context("cannot mark outbox rows sent")?;
+        // Marked beside the next batch rather than before it: the mark is bookkeeping for a
+        // restart (an unmarked row is published again and its duplicate ignored as stale), so
+        // the next StepSpecs need not wait for it.
+        let db = db.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pg::mark_sent(&db, &sent).await {
+                tracing::warn!(error = %format!("{e:#}"), rows = sent.len(), "cannot mark outbox rows sent; they will be published again at the next start");
+            }
+        });
         batch.clear();
     }
     Ok(())
@@ -257,6 +281,7 @@ async fn results_consumer(
     topology: Topology,
     key: Option<Vec<u8>>,
     events: mpsc::UnboundedSender<Event>,
+    latency: Arc<StepLatency>,
 ) -> anyhow::Result<()> {
     channel
         .basic_qos(RESULTS_PREFETCH, BasicQosOptions::default())
@@ -277,6 +302,9 @@ async fn results_consumer(
         let signature = amqp::header_str(&delivery.properties, SIGNATURE_HEADER);
         match check_result(&delivery.data, signature, key.as_deref()) {
             Ok(outcome) => {
+                if let Some(run_id) = outcome.result.run_id {
+                    latency.result_received(run_id);
+                }
                 let acker = delivery.acker.clone();
                 let ack: crate::engine::Ack = Box::new(move || {
                     tokio::spawn(async move {

@@ -2,7 +2,10 @@
 //!
 //! Each event-loop turn becomes one transaction: the audit records (sealed lines, verbatim),
 //! every changed run and backfill, the attempts, decisions and escalations they imply, and the
-//! outbox rows of the StepSpecs the turn dispatches. Only after it commits does the JSONL audit
+//! outbox rows of the StepSpecs the turn dispatches. Its statements (one per table, arrays
+//! through `unnest`) are prepared once per connection and pipelined, so a turn costs about
+//! one round trip and its commit; JSON columns are serialised straight from the records,
+//! without an intermediate `serde_json::Value`. Only after it commits does the JSONL audit
 //! file get the same lines, and only then does the engine act (the transactional outbox). A
 //! crash between the two writes is repaired at the next start, which appends the lines the file
 //! lacks from the database; so the file never holds a line the database does not, and nothing
@@ -20,10 +23,11 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 use warpline_shared::audit::{self, AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
-use warpline_shared::contracts::StepSpec;
+use warpline_shared::contracts::{StepOutcome, StepSpec};
 
 use crate::audit_log::AuditLog;
 use crate::engine::{BackfillRecord, RunRecord, Store, StoreFuture};
@@ -414,82 +418,87 @@ impl PgStore {
     async fn write(&mut self) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        let mut turn = Statements::default();
+
+        let mut seqs = Vec::new();
+        let mut tss: Vec<DateTime<Utc>> = Vec::new();
+        let mut bids: Vec<Option<Uuid>> = Vec::new();
+        let mut rids: Vec<Option<Uuid>> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        let mut lines: Vec<&str> = Vec::new();
+        for (rec, line) in &self.records {
+            seqs.push(rec.seq as i64);
+            tss.push(rec.ts);
+            bids.push(rec.backfill_id);
+            rids.push(rec.run_id);
+            names.push(rec.event.name());
+            lines.push(line);
+        }
         if !self.records.is_empty() {
-            let mut seqs = Vec::new();
-            let mut tss: Vec<DateTime<Utc>> = Vec::new();
-            let mut bids: Vec<Option<Uuid>> = Vec::new();
-            let mut rids: Vec<Option<Uuid>> = Vec::new();
-            let mut names: Vec<&str> = Vec::new();
-            let mut lines: Vec<&str> = Vec::new();
-            for (rec, line) in &self.records {
-                seqs.push(rec.seq as i64);
-                tss.push(rec.ts);
-                bids.push(rec.backfill_id);
-                rids.push(rec.run_id);
-                names.push(rec.event.name());
-                lines.push(line);
-            }
-            tx.execute(
+            turn.push(
+                "audit events",
                 "INSERT INTO audit_events (seq, ts, backfill_id, run_id, event, line)
                  SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])",
-                &[&seqs, &tss, &bids, &rids, &names, &lines],
-            )
-            .await
-            .context("cannot store audit events")?;
-            for (rec, _) in &self.records {
-                derive(&tx, rec).await?;
-            }
+                vec![&seqs, &tss, &bids, &rids, &names, &lines],
+            );
         }
-        for b in self.backfills.values() {
-            tx.execute(
+        let derived = Derived::of(&self.records)?;
+        derived.push_to(&mut turn);
+
+        // Backfills before runs: a run references its backfill.
+        let backfills: Vec<(&BackfillRecord, Json<&BackfillRecord>)> =
+            self.backfills.values().map(|b| (b, Json(b))).collect();
+        for (b, json) in &backfills {
+            turn.push(
+                "a backfill",
                 "INSERT INTO backfills (id, pipeline, priority, record, created_at) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, priority = EXCLUDED.priority, updated_at = now()",
-                &[&b.id, &b.pipeline, &b.priority, &serde_json::to_value(b)?, &b.created_at],
-            )
-            .await
-            .context("cannot store a backfill")?;
+                vec![&b.id, &b.pipeline, &b.priority, json, &b.created_at],
+            );
+        }
+
+        let mut run_ids = Vec::new();
+        let mut run_bids = Vec::new();
+        let mut keys = Vec::new();
+        let mut states = Vec::new();
+        let mut recs = Vec::new();
+        for r in self.runs.values() {
+            run_ids.push(r.id);
+            run_bids.push(r.backfill_id);
+            keys.push(r.partition.key());
+            states.push(r.machine.state_name());
+            recs.push(Json(r));
         }
         if !self.runs.is_empty() {
-            let mut ids = Vec::new();
-            let mut bids = Vec::new();
-            let mut keys = Vec::new();
-            let mut states = Vec::new();
-            let mut recs = Vec::new();
-            for r in self.runs.values() {
-                ids.push(r.id);
-                bids.push(r.backfill_id);
-                keys.push(r.partition.key());
-                states.push(r.machine.state_name());
-                recs.push(serde_json::to_value(r)?);
-            }
-            tx.execute(
+            turn.push(
+                "runs",
                 "INSERT INTO runs (id, backfill_id, partition_key, state, record)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[])
                  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, record = EXCLUDED.record, updated_at = now()",
-                &[&ids, &bids, &keys, &states, &recs],
-            )
-            .await
-            .context("cannot store runs")?;
+                vec![&run_ids, &run_bids, &keys, &states, &recs],
+            );
+        }
+
+        let mut out_ids = Vec::new();
+        let mut out_rids = Vec::new();
+        let mut pools = Vec::new();
+        let mut specs = Vec::new();
+        for s in &self.outbox {
+            out_ids.push(s.attempt_id);
+            out_rids.push(s.run_id);
+            pools.push(s.pool.as_str());
+            specs.push(Json(s));
         }
         if !self.outbox.is_empty() {
-            let mut ids = Vec::new();
-            let mut rids = Vec::new();
-            let mut pools = Vec::new();
-            let mut specs = Vec::new();
-            for s in &self.outbox {
-                ids.push(s.attempt_id);
-                rids.push(s.run_id);
-                pools.push(s.pool.clone());
-                specs.push(serde_json::to_value(s)?);
-            }
-            tx.execute(
+            turn.push(
+                "the outbox",
                 "INSERT INTO outbox (attempt_id, run_id, pool, spec)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])",
-                &[&ids, &rids, &pools, &specs],
-            )
-            .await
-            .context("cannot store the outbox")?;
+                vec![&out_ids, &out_rids, &pools, &specs],
+            );
         }
+
+        turn.run(&tx).await?;
         tx.commit().await.context("cannot commit the turn")?;
         self.records.clear();
         self.runs.clear();
@@ -499,65 +508,215 @@ impl PgStore {
     }
 }
 
-/// Fills the attempts, decisions and escalations tables from one audit record.
-async fn derive(tx: &deadpool_postgres::Transaction<'_>, rec: &AuditRecord) -> anyhow::Result<()> {
-    let seq = rec.seq as i64;
-    match &rec.event {
-        AuditEvent::StepDispatched {
-            step_id,
-            attempt,
-            attempt_id,
-            ..
-        } => {
-            tx.execute(
-                "INSERT INTO attempts (attempt_id, run_id, step_id, attempt, dispatched_at) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (attempt_id) DO NOTHING",
-                &[attempt_id, &rec.run_id, step_id, &(*attempt as i32), &rec.ts],
-            )
-            .await?;
-        }
-        AuditEvent::StepResult { outcome } => {
-            tx.execute(
-                "UPDATE attempts SET outcome = $2, finished_at = $3 WHERE attempt_id = $1",
-                &[
-                    &outcome.result.attempt_id,
-                    &serde_json::to_value(outcome)?,
-                    &rec.ts,
-                ],
-            )
-            .await?;
-        }
-        AuditEvent::Decision {
-            step_id,
-            attempt,
-            agent,
-            decision,
-            ..
-        } => {
-            tx.execute(
-                "INSERT INTO decisions (seq, run_id, step_id, attempt, agent, action, reason, decided_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[&seq, &rec.run_id, step_id, &(*attempt as i32), agent, &decision.action.as_str(), &decision.reason, &rec.ts],
-            )
-            .await?;
-        }
-        AuditEvent::Escalated { step_id, reason } => {
-            tx.execute(
-                "INSERT INTO escalations (seq, run_id, step_id, reason, opened_at) VALUES ($1, $2, $3, $4, $5)",
-                &[&seq, &rec.run_id, step_id, reason, &rec.ts],
-            )
-            .await?;
-        }
-        AuditEvent::OperatorResolution { .. } => {
-            tx.execute(
-                "UPDATE escalations SET resolved_at = $2, resolution = $3 WHERE run_id = $1 AND resolved_at IS NULL",
-                &[&rec.run_id, &rec.ts, &serde_json::to_value(&rec.event)?],
-            )
-            .await?;
-        }
-        _ => {}
+/// A statement's parameters.
+type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
+
+/// The statements of one turn, in the order they must run.
+///
+/// They are sent together: tokio-postgres pipelines the requests of futures polled at once,
+/// and PostgreSQL runs a connection's requests one after another in the order received, so a
+/// turn costs about one round trip (plus its commit) instead of one per statement. Each
+/// statement is prepared once per connection (`prepare_cached`) rather than at every call.
+#[derive(Default)]
+struct Statements<'a> {
+    list: Vec<(&'static str, &'static str, Params<'a>)>,
+}
+
+impl<'a> Statements<'a> {
+    /// Adds `sql`; `what` names what it stores, for errors.
+    fn push(&mut self, what: &'static str, sql: &'static str, params: Params<'a>) {
+        self.list.push((what, sql, params));
     }
-    Ok(())
+
+    async fn run(&self, tx: &deadpool_postgres::Transaction<'_>) -> anyhow::Result<()> {
+        // Prepared first (from the cache after a connection's first turns), so that the
+        // executes below are sent in order.
+        let mut prepared = Vec::with_capacity(self.list.len());
+        for (what, sql, _) in &self.list {
+            let st = tx
+                .prepare_cached(sql)
+                .await
+                .with_context(|| format!("cannot prepare the statement storing {what}"))?;
+            prepared.push(st);
+        }
+        let executes = self
+            .list
+            .iter()
+            .zip(&prepared)
+            .map(|((what, _, params), st)| async move {
+                tx.execute(st, params)
+                    .await
+                    .with_context(|| format!("cannot store {what}"))
+            });
+        futures_util::future::try_join_all(executes).await?;
+        Ok(())
+    }
+}
+
+/// The attempts, decisions and escalations tables' rows from a turn's audit records. The
+/// frequent ones (dispatches, results, decisions) take one statement each per turn, whatever
+/// the number of records; escalations and resolutions, which are rare and may follow each
+/// other within a turn, take one statement each, in order.
+#[derive(Default)]
+struct Derived<'a> {
+    dispatched: Dispatched<'a>,
+    results: Results<'a>,
+    decisions: Decisions<'a>,
+    escalations: Vec<Escalation<'a>>,
+}
+
+/// An escalation opened (seq, run, step, reason, when) or resolved (run, when, resolution).
+enum Escalation<'a> {
+    Opened(i64, Option<Uuid>, &'a str, &'a str, DateTime<Utc>),
+    Resolved(Option<Uuid>, DateTime<Utc>, serde_json::Value),
+}
+
+impl<'a> Derived<'a> {
+    fn of(records: &'a [(AuditRecord, String)]) -> anyhow::Result<Derived<'a>> {
+        let mut d = Derived::default();
+        for (rec, _) in records {
+            match &rec.event {
+                AuditEvent::StepDispatched {
+                    step_id,
+                    attempt,
+                    attempt_id,
+                    ..
+                } => {
+                    d.dispatched.attempt_ids.push(*attempt_id);
+                    d.dispatched.run_ids.push(rec.run_id);
+                    d.dispatched.step_ids.push(step_id);
+                    d.dispatched.attempts.push(*attempt as i32);
+                    d.dispatched.at.push(rec.ts);
+                }
+                AuditEvent::StepResult { outcome } => {
+                    d.results.attempt_ids.push(outcome.result.attempt_id);
+                    d.results.outcomes.push(Json(outcome));
+                    d.results.at.push(rec.ts);
+                }
+                AuditEvent::Decision {
+                    step_id,
+                    attempt,
+                    agent,
+                    decision,
+                    ..
+                } => {
+                    d.decisions.seqs.push(rec.seq as i64);
+                    d.decisions.run_ids.push(rec.run_id);
+                    d.decisions.step_ids.push(step_id);
+                    d.decisions.attempts.push(*attempt as i32);
+                    d.decisions.agents.push(agent);
+                    d.decisions.actions.push(decision.action.as_str());
+                    d.decisions.reasons.push(&decision.reason);
+                    d.decisions.at.push(rec.ts);
+                }
+                AuditEvent::Escalated { step_id, reason } => {
+                    d.escalations.push(Escalation::Opened(
+                        rec.seq as i64,
+                        rec.run_id,
+                        step_id,
+                        reason,
+                        rec.ts,
+                    ));
+                }
+                AuditEvent::OperatorResolution { .. } => {
+                    d.escalations.push(Escalation::Resolved(
+                        rec.run_id,
+                        rec.ts,
+                        serde_json::to_value(&rec.event)?,
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(d)
+    }
+
+    fn push_to<'s>(&'s self, turn: &mut Statements<'s>) {
+        // Dispatches first: a result may name an attempt dispatched in the same turn.
+        let d = &self.dispatched;
+        if !d.attempt_ids.is_empty() {
+            turn.push(
+                "attempts",
+                "INSERT INTO attempts (attempt_id, run_id, step_id, attempt, dispatched_at)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::timestamptz[])
+                 ON CONFLICT (attempt_id) DO NOTHING",
+                vec![&d.attempt_ids, &d.run_ids, &d.step_ids, &d.attempts, &d.at],
+            );
+        }
+        let r = &self.results;
+        if !r.attempt_ids.is_empty() {
+            turn.push(
+                "results",
+                "UPDATE attempts SET outcome = u.outcome, finished_at = u.at
+                 FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[]) AS u(attempt_id, outcome, at)
+                 WHERE attempts.attempt_id = u.attempt_id",
+                vec![&r.attempt_ids, &r.outcomes, &r.at],
+            );
+        }
+        let d = &self.decisions;
+        if !d.seqs.is_empty() {
+            turn.push(
+                "decisions",
+                "INSERT INTO decisions (seq, run_id, step_id, attempt, agent, action, reason, decided_at)
+                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])",
+                vec![
+                    &d.seqs,
+                    &d.run_ids,
+                    &d.step_ids,
+                    &d.attempts,
+                    &d.agents,
+                    &d.actions,
+                    &d.reasons,
+                    &d.at,
+                ],
+            );
+        }
+        for e in &self.escalations {
+            match e {
+                Escalation::Opened(seq, run_id, step_id, reason, at) => turn.push(
+                    "an escalation",
+                    "INSERT INTO escalations (seq, run_id, step_id, reason, opened_at) VALUES ($1, $2, $3, $4, $5)",
+                    vec![seq, run_id, step_id, reason, at],
+                ),
+                Escalation::Resolved(run_id, at, resolution) => turn.push(
+                    "a resolution",
+                    "UPDATE escalations SET resolved_at = $2, resolution = $3 WHERE run_id = $1 AND resolved_at IS NULL",
+                    vec![run_id, at, resolution],
+                ),
+            }
+        }
+    }
+}
+
+/// A turn's dispatches, column by column.
+#[derive(Default)]
+struct Dispatched<'a> {
+    attempt_ids: Vec<Uuid>,
+    run_ids: Vec<Option<Uuid>>,
+    step_ids: Vec<&'a str>,
+    attempts: Vec<i32>,
+    at: Vec<DateTime<Utc>>,
+}
+
+/// A turn's results, column by column.
+#[derive(Default)]
+struct Results<'a> {
+    attempt_ids: Vec<Option<Uuid>>,
+    outcomes: Vec<Json<&'a StepOutcome>>,
+    at: Vec<DateTime<Utc>>,
+}
+
+/// A turn's decisions, column by column.
+#[derive(Default)]
+struct Decisions<'a> {
+    seqs: Vec<i64>,
+    run_ids: Vec<Option<Uuid>>,
+    step_ids: Vec<&'a str>,
+    attempts: Vec<i32>,
+    agents: Vec<&'a str>,
+    actions: Vec<&'a str>,
+    reasons: Vec<&'a str>,
+    at: Vec<DateTime<Utc>>,
 }
 
 impl Store for PgStore {
@@ -567,8 +726,7 @@ impl Store for PgStore {
         run_id: Option<Uuid>,
         event: AuditEvent,
     ) -> AuditRecord {
-        let rec = self.audit.stage(backfill_id, run_id, event);
-        let (line, _) = audit::seal(&rec);
+        let (rec, line) = self.audit.stage_line(backfill_id, run_id, event);
         self.records.push((rec.clone(), line));
         rec
     }
@@ -600,18 +758,24 @@ impl Store for PgStore {
     }
 }
 
-/// Marks outbox rows sent once the broker confirmed them.
+/// Marks outbox rows sent once the broker confirmed them. The commit does not wait for its WAL
+/// flush (`synchronous_commit` is off for this transaction only): a mark lost in a crash only
+/// means those StepSpecs are published again at the next start, where their duplicates are
+/// ignored as stale. The turns' own commits stay synchronous.
 pub async fn mark_sent(pool: &Pool, ids: &[Uuid]) -> anyhow::Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let client = pool.get().await?;
-    client
-        .execute(
-            "UPDATE outbox SET sent_at = now() WHERE attempt_id = ANY($1) AND sent_at IS NULL",
-            &[&ids],
-        )
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit TO off")
         .await?;
+    tx.execute(
+        "UPDATE outbox SET sent_at = now() WHERE attempt_id = ANY($1) AND sent_at IS NULL",
+        &[&ids],
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -5,6 +5,9 @@
 //!
 //! An agent call returns a `'static` future so that the event loop can spawn it and go on:
 //! many runs may await decisions at once, and a slow agent delays only the runs it decides for.
+//! An agent that needs no I/O for a decision (the rules, the fast path after a clean pass)
+//! answers [`Agent::decide_now`] instead, and the loop applies that decision in the same turn
+//! as the result: one commit per step instead of two.
 //!
 //! - [`RulesAgent`]: the cautious operator's rules; [`AlwaysProceed`]: the seed's test decider.
 //! - [`llm`]: a hosted model over HTTP (Gemini or OpenAI-compatible), strict about its answer.
@@ -99,6 +102,12 @@ pub trait Agent: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Proposes a decision. Never fails: an agent that cannot answer falls back and says why.
     fn decide(&self, input: Arc<DecisionInput>) -> DecisionFuture;
+    /// Proposes a decision at once when that needs no I/O (pure rules: microseconds), so the
+    /// event loop may call it inline; `None` means "call [`Agent::decide`]". The default is
+    /// `None`.
+    fn decide_now(&self, _input: &DecisionInput) -> Option<AgentReply> {
+        None
+    }
 }
 
 /// The seed's test decider: always proposes `proceed`, still bounded by the guard.
@@ -110,13 +119,16 @@ impl Agent for AlwaysProceed {
         "always-proceed"
     }
 
-    fn decide(&self, _input: Arc<DecisionInput>) -> DecisionFuture {
-        Box::pin(async {
-            AgentReply::new(
-                "always-proceed",
-                SupervisorDecision::new(Action::Proceed, "always-proceed agent"),
-            )
-        })
+    fn decide(&self, input: Arc<DecisionInput>) -> DecisionFuture {
+        let reply = self.decide_now(&input);
+        Box::pin(async move { reply.expect("always-proceed decides at once") })
+    }
+
+    fn decide_now(&self, _input: &DecisionInput) -> Option<AgentReply> {
+        Some(AgentReply::new(
+            "always-proceed",
+            SupervisorDecision::new(Action::Proceed, "always-proceed agent"),
+        ))
     }
 }
 

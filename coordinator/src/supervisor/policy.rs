@@ -225,6 +225,23 @@ impl Agent for PolicyAgent {
             reply
         })
     }
+
+    /// At once when no model is asked: a plain agent that decides at once, or the fast path
+    /// after a clean pass. Counted like [`Agent::decide`], and only when it answers.
+    fn decide_now(&self, input: &DecisionInput) -> Option<AgentReply> {
+        let inner = &self.inner;
+        let mut reply = match &inner.llm {
+            None => inner.base.decide_now(input)?,
+            Some(_) if inner.fast_path_applies(input) => {
+                AgentStats::bump(&inner.stats.fast_path);
+                timed("fast_path", || rules::decide(input))
+            }
+            Some(_) => return None,
+        };
+        AgentStats::bump(&inner.stats.decisions);
+        reply.state = Some(input.state.clone());
+        Some(reply)
+    }
 }
 
 /// Turns an exchange into a reply: the model's decision, or the rules' with why.
@@ -271,11 +288,15 @@ impl Inner {
         }
     }
 
+    /// After a clean pass (`proceed` legal) with `call_on: unclean`, no model is asked.
+    fn fast_path_applies(&self, input: &DecisionInput) -> bool {
+        self.policy.call_on == CallOn::Unclean
+            && input.state.legal_actions.contains(&Action::Proceed)
+    }
+
     async fn with_llm(&self, llm: &LlmAgent, input: &DecisionInput) -> AgentReply {
         let stats = &self.stats;
-        if self.policy.call_on == CallOn::Unclean
-            && input.state.legal_actions.contains(&Action::Proceed)
-        {
+        if self.fast_path_applies(input) {
             AgentStats::bump(&stats.fast_path);
             return timed("fast_path", || rules::decide(input));
         }

@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock};
 use regex::Regex;
 use warpline_shared::contracts::{Action, Severity, SupervisorDecision};
 
-use super::{Agent, DecisionFuture, DecisionInput, timed};
+use super::{Agent, AgentReply, DecisionFuture, DecisionInput, timed};
 
 /// The rules agent.
 #[derive(Debug, Default, Clone, Copy)]
@@ -183,6 +183,10 @@ impl Agent for RulesAgent {
 
     fn decide(&self, input: Arc<DecisionInput>) -> DecisionFuture {
         Box::pin(async move { timed("rules", || decide(&input)) })
+    }
+
+    fn decide_now(&self, input: &DecisionInput) -> Option<AgentReply> {
+        Some(timed("rules", || decide(input)))
     }
 }
 

@@ -1,0 +1,595 @@
+//! The scenarios of `docs/BENCHMARKS.md` and the command line that picks them.
+//!
+//! - `throughput`: end-to-end steps/s of trivial steps (`true`, one passing check each, the
+//!   rules agent) with 1, 2 and 4 worker processes.
+//! - `efficiency`: ideal time ÷ wall time for steps that sleep (800 × 50 ms on 16 slots).
+//! - `overhead`: the coordinator's overhead per step (result received → next StepSpec
+//!   confirmed by the broker, from `GET /v1/metrics`) while it is not saturated.
+//! - `submit`: submit time and the coordinator's peak RSS for a 10,000-partition backfill.
+//!
+//! Every repetition starts a fresh fleet, so no repetition inherits another's queues, rows or
+//! warm caches inside the coordinator; PostgreSQL's and RabbitMQ's own caches stay warm.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use warpline_coordinator::fleet::metrics::LatencySnapshot;
+
+use crate::fleet::{Fleet, Services, Shape};
+use crate::measure::{self, AuditFacts, MachineCpu, Spread};
+
+/// The fleet benchmark: real processes against the local RabbitMQ and PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "warpline-bench", version, about)]
+pub struct Cli {
+    /// What to measure.
+    #[command(subcommand)]
+    pub scenario: Scenario,
+    /// Where `warpline` and `warpline-worker` are [default: beside this binary].
+    #[arg(long, global = true)]
+    pub bin_dir: Option<PathBuf>,
+    /// RabbitMQ.
+    #[arg(
+        long,
+        global = true,
+        env = "WARPLINE_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// PostgreSQL; each repetition uses its own schema `bench_<pid>_<n>` in this database.
+    #[arg(
+        long,
+        global = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/warpline_bench"
+    )]
+    pub database_url: String,
+    /// Repetitions of each measurement (the median and the spread are reported).
+    #[arg(long, global = true, default_value_t = 3)]
+    pub repeat: usize,
+    /// Append one JSON object per repetition to this file.
+    #[arg(long, global = true)]
+    pub json: Option<PathBuf>,
+    /// Keep each fleet's directory (logs, audit log, step logs).
+    #[arg(long, global = true)]
+    pub keep: bool,
+}
+
+/// The scenarios.
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// (a) End-to-end steps/s for trivial steps.
+    Throughput(ThroughputArgs),
+    /// (b) Scheduling efficiency: ideal time ÷ wall time for steps that sleep.
+    Efficiency(EfficiencyArgs),
+    /// (c) Coordinator overhead per step (result received → next StepSpec confirmed).
+    Overhead(OverheadArgs),
+    /// (d) Submit time and coordinator peak RSS for a large backfill.
+    Submit(SubmitArgs),
+    /// Everything above with its defaults.
+    All,
+}
+
+/// `throughput`.
+#[derive(Debug, Clone, Args)]
+pub struct ThroughputArgs {
+    /// Worker processes, one measurement per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub workers: Vec<usize>,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 8)]
+    pub slots: u16,
+    /// Runs (partitions).
+    #[arg(long, default_value_t = 1000)]
+    pub runs: usize,
+    /// Steps per run.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// Runs in progress at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_parallel: usize,
+}
+
+/// `efficiency`.
+#[derive(Debug, Clone, Args)]
+pub struct EfficiencyArgs {
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Slots per worker (16 in all by default).
+    #[arg(long, default_value_t = 8)]
+    pub slots: u16,
+    /// Runs (partitions).
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    /// Steps per run (runs × steps = 800 by default).
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// How long each step sleeps.
+    #[arg(long, default_value_t = 50)]
+    pub sleep_ms: u64,
+    /// Runs in progress at once.
+    #[arg(long, default_value_t = 200)]
+    pub max_parallel: usize,
+}
+
+/// `overhead`.
+#[derive(Debug, Clone, Args)]
+pub struct OverheadArgs {
+    /// Worker processes.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 4)]
+    pub slots: u16,
+    /// Runs (partitions).
+    #[arg(long, default_value_t = 400)]
+    pub runs: usize,
+    /// Steps per run.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// Runs in progress at once (= the slots: one step per run in flight, no queueing).
+    #[arg(long, default_value_t = 4)]
+    pub max_parallel: usize,
+}
+
+/// `submit`.
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// Datasets (`d000,d001,...`).
+    #[arg(long, default_value_t = 100)]
+    pub datasets: usize,
+    /// Months per dataset (from 2016-01).
+    #[arg(long, default_value_t = 100)]
+    pub months: usize,
+    /// Steps per run.
+    #[arg(long, default_value_t = 1)]
+    pub steps: usize,
+    /// Runs in progress at once.
+    #[arg(long, default_value_t = 512)]
+    pub max_parallel: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 8)]
+    pub slots: u16,
+    /// Stop after the submit instead of running the backfill to its end.
+    #[arg(long)]
+    pub no_run: bool,
+}
+
+/// Runs the chosen scenario(s).
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let bin_dir = match &cli.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no directory")?
+            .to_path_buf(),
+    };
+    for b in ["warpline", "warpline-worker"] {
+        anyhow::ensure!(
+            bin_dir.join(b).exists(),
+            "`{}` is missing: run `cargo build --release --workspace --bins` first",
+            bin_dir.join(b).display()
+        );
+    }
+    let bench = Bench {
+        services: Services {
+            bin_dir,
+            amqp_url: cli.amqp_url.clone(),
+            database_url: cli.database_url.clone(),
+            keep: cli.keep,
+        },
+        repeat: cli.repeat.max(1),
+        json: cli.json.clone(),
+    };
+    eprintln!("load before: {}", load_average());
+    match cli.scenario {
+        Scenario::Throughput(a) => bench.throughput(&a).await,
+        Scenario::Efficiency(a) => bench.efficiency(&a).await,
+        Scenario::Overhead(a) => bench.overhead(&a).await,
+        Scenario::Submit(a) => bench.submit(&a).await,
+        Scenario::All => {
+            bench.throughput(&defaults()).await?;
+            bench.efficiency(&defaults()).await?;
+            bench.overhead(&defaults()).await?;
+            bench.submit(&defaults()).await
+        }
+    }?;
+    eprintln!("load after: {}", load_average());
+    Ok(())
+}
+
+/// A scenario's arguments with every default, for `all`.
+fn defaults<T: Args + clap::FromArgMatches>() -> T {
+    let matches = T::augment_args(clap::Command::new("defaults")).get_matches_from(["defaults"]);
+    T::from_arg_matches(&matches).expect("every argument has a default")
+}
+
+struct Bench {
+    services: Services,
+    repeat: usize,
+    json: Option<PathBuf>,
+}
+
+/// One backfill on one fleet.
+struct Job {
+    scenario: &'static str,
+    shape: Shape,
+    pipeline: Value,
+    partitions: Vec<String>,
+    runs: usize,
+    max_parallel: usize,
+    /// Stop after the submit.
+    submit_only: bool,
+}
+
+/// What one repetition measured.
+struct Measured {
+    facts: Option<AuditFacts>,
+    submit: Duration,
+    rss_after_submit_mib: f64,
+    rss_end_mib: f64,
+    latency: LatencySnapshot,
+    coordinator_cpu: f64,
+    workers_cpu: f64,
+    tools_cpu: f64,
+    machine: MachineCpu,
+}
+
+impl Measured {
+    fn steps_per_s(&self) -> f64 {
+        self.facts
+            .as_ref()
+            .map_or(0.0, |f| f.steps as f64 / f.wall().as_secs_f64())
+    }
+
+    /// CPU seconds per 1,000 steps of the processes this benchmark started, and of the rest.
+    fn cpu_line(&self) -> String {
+        let steps = self.facts.as_ref().map_or(0, |f| f.steps).max(1) as f64;
+        let per = |s: f64| s / steps * 1000.0;
+        let ours = self.coordinator_cpu
+            + self.workers_cpu
+            + self.tools_cpu
+            + self.machine.rabbitmq
+            + self.machine.postgres;
+        format!(
+            "CPU s per 1,000 steps: coordinator {:.2}, workers {:.2}, tools {:.2}, rabbitmq {:.2}, postgres {:.2}; everything else on the machine {:.2} s in all",
+            per(self.coordinator_cpu),
+            per(self.workers_cpu),
+            per(self.tools_cpu),
+            per(self.machine.rabbitmq),
+            per(self.machine.postgres),
+            (self.machine.busy - ours).max(0.0)
+        )
+    }
+}
+
+impl Bench {
+    async fn throughput(&self, a: &ThroughputArgs) -> anyhow::Result<()> {
+        for &workers in &a.workers {
+            let job = Job {
+                scenario: "throughput",
+                shape: Shape {
+                    workers,
+                    slots: a.slots,
+                },
+                pipeline: pipeline(a.steps, "true", &[]),
+                partitions: months(a.runs),
+                runs: a.runs,
+                max_parallel: a.max_parallel,
+                submit_only: false,
+            };
+            let all = self.repeat(&job).await?;
+            let rate: Vec<f64> = all.iter().map(Measured::steps_per_s).collect();
+            let p50: Vec<f64> = all
+                .iter()
+                .map(|m| m.latency.result_to_confirm.p50_ms)
+                .collect();
+            println!(
+                "(a) throughput, {workers} worker(s) × {} slots, {} runs × {} steps: {:.0} steps/s (median [min – max] of {}); overhead p50 under this load {:.2} ms",
+                a.slots,
+                a.runs,
+                a.steps,
+                Spread::of(&rate),
+                all.len(),
+                Spread::of(&p50),
+            );
+        }
+        Ok(())
+    }
+
+    async fn efficiency(&self, a: &EfficiencyArgs) -> anyhow::Result<()> {
+        let sleep = format!("{:.3}", a.sleep_ms as f64 / 1000.0);
+        let job = Job {
+            scenario: "efficiency",
+            shape: Shape {
+                workers: a.workers,
+                slots: a.slots,
+            },
+            pipeline: pipeline(a.steps, "sleep", &[sleep.as_str()]),
+            partitions: months(a.runs),
+            runs: a.runs,
+            max_parallel: a.max_parallel,
+            submit_only: false,
+        };
+        let slots = a.workers * usize::from(a.slots);
+        let all = self.repeat(&job).await?;
+        let eff: Vec<f64> = all
+            .iter()
+            .map(|m| {
+                let f = m.facts.as_ref().expect("the backfill ran");
+                let ideal = f.steps as f64 * a.sleep_ms as f64 / 1000.0 / slots as f64;
+                ideal / f.wall().as_secs_f64()
+            })
+            .collect();
+        let wall: Vec<f64> = all
+            .iter()
+            .map(|m| m.facts.as_ref().map_or(0.0, |f| f.wall().as_secs_f64()))
+            .collect();
+        println!(
+            "(b) efficiency, {} steps × {} ms on {} × {} = {slots} slots: {:.3} (wall {:.3} s; ideal {:.3} s)",
+            a.runs * a.steps,
+            a.sleep_ms,
+            a.workers,
+            a.slots,
+            Spread::of(&eff),
+            Spread::of(&wall),
+            (a.runs * a.steps) as f64 * a.sleep_ms as f64 / 1000.0 / slots as f64,
+        );
+        Ok(())
+    }
+
+    async fn overhead(&self, a: &OverheadArgs) -> anyhow::Result<()> {
+        let job = Job {
+            scenario: "overhead",
+            shape: Shape {
+                workers: a.workers,
+                slots: a.slots,
+            },
+            pipeline: pipeline(a.steps, "true", &[]),
+            partitions: months(a.runs),
+            runs: a.runs,
+            max_parallel: a.max_parallel,
+            submit_only: false,
+        };
+        let all = self.repeat(&job).await?;
+        let pick = |f: fn(&LatencySnapshot) -> f64| -> Spread {
+            Spread::of(&all.iter().map(|m| f(&m.latency)).collect::<Vec<_>>())
+        };
+        println!(
+            "(c) overhead per step, {} runs × {} steps, {} in flight: result → next StepSpec confirmed p50 {:.2} ms, p99 {:.2} ms; result → handed to the publisher p50 {:.2} ms, p99 {:.2} ms",
+            a.runs,
+            a.steps,
+            a.max_parallel,
+            pick(|l| l.result_to_confirm.p50_ms),
+            pick(|l| l.result_to_confirm.p99_ms),
+            pick(|l| l.result_to_dispatch.p50_ms),
+            pick(|l| l.result_to_dispatch.p99_ms),
+        );
+        Ok(())
+    }
+
+    async fn submit(&self, a: &SubmitArgs) -> anyhow::Result<()> {
+        let datasets: Vec<String> = (0..a.datasets).map(|i| format!("d{i:03}")).collect();
+        let runs = a.datasets * a.months;
+        let job = Job {
+            scenario: "submit",
+            shape: Shape {
+                workers: a.workers,
+                slots: a.slots,
+            },
+            pipeline: pipeline(a.steps, "true", &[]),
+            partitions: vec![
+                "--datasets".into(),
+                datasets.join(","),
+                "--months".into(),
+                month_range(2016, a.months),
+            ],
+            runs,
+            max_parallel: a.max_parallel,
+            submit_only: a.no_run,
+        };
+        let all = self.repeat(&job).await?;
+        let submit: Vec<f64> = all.iter().map(|m| m.submit.as_secs_f64()).collect();
+        let rss_submit: Vec<f64> = all.iter().map(|m| m.rss_after_submit_mib).collect();
+        let rss_end: Vec<f64> = all.iter().map(|m| m.rss_end_mib).collect();
+        println!(
+            "(d) {runs}-partition backfill ({} datasets × {} months): submit {:.3} s; coordinator VmHWM after submit {:.1} MiB, at the end {:.1} MiB{}",
+            a.datasets,
+            a.months,
+            Spread::of(&submit),
+            Spread::of(&rss_submit),
+            Spread::of(&rss_end),
+            if a.no_run {
+                " (not run)".to_string()
+            } else {
+                format!(
+                    ", ran at {:.0} steps/s",
+                    Spread::of(&all.iter().map(Measured::steps_per_s).collect::<Vec<_>>())
+                )
+            }
+        );
+        Ok(())
+    }
+
+    /// Runs a job `repeat` times, each on a fresh fleet.
+    async fn repeat(&self, job: &Job) -> anyhow::Result<Vec<Measured>> {
+        let mut all = Vec::new();
+        for i in 1..=self.repeat {
+            let m = self.once(job).await?;
+            let facts = m.facts.as_ref();
+            eprintln!(
+                "  {} {}×{} #{i}: {} steps in {:.3} s = {:.0} steps/s; submit {:.3} s; RSS {:.1} MiB; overhead p50 {:.2} ms p99 {:.2} ms (to publisher p50 {:.2} ms); load {}",
+                job.scenario,
+                job.shape.workers,
+                job.shape.slots,
+                facts.map_or(0, |f| f.steps),
+                facts.map_or(0.0, |f| f.wall().as_secs_f64()),
+                m.steps_per_s(),
+                m.submit.as_secs_f64(),
+                m.rss_end_mib,
+                m.latency.result_to_confirm.p50_ms,
+                m.latency.result_to_confirm.p99_ms,
+                m.latency.result_to_dispatch.p50_ms,
+                load_average(),
+            );
+            eprintln!("    {}", m.cpu_line());
+            if let Some(path) = &self.json {
+                use std::io::Write;
+                let line = json!({
+                    "scenario": job.scenario,
+                    "repetition": i,
+                    "workers": job.shape.workers,
+                    "slots": job.shape.slots,
+                    "runs": job.runs,
+                    "steps": facts.map(|f| f.steps),
+                    "wall_s": facts.map(|f| f.wall().as_secs_f64()),
+                    "steps_per_s": m.steps_per_s(),
+                    "submit_s": m.submit.as_secs_f64(),
+                    "rss_after_submit_mib": m.rss_after_submit_mib,
+                    "rss_end_mib": m.rss_end_mib,
+                    "latency": m.latency,
+                    "cpu_s": {
+                        "coordinator": m.coordinator_cpu,
+                        "workers": m.workers_cpu,
+                        "tools": m.tools_cpu,
+                        "rabbitmq": m.machine.rabbitmq,
+                        "postgres": m.machine.postgres,
+                        "machine_busy": m.machine.busy,
+                    },
+                    "load": load_average(),
+                });
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                writeln!(f, "{line}")?;
+            }
+            all.push(m);
+        }
+        Ok(all)
+    }
+
+    async fn once(&self, job: &Job) -> anyhow::Result<Measured> {
+        let fleet = Fleet::start(&self.services, job.shape).await?;
+        let measured = measure_on(&fleet, job).await;
+        let stopped = fleet.stop().await;
+        let measured = measured?;
+        stopped?;
+        Ok(measured)
+    }
+}
+
+async fn measure_on(fleet: &Fleet, job: &Job) -> anyhow::Result<Measured> {
+    let pipeline = fleet.write_pipeline(&job.pipeline)?;
+    // Let the processes settle (connections, first heartbeats) before the clock starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let machine_before = MachineCpu::now();
+    let pid = fleet.coordinator_pid();
+    // CPU spent starting up is not the backfill's.
+    let (coordinator_start, _) = measure::cpu_seconds(pid)?;
+    let mut workers_start = (0.0, 0.0);
+    for w in fleet.worker_pids() {
+        let (own, children) = measure::cpu_seconds(w)?;
+        workers_start.0 += own;
+        workers_start.1 += children;
+    }
+    let (_, submit) = fleet.submit(&pipeline, &job.partitions, job.max_parallel)?;
+    let rss_after_submit_mib = measure::peak_rss_mib(pid)?;
+    let facts = if job.submit_only {
+        None
+    } else {
+        measure::wait_finished(&fleet.audit_path(), job.runs, Duration::from_secs(900)).await?;
+        let facts = measure::audit_facts(&fleet.audit_path())?;
+        anyhow::ensure!(
+            facts.not_complete == 0 && facts.complete == job.runs as u64,
+            "{} of {} runs completed ({} ended otherwise); see {}",
+            facts.complete,
+            job.runs,
+            facts.not_complete,
+            fleet.dir().display()
+        );
+        Some(facts)
+    };
+    let machine = MachineCpu::now().since(machine_before);
+    let latency = fleet.metrics().await?;
+    let coordinator_cpu = measure::cpu_seconds(pid)?.0 - coordinator_start;
+    let (mut workers_cpu, mut tools_cpu) = (-workers_start.0, -workers_start.1);
+    for w in fleet.worker_pids() {
+        let (own, children) = measure::cpu_seconds(w)?;
+        workers_cpu += own;
+        tools_cpu += children;
+    }
+    Ok(Measured {
+        facts,
+        submit,
+        rss_after_submit_mib,
+        rss_end_mib: measure::peak_rss_mib(pid)?,
+        latency,
+        coordinator_cpu,
+        workers_cpu,
+        tools_cpu,
+        machine,
+    })
+}
+
+/// A pipeline of `steps` identical steps running `command args`, each with one check that
+/// passes (no `ERROR` in the logs).
+fn pipeline(steps: usize, command: &str, args: &[&str]) -> Value {
+    let steps: Vec<Value> = (1..=steps)
+        .map(|i| {
+            json!({
+                "id": format!("S{i}"),
+                "command": command,
+                "args": args,
+                "timeout_s": 60,
+                "max_attempts": 3,
+                "validations": [
+                    {"kind": "log_regex_absent", "pattern": "ERROR"}
+                ]
+            })
+        })
+        .collect();
+    json!({
+        "name": "bench",
+        "description": "warpline-bench: trivial steps",
+        "workdir": "work",
+        "steps": steps,
+    })
+}
+
+/// `--months` for `n` partitions (one month each, from 1800-01).
+fn months(n: usize) -> Vec<String> {
+    vec!["--months".into(), month_range(1800, n)]
+}
+
+/// `FROM..TO` covering `n` months from January of `year`.
+fn month_range(year: usize, n: usize) -> String {
+    let last = n.max(1) - 1;
+    format!("{year:04}-01..{:04}-{:02}", year + last / 12, last % 12 + 1)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_ranges_cover_n_months() {
+        assert_eq!(month_range(1800, 1), "1800-01..1800-01");
+        assert_eq!(month_range(1800, 12), "1800-01..1800-12");
+        assert_eq!(month_range(2016, 100), "2016-01..2024-04");
+        let m = warpline_shared::partition::parse_months(&month_range(1800, 1000)).unwrap();
+        assert_eq!(m.len(), 1000);
+    }
+}
