@@ -31,6 +31,8 @@ pub struct Services {
     pub database_url: String,
     /// Leave the directory (logs, audit log) behind for inspection.
     pub keep: bool,
+    /// Where each fleet's workdir (the steps' run directories and logs) is made.
+    pub workdir_root: PathBuf,
 }
 
 /// The shape of a fleet.
@@ -48,6 +50,8 @@ pub struct Fleet {
     pub name: String,
     services: Services,
     dir: tempfile::TempDir,
+    /// The pipeline's workdir (step logs), under [`Services::workdir_root`].
+    work: tempfile::TempDir,
     /// The API's base URL.
     pub api: String,
     coordinator: Option<Child>,
@@ -68,12 +72,22 @@ impl Fleet {
             .prefix(&format!("warpline-{name}-"))
             .tempdir()
             .context("cannot create the benchmark's directory")?;
+        let work = tempfile::Builder::new()
+            .prefix(&format!("warpline-{name}-work-"))
+            .tempdir_in(&services.workdir_root)
+            .with_context(|| {
+                format!(
+                    "cannot create a workdir under `{}`",
+                    services.workdir_root.display()
+                )
+            })?;
         let port = free_port()?;
         let api = format!("http://127.0.0.1:{port}");
         let mut fleet = Fleet {
             name,
             services: services.clone(),
             dir,
+            work,
             api,
             coordinator: None,
             workers: Vec::new(),
@@ -174,7 +188,7 @@ impl Fleet {
             .arg("--max-parallel")
             .arg(max_parallel.to_string())
             .arg("--workdir")
-            .arg(self.dir.path().join("work"))
+            .arg(self.work.path())
             .arg("--api")
             .arg(&self.api);
         let started = Instant::now();
@@ -313,7 +327,8 @@ impl Fleet {
         let _ = conn.close(200, "benchmark done".into()).await;
         if self.services.keep || !stuck.is_empty() {
             let kept = std::mem::replace(&mut self.dir, tempfile::tempdir()?).keep();
-            eprintln!("kept {}", kept.display());
+            let work = std::mem::replace(&mut self.work, tempfile::tempdir()?).keep();
+            eprintln!("kept {} and {}", kept.display(), work.display());
         }
         Ok(())
     }

@@ -77,7 +77,14 @@ impl FleetLink {
         for t in self.tasks {
             t.abort();
         }
-        let _ = self.conn.close(200, "coordinator stopping".into()).await;
+        // A connection the broker already dropped may never answer the close: bound it.
+        let close = self.conn.close(200, "coordinator stopping".into());
+        if tokio::time::timeout(Duration::from_secs(5), close)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the broker did not answer the connection close within 5 s");
+        }
     }
 }
 
