@@ -168,8 +168,8 @@ mod tests {
             url: "file:///data/ae_attendances/2024-01.csv".into(),
             dataset: "ae_attendances".into(),
             month: "2024-01".into(),
-            raw_out: "/work/runs/ae_attendances/2024-01/raw/ae_attendances-2024-01.csv".into(),
-            out: "/work/runs/ae_attendances/2024-01/draft.yaml".into(),
+            raw_out: "/data/runs/ae_attendances/2024-01/raw/ae_attendances-2024-01.csv".into(),
+            out: "/data/runs/ae_attendances/2024-01/draft.yaml".into(),
         }
     }
 
