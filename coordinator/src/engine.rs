@@ -1781,24 +1781,11 @@ fn lost_outcome(
     reason: String,
 ) -> StepOutcome {
     let result = StepResult {
-        schema_version: SCHEMA_VERSION,
-        step_id: step_id.to_string(),
-        exit_code: -1,
-        artefacts: BTreeMap::new(),
         run_id: Some(run_id),
         attempt_id: Some(attempt_id),
         attempt,
-        worker_id: String::new(),
-        started_at: None,
-        finished_at: None,
-        duration_ms: 0,
-        timed_out: false,
-        signal: None,
         lost: true,
-        error: None,
-        stdout_path: None,
-        stderr_path: None,
-        log_tail: String::new(),
+        ..StepResult::new(step_id, -1)
     };
     let report = ValidationReport {
         schema_version: SCHEMA_VERSION,

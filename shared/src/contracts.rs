@@ -240,6 +240,31 @@ pub struct StepResult {
 }
 
 impl StepResult {
+    /// A result with only the step and exit code set; every other field at its default (the
+    /// seed's minimum shape). Callers fill in what they know with struct-update syntax.
+    pub fn new(step_id: impl Into<String>, exit_code: i32) -> Self {
+        StepResult {
+            schema_version: SCHEMA_VERSION,
+            step_id: step_id.into(),
+            exit_code,
+            artefacts: BTreeMap::new(),
+            run_id: None,
+            attempt_id: None,
+            attempt: 0,
+            worker_id: String::new(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: 0,
+            timed_out: false,
+            signal: None,
+            lost: false,
+            error: None,
+            stdout_path: None,
+            stderr_path: None,
+            log_tail: String::new(),
+        }
+    }
+
     /// True when the tool itself succeeded: exit 0, not timed out, not lost, no executor error.
     pub fn succeeded(&self) -> bool {
         self.exit_code == 0 && !self.timed_out && !self.lost && self.error.is_none()
@@ -477,6 +502,12 @@ mod tests {
         assert_eq!(r.artefacts["draft"], "out/draft.yaml");
         assert_eq!(r.schema_version, SCHEMA_VERSION);
         assert!(r.succeeded());
+        // The seed's shape is exactly `new` plus the artefacts.
+        let mut expected = StepResult::new("EXTRACT", 0);
+        expected
+            .artefacts
+            .insert("draft".into(), "out/draft.yaml".into());
+        assert_eq!(r, expected);
     }
 
     #[test]

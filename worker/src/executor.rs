@@ -280,24 +280,12 @@ struct Ran {
 /// The result fields every outcome shares.
 fn base_result(spec: &StepSpec, cfg: &ExecConfig) -> StepResult {
     StepResult {
-        schema_version: SCHEMA_VERSION,
-        step_id: spec.step_id.clone(),
-        exit_code: -1,
         artefacts: spec.artefacts.clone(),
         run_id: Some(spec.run_id),
         attempt_id: Some(spec.attempt_id),
         attempt: spec.attempt,
         worker_id: cfg.worker_id.clone(),
-        started_at: None,
-        finished_at: None,
-        duration_ms: 0,
-        timed_out: false,
-        signal: None,
-        lost: false,
-        error: None,
-        stdout_path: None,
-        stderr_path: None,
-        log_tail: String::new(),
+        ..StepResult::new(&spec.step_id, -1)
     }
 }
 

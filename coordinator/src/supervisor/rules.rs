@@ -192,7 +192,6 @@ impl Agent for RulesAgent {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use uuid::Uuid;
     use warpline_shared::contracts::{Check, PipelineState, StepResult, ValidationReport};
@@ -225,24 +224,10 @@ mod tests {
 
     fn result(exit_code: i32, tail: &str) -> StepResult {
         StepResult {
-            schema_version: 1,
-            step_id: "EXTRACT".into(),
-            exit_code,
-            artefacts: BTreeMap::new(),
-            run_id: None,
-            attempt_id: None,
             attempt: 1,
-            worker_id: String::new(),
-            started_at: None,
-            finished_at: None,
             duration_ms: 5,
-            timed_out: false,
-            signal: None,
-            lost: false,
-            error: None,
-            stdout_path: None,
-            stderr_path: None,
             log_tail: tail.into(),
+            ..StepResult::new("EXTRACT", exit_code)
         }
     }
 
