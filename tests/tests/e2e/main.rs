@@ -4,5 +4,6 @@
 
 mod agent;
 mod deploy;
+mod failures;
 mod fleet;
 mod local;
