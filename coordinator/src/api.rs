@@ -439,7 +439,7 @@ async fn escalations(State(st): State<AppState>) -> Answer {
 
 async fn resolve(
     State(st): State<AppState>,
-    Extension(who): Extension<Identity>,
+    who: Option<Extension<Identity>>,
     UrlPath(id): UrlPath<String>,
     body: Result<Json<ResolveRequest>, JsonRejection>,
 ) -> Answer {
@@ -456,7 +456,7 @@ async fn resolve(
             "`reason` must not be empty: say why, it goes into the audit log".into(),
         ));
     }
-    let operator = who.operator(req.operator.as_deref());
+    let operator = identity(who).operator(req.operator.as_deref());
     let cmd = OperatorCommand::Resolve {
         run_id,
         action: req.action,
@@ -481,7 +481,7 @@ pub struct ResolveBackfillRequest {
 
 async fn resolve_backfill(
     State(st): State<AppState>,
-    Extension(who): Extension<Identity>,
+    who: Option<Extension<Identity>>,
     UrlPath(id): UrlPath<String>,
     body: Result<Json<ResolveBackfillRequest>, JsonRejection>,
 ) -> Answer {
@@ -492,7 +492,7 @@ async fn resolve_backfill(
             "`reason` must not be empty: say why, it goes into the audit log".into(),
         ));
     }
-    let operator = who.operator(req.operator.as_deref());
+    let operator = identity(who).operator(req.operator.as_deref());
     let cmd = OperatorCommand::ResolveBackfill {
         backfill_id,
         action: req.action,
@@ -500,6 +500,11 @@ async fn resolve_backfill(
         operator: operator.clone(),
     };
     with_operator(st.engine.command(cmd).await, operator)
+}
+
+/// The request's identity; a router used without [`protect`] is open, as with no tokens.
+fn identity(who: Option<Extension<Identity>>) -> Identity {
+    who.map(|Extension(w)| w).unwrap_or_else(Identity::local)
 }
 
 /// Adds the audited operator to an answer, so the caller sees whose name the audit log holds.

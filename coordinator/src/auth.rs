@@ -67,6 +67,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Everyone, when no token is configured: an operator named [`LOCAL_IDENTITY`].
+    pub fn local() -> Identity {
+        Identity {
+            name: LOCAL_IDENTITY.into(),
+            role: Role::Operator,
+            authenticated: false,
+        }
+    }
+
     /// True if it may act (not only read).
     pub fn can_act(&self) -> bool {
         self.role == Role::Operator
@@ -401,11 +410,7 @@ pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next
         );
     }
     let identity = if auth.is_open() {
-        Identity {
-            name: LOCAL_IDENTITY.into(),
-            role: Role::Operator,
-            authenticated: false,
-        }
+        Identity::local()
     } else {
         match cred.token().and_then(|t| auth.check(t)) {
             Some(id) => id,
