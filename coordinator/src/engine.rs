@@ -1796,6 +1796,7 @@ fn lost_outcome(
             severity: Severity::Error,
             passed: false,
             detail: reason,
+            value: None,
         }],
     };
     StepOutcome {

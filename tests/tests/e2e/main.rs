@@ -8,4 +8,5 @@ mod dashboard;
 mod deploy;
 mod failures;
 mod fleet;
+mod gates;
 mod local;
