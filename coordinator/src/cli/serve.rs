@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warpline_shared::fleet::Topology;
 
-use crate::api::{EngineHandle, ReadyFlag, metrics_router, router};
+use crate::api::{ApiPolicy, EngineHandle, ReadyFlag, metrics_router, router_with};
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
 use crate::fleet::metrics::StepLatency;
@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// Print one line per event on standard error.
     #[arg(long)]
     pub log_events: bool,
+    /// What the API accepts.
+    #[command(flatten)]
+    pub api: ApiPolicy,
 }
 
 /// Runs the coordinator until SIGINT/SIGTERM (exit 0) or a fatal error.
@@ -103,8 +106,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("cannot listen on `{}` for the HTTP API", args.http))?;
     let addr = listener.local_addr()?;
     let latency = Arc::new(StepLatency::new());
-    let app =
-        router(EngineHandle::new(tx.clone()), ready.clone()).merge(metrics_router(latency.clone()));
+    let app = router_with(
+        EngineHandle::new(tx.clone()),
+        ready.clone(),
+        args.api.clone(),
+    )
+    .merge(metrics_router(latency.clone()));
     let http_stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

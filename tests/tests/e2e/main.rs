@@ -4,5 +4,6 @@
 
 mod agent;
 mod deploy;
+mod faults;
 mod fleet;
 mod local;
