@@ -27,6 +27,7 @@ use crate::fleet::pg::{self, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
 use crate::supervisor::settings::{AgentOverrides, build_agent};
+use crate::ui;
 use std::sync::Arc;
 use warpline_shared::config::AgentConfig;
 
@@ -158,7 +159,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             ready.clone(),
             args.api.clone(),
         )
-        .merge(metrics_router(latency.clone())),
+        .merge(metrics_router(latency.clone()))
+        .merge(ui::router(
+            EngineHandle::new(tx.clone()),
+            ui::Records::Pg(db.clone()),
+            auth.clone(),
+        )),
         auth,
     );
     let http_stop = shutdown.clone();
@@ -168,6 +174,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .await
     });
     eprintln!("warpline serve: API on http://{addr}");
+    eprintln!("warpline serve: dashboard on http://{addr}/");
 
     let lock = tokio::select! {
         lock = LeaderLock::acquire(&args.database_url, &args.database_schema, Duration::from_secs(1)) => lock?,
