@@ -10,9 +10,9 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warpline_executor::ExecConfig;
 use warpline_shared::config::Pipeline;
 use warpline_shared::partition;
-use warpline_worker::ExecConfig;
 
 use super::{ProgressMode, RunArgs};
 use crate::audit_log::AuditLog;
