@@ -46,7 +46,9 @@ use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
 use warpline_shared::partition::{self, Partition};
 
-use crate::engine::{BackfillAction, BackfillRequest, Event, OperatorCommand, OperatorError};
+use crate::engine::{
+    BackfillAction, BackfillRequest, Event, OperatorAnswer, OperatorCommand, OperatorError,
+};
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
 
 /// How long a handler waits for the event loop's answer by default.
@@ -198,7 +200,7 @@ impl EngineHandle {
     }
 
     /// Sends an operator command and waits for the loop's answer.
-    pub async fn command(&self, cmd: OperatorCommand) -> Result<serde_json::Value, ApiError> {
+    pub async fn command(&self, cmd: OperatorCommand) -> Result<OperatorAnswer, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Operator(cmd, tx))?;
         self.wait(rx).await?.map_err(ApiError::from)
@@ -262,7 +264,7 @@ struct AppState {
     ready: ReadyFlag,
 }
 
-type Answer = Result<Json<serde_json::Value>, ApiError>;
+type Answer = Result<Json<OperatorAnswer>, ApiError>;
 
 /// The API's routes over one engine. `ready` gates `/readyz` only: every other route answers as
 /// soon as the loop does.

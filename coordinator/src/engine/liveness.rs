@@ -30,7 +30,7 @@ impl Engine {
         });
         let mut lost = Vec::new();
         for r in self.runs.values() {
-            if let Some(a) = r.machine.outstanding
+            if let Some(a) = r.machine.outstanding()
                 && let Some((worker, at, silence)) = self.seen.get(&a.attempt_id)
                 && now.duration_since(*at) > *silence
             {

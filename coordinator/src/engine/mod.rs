@@ -23,7 +23,10 @@ mod summary;
 #[cfg(test)]
 mod tests;
 
-pub use operator::{BackfillAction, Escalation, OperatorCommand, OperatorError, OperatorReply};
+pub use operator::{
+    BackfillAction, Escalation, OperatorAnswer, OperatorCommand, OperatorError, OperatorReply,
+    WorkerInfo,
+};
 pub use outcome::bound_tail;
 pub use ports::{Ack, Event, Observer, Store, StoreFuture, Transport};
 pub use records::{BackfillRecord, BackfillRequest, EngineConfig, PipelineSource, RunRecord};
@@ -42,7 +45,7 @@ use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
 use warpline_shared::fleet::Heartbeat;
-use warpline_shared::machine::RunState;
+use warpline_shared::machine::{RunState, RunStatus};
 
 use crate::supervisor::Agent;
 
@@ -183,7 +186,7 @@ impl Engine {
 
     /// True when no run can move any more without an operator.
     pub fn idle(&self) -> bool {
-        self.runs.values().all(|r| match r.machine.state {
+        self.runs.values().all(|r| match r.machine.state() {
             RunState::Running(_) => false,
             // A run not started yet can only start if its backfill is not escalated.
             RunState::Init => self
@@ -300,15 +303,15 @@ impl Engine {
         };
         for id in self.order.clone() {
             let s = self.summary(id);
-            let count = |st: &str| s.counts.get(st).copied().unwrap_or(0);
+            let count = |st: RunStatus| s.counts.get(&st).copied().unwrap_or(0);
             self.record(
                 Some(id),
                 None,
                 AuditEvent::BackfillFinished {
-                    complete: count("COMPLETE"),
-                    halted: count("HALTED"),
-                    cancelled: count("CANCELLED"),
-                    escalated: count("ESCALATED"),
+                    complete: count(RunStatus::Complete),
+                    halted: count(RunStatus::Halted),
+                    cancelled: count(RunStatus::Cancelled),
+                    escalated: count(RunStatus::Escalated),
                     reason: reason.clone(),
                 },
             );

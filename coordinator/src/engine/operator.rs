@@ -66,8 +66,54 @@ pub enum BackfillAction {
     Cancel,
 }
 
-/// The engine's answer to an operator: a JSON document, or why it refused.
-pub type OperatorReply = Result<serde_json::Value, OperatorError>;
+/// The engine's answer to an operator: what it did or what it knows, or why it refused.
+pub type OperatorReply = Result<OperatorAnswer, OperatorError>;
+
+/// What the engine answers to an [`OperatorCommand`]: a closed set, one variant per kind of
+/// answer. On the wire (the HTTP API) each variant is its content alone (`untagged`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OperatorAnswer {
+    /// `resolve`: the run's new state.
+    Resolved {
+        /// The run.
+        run_id: Uuid,
+        /// The action applied.
+        action: Action,
+        /// Its state now (the step's id when it runs again).
+        state: String,
+    },
+    /// `retry-failed`: how many HALTED runs were resumed.
+    Resumed {
+        /// The backfill.
+        backfill_id: Uuid,
+        /// Runs resumed.
+        resumed: usize,
+    },
+    /// `status`, `cancel`, `resolve-backfill`: one backfill's summary.
+    Summary(Box<Summary>),
+    /// `status` of all: every backfill's summary, in submission order.
+    Summaries(Vec<Summary>),
+    /// `escalations`: every run waiting for an operator.
+    Escalations(Vec<Escalation>),
+    /// `workers`: the workers heard from recently, by id.
+    Workers(Vec<WorkerInfo>),
+}
+
+/// A worker heard from recently (`GET /v1/workers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its id.
+    pub worker_id: String,
+    /// The pool it consumes.
+    pub pool: String,
+    /// Steps it runs at once.
+    pub slots: u32,
+    /// Steps it is running.
+    pub running: usize,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+}
 
 /// Why the engine refused an operator's command. The HTTP API maps the variants to status
 /// codes (unknown ids to 404, refusals to 409), so callers need not read the message.
@@ -114,12 +160,12 @@ impl Engine {
                     .runs
                     .get_mut(&run_id)
                     .ok_or(OperatorError::UnknownRun(run_id))?;
-                let attempt = run.machine.attempts[run.machine.state.step().unwrap_or(0)];
+                let attempt = run.machine.attempts()[run.machine.state().step().unwrap_or(0)];
                 let applied = run
                     .machine
                     .resolve(action)
                     .map_err(|e| OperatorError::Refused(e.to_string()))?;
-                let step_id = run.machine.steps[applied.from.step().unwrap_or(0)]
+                let step_id = run.machine.steps()[applied.from.step().unwrap_or(0)]
                     .id
                     .clone();
                 let bid = run.backfill_id;
@@ -135,7 +181,7 @@ impl Engine {
                     // The parked run takes a slot again; finishing frees it.
                     b.active += 1;
                 }
-                let to = applied.to.name(&self.runs[&run_id].machine.steps);
+                let to = applied.to.name(self.runs[&run_id].machine.steps());
                 self.follow(
                     run_id,
                     attempt,
@@ -143,7 +189,11 @@ impl Engine {
                     applied,
                     format!("operator {operator}: {reason}"),
                 );
-                Ok(serde_json::json!({"run_id": run_id, "action": action, "state": to}))
+                Ok(OperatorAnswer::Resolved {
+                    run_id,
+                    action,
+                    state: to,
+                })
             }
             OperatorCommand::Cancel { backfill_id } => {
                 let b = self
@@ -161,17 +211,17 @@ impl Engine {
                 // Runs between steps or parked end now; runs with a step in flight end after it.
                 for id in runs {
                     let m = &self.runs[&id].machine;
-                    let idle = m.outstanding.is_none() && m.deciding.is_none();
-                    let parked = matches!(m.state, RunState::Escalated(_));
-                    if !m.state.is_final() && (idle || parked) {
-                        let was_running = matches!(m.state, RunState::Running(_));
+                    let idle = m.outstanding().is_none() && m.deciding().is_none();
+                    let parked = matches!(m.state(), RunState::Escalated(_));
+                    if !m.state().is_final() && (idle || parked) {
+                        let was_running = matches!(m.state(), RunState::Running(_));
                         self.cancel_run(id, why.clone());
                         if was_running && let Some(b) = self.backfills.get_mut(&backfill_id) {
                             b.active = b.active.saturating_sub(1);
                         }
                     }
                 }
-                Ok(serde_json::to_value(self.summary(backfill_id)).expect("summary serialises"))
+                Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
             }
             OperatorCommand::RetryFailed { backfill_id } => {
                 let b = self
@@ -200,7 +250,7 @@ impl Engine {
                     if let Ok(step) = run.machine.resume() {
                         run.reason = None;
                         run.finished_at = None;
-                        let to = run.machine.steps[step].id.clone();
+                        let to = run.machine.steps()[step].id.clone();
                         self.record_run(
                             id,
                             AuditEvent::Transition {
@@ -220,7 +270,10 @@ impl Engine {
                 }
                 self.dirty_backfills.insert(backfill_id);
                 self.fill();
-                Ok(serde_json::json!({"backfill_id": backfill_id, "resumed": resumed}))
+                Ok(OperatorAnswer::Resumed {
+                    backfill_id,
+                    resumed,
+                })
             }
             OperatorCommand::Status {
                 backfill_id: Some(id),
@@ -228,11 +281,11 @@ impl Engine {
                 if !self.backfills.contains_key(&id) {
                     return Err(OperatorError::UnknownBackfill(id));
                 }
-                Ok(serde_json::to_value(self.summary(id)).expect("summary serialises"))
+                Ok(OperatorAnswer::Summary(Box::new(self.summary(id))))
             }
             OperatorCommand::Status { backfill_id: None } => {
                 let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();
-                Ok(serde_json::to_value(all).expect("summaries serialise"))
+                Ok(OperatorAnswer::Summaries(all))
             }
             OperatorCommand::ResolveBackfill {
                 backfill_id,
@@ -268,8 +321,7 @@ impl Engine {
                 match action {
                     BackfillAction::Continue => {
                         self.fill();
-                        Ok(serde_json::to_value(self.summary(backfill_id))
-                            .expect("summary serialises"))
+                        Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
                     }
                     BackfillAction::Cancel => {
                         self.on_operator(OperatorCommand::Cancel { backfill_id })
@@ -277,21 +329,19 @@ impl Engine {
                 }
             }
             OperatorCommand::Workers => {
-                let mut list: Vec<serde_json::Value> = self
+                let mut list: Vec<WorkerInfo> = self
                     .workers
                     .values()
-                    .map(|(hb, at)| {
-                        serde_json::json!({
-                            "worker_id": hb.worker_id,
-                            "pool": hb.pool,
-                            "slots": hb.slots,
-                            "running": hb.running.len(),
-                            "last_seen_ms": at.elapsed().as_millis() as u64,
-                        })
+                    .map(|(hb, at)| WorkerInfo {
+                        worker_id: hb.worker_id.clone(),
+                        pool: hb.pool.clone(),
+                        slots: hb.slots,
+                        running: hb.running.len(),
+                        last_seen_ms: at.elapsed().as_millis() as u64,
                     })
                     .collect();
-                list.sort_by(|a, b| a["worker_id"].as_str().cmp(&b["worker_id"].as_str()));
-                Ok(serde_json::Value::Array(list))
+                list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                Ok(OperatorAnswer::Workers(list))
             }
             OperatorCommand::Escalations => {
                 let list: Vec<Escalation> = self
@@ -300,7 +350,7 @@ impl Engine {
                     .flat_map(|b| self.backfills[b].rec.runs.iter())
                     .filter_map(|id| {
                         let r = &self.runs[id];
-                        let RunState::Escalated(step) = r.machine.state else {
+                        let RunState::Escalated(step) = r.machine.state() else {
                             return None;
                         };
                         let reason = r
@@ -312,13 +362,13 @@ impl Engine {
                             run_id: r.id,
                             backfill_id: r.backfill_id,
                             partition: r.partition.key(),
-                            step: r.machine.steps[step].id.clone(),
-                            attempts: r.machine.attempts[step],
+                            step: r.machine.steps()[step].id.clone(),
+                            attempts: r.machine.attempts()[step],
                             reason,
                         })
                     })
                     .collect();
-                Ok(serde_json::to_value(list).expect("escalations serialise"))
+                Ok(OperatorAnswer::Escalations(list))
             }
         }
     }

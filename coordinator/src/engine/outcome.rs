@@ -76,7 +76,7 @@ impl Engine {
         };
         let Some(a) = run
             .machine
-            .outstanding
+            .outstanding()
             .filter(|a| a.attempt_id == attempt_id)
         else {
             return;
@@ -94,12 +94,12 @@ impl Engine {
     pub(super) fn declare_lost(&mut self, run_id: Uuid, attempt_id: Uuid, reason: String) {
         let Some(a) = self.runs[&run_id]
             .machine
-            .outstanding
+            .outstanding()
             .filter(|a| a.attempt_id == attempt_id)
         else {
             return;
         };
-        let step_id = self.runs[&run_id].machine.steps[a.step].id.clone();
+        let step_id = self.runs[&run_id].machine.steps()[a.step].id.clone();
         self.record_run(
             run_id,
             AuditEvent::AttemptLost {
@@ -118,17 +118,17 @@ impl Engine {
     pub(super) fn ask(&mut self, run_id: Uuid, outcome: StepOutcome) {
         let pipeline = self.pipeline_of(run_id);
         let run = self.runs.get_mut(&run_id).expect("run exists");
-        let Some((a, _)) = run.machine.deciding.clone() else {
+        let Some((a, _)) = run.machine.deciding().cloned() else {
             return;
         };
         let attempts = run
             .machine
-            .steps
+            .steps()
             .iter()
             .enumerate()
             .map(|(i, s)| StepAttempts {
                 step_id: s.id.clone(),
-                used: run.machine.attempts[i],
+                used: run.machine.attempts()[i],
                 allowed: run.machine.allowed(i),
             })
             .collect();
@@ -138,7 +138,7 @@ impl Engine {
             run_id,
             partition: run.partition.clone(),
             state: run.machine.state_name(),
-            step_id: run.machine.steps[a.step].id.clone(),
+            step_id: run.machine.steps()[a.step].id.clone(),
             attempt: a.attempt,
             max_attempts: run.machine.allowed(a.step),
             attempts,
@@ -168,14 +168,14 @@ impl Engine {
         let Some(run) = self.runs.get_mut(&run_id) else {
             return;
         };
-        let Some((a, facts)) = run.machine.deciding.clone() else {
+        let Some((a, facts)) = run.machine.deciding().cloned() else {
             return;
         };
-        if a.attempt_id != attempt_id || !matches!(run.machine.state, RunState::Running(_)) {
+        if a.attempt_id != attempt_id || !matches!(run.machine.state(), RunState::Running(_)) {
             debug!(%run_id, %attempt_id, "decision for an attempt no longer awaiting one");
             return;
         }
-        let step_id = run.machine.steps[a.step].id.clone();
+        let step_id = run.machine.steps()[a.step].id.clone();
         let applied = match run.machine.decide(reply.decision.action) {
             Ok(applied) => applied,
             Err(e) => {

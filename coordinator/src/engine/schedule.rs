@@ -11,7 +11,7 @@ use uuid::Uuid;
 use warpline_shared::audit::AuditEvent;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
-use warpline_shared::machine::{Applied, Machine, Next, RunState, StepLimit};
+use warpline_shared::machine::{Applied, Machine, Next, RunState, RunStatus, StepLimit};
 
 use super::{
     Backfill, BackfillRecord, BackfillRequest, Effect, Engine, Event, PipelineSource, RunRecord,
@@ -108,7 +108,7 @@ impl Engine {
                 .filter(|r| {
                     self.runs
                         .get(r)
-                        .is_some_and(|r| matches!(r.machine.state, RunState::Running(_)))
+                        .is_some_and(|r| matches!(r.machine.state(), RunState::Running(_)))
                 })
                 .count();
             self.backfills.insert(
@@ -127,10 +127,10 @@ impl Engine {
         let ids: Vec<Uuid> = self.runs.keys().copied().collect();
         for run_id in ids {
             let run = &self.runs[&run_id];
-            let RunState::Running(step) = run.machine.state else {
+            let RunState::Running(step) = run.machine.state() else {
                 continue;
             };
-            if let Some(a) = run.machine.outstanding {
+            if let Some(a) = run.machine.outstanding() {
                 let pipeline = self.pipeline_of(run_id);
                 let s = &pipeline.steps()[step];
                 *self
@@ -149,7 +149,7 @@ impl Engine {
                         attempt_id: a.attempt_id,
                     },
                 });
-            } else if run.machine.deciding.is_some() {
+            } else if run.machine.deciding().is_some() {
                 if let Some(outcome) = run.last.clone() {
                     self.ask(run_id, outcome);
                 }
@@ -190,9 +190,9 @@ impl Engine {
                 b.active += 1;
                 self.dirty_backfills.insert(bid);
                 let run = self.runs.get_mut(&run_id).expect("pending runs exist");
-                if run.machine.state == RunState::Init {
+                if run.machine.state() == RunState::Init {
                     let (from, to) = run.machine.start().expect("INIT starts");
-                    let (from, to) = (from.name(&run.machine.steps), to.name(&run.machine.steps));
+                    let (from, to) = (from.name(run.machine.steps()), to.name(run.machine.steps()));
                     self.record_run(
                         run_id,
                         AuditEvent::Transition {
@@ -211,7 +211,7 @@ impl Engine {
     pub(super) fn begin(&mut self, run_id: Uuid, delay_ms: u64) {
         let pipeline = self.pipeline_of(run_id);
         let run = self.runs.get_mut(&run_id).expect("run exists");
-        let RunState::Running(step) = run.machine.state else {
+        let RunState::Running(step) = run.machine.state() else {
             return;
         };
         let key = (
@@ -237,7 +237,7 @@ impl Engine {
                 Ok(s) => s,
                 Err(e) => {
                     // A partition the config cannot render for: permanent, so halt at once.
-                    run.machine.outstanding = None;
+                    let _ = run.machine.abandon(attempt_id);
                     return self.stop_run(run_id, format!("cannot render the step: {e}"));
                 }
             };
@@ -266,10 +266,10 @@ impl Engine {
     /// Halts a run that cannot go on (a config problem found at dispatch time).
     pub(super) fn stop_run(&mut self, run_id: Uuid, reason: String) {
         let run = self.runs.get_mut(&run_id).expect("run exists");
-        let step = run.machine.state.step().unwrap_or(0);
-        let from = run.machine.state_name();
-        run.machine.state = RunState::Halted(step);
-        let to = run.machine.state_name();
+        let Ok((from, to)) = run.machine.halt() else {
+            return;
+        };
+        let (from, to) = (from.name(run.machine.steps()), to.name(run.machine.steps()));
         self.record_run(
             run_id,
             AuditEvent::Transition {
@@ -284,19 +284,18 @@ impl Engine {
     /// Records a run's end and frees its slot.
     pub(super) fn finish_run(&mut self, run_id: Uuid, reason: String) {
         let run = self.runs.get_mut(&run_id).expect("run exists");
-        let state = run.machine.state;
+        let state = run.machine.state();
         let step_id = match state {
             RunState::Complete => None,
-            s => s.step().map(|i| run.machine.steps[i].id.clone()),
+            s => s.step().map(|i| run.machine.steps()[i].id.clone()),
         };
         run.reason = (state != RunState::Complete).then(|| reason.clone());
         run.finished_at = Some(Utc::now());
-        let name = state.name(&run.machine.steps);
         let bid = run.backfill_id;
         self.record_run(
             run_id,
             AuditEvent::RunFinished {
-                state: name,
+                state: state.status(),
                 step_id,
                 reason,
             },
@@ -372,9 +371,9 @@ impl Engine {
         }
         while let Some(next) = self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
             let waiting_here = self.runs.get(&next).is_some_and(|r| {
-                matches!(r.machine.state, RunState::Running(s) if s == step)
-                    && r.machine.outstanding.is_none()
-                    && r.machine.deciding.is_none()
+                matches!(r.machine.state(), RunState::Running(s) if s == step)
+                    && r.machine.outstanding().is_none()
+                    && r.machine.deciding().is_none()
             });
             if waiting_here {
                 self.begin(next, 0);
@@ -392,7 +391,7 @@ impl Engine {
         applied: Applied,
         reason: String,
     ) {
-        let steps = self.runs[&run_id].machine.steps.clone();
+        let steps = self.runs[&run_id].machine.steps().to_vec();
         self.record_run(
             run_id,
             AuditEvent::Transition {
@@ -433,14 +432,14 @@ impl Engine {
     /// Cancels one run and records it.
     pub(super) fn cancel_run(&mut self, run_id: Uuid, reason: String) {
         let run = self.runs.get_mut(&run_id).expect("run exists");
-        let from = run.machine.state;
-        let step = from.step().map(|i| run.machine.steps[i].id.clone());
+        let from = run.machine.state();
+        let step = from.step().map(|i| run.machine.steps()[i].id.clone());
         if run.machine.cancel().is_err() {
             return;
         }
         run.reason = Some(reason.clone());
         run.finished_at = Some(Utc::now());
-        let from = from.name(&run.machine.steps);
+        let from = from.name(run.machine.steps());
         self.record_run(
             run_id,
             AuditEvent::Transition {
@@ -452,7 +451,7 @@ impl Engine {
         self.record_run(
             run_id,
             AuditEvent::RunFinished {
-                state: "CANCELLED".into(),
+                state: RunStatus::Cancelled,
                 step_id: step,
                 reason,
             },
@@ -470,7 +469,7 @@ impl Engine {
             .flat_map(|b| self.backfills[b].rec.runs.clone())
             .collect();
         for id in ids {
-            if !self.runs[&id].machine.state.is_final() {
+            if !self.runs[&id].machine.state().is_final() {
                 self.cancel_run(id, reason.clone());
             }
         }

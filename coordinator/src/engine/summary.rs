@@ -6,7 +6,7 @@ use super::Engine;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::contracts::SCHEMA_VERSION;
-use warpline_shared::machine::RunState;
+use warpline_shared::machine::{RunState, RunStatus};
 
 /// One run in a summary.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,8 +21,8 @@ pub struct RunSummary {
     /// Its dataset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
-    /// Current or final state.
-    pub state: String,
+    /// Current or final status (`RUNNING` while at a step; the step is in `step`).
+    pub state: RunStatus,
     /// The step it is at or stopped at (none when complete or not started).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
@@ -45,8 +45,8 @@ pub struct Summary {
     /// The pipeline's step ids, in order (so a client can tell how far each run got).
     #[serde(default)]
     pub steps: Vec<String>,
-    /// Runs by state.
-    pub counts: BTreeMap<String, usize>,
+    /// Runs by status.
+    pub counts: BTreeMap<RunStatus, usize>,
     /// Runs in progress per step.
     pub in_step: BTreeMap<String, usize>,
     /// Attempts executed (results received, losses included).
@@ -76,7 +76,7 @@ pub struct Summary {
 impl Summary {
     /// True when every run completed.
     pub fn all_complete(&self) -> bool {
-        self.runs.iter().all(|r| r.state == "COMPLETE")
+        self.runs.iter().all(|r| r.state == RunStatus::Complete)
     }
 }
 
@@ -92,27 +92,23 @@ impl Engine {
             .iter()
             .map(|id| {
                 let r = &self.runs[id];
-                let state = r.machine.state_name();
-                let bucket = match r.machine.state {
-                    RunState::Running(_) => "RUNNING".to_string(),
-                    _ => state.clone(),
-                };
-                *counts.entry(bucket).or_insert(0) += 1;
-                if let RunState::Running(i) = r.machine.state {
-                    *in_step.entry(r.machine.steps[i].id.clone()).or_insert(0) += 1;
+                let state = r.machine.state().status();
+                *counts.entry(state).or_insert(0) += 1;
+                if let RunState::Running(i) = r.machine.state() {
+                    *in_step.entry(r.machine.steps()[i].id.clone()).or_insert(0) += 1;
                 }
                 RunSummary {
                     run_id: r.id,
                     partition: r.partition.key(),
                     month: r.partition.month.clone(),
                     dataset: r.partition.dataset.clone(),
-                    step: match r.machine.state {
+                    step: match r.machine.state() {
                         RunState::Complete | RunState::Init => None,
-                        s => s.step().map(|i| r.machine.steps[i].id.clone()),
+                        s => s.step().map(|i| r.machine.steps()[i].id.clone()),
                     },
                     attempts: r
                         .machine
-                        .steps
+                        .steps()
                         .iter()
                         .zip(&r.attempts_total)
                         .filter(|(_, n)| **n > 0)
@@ -132,13 +128,10 @@ impl Engine {
             .map(|id| {
                 let r = &self.runs[id];
                 let started: u64 = r.attempts_total.iter().map(|&n| u64::from(n)).sum();
-                started - u64::from(r.machine.outstanding.is_some())
+                started - u64::from(r.machine.outstanding().is_some())
             })
             .sum();
-        let finals = runs
-            .iter()
-            .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
-            .count();
+        let finals = runs.iter().filter(|r| r.state.is_final()).count();
         let elapsed = b.started.elapsed();
         let minutes = elapsed.as_secs_f64() / 60.0;
         let rate = if minutes > 0.0 {
@@ -149,12 +142,9 @@ impl Engine {
         let left = runs.len() - finals;
         let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
         let finished = b.rec.pending.is_empty()
-            && runs.iter().all(|r| {
-                matches!(
-                    r.state.as_str(),
-                    "COMPLETE" | "HALTED" | "CANCELLED" | "ESCALATED"
-                )
-            });
+            && runs
+                .iter()
+                .all(|r| r.state.is_final() || r.state == RunStatus::Escalated);
         let (audit, audit_head) = self.store.audit_location();
         Summary {
             schema_version: SCHEMA_VERSION,
