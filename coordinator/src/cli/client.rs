@@ -72,8 +72,21 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("invalid --api `{base}`: expected an http:// or https:// URL");
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = args
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow::anyhow!("invalid --token: it must be printable ASCII"))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .default_headers(headers)
             .build()
             .context("cannot build an HTTP client")?;
         Ok(Client { base, http })
