@@ -122,6 +122,23 @@ impl RunStatus {
     }
 }
 
+impl std::str::FromStr for RunStatus {
+    type Err = String;
+
+    /// Parses a wire name (`"COMPLETE"`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "CANCELLED" => RunStatus::Cancelled,
+            "COMPLETE" => RunStatus::Complete,
+            "ESCALATED" => RunStatus::Escalated,
+            "HALTED" => RunStatus::Halted,
+            "INIT" => RunStatus::Init,
+            "RUNNING" => RunStatus::Running,
+            other => return Err(format!("`{other}` is not a run status")),
+        })
+    }
+}
+
 impl std::fmt::Display for RunStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
