@@ -6,5 +6,7 @@ mod agent;
 mod auth;
 mod dashboard;
 mod deploy;
+mod failures;
+mod faults;
 mod fleet;
 mod local;
