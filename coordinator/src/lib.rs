@@ -21,6 +21,7 @@ pub mod auth;
 pub mod cli;
 pub mod engine;
 pub mod fleet;
+pub mod gates;
 pub mod local;
 pub mod progress;
 pub mod supervisor;

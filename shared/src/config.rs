@@ -504,6 +504,28 @@ pub enum CheckConfig {
         #[serde(default)]
         max: Option<u64>,
     },
+    /// The value another check of this step measured, compared with the median of the same
+    /// value over the backfill's sibling partitions that already passed this step. Evaluated
+    /// by the coordinator, which holds the backfill's history.
+    SiblingDeviation {
+        /// The name of an earlier check of this step whose measured value is compared.
+        of: String,
+        /// Largest accepted deviation from the siblings' median, in percent.
+        max_deviation_pct: f64,
+        /// Fewest passed siblings before the check applies (5); until then it passes.
+        #[serde(default = "default_min_siblings")]
+        min_siblings: u32,
+        /// Compare only with partitions of the same dataset (default true).
+        #[serde(default = "default_true")]
+        same_dataset: bool,
+    },
+}
+
+fn default_min_siblings() -> u32 {
+    5
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Whether a variable name is a plausible environment variable.
@@ -946,6 +968,42 @@ impl Pipeline {
                         }
                         check_bounds(&vat, *min, *max, equals.as_ref())?;
                     }
+                    CheckConfig::SiblingDeviation {
+                        of,
+                        max_deviation_pct,
+                        min_siblings,
+                        ..
+                    } => {
+                        let measured = s.validations[..j].iter().find(|o| check_name(o) == *of);
+                        match measured {
+                            None => {
+                                return err(
+                                    &vat("of"),
+                                    format!(
+                                        "unknown check `{of}`: expected the name of an earlier check of this step"
+                                    ),
+                                );
+                            }
+                            Some(o) if !measures_a_value(&o.check) => {
+                                return err(
+                                    &vat("of"),
+                                    format!(
+                                        "check `{of}` measures no number: expected a size, count, row count, query or field check"
+                                    ),
+                                );
+                            }
+                            Some(_) => {}
+                        }
+                        if !(max_deviation_pct.is_finite() && *max_deviation_pct > 0.0) {
+                            return err(
+                                &vat("max_deviation_pct"),
+                                "expected a percentage > 0".into(),
+                            );
+                        }
+                        if *min_siblings == 0 {
+                            return err(&vat("min_siblings"), "expected at least 1 sibling".into());
+                        }
+                    }
                     CheckConfig::ParquetRows {
                         artefact,
                         path,
@@ -1259,6 +1317,8 @@ impl Pipeline {
                     min: *min,
                     max: *max,
                 },
+                // Needs the backfill's history: the coordinator evaluates it (its `gates`).
+                CheckConfig::SiblingDeviation { .. } => continue,
             };
             let name = v
                 .name
@@ -1391,7 +1451,25 @@ fn default_check_name(c: &CheckConfig) -> String {
             "parquet_rows({})",
             artefact.as_deref().or(path.as_deref()).unwrap_or("")
         ),
+        CheckConfig::SiblingDeviation { of, .. } => format!("sibling_deviation({of})"),
     }
+}
+
+/// The name a check reports under (its `name`, or one derived from its kind and target).
+pub fn check_name(v: &ValidationConfig) -> String {
+    v.name
+        .clone()
+        .unwrap_or_else(|| default_check_name(&v.check))
+}
+
+/// Whether a check kind measures a number (`Check::value`) that `sibling_deviation` can use.
+fn measures_a_value(c: &CheckConfig) -> bool {
+    !matches!(
+        c,
+        CheckConfig::LogRegexAbsent { .. }
+            | CheckConfig::LogRegexPresent { .. }
+            | CheckConfig::SiblingDeviation { .. }
+    )
 }
 
 /// Semantic checks of `min` / `max` / `equals`; the error is (JSON path, message).
@@ -1637,7 +1715,8 @@ mod tests {
             r#"[{"name": "rows", "kind": "row_count", "query": "SELECT count(*) FROM t WHERE m = '{month}'",
                  "database_url_env": "DB_URL", "min": 1},
                 {"kind": "json_path", "artefact": "m", "field": "$.row_count", "min": 100},
-                {"kind": "parquet_rows", "path": "out.parquet", "max": 10}]"#,
+                {"kind": "parquet_rows", "path": "out.parquet", "max": 10},
+                {"kind": "sibling_deviation", "of": "rows", "max_deviation_pct": 50}]"#,
         );
         let p = load(&ok).unwrap();
         let spec = p
@@ -1671,6 +1750,17 @@ mod tests {
                 r#"[{"kind": "json_path", "artefact": "m", "field": "a", "min": 5, "max": 1}]"#,
                 "steps[0].validations[0].min",
                 "min ≤ max",
+            ),
+            (
+                r#"[{"kind": "sibling_deviation", "of": "nope", "max_deviation_pct": 50}]"#,
+                "steps[0].validations[0].of",
+                "unknown check `nope`",
+            ),
+            (
+                r#"[{"name": "l", "kind": "log_regex_absent", "pattern": "x"},
+                    {"kind": "sibling_deviation", "of": "l", "max_deviation_pct": 50}]"#,
+                "steps[0].validations[1].of",
+                "measures no number",
             ),
         ] {
             let (path, msg) = invalid_at(&one_step(bad));

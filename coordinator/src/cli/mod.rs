@@ -320,6 +320,9 @@ pub struct RunArgs {
     /// Serve the web dashboard for this backfill on ADDR (e.g. 127.0.0.1:8081) while it runs.
     #[arg(long, value_name = "ADDR")]
     pub ui: Option<std::net::SocketAddr>,
+    /// Exit 1 when any check of severity `warn` failed, even if every run completed.
+    #[arg(long)]
+    pub fail_on_warn: bool,
 }
 
 /// `warpline audit ...`.

@@ -154,9 +154,26 @@ pub async fn escalations(args: EscalationsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // Backfill-level escalations: a backfill that starts no new run until an operator answers.
+    let all: Vec<Summary> = client.get("/v1/backfills").await?;
+    let held: Vec<&Summary> = all.iter().filter(|s| s.escalated.is_some()).collect();
+    for s in &held {
+        println!(
+            "backfill {} (`{}`) ESCALATED: {}\n  answer with: warpline resolve {} --action continue|cancel --reason TEXT",
+            s.backfill_id,
+            s.pipeline,
+            s.escalated.as_deref().unwrap_or(""),
+            s.backfill_id
+        );
+    }
     if list.is_empty() {
-        eprintln!("warpline: no run is waiting for an operator");
+        if held.is_empty() {
+            eprintln!("warpline: no run or backfill is waiting for an operator");
+        }
         return Ok(ExitCode::SUCCESS);
+    }
+    if !held.is_empty() {
+        println!();
     }
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -461,6 +478,10 @@ pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
     out.push_str(&format!("runs: {} — {}\n", s.runs.len(), counts_line(s)));
     if let Some(why) = &s.escalated {
         out.push_str(&format!("ESCALATED: {why}\n"));
+    }
+    if s.warnings > 0 {
+        let warned = s.runs.iter().filter(|r| !r.warnings.is_empty()).count();
+        out.push_str(&format!("warnings: {} in {warned} runs\n", s.warnings));
     }
     let finals = s.runs.iter().filter(|r| r.state.is_final()).count();
     let eta = s.eta_s.map(duration).unwrap_or_else(|| "-".into());

@@ -161,6 +161,13 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     if shutdown.is_cancelled() {
         return Ok(ExitCode::from(130));
     }
+    if args.fail_on_warn && summary.warnings > 0 {
+        eprintln!(
+            "warpline: {} warnings and --fail-on-warn: exiting 1",
+            summary.warnings
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(if summary.all_complete() {
         ExitCode::SUCCESS
     } else {
@@ -224,11 +231,12 @@ fn print_summary(summary: &Summary, usage: &AgentUsage, json: bool) -> anyhow::R
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
     eprintln!(
-        "warpline: {} runs: {}; {} steps executed in {:.1} s",
+        "warpline: {} runs: {}; {} steps executed in {:.1} s; {} warnings",
         summary.runs.len(),
         counts.join(", "),
         summary.steps_executed,
-        summary.wall_ms as f64 / 1000.0
+        summary.wall_ms as f64 / 1000.0,
+        summary.warnings
     );
     for r in summary
         .runs

@@ -285,6 +285,7 @@ mod tests {
             step: step.map(String::from),
             attempts: attempts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             reason: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -305,6 +306,7 @@ mod tests {
             escalated: None,
             audit: String::new(),
             audit_head: String::new(),
+            warnings: 0,
             runs,
         }
     }

@@ -181,6 +181,9 @@ impl Engine {
                     // The parked run takes a slot again; finishing frees it.
                     b.active += 1;
                 }
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.reason = None;
+                }
                 let to = applied.to.name(self.runs[&run_id].machine.steps());
                 self.follow(
                     run_id,

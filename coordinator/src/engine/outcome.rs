@@ -13,6 +13,9 @@ use warpline_shared::contracts::{
 use warpline_shared::machine::{AttemptFacts, Receipt, RunState};
 
 use super::{AUDIT_TAIL_BYTES, Effect, Engine};
+
+/// Warnings kept per run in its summary (a tool that warns on every attempt stays bounded).
+const MAX_WARNINGS_KEPT: usize = 50;
 use crate::supervisor::{AgentReply, DecisionInput};
 
 impl Engine {
@@ -42,6 +45,19 @@ impl Engine {
             );
             return;
         };
+        // Backfill-level gates join the report before the state machine judges it, and only
+        // for the attempt it awaits (a stale duplicate must not count as a sibling).
+        if let Some(step) = run
+            .machine
+            .outstanding()
+            .filter(|a| a.attempt_id == attempt_id)
+            .map(|a| a.step)
+        {
+            self.gate(run_id, step, &mut outcome);
+        }
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
         let facts = AttemptFacts::from_outcome(&outcome.result, &outcome.report);
         match run.machine.receive(attempt_id, facts) {
             Receipt::Stale(reason) => {
@@ -66,6 +82,35 @@ impl Engine {
                 outcome.result.attempt = a.attempt;
                 self.release(run_id, a.step);
                 self.ask(run_id, outcome);
+            }
+        }
+    }
+
+    /// Evaluates the step's backfill-level gates (`sibling_deviation`, see [`crate::gates`])
+    /// on an accepted outcome and keeps its failed warnings, before the supervisor sees it.
+    fn gate(&mut self, run_id: Uuid, step: usize, outcome: &mut StepOutcome) {
+        let Some(run) = self.runs.get(&run_id) else {
+            return;
+        };
+        let (bid, partition) = (run.backfill_id, run.partition.clone());
+        if let Some(b) = self.backfills.get_mut(&bid)
+            && crate::gates::apply(
+                &b.pipeline,
+                step,
+                &partition,
+                &mut outcome.report,
+                &mut b.rec.siblings,
+            )
+        {
+            self.dirty_backfills.insert(bid);
+        }
+        let step_id = outcome.result.step_id.clone();
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            for c in outcome.report.failed(Severity::Warn) {
+                if run.warnings.len() < MAX_WARNINGS_KEPT {
+                    run.warnings
+                        .push(format!("{step_id}: {} ({})", c.name, c.detail));
+                }
             }
         }
     }

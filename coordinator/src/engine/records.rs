@@ -45,8 +45,11 @@ pub struct RunRecord {
     pub attempts_total: Vec<u32>,
     /// The outcome awaiting a decision.
     pub last: Option<StepOutcome>,
-    /// Why the run stopped, when it did.
+    /// Why the run stopped or waits for an operator, when it does.
     pub reason: Option<String>,
+    /// Failed `warn` checks of its accepted attempts (`STEP: name (detail)`), oldest first.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// When the outstanding attempt was dispatched (to re-arm its deadline after a restart).
     pub dispatched_at: Option<DateTime<Utc>>,
     /// When the run reached a final state.
@@ -80,6 +83,9 @@ pub struct BackfillRecord {
     /// HALTED runs by failure signature, for backfill-level supervision.
     #[serde(default)]
     pub halt_signatures: BTreeMap<String, Vec<Uuid>>,
+    /// Values the runs that passed a step measured, for `sibling_deviation` gates.
+    #[serde(default)]
+    pub siblings: crate::gates::Siblings,
 }
 
 /// A pipeline as submitted: its file, its config (variables applied) and its workdir.

@@ -52,6 +52,7 @@ impl Engine {
             source: PipelineSource::of(&req.pipeline),
             escalated: None,
             halt_signatures: BTreeMap::new(),
+            siblings: Default::default(),
         };
         for p in req.partitions {
             let run_id = Uuid::now_v7();
@@ -66,6 +67,7 @@ impl Engine {
                     attempts_total: vec![0; limits.len()],
                     last: None,
                     reason: None,
+                    warnings: Vec::new(),
                     dispatched_at: None,
                     finished_at: None,
                 },
@@ -422,6 +424,10 @@ impl Engine {
             }
             Next::Finished(_) => self.finish_run(run_id, reason),
             Next::Parked => {
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.reason = Some(reason.clone());
+                    self.dirty_runs.insert(run_id);
+                }
                 self.record_run(run_id, AuditEvent::Escalated { step_id, reason });
                 // A parked run frees its slot; it waits for an operator, not for a worker.
                 self.free_slot(bid);

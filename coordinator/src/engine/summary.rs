@@ -28,9 +28,12 @@ pub struct RunSummary {
     pub step: Option<String>,
     /// Attempts per step.
     pub attempts: BTreeMap<String, u32>,
-    /// Why it did not complete.
+    /// Why it did not complete (or waits for an operator).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Failed `warn` checks of its attempts (`STEP: name (detail)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A backfill's summary (`warpline run --json`, `warpline status --json`, the HTTP API).
@@ -69,6 +72,9 @@ pub struct Summary {
     pub audit: String,
     /// Its last committed line's hash.
     pub audit_head: String,
+    /// Failed `warn` checks over every run.
+    #[serde(default)]
+    pub warnings: usize,
     /// Every run.
     pub runs: Vec<RunSummary>,
 }
@@ -115,6 +121,7 @@ impl Engine {
                         .map(|(s, n)| (s.id.clone(), *n))
                         .collect(),
                     reason: r.reason.clone(),
+                    warnings: r.warnings.clone(),
                     state,
                 }
             })
@@ -162,6 +169,7 @@ impl Engine {
             escalated: b.rec.escalated.clone(),
             audit,
             audit_head,
+            warnings: runs.iter().map(|r| r.warnings.len()).sum(),
             runs,
         }
     }

@@ -193,6 +193,7 @@ mod tests {
             step: step.map(String::from),
             attempts: attempts.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
             reason: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -292,6 +293,7 @@ mod tests {
             escalated: None,
             audit: String::new(),
             audit_head: String::new(),
+            warnings: 0,
             runs,
         };
         let all = page(&summary, &Filter::default());

@@ -158,6 +158,11 @@ fn permanent_failures_halt_after_one_attempt_and_the_unclassified_escalate() {
     assert!(d[0].1.contains(quote), "{}", d[0].1);
     assert!(d[0].1.contains("exit code 3"), "{}", d[0].1);
     assert_eq!(classes, [Some(FailureClass::Unclassified)]);
+    // The escalation's reason reaches the summary (it used to be empty there).
+    let reason = odd["reason"]
+        .as_str()
+        .expect("an escalated run has a reason");
+    assert!(reason.contains(quote), "{reason}");
 }
 
 #[test]
@@ -191,5 +196,67 @@ fn pipeline_rules_reclassify_and_come_before_the_builtin_table() {
             .contains("(permanent: rule 2 (pattern `500 server error`, exit codes 1))"),
         "{}",
         d[0].1
+    );
+}
+
+#[test]
+fn warnings_are_counted_and_fail_on_warn_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "name": "warns",
+        "workdir": "work",
+        "steps": [{
+            "id": "LOAD", "command": "sh",
+            "args": ["-c", "echo 'WARNING: 3 rows skipped'; echo done"],
+            "validations": [{"name": "no warnings", "kind": "log_regex_absent",
+                             "pattern": "^WARNING", "severity": "warn"}]
+        }],
+    });
+    let path = dir.path().join("pipeline.json");
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    let p = path.display().to_string();
+    let args = [
+        "run",
+        &p,
+        "--datasets",
+        "a,b",
+        "--json",
+        "--progress",
+        "none",
+    ];
+    let ok = warpline(&args, &[]);
+    ok.expect_code(0);
+    let summary = ok.summary();
+    assert_eq!(summary["warnings"], 2, "{}", ok.context());
+    let w = run_of(&summary, "a")["warnings"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        w.starts_with(
+            "LOAD: no warnings (line 1 of stdout matches `^WARNING`: WARNING: 3 rows skipped)"
+        ),
+        "{w}"
+    );
+    let text = warpline(&["run", &p, "--datasets", "a", "--progress", "none"], &[]);
+    text.expect_code(0);
+    assert!(text.stderr().contains("; 1 warnings"), "{}", text.context());
+    let strict = warpline(
+        &[
+            "run",
+            &p,
+            "--datasets",
+            "a",
+            "--progress",
+            "none",
+            "--fail-on-warn",
+        ],
+        &[],
+    );
+    strict.expect_code(1);
+    assert!(
+        strict.stderr().contains("--fail-on-warn"),
+        "{}",
+        strict.context()
     );
 }

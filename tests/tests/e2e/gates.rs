@@ -144,3 +144,71 @@ fn a_month_truncated_to_one_row_halts_at_its_gate() {
         .collect();
     assert_eq!(decisions, [Action::Halt]);
 }
+
+#[test]
+fn a_month_far_from_its_siblings_halts_at_sibling_deviation() {
+    let _pg = postgres_admin();
+    // 600 rows passes the `source rows ≥ 100` gate, but is far below the other months' 1750.
+    let data = tempfile::tempdir().unwrap();
+    let src = repo_root().join("examples/datawarp/data/ae_attendances");
+    let dst = data.path().join("ae_attendances");
+    std::fs::create_dir_all(&dst).unwrap();
+    for m in 1..=5 {
+        let month = format!("2024-0{m}");
+        let text = std::fs::read_to_string(src.join(format!("{month}.csv"))).unwrap();
+        let kept: Vec<&str> = if m == 5 {
+            text.lines().take(601).collect()
+        } else {
+            text.lines().collect()
+        };
+        std::fs::write(dst.join(format!("{month}.csv")), kept.join("\n") + "\n").unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let schema = unique("e2e_gates_sib");
+    let _guard = SchemaGuard(schema.clone());
+    let var = format!("source_base=file://{}", data.path().display());
+    // One run at a time, in month order, so four months have passed before the fifth.
+    let (run, summary) = datawarp(
+        work.path(),
+        &schema,
+        &[
+            "--months",
+            "2024-01..2024-05",
+            "--datasets",
+            "ae_attendances",
+            "--var",
+            &var,
+            "--max-parallel",
+            "1",
+        ],
+    );
+    run.expect_code(1);
+    assert_eq!(summary["counts"]["COMPLETE"], 4, "{}", run.context());
+    let bad = run_of(&summary, "ae_attendances_2024-05");
+    assert_eq!(bad["state"], "HALTED", "{}", run.context());
+    assert_eq!(bad["step"], "EXTRACT");
+    assert_eq!(bad["attempts"]["EXTRACT"], 1, "{bad}");
+    let reason = bad["reason"].as_str().unwrap();
+    assert!(reason.contains("rows like the other months"), "{reason}");
+    assert!(
+        reason.contains(
+            "`source rows` is 600 against a median of 1750 over 4 passed siblings of dataset `ae_attendances`: 65.7% below (maximum 50%)"
+        ),
+        "{reason}"
+    );
+    // The first months had too few siblings to compare and said so.
+    let first = checks(
+        work.path(),
+        run_of(&summary, "ae_attendances_2024-01")["run_id"]
+            .as_str()
+            .unwrap(),
+    );
+    assert!(
+        first
+            .iter()
+            .any(|(n, passed, d)| n == "rows like the other months"
+                && *passed
+                && d.contains("fewer than the 3 needed")),
+        "{first:?}"
+    );
+}
