@@ -38,14 +38,16 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "WARPLINE_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
     )]
     pub amqp_url: String,
     /// PostgreSQL (the database is created if missing).
     #[arg(
         long,
         env = "WARPLINE_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/warpline"
+        default_value = "postgres://postgres@127.0.0.1:5432/warpline",
+        hide_env_values = true
     )]
     pub database_url: String,
     /// The schema holding Warpline's tables (one per fleet).
