@@ -12,6 +12,7 @@ pub mod amqp;
 pub mod cli;
 pub mod consumer;
 pub mod executor;
+pub mod metrics;
 pub mod shutdown;
 
 pub use executor::{ExecConfig, run_step};
