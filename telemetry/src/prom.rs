@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -28,11 +29,13 @@ pub fn response(body: String) -> Response {
     ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], body).into_response()
 }
 
-/// Serves `GET /metrics` (and `GET /healthz`) on `addr` until `stop` is cancelled. Returns the
-/// bound address once listening (port 0 picks one).
+/// Serves `GET /metrics`, `GET /healthz` (200 while the process serves) and `GET /readyz` (200
+/// while `ready()` holds, else 503) on `addr` until `stop` is cancelled. Returns the bound
+/// address once listening (port 0 picks one).
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
     stop: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -47,7 +50,20 @@ pub async fn serve(
                 async move { response(encode(&registry)) }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        );
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())

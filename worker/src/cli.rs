@@ -87,7 +87,8 @@ pub struct FleetArgs {
     /// Bytes of stdout+stderr kept in each result's log tail.
     #[arg(long, default_value_t = DEFAULT_TAIL_BYTES)]
     pub tail_bytes: usize,
-    /// Serve Prometheus metrics at `http://ADDR/metrics` (e.g. `0.0.0.0:9091`; off when unset).
+    /// Serve Prometheus metrics at `http://ADDR/metrics`, and `/healthz` and `/readyz` (ready
+    /// while connected to the broker), e.g. `0.0.0.0:9091`; off when unset.
     #[arg(long, env = "WARPLINE_METRICS", value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -143,8 +144,11 @@ pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Resu
     let server = match metrics_addr {
         Some(addr) => {
             let registry = crate::metrics::get().registry.clone();
+            // Ready while a broker session is up.
+            let ready = || crate::metrics::get().connected.get() > 0;
             let (bound, task) =
-                warpline_telemetry::prom::serve(addr, registry, metrics_stop.clone()).await?;
+                warpline_telemetry::prom::serve(addr, registry, ready, metrics_stop.clone())
+                    .await?;
             tracing::info!(%bound, "serving Prometheus metrics at /metrics");
             Some(task)
         }

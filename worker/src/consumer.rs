@@ -153,9 +153,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         };
         session += 1;
         let started = Instant::now();
-        let connected = crate::metrics::get()
-            .connected
-            .with_label_values(&[worker.cfg.pool.as_str()]);
+        let connected = &crate::metrics::get().connected;
         connected.set(1);
         let ended = worker.session(conn, session, &shutdown).await;
         connected.set(0);

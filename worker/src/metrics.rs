@@ -4,9 +4,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use warpline_shared::contracts::{ReportStatus, StepOutcome};
 
 /// Buckets of step durations (seconds): 10 ms to 1 h.
@@ -31,8 +29,8 @@ pub struct WorkerMetrics {
     pub slots: IntGauge,
     /// `warpline_worker_slots_busy`.
     pub busy: IntGauge,
-    /// `warpline_worker_connected{}`: 1 while a broker session is up.
-    pub connected: IntGaugeVec,
+    /// `warpline_worker_connected`: 1 while a broker session is up.
+    pub connected: IntGauge,
 }
 
 /// The process's metrics.
@@ -90,17 +88,10 @@ impl WorkerMetrics {
             "Steps this worker runs at once (`--slots`).",
         );
         let busy = gauge("warpline_worker_slots_busy", "Slots running a step now.");
-        let connected = IntGaugeVec::new(
-            Opts::new(
-                "warpline_worker_connected",
-                "1 while this worker has a broker session, by pool.",
-            ),
-            &["pool"],
-        )
-        .expect("valid gauge");
-        registry
-            .register(Box::new(connected.clone()))
-            .expect("unique metric");
+        let connected = gauge(
+            "warpline_worker_connected",
+            "1 while this worker has a broker session.",
+        );
         WorkerMetrics {
             registry,
             steps,

@@ -190,6 +190,33 @@ fn metrics_on_the_coordinator_and_the_workers_count_what_the_audit_log_says() {
     // Every result but a run's last is followed by a StepSpec: 3 × 2.
     assert_eq!(histogram_count("warpline_result_to_dispatch_seconds"), 6.0);
 
+    // The compose file's healthchecks, run as they are against these processes, pass.
+    let compose: serde_norway::Value = serde_norway::from_str(
+        &std::fs::read_to_string(warpline_tests::repo_root().join("docker-compose.yml")).unwrap(),
+    )
+    .unwrap();
+    let compose = serde_json::to_value(compose).unwrap();
+    for (svc, port, addr) in [
+        ("coordinator", "8080", c.addr().to_string()),
+        ("worker", "9091", workers[0].clone()),
+    ] {
+        let test = &compose["services"][svc]["healthcheck"]["test"];
+        assert_eq!(test[0], "CMD", "{test}");
+        let script = test[3]
+            .as_str()
+            .unwrap()
+            .replace(&format!("127.0.0.1/{port}"), &addr.replace(':', "/"));
+        let ok = std::process::Command::new(test[1].as_str().unwrap())
+            .args([test[2].as_str().unwrap(), &script])
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "{svc}'s compose healthcheck fails against a ready {svc}: {script}"
+        );
+    }
+
     // The workers between them ran and reported every step.
     let mut ran: BTreeMap<Vec<String>, u64> = BTreeMap::new();
     for addr in &workers {
