@@ -313,6 +313,9 @@ pub struct RunArgs {
     /// How to show progress on standard error.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
+    /// Serve the web dashboard for this backfill on ADDR (e.g. 127.0.0.1:8081) while it runs.
+    #[arg(long, value_name = "ADDR")]
+    pub ui: Option<std::net::SocketAddr>,
 }
 
 /// `warpline audit ...`.

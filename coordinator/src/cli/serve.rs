@@ -27,6 +27,7 @@ use crate::fleet::pg::{self, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
 use crate::supervisor::settings::{AgentOverrides, build_agent};
+use crate::ui;
 use std::sync::Arc;
 use warpline_shared::config::AgentConfig;
 
@@ -162,7 +163,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     // `/metrics` needs no token, like `/healthz`: scrapers rarely carry one, and it names
     // pipelines, steps and counts only (docs/OBSERVABILITY.md).
     let app = protect(
-        router(EngineHandle::new(tx.clone()), ready.clone()).merge(metrics_router(latency.clone())),
+        router(EngineHandle::new(tx.clone()), ready.clone())
+            .merge(metrics_router(latency.clone()))
+            .merge(ui::router(
+                EngineHandle::new(tx.clone()),
+                ui::Records::Pg(db.clone()),
+                auth.clone(),
+            )),
         auth,
     )
     .merge(metrics::prometheus_router(prom.clone(), sources));
@@ -173,6 +180,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .await
     });
     eprintln!("warpline serve: API on http://{addr}");
+    eprintln!("warpline serve: dashboard on http://{addr}/");
 
     let lock = tokio::select! {
         lock = LeaderLock::acquire(&args.database_url, &args.database_schema, Duration::from_secs(1)) => lock?,

@@ -4,6 +4,7 @@
 
 mod agent;
 mod auth;
+mod dashboard;
 mod deploy;
 mod fleet;
 mod local;
