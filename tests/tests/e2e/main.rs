@@ -6,6 +6,7 @@ mod agent;
 mod auth;
 mod dashboard;
 mod deploy;
+mod failures;
 mod fleet;
 mod local;
 mod observability;
