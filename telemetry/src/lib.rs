@@ -128,3 +128,22 @@ fn log_filter(default_filter: &str) -> anyhow::Result<EnvFilter> {
     }
     Ok(EnvFilter::new(default_filter))
 }
+
+/// The outcome label of a step result: `passed` (exit 0 and no error check failed),
+/// `failed_checks` (exit 0, an error check failed), `timed_out`, `not_run` (refused or never
+/// started: exit -1) or `failed` (any other exit code). The coordinator uses the same labels.
+pub fn outcome_label(o: &warpline_shared::contracts::StepOutcome) -> &'static str {
+    use warpline_shared::contracts::ReportStatus;
+    let r = &o.result;
+    if r.timed_out {
+        "timed_out"
+    } else if r.exit_code == -1 {
+        "not_run"
+    } else if r.exit_code != 0 {
+        "failed"
+    } else if o.report.status == ReportStatus::Fail {
+        "failed_checks"
+    } else {
+        "passed"
+    }
+}

@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
-use warpline_shared::contracts::{ReportStatus, StepOutcome};
+use warpline_shared::contracts::StepOutcome;
 
 /// Buckets of step durations (seconds): 10 ms to 1 h.
 const STEP_BUCKETS: [f64; 16] = [
@@ -118,20 +118,4 @@ impl WorkerMetrics {
     }
 }
 
-/// The outcome label of a step result: `passed` (exit 0 and no error check failed),
-/// `failed_checks` (exit 0, an error check failed), `timed_out`, `not_run` (refused or never
-/// started: exit -1) or `failed` (any other exit code). The coordinator uses the same labels.
-pub fn outcome_label(o: &StepOutcome) -> &'static str {
-    let r = &o.result;
-    if r.timed_out {
-        "timed_out"
-    } else if r.exit_code == -1 {
-        "not_run"
-    } else if r.exit_code != 0 {
-        "failed"
-    } else if o.report.status == ReportStatus::Fail {
-        "failed_checks"
-    } else {
-        "passed"
-    }
-}
+pub use warpline_telemetry::outcome_label;

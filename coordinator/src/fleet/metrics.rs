@@ -216,7 +216,7 @@ fn percentiles(h: &Histogram<u64>) -> Percentiles {
 }
 
 /// The outcome label of a step result (shared with the worker's metrics).
-pub use warpline_worker::metrics::outcome_label;
+pub use warpline_telemetry::outcome_label;
 
 /// The coordinator's Prometheus metrics.
 pub struct Metrics {
@@ -544,7 +544,7 @@ impl Metrics {
             AuditEvent::RunFinished { state, .. } => {
                 let p = pipeline(&seen);
                 self.runs_finished
-                    .with_label_values(&[p.as_str(), state])
+                    .with_label_values(&[p.as_str(), state.as_str()])
                     .inc();
             }
             _ => {}
@@ -689,12 +689,11 @@ impl Broker {
             .as_ref()
             .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected());
         if !alive {
-            let backoff = warpline_worker::amqp::Backoff {
+            let backoff = warpline_amqp::Backoff {
                 max_attempts: Some(1),
                 ..Default::default()
             };
-            let conn =
-                warpline_worker::amqp::connect(&self.url, "warpline-metrics", &backoff).await?;
+            let conn = warpline_amqp::connect(&self.url, "warpline-metrics", &backoff).await?;
             let ch = conn.create_channel().await?;
             *guard = Some((conn, ch));
         }

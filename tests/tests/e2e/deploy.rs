@@ -58,6 +58,8 @@ fn sources() -> String {
         repo_root().join("coordinator/src"),
         repo_root().join("worker/src"),
         repo_root().join("telemetry/src"),
+        repo_root().join("amqp/src"),
+        repo_root().join("executor/src"),
         repo_root().join("examples/datawarp/tools/src"),
     ];
     while let Some(dir) = stack.pop() {

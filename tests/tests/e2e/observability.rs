@@ -104,7 +104,7 @@ fn metrics_on_the_coordinator_and_the_workers_count_what_the_audit_log_says() {
     for r in fleet.audit_records() {
         match &r.event {
             AuditEvent::StepResult { outcome } => {
-                let label = warpline_worker::metrics::outcome_label(outcome).to_string();
+                let label = warpline_telemetry::outcome_label(outcome).to_string();
                 let step = outcome.result.step_id.clone();
                 *steps
                     .entry(vec!["metered".into(), step.clone(), label.clone()])
