@@ -480,5 +480,6 @@ impl Engine {
         // Nothing more is dispatched once stopping.
         self.effects
             .retain(|e| !matches!(e, Effect::Dispatch(_) | Effect::Timer { .. }));
+        self.timers.clear();
     }
 }

@@ -156,10 +156,42 @@ impl Harness {
 
     /// The next event a timer or an agent call sent (paused time runs until one fires).
     pub async fn next_event(&mut self) -> Event {
-        tokio::time::timeout(Duration::from_secs(3600), self.events.recv())
+        self.next_event_within(Duration::from_secs(3600))
             .await
             .expect("an event within an hour of paused time")
-            .expect("the engine holds a sender")
+    }
+
+    /// The next event within `limit` of paused time, if any.
+    pub async fn next_event_within(&mut self, limit: Duration) -> Option<Event> {
+        tokio::time::timeout(limit, self.engine.next_event(&mut self.events))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Ends this engine as a session ends (the broker dropped, the lock moved) and starts a new
+    /// one on the same event channel, restored from what the old one stored, as `serve` does.
+    pub async fn restart(&mut self) -> Turn {
+        let backfills = self
+            .engine
+            .backfills
+            .values()
+            .map(|b| (b.rec.clone(), b.pipeline.clone()))
+            .collect();
+        let runs = self.engine.runs.values().cloned().collect();
+        let tx = self.engine.events.clone();
+        self.engine = Engine::new(
+            EngineConfig {
+                exit_when_idle: false,
+            },
+            Arc::new(RulesAgent),
+            Box::new(AuditLog::open(self.dir.path().join("audit.jsonl")).unwrap()),
+            Box::new(Recorder(self.dispatched.clone())),
+            Box::new(Collect(self.records.clone())),
+            tx,
+        );
+        self.engine.restore(backfills, runs);
+        self.commit().await
     }
 
     /// The summary of backfill `id`.
@@ -341,4 +373,69 @@ fn bound_tail_keeps_the_end_on_a_char_boundary() {
     let mut short = "abc".to_string();
     bound_tail(&mut short, 5);
     assert_eq!(short, "abc");
+}
+
+fn retrying_step() -> serde_json::Value {
+    serde_json::json!([{"id": "A", "command": "true", "max_attempts": 3}])
+}
+
+/// The fault test's first finding: a session ends while a run waits out its backoff, the next
+/// session restores the run and begins its attempt, and the old session's backoff then fired
+/// into the new loop and began a second attempt ("cannot begin a second attempt while the run
+/// is A"), halting a healthy run.
+#[tokio::test(start_paused = true)]
+async fn a_backoff_armed_before_a_restart_never_acts_after_it() {
+    let mut h = Harness::new();
+    let req = h.backfill(retrying_step(), &["a"]);
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    let failed = h.turn([outcome(&a1, 75)]).await;
+    assert!(failed.timers.iter().any(|(_, e)| e.starts_with("Ready")));
+
+    let restored = h.restart().await;
+    assert_eq!(
+        restored.kinds(),
+        ["step_dispatched"],
+        "restore begins the waiting run"
+    );
+    let a2 = restored.dispatched[0].clone();
+    assert_eq!(a2.attempt, 2);
+
+    // Well past the old backoff: whatever fires must not touch the run.
+    while let Some(ev) = h.next_event_within(Duration::from_secs(10)).await {
+        let turn = h.turn([ev]).await;
+        assert!(
+            !turn.kinds().contains(&"run_finished"),
+            "a timer from the ended session acted: {:?}",
+            turn.records
+        );
+    }
+    let s = h.summary(id);
+    assert_eq!(s.runs[0].state, RunStatus::Running, "{:?}", s.runs[0]);
+    let done = h.turn([outcome(&a2, 0)]).await;
+    assert!(done.kinds().contains(&"run_finished"));
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Complete);
+}
+
+/// `Ready` is idempotent: a second one for a run whose attempt is already out changes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_ready_changes_nothing() {
+    let mut h = Harness::new();
+    let req = h.backfill(retrying_step(), &["a"]);
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    h.turn([outcome(&a1, 75)]).await;
+    let ready = |run_id| Event::Ready {
+        run_id,
+        waited_ms: 2000,
+    };
+    let run_id = a1.run_id;
+    let began = h.turn([ready(run_id)]).await;
+    assert_eq!(began.kinds(), ["step_dispatched"]);
+    let again = h.turn([ready(run_id), ready(run_id)]).await;
+    assert!(again.records.is_empty(), "{:?}", again.records);
+    assert!(again.dispatched.is_empty());
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Running);
 }
