@@ -439,3 +439,35 @@ async fn a_duplicate_ready_changes_nothing() {
     assert!(again.dispatched.is_empty());
     assert_eq!(h.summary(id).runs[0].state, RunStatus::Running);
 }
+
+/// After a restart the deadline of an attempt dispatched long ago is armed from the recovery
+/// time (at least `lost_grace_s`), so its result, waiting in the queue, is consumed before the
+/// attempt could be declared lost and run again.
+#[tokio::test(start_paused = true)]
+async fn a_restart_rearms_deadlines_from_the_recovery_time() {
+    let mut h = Harness::new();
+    let req = h.backfill(
+        serde_json::json!([{"id": "A", "command": "true", "timeout_s": 60}]),
+        &["a"],
+    );
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    // The coordinator was away for longer than the attempt's whole deadline.
+    for r in h.engine.runs.values_mut() {
+        r.dispatched_at = Some(chrono::Utc::now() - chrono::Duration::hours(2));
+    }
+    let restored = h.restart().await;
+    let deadlines: Vec<_> = restored
+        .timers
+        .iter()
+        .filter(|(_, e)| e.starts_with("Deadline"))
+        .collect();
+    assert_eq!(deadlines.len(), 1, "{:?}", restored.timers);
+    assert!(
+        deadlines[0].0 >= Duration::from_secs(30),
+        "deadline re-armed at {:?}, before the result could arrive",
+        deadlines[0].0
+    );
+    let done = h.turn([outcome(&a1, 0)]).await;
+    assert!(done.kinds().contains(&"run_finished"), "{:?}", done.kinds());
+}
