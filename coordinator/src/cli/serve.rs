@@ -256,9 +256,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     check_exposure(&auth, args.http, args.allow_unauthenticated)?;
     let db = pg::connect(&args.database_url, &args.database_schema, 8).await?;
     pg::migrate(&db, &args.database_schema).await?;
-    let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
-        .ok()
-        .map(String::into_bytes);
+    // Empty means unset, as for every binary of the fleet (`warpline_amqp::signing_key`).
+    let signing_key = warpline_amqp::signing_key();
+    if signing_key.is_some() {
+        eprintln!(
+            "warpline serve: signatures required (WARPLINE_SIGNING_KEY): unsigned or forged results are dead-lettered and such heartbeats ignored"
+        );
+    }
     // The agent is set up before anything runs, so a missing API key stops here.
     let overrides = AgentOverrides {
         kind: Some(args.agent.into()),

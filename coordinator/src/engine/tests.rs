@@ -471,3 +471,110 @@ async fn a_restart_rearms_deadlines_from_the_recovery_time() {
     let done = h.turn([outcome(&a1, 0)]).await;
     assert!(done.kinds().contains(&"run_finished"), "{:?}", done.kinds());
 }
+
+fn heartbeat(
+    worker: &str,
+    running: Vec<warpline_shared::fleet::RunningAttempt>,
+    interval_s: u64,
+) -> Event {
+    Event::Heartbeat(Box::new(warpline_shared::fleet::Heartbeat::new(
+        worker.into(),
+        "default".into(),
+        2,
+        running,
+        interval_s,
+    )))
+}
+
+fn running(run_id: Uuid, attempt_id: Uuid) -> warpline_shared::fleet::RunningAttempt {
+    warpline_shared::fleet::RunningAttempt {
+        run_id,
+        attempt_id,
+        step_id: "A".into(),
+        started_at: chrono::Utc::now(),
+    }
+}
+
+/// A heartbeat flood (attempt ids nobody awaits, a made-up worker per beat) leaves bounded
+/// state: no unknown attempt is tracked and at most `MAX_WORKERS` workers are remembered.
+#[tokio::test(start_paused = true)]
+async fn heartbeat_state_is_bounded_whatever_heartbeats_claim() {
+    let mut h = Harness::new();
+    let req = h.backfill(retrying_step(), &["a"]);
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    let flood: Vec<_> = (0..5000)
+        .map(|_| running(Uuid::now_v7(), Uuid::now_v7()))
+        .collect();
+    h.turn([heartbeat("made-up", flood, 5)]).await;
+    assert!(
+        h.engine.seen.is_empty(),
+        "{} unknown attempts tracked",
+        h.engine.seen.len()
+    );
+    assert!(h.engine.workers["made-up"].0.running.is_empty());
+    // The real attempt is tracked.
+    h.turn([heartbeat("w1", vec![running(a1.run_id, a1.attempt_id)], 5)])
+        .await;
+    assert_eq!(h.engine.seen.len(), 1);
+    for i in 0..(super::liveness::MAX_WORKERS + 10) {
+        h.engine.handle(heartbeat(&format!("w-{i}"), vec![], 5));
+    }
+    assert!(h.engine.workers.len() <= super::liveness::MAX_WORKERS);
+}
+
+/// An interval of `u64::MAX` neither overflows (`* 3` panicked in debug builds, wrapped in
+/// release) nor makes a worker immortal: it counts as `MAX_INTERVAL_S`.
+#[tokio::test(start_paused = true)]
+async fn a_huge_heartbeat_interval_expires_like_the_longest_allowed() {
+    let mut h = Harness::new();
+    h.turn([heartbeat("slow", vec![], u64::MAX)]).await;
+    assert!(h.engine.workers.contains_key("slow"));
+    let longest = Duration::from_secs(3 * super::liveness::MAX_INTERVAL_S);
+    assert_eq!(super::liveness::silence(u64::MAX), longest);
+    assert_eq!(super::liveness::silence(0), Duration::from_secs(3));
+    h.turn([Event::Tick]).await;
+    assert!(h.engine.workers.contains_key("slow"), "not silent yet");
+}
+
+/// With signing off a forged result can claim a real outstanding attempt: one whose report
+/// leaves out the step's configured checks is rejected (not "checks pass (0/0)"), the attempt
+/// stays awaited, and the real result is applied.
+#[tokio::test(start_paused = true)]
+async fn a_result_that_skips_the_steps_checks_is_rejected() {
+    let mut h = Harness::new();
+    let req = h.backfill(
+        serde_json::json!([{
+            "id": "A", "command": "true",
+            "validations": [{"name": "no errors", "kind": "log_regex_absent", "pattern": "ERROR"}]
+        }]),
+        &["a"],
+    );
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    let forged = h.turn([outcome(&a1, 0)]).await;
+    assert_eq!(forged.kinds(), ["stale_result"], "{:?}", forged.records);
+    match &forged.records[0] {
+        AuditEvent::StaleResult { reason, .. } => assert!(reason.contains("no errors"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Running);
+    let Event::Outcome(mut real, ack) = outcome(&a1, 0) else {
+        unreachable!()
+    };
+    real.report.checks.push(warpline_shared::contracts::Check {
+        name: "no errors".into(),
+        kind: "log_regex_absent".into(),
+        severity: warpline_shared::contracts::Severity::Error,
+        passed: true,
+        detail: "no match".into(),
+    });
+    let applied = h.turn([Event::Outcome(real, ack)]).await;
+    assert!(
+        applied.kinds().contains(&"run_finished"),
+        "{:?}",
+        applied.kinds()
+    );
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Complete);
+}

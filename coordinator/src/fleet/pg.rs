@@ -405,20 +405,62 @@ impl PgStore {
         let rows = client
             .query("SELECT seq, line FROM audit_events ORDER BY seq", &[])
             .await?;
-        let file_lines = if audit_path.exists() {
-            let f = std::fs::File::open(audit_path)?;
-            audit::verify(std::io::BufReader::new(f))
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "the audit log `{}` does not verify ({e})",
-                        audit_path.display()
-                    )
-                })?
-                .lines
+        let (file_lines, file_head) = if audit_path.exists() {
+            let verified = |path: &Path| {
+                let f = std::fs::File::open(path)?;
+                anyhow::Ok(audit::verify(std::io::BufReader::new(f)))
+            };
+            match verified(audit_path)? {
+                Ok(v) => (v.lines, v.head),
+                // A write cut short (a crash, a full disk): the database holds every committed
+                // line, so drop the torn bytes and let the catch-up below rewrite them.
+                Err(e) if e.torn.is_some() => {
+                    let keep = e.torn.unwrap_or_default();
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(audit_path)?
+                        .set_len(keep)?;
+                    tracing::warn!(
+                        line = e.line,
+                        keep,
+                        "audit log had a torn last line; repairing it from the database"
+                    );
+                    eprintln!(
+                        "warpline serve: the audit log `{}` had a torn last line (line {}); repairing it from the database",
+                        audit_path.display(),
+                        e.line
+                    );
+                    let v = verified(audit_path)?.map_err(|e| {
+                        anyhow::anyhow!(
+                            "the audit log `{}` does not verify ({e})",
+                            audit_path.display()
+                        )
+                    })?;
+                    (v.lines, v.head)
+                }
+                Err(e) => bail!(
+                    "the audit log `{}` does not verify ({e})",
+                    audit_path.display()
+                ),
+            }
         } else {
-            0
+            (0, audit::GENESIS.to_string())
         };
         let db_lines = rows.len() as u64;
+        // The file must be a prefix of the database's chain: its head is the hash of the
+        // database's line of the same number.
+        if file_lines > 0 && file_lines <= db_lines {
+            let line: String = rows[file_lines as usize - 1].get(1);
+            let (_, db_hash) = audit::parse_line(&line).map_err(|e| {
+                anyhow::anyhow!("the database's audit line {file_lines} does not verify ({e})")
+            })?;
+            if db_hash != file_head {
+                bail!(
+                    "the audit log `{}` does not match the database: its line {file_lines} has hash {file_head}, the database's {db_hash}; it belongs to another fleet or was edited: give another --audit file",
+                    audit_path.display()
+                );
+            }
+        }
         if file_lines > db_lines {
             bail!(
                 "the audit log `{}` has {file_lines} lines but the database only {db_lines}: it belongs to another fleet; give another --audit file",
