@@ -569,6 +569,7 @@ async fn a_result_that_skips_the_steps_checks_is_rejected() {
         severity: warpline_shared::contracts::Severity::Error,
         passed: true,
         detail: "no match".into(),
+        value: None,
     });
     let applied = h.turn([Event::Outcome(real, ack)]).await;
     assert!(
