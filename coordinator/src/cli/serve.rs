@@ -41,7 +41,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "WARPLINE_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/warpline"
+        default_value = "postgres://postgres@127.0.0.1:5432/warpline",
+        hide_env_values = true
     )]
     pub database_url: String,
     /// The schema holding Warpline's tables (one per fleet).
