@@ -353,6 +353,14 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                     eprintln!("warpline serve: {e:#}; standing down to wait as a standby");
                     continue 'lead;
                 }
+                // A refusal (wrong password or vhost, a bad URL) will not change by waiting.
+                Err(e)
+                    if e.chain()
+                        .filter_map(|c| c.downcast_ref::<warpline_amqp::AmqpError>())
+                        .any(|a| !a.is_retryable()) =>
+                {
+                    return Err(e);
+                }
                 Err(e) => eprintln!(
                     "warpline serve: the session failed: {e:#}; recovering from the database in {} ms",
                     backoff.as_millis()
