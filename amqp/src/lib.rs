@@ -13,7 +13,7 @@
 pub mod settings;
 pub mod shutdown;
 
-pub use settings::FleetArgs;
+pub use settings::{FleetArgs, signing_key};
 
 use std::time::Duration;
 

@@ -52,6 +52,23 @@ impl AuditLog {
         } else {
             (0, GENESIS.to_string())
         };
+        // A complete last line whose end of line was lost gets it back before anything is
+        // appended (a torn one does not verify above).
+        if seq > 0 {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut f = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open the audit log `{}`", path.display()))?;
+            let mut last = [0u8; 1];
+            f.seek(SeekFrom::End(-1))?;
+            f.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                f.write_all(b"\n")?;
+                f.sync_data()?;
+            }
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)

@@ -8,9 +8,10 @@ use uuid::Uuid;
 use warpline_coordinator::engine::{
     BackfillRequest, Engine, EngineConfig, Event, Observer, Store, Transport,
 };
-use warpline_coordinator::fleet::pg::{self, PgStore};
+use warpline_coordinator::fleet::pg::{self, Fenced, LeaderLock, PgStore};
 use warpline_coordinator::progress::Quiet;
 use warpline_coordinator::supervisor::RulesAgent;
+use warpline_shared::audit::AuditEvent;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::StepSpec;
 use warpline_shared::partition;
@@ -140,5 +141,66 @@ async fn turns_commit_and_recover() {
     let store = PgStore::open(pool.clone(), &audit).await.unwrap();
     assert_eq!(std::fs::read_to_string(&audit).unwrap(), text);
     assert_eq!(store.audit_location().1.len(), 64);
+    drop_schema(&pool, &schema).await;
+}
+
+/// Fencing: once another coordinator took the lead, a deposed leader's next turn is refused by
+/// PostgreSQL (its epoch is stale) and leaves nothing behind; the new leader commits on.
+#[tokio::test]
+async fn a_deposed_leader_cannot_commit_a_turn() {
+    let schema = format!("pgfence_{}", std::process::id());
+    let pool = pool(&schema).await;
+    let dir = tempfile::tempdir().unwrap();
+    let poll = std::time::Duration::from_millis(50);
+    let a_lock = LeaderLock::acquire(URL, &schema, poll).await.unwrap();
+    let mut a = PgStore::open(pool.clone(), &dir.path().join("a.jsonl"))
+        .await
+        .unwrap()
+        .fenced(a_lock.epoch);
+    let note = |why: &str| AuditEvent::BackfillResolution {
+        operator: "test".into(),
+        action: "continue".into(),
+        reason: why.into(),
+    };
+    a.record(None, None, note("while leading"));
+    a.commit().await.unwrap();
+
+    // A is deposed as after a pause past its lock: its lock's backend goes away.
+    let c = pool.get().await.unwrap();
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%leader SET epoch%'",
+        &[&format!("\"{schema}\"")],
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), a_lock.lost.cancelled())
+        .await
+        .expect("the deposed lock notices its connection is gone");
+    let b_lock = LeaderLock::acquire(URL, &schema, poll).await.unwrap();
+    assert!(
+        b_lock.epoch > a_lock.epoch,
+        "{} > {}",
+        b_lock.epoch,
+        a_lock.epoch
+    );
+
+    a.record(None, None, note("after being deposed"));
+    let err = a.commit().await.unwrap_err();
+    assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+    let events: i64 = c
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1, "the deposed leader's turn left a row");
+
+    let mut b = PgStore::open(pool.clone(), &dir.path().join("b.jsonl"))
+        .await
+        .unwrap()
+        .fenced(b_lock.epoch);
+    b.record(None, None, note("the new leader"));
+    b.commit().await.unwrap();
+    drop((a, b, b_lock));
     drop_schema(&pool, &schema).await;
 }

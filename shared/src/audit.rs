@@ -314,6 +314,10 @@ pub struct VerifyError {
     pub line: u64,
     /// What is wrong with it.
     pub reason: String,
+    /// Set when the bad line is a torn last line (a write cut short by a crash or a full disk:
+    /// no end of line, not even complete JSON): the bytes of the intact lines before it, which
+    /// verify. A torn line is not an edit; truncating to these bytes repairs the log.
+    pub torn: Option<u64>,
 }
 
 /// What a verified log holds.
@@ -339,14 +343,45 @@ pub fn parse_line(line: &str) -> Result<(AuditRecord, String), String> {
     Ok((record, actual))
 }
 
-/// Checks every line's hash, the chain and the sequence numbers.
-pub fn verify(reader: impl BufRead) -> Result<Verified, VerifyError> {
+/// Checks every line's hash, the chain and the sequence numbers. A last line that was never
+/// finished (no end of line and not complete JSON) is reported as torn ([`VerifyError::torn`]),
+/// not as edited.
+pub fn verify(mut reader: impl BufRead) -> Result<Verified, VerifyError> {
     let mut prev = GENESIS.to_string();
     let mut n = 0u64;
-    for line in reader.lines() {
+    let mut intact = 0u64;
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        let read = reader
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| VerifyError {
+                line: n + 1,
+                reason: format!("unreadable: {e}"),
+                torn: None,
+            })?;
+        if read == 0 {
+            break;
+        }
         n += 1;
-        let bad = |reason: String| VerifyError { line: n, reason };
-        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
+        let bad = |reason: String| VerifyError {
+            line: n,
+            reason,
+            torn: None,
+        };
+        let ended = raw.last() == Some(&b'\n');
+        let body = raw.strip_suffix(b"\n").unwrap_or(&raw);
+        let line = String::from_utf8_lossy(body.strip_suffix(b"\r").unwrap_or(body));
+        if !ended && serde_json::from_str::<serde_json::Value>(&line).is_err() {
+            return Err(VerifyError {
+                line: n,
+                reason: format!(
+                    "the last line is torn: it has no end of line and is not complete JSON (a write was cut short by a crash or a full disk); the {} lines before it verify (head {prev}); `warpline serve` repairs it from PostgreSQL, or truncate the file to {intact} bytes",
+                    n - 1
+                ),
+                torn: Some(intact),
+            });
+        }
         let (record, hash) = parse_line(&line).map_err(bad)?;
         if record.prev_hash != prev {
             return Err(bad(format!(
@@ -358,6 +393,7 @@ pub fn verify(reader: impl BufRead) -> Result<Verified, VerifyError> {
             return Err(bad(format!("its seq is {}, expected {n}", record.seq)));
         }
         prev = hash;
+        intact += read as u64;
     }
     Ok(Verified {
         lines: n,
@@ -431,6 +467,28 @@ mod tests {
         let mut first_removed = lines;
         first_removed.remove(0);
         assert_eq!(check(&first_removed).unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_torn_not_edited() {
+        let lines = log(3);
+        let whole = lines.join("\n") + "\n";
+        let cut = &lines[2][..lines[2].len() / 2];
+        let torn = format!("{}\n{}\n{cut}", lines[0], lines[1]);
+        let err = verify(torn.as_bytes()).unwrap_err();
+        assert_eq!(err.line, 3);
+        let keep = (lines[0].len() + lines[1].len() + 2) as u64;
+        assert_eq!(err.torn, Some(keep), "{err}");
+        assert!(err.reason.contains("torn"), "{err}");
+        assert!(!err.reason.contains("edited"), "{err}");
+        let repaired = &torn.as_bytes()[..keep as usize];
+        assert_eq!(verify(repaired).unwrap().lines, 2);
+        assert_eq!(verify(whole.as_bytes()).unwrap().lines, 3);
+        // An edit of a complete last line is still an edit, newline or not.
+        let edited = lines[2].replacen("\"to\":\"S2\"", "\"to\":\"SX\"", 1);
+        let err = verify(format!("{}\n{}\n{edited}", lines[0], lines[1]).as_bytes()).unwrap_err();
+        assert_eq!((err.line, err.torn), (3, None));
+        assert!(err.reason.contains("edited"), "{err}");
     }
 
     #[test]

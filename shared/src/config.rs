@@ -367,6 +367,15 @@ pub struct ValidationConfig {
     pub check: CheckConfig,
 }
 
+impl ValidationConfig {
+    /// The check's name in reports: its `name`, or one made from its kind and target.
+    pub fn report_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| default_check_name(&self.check))
+    }
+}
+
 /// The check kinds as written.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -1320,10 +1329,7 @@ impl Pipeline {
                 // Needs the backfill's history: the coordinator evaluates it (its `gates`).
                 CheckConfig::SiblingDeviation { .. } => continue,
             };
-            let name = v
-                .name
-                .clone()
-                .unwrap_or_else(|| default_check_name(&v.check));
+            let name = v.report_name();
             validations.push(Validation {
                 name,
                 severity: v.severity,

@@ -123,10 +123,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
 /// Fleet mode: consume StepSpecs until shutdown. The signing key comes only from
 /// `WARPLINE_SIGNING_KEY` (never a flag, which `ps` would show); empty means unset.
 pub async fn fleet(args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
-        .ok()
-        .filter(|k| !k.is_empty())
-        .map(String::into_bytes);
+    let signing_key = warpline_amqp::signing_key();
     let metrics_addr = args.metrics;
     let cfg = fleet_config(args, signing_key)?;
     // The metrics stay up while the worker drains, and stop once it has.

@@ -10,13 +10,28 @@ use warpline_shared::audit;
 
 use crate::progress::describe;
 
-pub(crate) fn audit_verify(file: &PathBuf) -> anyhow::Result<ExitCode> {
+pub(crate) fn audit_verify(file: &PathBuf, expect_head: Option<&str>) -> anyhow::Result<ExitCode> {
     let f = std::fs::File::open(file)
         .with_context(|| format!("cannot open the audit log `{}`", file.display()))?;
     match audit::verify(BufReader::new(f)) {
-        Ok(v) => {
-            println!("ok: {} lines, chain intact, head {}", v.lines, v.head);
-            Ok(ExitCode::SUCCESS)
+        Ok(v) => match expect_head.map(str::trim) {
+            Some(want) if !want.eq_ignore_ascii_case(&v.head) => {
+                eprintln!(
+                    "FAILED: `{}`: {} lines verify but the head is {}, not the expected {want}: lines are missing at the end (or it is another log)",
+                    file.display(),
+                    v.lines,
+                    v.head
+                );
+                Ok(ExitCode::FAILURE)
+            }
+            _ => {
+                println!("ok: {} lines, chain intact, head {}", v.lines, v.head);
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Err(e) if e.torn.is_some() => {
+            eprintln!("TORN: `{}`: {e}", file.display());
+            Ok(ExitCode::FAILURE)
         }
         Err(e) => {
             eprintln!("FAILED: `{}`: {e}", file.display());

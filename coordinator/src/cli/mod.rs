@@ -335,6 +335,10 @@ pub enum AuditCommand {
     Verify {
         /// The JSONL file.
         file: PathBuf,
+        /// Also require the last line's hash to be this (e.g. `audit_head` from `warpline
+        /// status` or the database), so a log cut short after its last good line fails too.
+        #[arg(long, value_name = "HASH")]
+        expect_head: Option<String>,
     },
     /// Print one run's story in order.
     Show {
@@ -357,7 +361,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
     match cli.command {
         Command::Run(args) => run::run_local(args, shutdown).await,
         Command::Serve(args) => serve::serve(args, shutdown).await,
-        Command::Audit(AuditCommand::Verify { file }) => audit::audit_verify(&file),
+        Command::Audit(AuditCommand::Verify { file, expect_head }) => {
+            audit::audit_verify(&file, expect_head.as_deref())
+        }
         Command::Audit(AuditCommand::Show { run, file, json }) => {
             audit::audit_show(&run, &file, json)
         }

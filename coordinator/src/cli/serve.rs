@@ -23,7 +23,7 @@ use crate::auth::Auth;
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
 use crate::fleet::metrics::{self, Metrics, MetricsObserver, StepLatency};
-use crate::fleet::pg::{self, LeaderLock, PgStore};
+use crate::fleet::pg::{self, Fenced, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
 use crate::supervisor::settings::{AgentOverrides, build_agent};
@@ -116,6 +116,148 @@ pub(crate) fn check_exposure(auth: &Auth, http: SocketAddr, allow: bool) -> anyh
     Ok(())
 }
 
+/// The first wait before a new session after one failed; it doubles up to
+/// [`SESSION_BACKOFF_MAX`] while sessions keep failing.
+const SESSION_BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// The longest wait between sessions (a database or broker outage is retried this often).
+const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A session that ran this long was healthy: the next failure starts the backoff over.
+const SESSION_HEALTHY: Duration = Duration::from_secs(30);
+
+/// Why a session ended without an error.
+enum Ended {
+    /// SIGINT or SIGTERM.
+    Shutdown,
+    /// The broker connection failed.
+    Broker,
+    /// The leader lock's database connection ended.
+    Lock,
+}
+
+/// What every session of one `serve` shares.
+struct Session<'a> {
+    args: &'a ServeArgs,
+    db: &'a deadpool_postgres::Pool,
+    tx: &'a mpsc::UnboundedSender<Event>,
+    ready: &'a ReadyFlag,
+    latency: &'a Arc<StepLatency>,
+    prom: &'a Arc<Metrics>,
+    agent: &'a crate::supervisor::policy::PolicyAgent,
+    signing_key: &'a Option<Vec<u8>>,
+    topology: &'a warpline_shared::fleet::Topology,
+    shutdown: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// One session: recover from PostgreSQL, connect to RabbitMQ, publish what was stored but
+    /// not sent, and run the loop until something ends it. Every turn is fenced by `lock`'s
+    /// epoch, so a deposed leader's turn is refused by PostgreSQL ([`Fenced`]).
+    async fn run(
+        &self,
+        lock: &LeaderLock,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> anyhow::Result<Ended> {
+        let args = self.args;
+        let store = PgStore::open(self.db.clone(), &args.audit)
+            .await?
+            .fenced(lock.epoch);
+        let recovered = store.recover().await?;
+        self.prom.know_pipelines(
+            recovered
+                .backfills
+                .iter()
+                .map(|(b, _)| (b.id, b.pipeline.clone())),
+        );
+        let mut pools = args.pools.clone();
+        for (_, p) in &recovered.backfills {
+            for s in p.steps() {
+                if !pools.contains(&s.pool) {
+                    pools.push(s.pool.clone());
+                }
+            }
+        }
+        self.prom.watch_pools(pools.iter().cloned());
+        let link_cfg = LinkConfig {
+            url: args.fleet.amqp_url.clone(),
+            topology: self.topology.clone(),
+            pools,
+            signing_key: self.signing_key.clone(),
+            latency: self.latency.clone(),
+        };
+        let (mut transport, link) = tokio::select! {
+            r = amqp::connect(&link_cfg, self.db.clone(), self.tx.clone()) => r?,
+            () = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
+            () = lock.lost.cancelled() => return Ok(Ended::Lock),
+        };
+        // From here the link is open: every way out closes it.
+        let ticker = amqp::ticker(self.tx.clone(), link.failed.clone());
+        let ended = async {
+            let unsent = recovered.unsent.len();
+            for spec in recovered.unsent {
+                transport.dispatch(spec)?;
+            }
+            let observer: Box<dyn Observer> = if args.log_events {
+                Box::new(Lines::stderr_knowing(
+                    recovered.runs.iter().map(|r| (r.id, r.partition.key())),
+                ))
+            } else {
+                Box::new(Quiet)
+            };
+            let observer = Box::new(MetricsObserver::new(self.prom.clone(), observer));
+            let mut engine = Engine::new(
+                EngineConfig {
+                    exit_when_idle: false,
+                },
+                Arc::new(self.agent.clone()),
+                Box::new(store),
+                Box::new(transport),
+                observer,
+                self.tx.clone(),
+            );
+            let runs = recovered.runs.len();
+            engine.restore(recovered.backfills, recovered.runs);
+            tracing::info!(runs, unsent, epoch = lock.epoch, "session started");
+            self.ready.set(true);
+            self.prom.set_leader(true);
+            // Whatever ends the session (a signal, the broker, the lock) stops the loop after
+            // its turn; the runs stay as they are for the next session.
+            let stop = CancellationToken::new();
+            let watch = {
+                let (stop, shutdown, failed, lost) = (
+                    stop.clone(),
+                    self.shutdown.clone(),
+                    link.failed.clone(),
+                    lock.lost.clone(),
+                );
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = failed.cancelled() => {}
+                        () = lost.cancelled() => {}
+                    }
+                    stop.cancel();
+                })
+            };
+            let ran = engine.run_until(rx, stop).await;
+            watch.abort();
+            ran.map(|_| ())
+        }
+        .await;
+        self.ready.set(false);
+        self.prom.set_leader(false);
+        ticker.abort();
+        link.close().await;
+        ended?;
+        Ok(if self.shutdown.is_cancelled() {
+            Ended::Shutdown
+        } else if lock.lost.is_cancelled() {
+            Ended::Lock
+        } else {
+            Ended::Broker
+        })
+    }
+}
+
 /// Runs the coordinator until SIGINT/SIGTERM (exit 0) or a fatal error.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     // Before anything connects: a bad token setup or an exposed open API stops here.
@@ -126,9 +268,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     check_exposure(&auth, args.http, args.allow_unauthenticated)?;
     let db = pg::connect(&args.database_url, &args.database_schema, 8).await?;
     pg::migrate(&db, &args.database_schema).await?;
-    let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
-        .ok()
-        .map(String::into_bytes);
+    // Empty means unset, as for every binary of the fleet (`warpline_amqp::signing_key`).
+    let signing_key = warpline_amqp::signing_key();
+    if signing_key.is_some() {
+        eprintln!(
+            "warpline serve: signatures required (WARPLINE_SIGNING_KEY): unsigned or forged results are dead-lettered and such heartbeats ignored"
+        );
+    }
     // The agent is set up before anything runs, so a missing API key stops here.
     let overrides = AgentOverrides {
         kind: Some(args.agent.into()),
@@ -180,110 +326,78 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     eprintln!("warpline serve: API on http://{addr}");
     eprintln!("warpline serve: dashboard on http://{addr}/");
 
-    let lock = tokio::select! {
-        lock = LeaderLock::acquire(&args.database_url, &args.database_schema, Duration::from_secs(1)) => lock?,
-        () = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
-    };
-    eprintln!("warpline serve: leading schema `{}`", args.database_schema);
-
     let topology = args.fleet.topology();
-    let mut backoff = Duration::from_millis(500);
-    let code = loop {
-        let store = PgStore::open(db.clone(), &args.audit).await?;
-        let recovered = store.recover().await?;
-        prom.know_pipelines(
-            recovered
-                .backfills
-                .iter()
-                .map(|(b, _)| (b.id, b.pipeline.clone())),
-        );
-        let mut pools = args.pools.clone();
-        for (_, p) in &recovered.backfills {
-            for s in p.steps() {
-                if !pools.contains(&s.pool) {
-                    pools.push(s.pool.clone());
-                }
-            }
-        }
-        prom.watch_pools(pools.iter().cloned());
-        let link_cfg = LinkConfig {
-            url: args.fleet.amqp_url.clone(),
-            topology: topology.clone(),
-            pools,
-            signing_key: signing_key.clone(),
-            latency: latency.clone(),
-        };
-        let (mut transport, link) = tokio::select! {
-            r = amqp::connect(&link_cfg, db.clone(), tx.clone()) => r?,
+    let ctx = Session {
+        args: &args,
+        db: &db,
+        tx: &tx,
+        ready: &ready,
+        latency: &latency,
+        prom: &prom,
+        agent: &agent,
+        signing_key: &signing_key,
+        topology: &topology,
+        shutdown: &shutdown,
+    };
+    // Leadership: wait for the lock (a standby waits here, and so does a leader that lost it),
+    // then run sessions until the lock is lost or this coordinator is deposed.
+    let code = 'lead: loop {
+        let lock = tokio::select! {
+            lock = LeaderLock::acquire(&args.database_url, &args.database_schema, Duration::from_secs(1)) => lock?,
             () = shutdown.cancelled() => break ExitCode::SUCCESS,
         };
-        let unsent = recovered.unsent.len();
-        for spec in recovered.unsent {
-            transport.dispatch(spec)?;
-        }
-        let observer: Box<dyn Observer> = if args.log_events {
-            Box::new(Lines::stderr_knowing(
-                recovered.runs.iter().map(|r| (r.id, r.partition.key())),
-            ))
-        } else {
-            Box::new(Quiet)
-        };
-        let observer = Box::new(MetricsObserver::new(prom.clone(), observer));
-        let mut engine = Engine::new(
-            EngineConfig {
-                exit_when_idle: false,
-            },
-            Arc::new(agent.clone()),
-            Box::new(store),
-            Box::new(transport),
-            observer,
-            tx.clone(),
+        eprintln!(
+            "warpline serve: leading schema `{}` (leader epoch {})",
+            args.database_schema, lock.epoch
         );
-        let runs = recovered.runs.len();
-        engine.restore(recovered.backfills, recovered.runs);
-        tracing::info!(runs, unsent, "session started");
-        let ticker = amqp::ticker(tx.clone(), link.failed.clone());
-        ready.set(true);
-        prom.set_leader(true);
-
-        // Whatever ends the session (a signal, the broker, the lock) becomes one Stop event.
-        let watch = {
-            let (tx, shutdown, failed, lost) = (
-                tx.clone(),
-                shutdown.clone(),
-                link.failed.clone(),
-                lock.lost.clone(),
-            );
-            tokio::spawn(async move {
-                let why = tokio::select! {
-                    () = shutdown.cancelled() => "shutdown",
-                    () = failed.cancelled() => "broker",
-                    () = lost.cancelled() => "lock",
-                };
-                let _ = tx.send(Event::Stop);
-                why
-            })
-        };
-        let ended = engine.run(&mut rx).await;
-        watch.abort();
-        let why = watch.await.unwrap_or("error");
-        ended?;
-        ready.set(false);
-        prom.set_leader(false);
-        ticker.abort();
-        link.close().await;
-        match why {
-            "shutdown" => break ExitCode::SUCCESS,
-            "lock" => anyhow::bail!(
-                "lost the leader lock's database connection: stopping so that a standby can lead"
-            ),
-            _ => {
-                eprintln!(
+        // A session ends when the broker, the database or the lock fails; the next one
+        // recovers everything from PostgreSQL. Only a signal, or losing the lead, leaves here.
+        let mut backoff = SESSION_BACKOFF_MIN;
+        loop {
+            let started = std::time::Instant::now();
+            let ended = ctx.run(&lock, &mut rx).await;
+            if started.elapsed() > SESSION_HEALTHY {
+                backoff = SESSION_BACKOFF_MIN;
+            }
+            match ended {
+                Ok(Ended::Shutdown) => break 'lead ExitCode::SUCCESS,
+                Ok(Ended::Lock) => {
+                    eprintln!(
+                        "warpline serve: lost the leader lock's database connection; waiting to lead again"
+                    );
+                    continue 'lead;
+                }
+                Ok(Ended::Broker) => eprintln!(
                     "warpline serve: lost RabbitMQ; recovering from the database in {} ms",
                     backoff.as_millis()
+                ),
+                Err(e) if e.downcast_ref::<Fenced>().is_some() => {
+                    eprintln!("warpline serve: {e:#}; standing down to wait as a standby");
+                    continue 'lead;
+                }
+                // A refusal (wrong password or vhost, a bad URL) will not change by waiting.
+                Err(e)
+                    if e.chain()
+                        .filter_map(|c| c.downcast_ref::<warpline_amqp::AmqpError>())
+                        .any(|a| !a.is_retryable()) =>
+                {
+                    return Err(e);
+                }
+                Err(e) => eprintln!(
+                    "warpline serve: the session failed: {e:#}; recovering from the database in {} ms",
+                    backoff.as_millis()
+                ),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => break 'lead ExitCode::SUCCESS,
+            }
+            backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
+            if lock.lost.is_cancelled() || !lock.alive().await {
+                eprintln!(
+                    "warpline serve: the leader lock's database connection is gone; waiting to lead again"
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue 'lead;
             }
         }
     };

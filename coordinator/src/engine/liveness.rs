@@ -1,22 +1,49 @@
 //! Worker liveness (fleet mode): heartbeats say which attempts are running where; a tick
 //! declares lost the attempts whose worker fell silent.
+//!
+//! What heartbeats leave in memory is bounded whatever they claim: only attempts this
+//! coordinator is awaiting are tracked (so at most one per run), a heartbeat's own list is kept
+//! only for those, at most [`MAX_WORKERS`] workers are remembered, and an interval is clamped
+//! to [`MAX_INTERVAL_S`] so an expiry is always finite and never overflows.
 
 use std::time::{Duration, Instant};
 
 use super::Engine;
 use warpline_shared::fleet::Heartbeat;
 
+/// Most workers remembered at once; heartbeats of further unknown workers are ignored until
+/// some fall silent.
+pub const MAX_WORKERS: usize = 4096;
+/// The longest heartbeat interval taken at its word (an hour); longer ones count as this.
+pub const MAX_INTERVAL_S: u64 = 3600;
+
+/// How long a worker that heartbeats every `interval_s` may stay silent: three intervals.
+pub(super) fn silence(interval_s: u64) -> Duration {
+    Duration::from_secs(interval_s.clamp(1, MAX_INTERVAL_S).saturating_mul(3))
+}
+
 impl Engine {
-    pub(super) fn on_heartbeat(&mut self, hb: Heartbeat) {
+    pub(super) fn on_heartbeat(&mut self, mut hb: Heartbeat) {
         let now = Instant::now();
-        let silence = Duration::from_secs(hb.interval_s.max(1) * 3);
+        if hb.stopping {
+            self.workers.remove(&hb.worker_id);
+        } else if !self.workers.contains_key(&hb.worker_id) && self.workers.len() >= MAX_WORKERS {
+            tracing::warn!(worker_id = %hb.worker_id, max = MAX_WORKERS, "ignoring a heartbeat: too many workers are known");
+            return;
+        }
+        let silence = silence(hb.interval_s);
+        // Only attempts this coordinator awaits, from the run that awaits them.
+        hb.running.retain(|a| {
+            self.runs
+                .get(&a.run_id)
+                .and_then(|r| r.machine.outstanding())
+                .is_some_and(|o| o.attempt_id == a.attempt_id)
+        });
         for a in &hb.running {
             self.seen
                 .insert(a.attempt_id, (hb.worker_id.clone(), now, silence));
         }
-        if hb.stopping {
-            self.workers.remove(&hb.worker_id);
-        } else {
+        if !hb.stopping {
             self.workers.insert(hb.worker_id.clone(), (hb, now));
         }
     }
@@ -25,18 +52,22 @@ impl Engine {
     /// other worker has picked up since (a broker redelivers a dead worker's steps at once).
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
-        self.workers.retain(|_, (hb, at)| {
-            now.duration_since(*at) < Duration::from_secs(hb.interval_s.max(1) * 3)
-        });
+        self.workers
+            .retain(|_, (hb, at)| now.duration_since(*at) < silence(hb.interval_s));
         let mut lost = Vec::new();
+        let mut awaited = std::collections::HashSet::new();
         for r in self.runs.values() {
-            if let Some(a) = r.machine.outstanding()
-                && let Some((worker, at, silence)) = self.seen.get(&a.attempt_id)
-                && now.duration_since(*at) > *silence
-            {
-                lost.push((r.id, a.attempt_id, worker.clone(), now.duration_since(*at)));
+            if let Some(a) = r.machine.outstanding() {
+                awaited.insert(a.attempt_id);
+                if let Some((worker, at, silence)) = self.seen.get(&a.attempt_id)
+                    && now.duration_since(*at) > *silence
+                {
+                    lost.push((r.id, a.attempt_id, worker.clone(), now.duration_since(*at)));
+                }
             }
         }
+        // Attempts that reported (or were cancelled) are no longer watched.
+        self.seen.retain(|id, _| awaited.contains(id));
         for (run_id, attempt_id, worker, quiet) in lost {
             self.seen.remove(&attempt_id);
             self.declare_lost(

@@ -39,8 +39,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+use tracing::{debug, warn};
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
@@ -69,9 +72,13 @@ pub struct Engine {
     store: Box<dyn Store>,
     transport: Box<dyn Transport>,
     observer: Box<dyn Observer>,
-    /// Feeds timers and agent replies back into the loop. Unbounded, yet bounded in practice:
-    /// each run has at most one attempt, one decision and one timer outstanding at a time.
+    /// Feeds agent replies back into the loop. Unbounded, yet bounded in practice: each run has
+    /// at most one decision outstanding at a time.
     events: mpsc::UnboundedSender<Event>,
+    /// Retry backoffs and attempt deadlines, owned by the loop: they fire only into this
+    /// engine, and die with it when a session ends, so a timer armed by one session can never
+    /// act in the next (which re-arms what it needs from the store).
+    timers: DelayQueue<Event>,
     effects: Vec<Effect>,
     turn: Vec<AuditRecord>,
     dirty_runs: HashSet<Uuid>,
@@ -107,6 +114,7 @@ impl Engine {
             transport,
             observer,
             events,
+            timers: DelayQueue::new(),
             effects: Vec::new(),
             turn: Vec::new(),
             dirty_runs: HashSet::new(),
@@ -149,9 +157,18 @@ impl Engine {
                 attempt_id,
                 reply,
             } => self.on_decided(run_id, attempt_id, *reply),
+            // Idempotent: only a run between attempts begins one (a duplicate, or a Ready that
+            // outlived a restart, finds an attempt already outstanding and changes nothing).
             Event::Ready { run_id, waited_ms } => {
-                if !self.stopping && self.runs.contains_key(&run_id) {
+                if !self.stopping
+                    && self
+                        .runs
+                        .get(&run_id)
+                        .is_some_and(|r| r.machine.between_attempts())
+                {
                     self.begin(run_id, waited_ms);
+                } else {
+                    debug!(%run_id, "ignoring a backoff for a run that is not between attempts");
                 }
             }
             Event::Deadline { run_id, attempt_id } => self.on_deadline(run_id, attempt_id),
@@ -197,6 +214,36 @@ impl Engine {
         })
     }
 
+    /// Waits for the next input: an event from outside, or one of the engine's timers.
+    pub(super) async fn next_event(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> Option<Event> {
+        let timers = &mut self.timers;
+        let armed = !timers.is_empty();
+        tokio::select! {
+            ev = events.recv() => ev,
+            Some(expired) = std::future::poll_fn(|cx| timers.poll_expired(cx)), if armed => {
+                Some(expired.into_inner())
+            }
+        }
+    }
+
+    /// An input that is ready now, without waiting (to fill a turn).
+    fn ready_event(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) -> Option<Event> {
+        if let Ok(ev) = events.try_recv() {
+            return Some(ev);
+        }
+        if self.timers.is_empty() {
+            return None;
+        }
+        let timers = &mut self.timers;
+        std::future::poll_fn(|cx| timers.poll_expired(cx))
+            .now_or_never()
+            .flatten()
+            .map(|expired| expired.into_inner())
+    }
+
     /// Commits the turn, shows it, then acts on it.
     async fn end_turn(&mut self) -> anyhow::Result<()> {
         for id in self.dirty_backfills.drain() {
@@ -238,11 +285,7 @@ impl Engine {
                     });
                 }
                 Effect::Timer { after, event } => {
-                    let tx = self.events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = tx.send(event);
-                    });
+                    self.timers.insert(event, after);
                 }
                 Effect::Ack(ack) => ack(),
                 Effect::Reply(tx, answer) => {
@@ -258,20 +301,36 @@ impl Engine {
 
     /// Runs the loop until every run is final or parked (when `exit_when_idle`), or until a
     /// shutdown; returns the engine for its summaries.
-    pub async fn run(
+    pub async fn run(self, events: &mut mpsc::UnboundedReceiver<Event>) -> anyhow::Result<Engine> {
+        self.run_until(events, CancellationToken::new()).await
+    }
+
+    /// [`Engine::run`], also ending (as [`Event::Stop`] does: runs left as they are) once
+    /// `stop` is cancelled. Fleet mode stops a session this way rather than with an event in
+    /// the channel it shares with the next session.
+    pub async fn run_until(
         mut self,
         events: &mut mpsc::UnboundedReceiver<Event>,
+        stop: CancellationToken,
     ) -> anyhow::Result<Engine> {
         self.end_turn().await?;
         while !(self.stopping || self.halting || (self.cfg.exit_when_idle && self.idle())) {
-            let Some(first) = events.recv().await else {
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    self.halting = true;
+                    break;
+                }
+                ev = self.next_event(events) => ev,
+            };
+            let Some(first) = first else {
                 break;
             };
             self.handle(first);
             for _ in 1..MAX_TURN {
-                match events.try_recv() {
-                    Ok(ev) => self.handle(ev),
-                    Err(_) => break,
+                match self.ready_event(events) {
+                    Some(ev) => self.handle(ev),
+                    None => break,
                 }
             }
             self.end_turn().await?;

@@ -59,6 +59,47 @@ impl Engine {
             return;
         };
         let facts = AttemptFacts::from_outcome(&outcome.result, &outcome.report);
+        // A result that would let the run proceed must report every check the step
+        // configures: one that leaves some out (forged, or from a worker that skipped them) is
+        // rejected, and the attempt stays awaited.
+        if facts.clean()
+            && let Some(a) = run
+                .machine
+                .outstanding()
+                .filter(|a| a.attempt_id == attempt_id)
+        {
+            let backfill = run.backfill_id;
+            let pipeline = self.backfills[&backfill].pipeline.clone();
+            let reported: std::collections::HashSet<&str> = outcome
+                .report
+                .checks
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect();
+            let missing: Vec<String> = pipeline.steps()[a.step]
+                .validations
+                .iter()
+                .map(|v| v.report_name())
+                .filter(|n| !reported.contains(n.as_str()))
+                .collect();
+            if !missing.is_empty() {
+                warn!(%run_id, %attempt_id, ?missing, "rejecting a result that does not report the step's checks");
+                self.record(
+                    Some(backfill),
+                    Some(run_id),
+                    AuditEvent::StaleResult {
+                        step_id: outcome.result.step_id.clone(),
+                        attempt_id: Some(attempt_id),
+                        reason: format!(
+                            "rejected: the report does not cover the step's checks (missing {}); the attempt is still awaited",
+                            missing.join(", ")
+                        ),
+                    },
+                );
+                return;
+            }
+        }
+        let run = self.runs.get_mut(&run_id).expect("run exists");
         match run.machine.receive(attempt_id, facts) {
             Receipt::Stale(reason) => {
                 let step_id = outcome.result.step_id.clone();

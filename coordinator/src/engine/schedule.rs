@@ -144,8 +144,12 @@ impl Engine {
                     .dispatched_at
                     .map(|t| (Utc::now() - t).to_std().unwrap_or_default())
                     .unwrap_or_default();
+                // At least the grace from now: results that waited in the broker while this
+                // coordinator was away arrive in the first seconds of the session, and must
+                // not find their attempts already declared lost (and re-run).
+                let grace = Duration::from_secs(pipeline.config.lost_grace_s);
                 self.effects.push(Effect::Timer {
-                    after: total.saturating_sub(elapsed),
+                    after: total.saturating_sub(elapsed).max(grace),
                     event: Event::Deadline {
                         run_id,
                         attempt_id: a.attempt_id,
@@ -486,5 +490,6 @@ impl Engine {
         // Nothing more is dispatched once stopping.
         self.effects
             .retain(|e| !matches!(e, Effect::Dispatch(_) | Effect::Timer { .. }));
+        self.timers.clear();
     }
 }

@@ -156,10 +156,42 @@ impl Harness {
 
     /// The next event a timer or an agent call sent (paused time runs until one fires).
     pub async fn next_event(&mut self) -> Event {
-        tokio::time::timeout(Duration::from_secs(3600), self.events.recv())
+        self.next_event_within(Duration::from_secs(3600))
             .await
             .expect("an event within an hour of paused time")
-            .expect("the engine holds a sender")
+    }
+
+    /// The next event within `limit` of paused time, if any.
+    pub async fn next_event_within(&mut self, limit: Duration) -> Option<Event> {
+        tokio::time::timeout(limit, self.engine.next_event(&mut self.events))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Ends this engine as a session ends (the broker dropped, the lock moved) and starts a new
+    /// one on the same event channel, restored from what the old one stored, as `serve` does.
+    pub async fn restart(&mut self) -> Turn {
+        let backfills = self
+            .engine
+            .backfills
+            .values()
+            .map(|b| (b.rec.clone(), b.pipeline.clone()))
+            .collect();
+        let runs = self.engine.runs.values().cloned().collect();
+        let tx = self.engine.events.clone();
+        self.engine = Engine::new(
+            EngineConfig {
+                exit_when_idle: false,
+            },
+            Arc::new(RulesAgent),
+            Box::new(AuditLog::open(self.dir.path().join("audit.jsonl")).unwrap()),
+            Box::new(Recorder(self.dispatched.clone())),
+            Box::new(Collect(self.records.clone())),
+            tx,
+        );
+        self.engine.restore(backfills, runs);
+        self.commit().await
     }
 
     /// The summary of backfill `id`.
@@ -341,4 +373,209 @@ fn bound_tail_keeps_the_end_on_a_char_boundary() {
     let mut short = "abc".to_string();
     bound_tail(&mut short, 5);
     assert_eq!(short, "abc");
+}
+
+fn retrying_step() -> serde_json::Value {
+    serde_json::json!([{"id": "A", "command": "true", "max_attempts": 3}])
+}
+
+/// The fault test's first finding: a session ends while a run waits out its backoff, the next
+/// session restores the run and begins its attempt, and the old session's backoff then fired
+/// into the new loop and began a second attempt ("cannot begin a second attempt while the run
+/// is A"), halting a healthy run.
+#[tokio::test(start_paused = true)]
+async fn a_backoff_armed_before_a_restart_never_acts_after_it() {
+    let mut h = Harness::new();
+    let req = h.backfill(retrying_step(), &["a"]);
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    let failed = h.turn([outcome(&a1, 75)]).await;
+    assert!(failed.timers.iter().any(|(_, e)| e.starts_with("Ready")));
+
+    let restored = h.restart().await;
+    assert_eq!(
+        restored.kinds(),
+        ["step_dispatched"],
+        "restore begins the waiting run"
+    );
+    let a2 = restored.dispatched[0].clone();
+    assert_eq!(a2.attempt, 2);
+
+    // Well past the old backoff: whatever fires must not touch the run.
+    while let Some(ev) = h.next_event_within(Duration::from_secs(10)).await {
+        let turn = h.turn([ev]).await;
+        assert!(
+            !turn.kinds().contains(&"run_finished"),
+            "a timer from the ended session acted: {:?}",
+            turn.records
+        );
+    }
+    let s = h.summary(id);
+    assert_eq!(s.runs[0].state, RunStatus::Running, "{:?}", s.runs[0]);
+    let done = h.turn([outcome(&a2, 0)]).await;
+    assert!(done.kinds().contains(&"run_finished"));
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Complete);
+}
+
+/// `Ready` is idempotent: a second one for a run whose attempt is already out changes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_ready_changes_nothing() {
+    let mut h = Harness::new();
+    let req = h.backfill(retrying_step(), &["a"]);
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    h.turn([outcome(&a1, 75)]).await;
+    let ready = |run_id| Event::Ready {
+        run_id,
+        waited_ms: 2000,
+    };
+    let run_id = a1.run_id;
+    let began = h.turn([ready(run_id)]).await;
+    assert_eq!(began.kinds(), ["step_dispatched"]);
+    let again = h.turn([ready(run_id), ready(run_id)]).await;
+    assert!(again.records.is_empty(), "{:?}", again.records);
+    assert!(again.dispatched.is_empty());
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Running);
+}
+
+/// After a restart the deadline of an attempt dispatched long ago is armed from the recovery
+/// time (at least `lost_grace_s`), so its result, waiting in the queue, is consumed before the
+/// attempt could be declared lost and run again.
+#[tokio::test(start_paused = true)]
+async fn a_restart_rearms_deadlines_from_the_recovery_time() {
+    let mut h = Harness::new();
+    let req = h.backfill(
+        serde_json::json!([{"id": "A", "command": "true", "timeout_s": 60}]),
+        &["a"],
+    );
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    // The coordinator was away for longer than the attempt's whole deadline.
+    for r in h.engine.runs.values_mut() {
+        r.dispatched_at = Some(chrono::Utc::now() - chrono::Duration::hours(2));
+    }
+    let restored = h.restart().await;
+    let deadlines: Vec<_> = restored
+        .timers
+        .iter()
+        .filter(|(_, e)| e.starts_with("Deadline"))
+        .collect();
+    assert_eq!(deadlines.len(), 1, "{:?}", restored.timers);
+    assert!(
+        deadlines[0].0 >= Duration::from_secs(30),
+        "deadline re-armed at {:?}, before the result could arrive",
+        deadlines[0].0
+    );
+    let done = h.turn([outcome(&a1, 0)]).await;
+    assert!(done.kinds().contains(&"run_finished"), "{:?}", done.kinds());
+}
+
+fn heartbeat(
+    worker: &str,
+    running: Vec<warpline_shared::fleet::RunningAttempt>,
+    interval_s: u64,
+) -> Event {
+    Event::Heartbeat(Box::new(warpline_shared::fleet::Heartbeat::new(
+        worker.into(),
+        "default".into(),
+        2,
+        running,
+        interval_s,
+    )))
+}
+
+fn running(run_id: Uuid, attempt_id: Uuid) -> warpline_shared::fleet::RunningAttempt {
+    warpline_shared::fleet::RunningAttempt {
+        run_id,
+        attempt_id,
+        step_id: "A".into(),
+        started_at: chrono::Utc::now(),
+    }
+}
+
+/// A heartbeat flood (attempt ids nobody awaits, a made-up worker per beat) leaves bounded
+/// state: no unknown attempt is tracked and at most `MAX_WORKERS` workers are remembered.
+#[tokio::test(start_paused = true)]
+async fn heartbeat_state_is_bounded_whatever_heartbeats_claim() {
+    let mut h = Harness::new();
+    let req = h.backfill(retrying_step(), &["a"]);
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    let flood: Vec<_> = (0..5000)
+        .map(|_| running(Uuid::now_v7(), Uuid::now_v7()))
+        .collect();
+    h.turn([heartbeat("made-up", flood, 5)]).await;
+    assert!(
+        h.engine.seen.is_empty(),
+        "{} unknown attempts tracked",
+        h.engine.seen.len()
+    );
+    assert!(h.engine.workers["made-up"].0.running.is_empty());
+    // The real attempt is tracked.
+    h.turn([heartbeat("w1", vec![running(a1.run_id, a1.attempt_id)], 5)])
+        .await;
+    assert_eq!(h.engine.seen.len(), 1);
+    for i in 0..(super::liveness::MAX_WORKERS + 10) {
+        h.engine.handle(heartbeat(&format!("w-{i}"), vec![], 5));
+    }
+    assert!(h.engine.workers.len() <= super::liveness::MAX_WORKERS);
+}
+
+/// An interval of `u64::MAX` neither overflows (`* 3` panicked in debug builds, wrapped in
+/// release) nor makes a worker immortal: it counts as `MAX_INTERVAL_S`.
+#[tokio::test(start_paused = true)]
+async fn a_huge_heartbeat_interval_expires_like_the_longest_allowed() {
+    let mut h = Harness::new();
+    h.turn([heartbeat("slow", vec![], u64::MAX)]).await;
+    assert!(h.engine.workers.contains_key("slow"));
+    let longest = Duration::from_secs(3 * super::liveness::MAX_INTERVAL_S);
+    assert_eq!(super::liveness::silence(u64::MAX), longest);
+    assert_eq!(super::liveness::silence(0), Duration::from_secs(3));
+    h.turn([Event::Tick]).await;
+    assert!(h.engine.workers.contains_key("slow"), "not silent yet");
+}
+
+/// With signing off a forged result can claim a real outstanding attempt: one whose report
+/// leaves out the step's configured checks is rejected (not "checks pass (0/0)"), the attempt
+/// stays awaited, and the real result is applied.
+#[tokio::test(start_paused = true)]
+async fn a_result_that_skips_the_steps_checks_is_rejected() {
+    let mut h = Harness::new();
+    let req = h.backfill(
+        serde_json::json!([{
+            "id": "A", "command": "true",
+            "validations": [{"name": "no errors", "kind": "log_regex_absent", "pattern": "ERROR"}]
+        }]),
+        &["a"],
+    );
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+    let forged = h.turn([outcome(&a1, 0)]).await;
+    assert_eq!(forged.kinds(), ["stale_result"], "{:?}", forged.records);
+    match &forged.records[0] {
+        AuditEvent::StaleResult { reason, .. } => assert!(reason.contains("no errors"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Running);
+    let Event::Outcome(mut real, ack) = outcome(&a1, 0) else {
+        unreachable!()
+    };
+    real.report.checks.push(warpline_shared::contracts::Check {
+        name: "no errors".into(),
+        kind: "log_regex_absent".into(),
+        severity: warpline_shared::contracts::Severity::Error,
+        passed: true,
+        detail: "no match".into(),
+        value: None,
+    });
+    let applied = h.turn([Event::Outcome(real, ack)]).await;
+    assert!(
+        applied.kinds().contains(&"run_finished"),
+        "{:?}",
+        applied.kinds()
+    );
+    assert_eq!(h.summary(id).runs[0].state, RunStatus::Complete);
 }

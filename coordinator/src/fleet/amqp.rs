@@ -151,7 +151,7 @@ pub async fn connect(
     tasks.push(tokio::spawn(guard(
         failed.clone(),
         "heartbeat consumer",
-        heartbeat_consumer(beats, cfg.topology.clone(), events),
+        heartbeat_consumer(beats, cfg.topology.clone(), cfg.signing_key.clone(), events),
     )));
     Ok((
         AmqpTransport {
@@ -351,11 +351,47 @@ async fn results_consumer(
     anyhow::bail!("the broker cancelled the results consumer")
 }
 
+/// Why a heartbeat is ignored: its worker (when it says) and the reason.
+fn check_heartbeat(
+    data: &[u8],
+    signature: Option<String>,
+    key: Option<&[u8]>,
+) -> Result<Heartbeat, (Option<String>, String)> {
+    let parsed = serde_json::from_slice::<Heartbeat>(data);
+    let worker = parsed.as_ref().ok().map(|h| h.worker_id.clone());
+    if let Some(key) = key {
+        match signature {
+            None => {
+                return Err((
+                    worker,
+                    format!(
+                        "unsigned heartbeat while this coordinator requires signatures (a `{SIGNATURE_HEADER}` header); give the worker the same WARPLINE_SIGNING_KEY"
+                    ),
+                ));
+            }
+            Some(sig) if !verify_signature(key, data, &sig) => {
+                return Err((
+                    worker,
+                    "forged heartbeat: the signature does not match".into(),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    parsed.map_err(|e| (None, format!("malformed heartbeat: {e}")))
+}
+
+/// Heartbeats of distinct workers refused and said so; later ones of the same worker are
+/// ignored quietly (at debug level). Bounded so that made-up worker ids cannot grow it.
+const MAX_TOLD: usize = 1024;
+
 async fn heartbeat_consumer(
     channel: Channel,
     topology: Topology,
+    key: Option<Vec<u8>>,
     events: mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
+    let mut told = std::collections::HashSet::new();
     let queue = channel
         .queue_declare(
             "".into(),
@@ -393,13 +429,23 @@ async fn heartbeat_consumer(
         .context("cannot consume heartbeats")?;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery.context("the heartbeat consumer failed")?;
-        match serde_json::from_slice::<Heartbeat>(&delivery.data) {
+        let signature = amqp::header_str(&delivery.properties, SIGNATURE_HEADER);
+        match check_heartbeat(&delivery.data, signature, key.as_deref()) {
             Ok(hb) => {
                 if events.send(Event::Heartbeat(Box::new(hb))).is_err() {
                     return Ok(());
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "ignoring a malformed heartbeat"),
+            Err((worker, reason)) => {
+                let who = worker.unwrap_or_else(|| "?".into());
+                if told.len() < MAX_TOLD && told.insert(who.clone()) {
+                    // First sight of this worker: say it where an operator looks.
+                    tracing::warn!(worker_id = %who, %reason, "ignoring heartbeats");
+                    eprintln!("warpline serve: ignoring heartbeats of worker `{who}`: {reason}");
+                } else {
+                    tracing::debug!(worker_id = %who, %reason, "ignoring a heartbeat");
+                }
+            }
         }
     }
     anyhow::bail!("the broker cancelled the heartbeat consumer")
@@ -462,5 +508,27 @@ mod tests {
         );
         let good = warpline_shared::fleet::sign(key, body.as_bytes());
         assert!(check_result(body.as_bytes(), Some(good), Some(key)).is_ok());
+    }
+
+    #[test]
+    fn heartbeats_are_verified_when_signing_is_on() {
+        let hb = Heartbeat::new("w1".into(), "default".into(), 2, vec![], 5);
+        let body = serde_json::to_vec(&hb).unwrap();
+        assert!(check_heartbeat(&body, None, None).is_ok());
+        let key = b"k";
+        let (who, why) = check_heartbeat(&body, None, Some(key)).unwrap_err();
+        assert_eq!(who.as_deref(), Some("w1"));
+        assert!(why.starts_with("unsigned heartbeat"), "{why}");
+        let bad = warpline_shared::fleet::sign(b"other", &body);
+        let (_, why) = check_heartbeat(&body, Some(bad), Some(key)).unwrap_err();
+        assert!(why.starts_with("forged"), "{why}");
+        let good = warpline_shared::fleet::sign(key, &body);
+        assert_eq!(check_heartbeat(&body, Some(good), Some(key)).unwrap(), hb);
+        assert!(
+            check_heartbeat(b"{}", None, None)
+                .unwrap_err()
+                .1
+                .starts_with("malformed")
+        );
     }
 }

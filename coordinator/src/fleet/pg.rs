@@ -33,9 +33,10 @@ use crate::audit_log::AuditLog;
 use crate::engine::{BackfillRecord, RunRecord, Store, StoreFuture};
 
 /// The embedded migrations, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
     CREATE TABLE backfills (
         id uuid PRIMARY KEY,
         pipeline text NOT NULL,
@@ -101,7 +102,21 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     );
     CREATE INDEX outbox_unsent ON outbox (created_at) WHERE sent_at IS NULL;
     "#,
-)];
+    ),
+    (
+        2,
+        r#"
+    -- The leader epoch: bumped by every coordinator that takes the lock; every turn checks it,
+    -- so a deposed leader's turn is refused (fencing).
+    CREATE TABLE leader (
+        id int PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL,
+        since timestamptz
+    );
+    INSERT INTO leader (id, epoch) VALUES (1, 0);
+    "#,
+    ),
+];
 
 /// Connects a pool whose connections use `schema`, creating the database if it is missing.
 pub async fn connect(url: &str, schema: &str, size: usize) -> anyhow::Result<Pool> {
@@ -237,13 +252,53 @@ pub async fn migrate(pool: &Pool, schema: &str) -> anyhow::Result<()> {
 /// The leader lock: held on a dedicated connection for as long as this coordinator is active.
 pub struct LeaderLock {
     client: tokio_postgres::Client,
-    /// Cancelled when the lock's connection ends (then this coordinator must stop).
+    /// Cancelled when the lock's connection ends (then this coordinator must stop leading).
     pub lost: tokio_util::sync::CancellationToken,
+    /// This leadership's epoch, one more than the last leader's: every turn of the store
+    /// checks it ([`PgStore::fenced`]).
+    pub epoch: i64,
+}
+
+/// A turn refused because another coordinator took the lead since this one did: its epoch is
+/// no longer the database's. Nothing of the turn was committed, dispatched or acknowledged.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this coordinator was deposed: leader epoch {ours} is stale (another coordinator took the lead); its turn was not committed"
+)]
+pub struct Fenced {
+    /// The epoch this coordinator led with.
+    pub ours: i64,
 }
 
 impl LeaderLock {
-    /// Waits until this process holds the lock, polling every `poll` (a standby waits here).
+    /// Waits until this process holds the lock, polling every `poll` (a standby waits here),
+    /// then takes the next leader epoch. While PostgreSQL is unreachable (a restart, an
+    /// outage) it keeps trying with a capped backoff; a refused login fails at once.
     pub async fn acquire(url: &str, schema: &str, poll: Duration) -> anyhow::Result<LeaderLock> {
+        check_ident(schema)?;
+        let mut backoff = Duration::from_millis(250);
+        let mut said = false;
+        loop {
+            match Self::try_acquire(url, schema, poll).await {
+                Ok(lock) => return Ok(lock),
+                Err(e) if is_permanent(&e) => return Err(e),
+                Err(e) => {
+                    if !said {
+                        eprintln!(
+                            "warpline serve: {e:#}; retrying until PostgreSQL is back (every {} s at most)",
+                            LOCK_BACKOFF_MAX.as_secs()
+                        );
+                        said = true;
+                    }
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "cannot take the leader lock; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(LOCK_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn try_acquire(url: &str, schema: &str, poll: Duration) -> anyhow::Result<LeaderLock> {
         let (client, conn) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
             format!(
                 "cannot connect to PostgreSQL at `{}` for the leader lock",
@@ -265,7 +320,20 @@ impl LeaderLock {
                 .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
                 .await?;
             if row.get::<_, bool>(0) {
-                return Ok(LeaderLock { client, lost });
+                let row = client
+                    .query_one(
+                        &format!(
+                            "UPDATE \"{schema}\".leader SET epoch = epoch + 1, since = now() WHERE id = 1 RETURNING epoch"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .context("cannot take the next leader epoch")?;
+                return Ok(LeaderLock {
+                    client,
+                    lost,
+                    epoch: row.get(0),
+                });
             }
             if !announced {
                 tracing::warn!(
@@ -287,6 +355,18 @@ impl LeaderLock {
     }
 }
 
+/// The longest wait between attempts to reach PostgreSQL for the leader lock.
+const LOCK_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// True for errors that retrying will not fix: a refused login or a missing role or database
+/// permission (SQLSTATE class 28, and 42501).
+fn is_permanent(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .filter_map(tokio_postgres::Error::code)
+        .any(|code| code.code().starts_with("28") || code.code() == "42501")
+}
+
 /// What a restarted coordinator gets back.
 pub struct Recovered {
     /// Backfills with their pipelines.
@@ -305,9 +385,19 @@ pub struct PgStore {
     runs: HashMap<Uuid, RunRecord>,
     backfills: HashMap<Uuid, BackfillRecord>,
     outbox: Vec<StepSpec>,
+    /// The leader epoch every turn must still hold (none: not fenced, as in tests).
+    epoch: Option<i64>,
 }
 
 impl PgStore {
+    /// Fences every turn with the leader epoch: a turn commits only while `epoch` is still the
+    /// database's, so a coordinator that lost the lead (paused, partitioned) cannot commit, and
+    /// therefore never publishes or acknowledges, after its successor took over.
+    pub fn fenced(mut self, epoch: i64) -> PgStore {
+        self.epoch = Some(epoch);
+        self
+    }
+
     /// Opens the store: brings the audit file up to the database's last line, then continues
     /// the chain.
     pub async fn open(pool: Pool, audit_path: &Path) -> anyhow::Result<PgStore> {
@@ -315,20 +405,62 @@ impl PgStore {
         let rows = client
             .query("SELECT seq, line FROM audit_events ORDER BY seq", &[])
             .await?;
-        let file_lines = if audit_path.exists() {
-            let f = std::fs::File::open(audit_path)?;
-            audit::verify(std::io::BufReader::new(f))
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "the audit log `{}` does not verify ({e})",
-                        audit_path.display()
-                    )
-                })?
-                .lines
+        let (file_lines, file_head) = if audit_path.exists() {
+            let verified = |path: &Path| {
+                let f = std::fs::File::open(path)?;
+                anyhow::Ok(audit::verify(std::io::BufReader::new(f)))
+            };
+            match verified(audit_path)? {
+                Ok(v) => (v.lines, v.head),
+                // A write cut short (a crash, a full disk): the database holds every committed
+                // line, so drop the torn bytes and let the catch-up below rewrite them.
+                Err(e) if e.torn.is_some() => {
+                    let keep = e.torn.unwrap_or_default();
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(audit_path)?
+                        .set_len(keep)?;
+                    tracing::warn!(
+                        line = e.line,
+                        keep,
+                        "audit log had a torn last line; repairing it from the database"
+                    );
+                    eprintln!(
+                        "warpline serve: the audit log `{}` had a torn last line (line {}); repairing it from the database",
+                        audit_path.display(),
+                        e.line
+                    );
+                    let v = verified(audit_path)?.map_err(|e| {
+                        anyhow::anyhow!(
+                            "the audit log `{}` does not verify ({e})",
+                            audit_path.display()
+                        )
+                    })?;
+                    (v.lines, v.head)
+                }
+                Err(e) => bail!(
+                    "the audit log `{}` does not verify ({e})",
+                    audit_path.display()
+                ),
+            }
         } else {
-            0
+            (0, audit::GENESIS.to_string())
         };
         let db_lines = rows.len() as u64;
+        // The file must be a prefix of the database's chain: its head is the hash of the
+        // database's line of the same number.
+        if file_lines > 0 && file_lines <= db_lines {
+            let line: String = rows[file_lines as usize - 1].get(1);
+            let (_, db_hash) = audit::parse_line(&line).map_err(|e| {
+                anyhow::anyhow!("the database's audit line {file_lines} does not verify ({e})")
+            })?;
+            if db_hash != file_head {
+                bail!(
+                    "the audit log `{}` does not match the database: its line {file_lines} has hash {file_head}, the database's {db_hash}; it belongs to another fleet or was edited: give another --audit file",
+                    audit_path.display()
+                );
+            }
+        }
         if file_lines > db_lines {
             bail!(
                 "the audit log `{}` has {file_lines} lines but the database only {db_lines}: it belongs to another fleet; give another --audit file",
@@ -364,6 +496,7 @@ impl PgStore {
             runs: HashMap::new(),
             backfills: HashMap::new(),
             outbox: Vec::new(),
+            epoch: None,
         })
     }
 
@@ -418,6 +551,19 @@ impl PgStore {
     async fn write(&mut self) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        if let Some(ours) = self.epoch {
+            // FOR SHARE: a successor's epoch bump waits for this turn, or this turn sees it.
+            let held = tx
+                .query_opt(
+                    "SELECT 1 FROM leader WHERE id = 1 AND epoch = $1 FOR SHARE",
+                    &[&ours],
+                )
+                .await
+                .context("cannot check the leader epoch")?;
+            if held.is_none() {
+                return Err(Fenced { ours }.into());
+            }
+        }
         let mut turn = Statements::default();
 
         let mut seqs = Vec::new();
