@@ -154,7 +154,7 @@ pub enum OperatorCommand {
 }
 
 /// An operator's answer to a backfill escalation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackfillAction {
     /// Start runs again (the signature count starts over).
@@ -182,7 +182,7 @@ pub enum OperatorError {
 }
 
 /// A run waiting for an operator (`warpline escalations`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Escalation {
     /// The run.
     pub run_id: Uuid,
@@ -391,7 +391,7 @@ pub struct EngineConfig {
 }
 
 /// One run in a summary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunSummary {
     /// The run.
     pub run_id: Uuid,
@@ -416,7 +416,7 @@ pub struct RunSummary {
 }
 
 /// A backfill's summary (`warpline run --json`, `warpline status --json`, the HTTP API).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Summary {
     /// Contract version.
     pub schema_version: u32,
