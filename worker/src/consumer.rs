@@ -566,6 +566,7 @@ mod tests {
             input_roots: Vec::new(),
             pool: "default".into(),
             trace: BTreeMap::new(),
+            failures: Default::default(),
         };
         serde_json::to_vec(&spec).unwrap()
     }

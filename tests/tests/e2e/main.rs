@@ -6,5 +6,6 @@ mod agent;
 mod auth;
 mod dashboard;
 mod deploy;
+mod failures;
 mod fleet;
 mod local;

@@ -53,6 +53,7 @@ impl Workdir {
             input_roots: Vec::new(),
             pool: "default".into(),
             trace: BTreeMap::new(),
+            failures: Default::default(),
         }
     }
 
