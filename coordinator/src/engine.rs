@@ -125,11 +125,15 @@ pub enum OperatorCommand {
     Cancel {
         /// The backfill.
         backfill_id: Uuid,
+        /// Who (audited).
+        operator: String,
     },
     /// Resume every HALTED run of a backfill at the step that failed.
     RetryFailed {
         /// The backfill.
         backfill_id: Uuid,
+        /// Who (audited).
+        operator: String,
     },
     /// The state of one backfill, or of all.
     Status {
@@ -1337,16 +1341,35 @@ impl Engine {
                 );
                 Ok(serde_json::json!({"run_id": run_id, "action": action, "state": to}))
             }
-            OperatorCommand::Cancel { backfill_id } => {
-                let b = self
-                    .backfills
-                    .get_mut(&backfill_id)
-                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
+            OperatorCommand::Cancel {
+                backfill_id,
+                operator,
+            } => {
+                if !self.backfills.contains_key(&backfill_id) {
+                    return Err(OperatorError::UnknownBackfill(backfill_id));
+                }
+                // An escalated backfill answered with cancel has its answer audited already.
+                if !operator.is_empty() {
+                    self.record(
+                        Some(backfill_id),
+                        None,
+                        AuditEvent::BackfillResolution {
+                            operator: operator.clone(),
+                            action: "cancel".into(),
+                            reason: "cancelled: nothing new starts, running steps finish".into(),
+                        },
+                    );
+                }
+                let b = self.backfills.get_mut(&backfill_id).expect("checked");
                 b.rec.cancelling = true;
                 let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
                 let runs = b.rec.runs.clone();
                 self.dirty_backfills.insert(backfill_id);
-                let why = "cancelled by an operator".to_string();
+                let why = if operator.is_empty() {
+                    "cancelled by an operator".to_string()
+                } else {
+                    format!("cancelled by operator {operator}")
+                };
                 for id in pending {
                     self.cancel_run(id, why.clone());
                 }
@@ -1365,7 +1388,10 @@ impl Engine {
                 }
                 Ok(serde_json::to_value(self.summary(backfill_id)).expect("summary serialises"))
             }
-            OperatorCommand::RetryFailed { backfill_id } => {
+            OperatorCommand::RetryFailed {
+                backfill_id,
+                operator,
+            } => {
                 let b = self
                     .backfills
                     .get_mut(&backfill_id)
@@ -1380,7 +1406,7 @@ impl Engine {
                         Some(backfill_id),
                         None,
                         AuditEvent::BackfillResolution {
-                            operator: "retry-failed".into(),
+                            operator: operator.clone(),
                             action: "continue".into(),
                             reason: "the halted runs were resumed".into(),
                         },
@@ -1410,6 +1436,15 @@ impl Engine {
                         resumed += 1;
                     }
                 }
+                self.record(
+                    Some(backfill_id),
+                    None,
+                    AuditEvent::BackfillResolution {
+                        operator,
+                        action: "retry-failed".into(),
+                        reason: format!("{resumed} halted runs resumed at the step that failed"),
+                    },
+                );
                 self.dirty_backfills.insert(backfill_id);
                 self.fill();
                 Ok(serde_json::json!({"backfill_id": backfill_id, "resumed": resumed}))
@@ -1463,9 +1498,10 @@ impl Engine {
                         Ok(serde_json::to_value(self.summary(backfill_id))
                             .expect("summary serialises"))
                     }
-                    BackfillAction::Cancel => {
-                        self.on_operator(OperatorCommand::Cancel { backfill_id })
-                    }
+                    BackfillAction::Cancel => self.on_operator(OperatorCommand::Cancel {
+                        backfill_id,
+                        operator: String::new(),
+                    }),
                 }
             }
             OperatorCommand::Workers => {
@@ -1878,7 +1914,10 @@ mod tests {
         let id = engine.submit(backfill(dir.path()));
         let (reply, gave_up) = oneshot::channel();
         drop(gave_up);
-        let cancel = OperatorCommand::Cancel { backfill_id: id };
+        let cancel = OperatorCommand::Cancel {
+            backfill_id: id,
+            operator: "t".into(),
+        };
         engine.handle(Event::Operator(cancel, reply));
         assert!(
             !engine.backfills[&id].rec.cancelling,
@@ -1887,7 +1926,10 @@ mod tests {
 
         let (reply, mut answer) = oneshot::channel();
         engine.handle(Event::Operator(
-            OperatorCommand::Cancel { backfill_id: id },
+            OperatorCommand::Cancel {
+                backfill_id: id,
+                operator: "t".into(),
+            },
             reply,
         ));
         assert!(engine.backfills[&id].rec.cancelling);

@@ -165,12 +165,7 @@ fn page(title: &str, req: &Req, body: &str, live: bool) -> Response {
 }
 
 fn fail(req: &Req, e: ApiError) -> Response {
-    let status = match e {
-        ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-        ApiError::Conflict(_) => StatusCode::CONFLICT,
-        ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    let status = e.status();
     let mut resp = page("Error", req, &pages::error(&e.to_string()), false);
     *resp.status_mut() = status;
     resp
@@ -575,7 +570,10 @@ async fn cancel(
     let result = async {
         let backfill_id = parse_uuid("backfill", &id)?;
         st.engine
-            .command(OperatorCommand::Cancel { backfill_id })
+            .command(OperatorCommand::Cancel {
+                backfill_id,
+                operator: who.operator(None),
+            })
             .await?;
         tracing::info!(operator = %who.name, %backfill_id, "cancelled from the dashboard");
         Ok(format!(
@@ -602,7 +600,10 @@ async fn retry_failed(
         let backfill_id = parse_uuid("backfill", &id)?;
         let v = st
             .engine
-            .command(OperatorCommand::RetryFailed { backfill_id })
+            .command(OperatorCommand::RetryFailed {
+                backfill_id,
+                operator: who.operator(None),
+            })
             .await?;
         Ok(format!(
             "{} halted run(s) resumed by {}",

@@ -7,5 +7,6 @@ mod auth;
 mod dashboard;
 mod deploy;
 mod failures;
+mod faults;
 mod fleet;
 mod local;
