@@ -63,8 +63,8 @@ use warpline_shared::partition::{self, Partition};
 
 use crate::auth::{self, Auth, Identity};
 use crate::engine::{
-    BackfillAction, BackfillRequest, Escalation, Event, OperatorCommand, OperatorError, RunSummary,
-    Summary,
+    BackfillAction, BackfillRequest, Escalation, Event, OperatorAnswer, OperatorCommand,
+    OperatorError, RunSummary, Summary,
 };
 use crate::fleet::metrics::Percentiles;
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
@@ -394,10 +394,12 @@ impl EngineHandle {
     }
 
     /// Sends an operator command and waits for the loop's answer.
+    /// The engine answers with a typed [`OperatorAnswer`]; the API serves it as JSON.
     pub async fn command(&self, cmd: OperatorCommand) -> Result<serde_json::Value, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Operator(cmd, tx))?;
-        self.wait(rx).await?.map_err(ApiError::from)
+        let answer: OperatorAnswer = self.wait(rx).await?.map_err(ApiError::from)?;
+        Ok(serde_json::to_value(answer).expect("operator answers serialise"))
     }
 
     fn send(&self, event: Event) -> Result<(), ApiError> {

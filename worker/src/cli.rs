@@ -16,11 +16,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warpline_shared::contracts::{ReportStatus, StepSpec};
 
-use warpline_shared::fleet::Topology;
-
-use crate::amqp::Backoff;
 use crate::consumer::{self, WorkerConfig};
-use crate::executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
+use warpline_amqp::{Backoff, FleetArgs};
+use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
 /// Warpline's worker: runs pipeline steps and reports what they did.
 ///
@@ -38,29 +36,21 @@ pub struct Cli {
     pub command: Option<Command>,
     /// Fleet mode's settings.
     #[command(flatten)]
-    pub fleet: FleetArgs,
+    pub consume: ConsumeArgs,
 }
 
 /// Settings of fleet mode (the default command).
 #[derive(Debug, Args)]
-pub struct FleetArgs {
-    /// The RabbitMQ broker.
-    #[arg(
-        long,
-        env = "WARPLINE_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+pub struct ConsumeArgs {
+    /// The broker and the fleet's names on it (shared with `warpline serve`).
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// The worker pool (queue) to consume.
     #[arg(long, env = "WARPLINE_POOL", default_value = "default")]
     pub pool: String,
     /// Steps run at once (and the broker prefetch).
     #[arg(long, env = "WARPLINE_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub slots: u16,
-    /// Prepended to every exchange and queue name, so fleets (or tests) can share a broker.
-    #[arg(long, env = "WARPLINE_QUEUE_PREFIX", default_value = "")]
-    pub queue_prefix: String,
     /// Commands this worker may run, comma-separated (required).
     #[arg(
         long,
@@ -119,13 +109,13 @@ pub struct ExecArgs {
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Exec(args)) => exec(args, shutdown).await,
-        None => fleet(cli.fleet, shutdown).await,
+        None => fleet(cli.consume, shutdown).await,
     }
 }
 
 /// Fleet mode: consume StepSpecs until shutdown. The signing key comes only from
 /// `WARPLINE_SIGNING_KEY` (never a flag, which `ps` would show); empty means unset.
-pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+pub async fn fleet(args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
         .ok()
         .filter(|k| !k.is_empty())
@@ -136,7 +126,10 @@ pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Checks fleet mode's flags and builds its config.
-pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Result<WorkerConfig> {
+pub fn fleet_config(
+    args: ConsumeArgs,
+    signing_key: Option<Vec<u8>>,
+) -> anyhow::Result<WorkerConfig> {
     let allowlist: BTreeSet<String> = args
         .allow
         .into_iter()
@@ -163,8 +156,8 @@ pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Re
         "--heartbeat-s must be at least 0.1"
     );
     Ok(WorkerConfig {
-        amqp_url: args.amqp_url,
-        topology: Topology::new(args.queue_prefix),
+        topology: args.fleet.topology(),
+        amqp_url: args.fleet.amqp_url,
         pool: args.pool,
         slots: args.slots,
         heartbeat,

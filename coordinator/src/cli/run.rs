@@ -10,9 +10,10 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warpline_executor::ExecConfig;
 use warpline_shared::config::Pipeline;
+use warpline_shared::machine::RunStatus;
 use warpline_shared::partition;
-use warpline_worker::ExecConfig;
 
 use super::{ProgressMode, RunArgs};
 use crate::api::{EngineHandle, protect};
@@ -229,7 +230,11 @@ fn print_summary(summary: &Summary, usage: &AgentUsage, json: bool) -> anyhow::R
         summary.steps_executed,
         summary.wall_ms as f64 / 1000.0
     );
-    for r in summary.runs.iter().filter(|r| r.state != "COMPLETE") {
+    for r in summary
+        .runs
+        .iter()
+        .filter(|r| r.state != RunStatus::Complete)
+    {
         eprintln!(
             "  {} {} at {}: {}",
             r.partition,

@@ -32,6 +32,7 @@ use warpline_shared::contracts::{
     Check, CheckSpec, ReportStatus, SCHEMA_VERSION, Severity, StepOutcome, StepResult, StepSpec,
     ValidationReport,
 };
+use warpline_shared::paths::confined;
 use warpline_shared::validate::{self, Logs};
 
 /// The default bound on [`StepResult::log_tail`]: 64 KiB.
@@ -349,7 +350,8 @@ fn check_allowed(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> {
     })
 }
 
-/// Checks that every path of the spec lies lexically under its workdir.
+/// Checks that every path of the spec lies lexically under its workdir (or, for inputs, an input
+/// root), with the one confinement check of [`warpline_shared::paths`].
 ///
 /// Relative paths are taken from the worker's current directory, as the operating system takes
 /// them when the tool is started, the logs are written and the checks read. Symbolic links are
@@ -359,15 +361,17 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
         return Err(SpecRefusal::EmptyWorkdir);
     }
     let here = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let root = lexical_absolute(&here, Path::new(&spec.workdir));
-    let inputs: Vec<PathBuf> = spec
-        .input_roots
-        .iter()
-        .filter(|r| !r.is_empty())
-        .map(|r| lexical_absolute(&here, Path::new(r)))
+    let root = [Path::new(&spec.workdir)];
+    let roots: Vec<&Path> = std::iter::once(Path::new(&spec.workdir))
+        .chain(
+            spec.input_roots
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(Path::new),
+        )
         .collect();
     let under_root = |field: String, path: &str| -> Result<(), SpecRefusal> {
-        if lexical_absolute(&here, Path::new(path)).starts_with(&root) {
+        if confined(&here, Path::new(path), &root) {
             Ok(())
         } else {
             Err(SpecRefusal::PathEscapes {
@@ -379,8 +383,7 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
     };
     // Artefacts and checked paths may also be operator inputs under an input root.
     let confined = |field: String, path: &str| -> Result<(), SpecRefusal> {
-        let p = lexical_absolute(&here, Path::new(path));
-        if p.starts_with(&root) || inputs.iter().any(|r| p.starts_with(r)) {
+        if confined(&here, Path::new(path), &roots) {
             Ok(())
         } else {
             Err(SpecRefusal::PathEscapes {
@@ -414,28 +417,6 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
         }
     }
     Ok(())
-}
-
-/// Makes `path` absolute against `base` and removes `.` and `..` without touching the
-/// filesystem (`..` at the root stays at the root).
-fn lexical_absolute(base: &Path, path: &Path) -> PathBuf {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    };
-    let mut out = PathBuf::new();
-    for component in joined.components() {
-        match component {
-            Component::Prefix(_) | Component::RootDir => out.push(component.as_os_str()),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(name) => out.push(name),
-        }
-    }
-    out
 }
 
 /// True when a glob has a `..` component after one holding a wildcard: `a/**/..` may be `a/..`.
@@ -1018,21 +999,7 @@ mod tests {
     }
 
     #[test]
-    fn lexical_paths() {
-        let base = Path::new("/srv/w");
-        assert_eq!(
-            lexical_absolute(base, Path::new("a/../b/./c")),
-            PathBuf::from("/srv/w/b/c")
-        );
-        assert_eq!(
-            lexical_absolute(base, Path::new("/x/../../..")),
-            PathBuf::from("/")
-        );
-        assert_eq!(
-            lexical_absolute(base, Path::new("../w2")),
-            PathBuf::from("/srv/w2")
-        );
-        assert!(!PathBuf::from("/srv/w2").starts_with("/srv/w"));
+    fn dotdot_after_a_wildcard_is_ambiguous() {
         assert!(dotdot_after_wildcard(Path::new("/w/**/../x")));
         assert!(!dotdot_after_wildcard(Path::new("/w/../w/*.csv")));
     }
