@@ -9,4 +9,5 @@ mod deploy;
 mod failures;
 mod faults;
 mod fleet;
+mod gates;
 mod local;
