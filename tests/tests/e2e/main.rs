@@ -11,3 +11,4 @@ mod faults;
 mod fleet;
 mod gates;
 mod local;
+mod observability;
