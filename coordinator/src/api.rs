@@ -15,9 +15,11 @@
 //! | `POST /v1/backfills/{id}/cancel` | `Cancel` | 200 `Summary` |
 //! | `POST /v1/backfills/{id}/retry-failed` | `RetryFailed` | 200 `{backfill_id, resumed}` |
 //! | `GET /v1/escalations` | `Escalations` | 200 `[Escalation]` |
-//! | `POST /v1/runs/{id}/resolve` ([`ResolveRequest`]) | `Resolve` | 200 `{run_id, action, state}` |
+//! | `POST /v1/runs/{id}/resolve` ([`ResolveRequest`]) | `Resolve` | 200 [`ResolveResponse`] |
+//! | `POST /v1/backfills/{id}/resolve` ([`ResolveBackfillRequest`]) | `ResolveBackfill` | 200 [`ResolveBackfillResponse`] |
 //! | `GET /v1/workers` | — | the workers heard from recently (heartbeats) |
 //! | `GET /v1/metrics` ([`metrics_router`], fleet mode) | — | 200 [`LatencySnapshot`] |
+//! | `GET /v1/openapi.json` | — | 200 this API's OpenAPI 3 document ([`ApiDoc`]) |
 //! | `GET /healthz` | — | 200 while the process lives |
 //! | `GET /readyz` | — | 200 once [`ReadyFlag`] is set, else 503 |
 //!
@@ -52,6 +54,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
@@ -59,8 +63,10 @@ use warpline_shared::partition::{self, Partition};
 
 use crate::auth::{self, Auth, Identity};
 use crate::engine::{
-    BackfillAction, BackfillRequest, Event, OperatorAnswer, OperatorCommand, OperatorError,
+    BackfillAction, BackfillRequest, Escalation, Event, OperatorAnswer, OperatorCommand,
+    OperatorError, RunSummary, Summary,
 };
+use crate::fleet::metrics::Percentiles;
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
 
 /// How long a handler waits for the event loop's answer by default.
@@ -223,13 +229,14 @@ fn dirs_list(dirs: &[PathBuf]) -> String {
 }
 
 /// `POST /v1/backfills`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// Where the config lives, as an absolute path the coordinator and workers also see (inputs
     /// are resolved against its directory).
     pub pipeline_file: String,
-    /// The config file's JSON.
+    /// The config file's JSON (schema: `shared/schema/pipeline_config.json`).
+    #[schema(value_type = Object)]
     pub pipeline: serde_json::Value,
     /// Months: `FROM..TO` or one `YYYY-MM`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,7 +266,9 @@ pub struct SubmitRequest {
 }
 
 /// The order in which a backfill's runs start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PartitionOrder {
     /// As given: each dataset's months, oldest first.
@@ -270,7 +279,7 @@ pub enum PartitionOrder {
 }
 
 /// The answer to a submit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SubmitResponse {
     /// The new backfill.
     pub backfill_id: Uuid,
@@ -279,10 +288,11 @@ pub struct SubmitResponse {
 }
 
 /// `POST /v1/runs/{id}/resolve`: an operator's answer to an escalation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveRequest {
     /// proceed, retry or halt.
+    #[schema(value_type = String, example = "retry", pattern = "^(proceed|retry|halt)$")]
     pub action: Action,
     /// Why (required, and audited).
     pub reason: String,
@@ -292,7 +302,7 @@ pub struct ResolveRequest {
 }
 
 /// Every error's body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// What went wrong and, where it can, what to do.
     pub error: String,
@@ -515,6 +525,7 @@ pub fn router_with(handle: EngineHandle, ready: ReadyFlag, policy: ApiPolicy) ->
         .route("/v1/runs/{id}/resolve", post(resolve))
         .route("/v1/backfills/{id}/resolve", post(resolve_backfill))
         .route("/v1/workers", get(workers))
+        .route("/v1/openapi.json", get(openapi_json))
         .with_state(AppState {
             engine: handle,
             ready,
@@ -569,14 +580,17 @@ pub fn metrics_router(latency: Arc<StepLatency>) -> Router {
         .with_state(latency)
 }
 
+#[utoipa::path(get, path = "/v1/metrics", tag = "fleet", responses((status = 200, body = LatencySnapshot), (status = 401, body = ErrorBody)))]
 async fn metrics(State(latency): State<Arc<StepLatency>>) -> Json<LatencySnapshot> {
     Json(latency.snapshot())
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()), responses((status = 200, description = "the process lives", body = Object, example = json!({"status": "ok"}))))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()), responses((status = 200, description = "leads and has restored its state", body = Object, example = json!({"ready": true})), (status = 503, description = "a standby, or still recovering", body = ErrorBody)))]
 async fn readyz(State(st): State<AppState>) -> Response {
     if st.ready.is_ready() {
         Json(serde_json::json!({"ready": true})).into_response()
@@ -657,6 +671,7 @@ pub fn order_partitions(partitions: &mut [Partition], order: PartitionOrder) {
     }
 }
 
+#[utoipa::path(post, path = "/v1/backfills", tag = "backfills", request_body = SubmitRequest, responses((status = 201, body = SubmitResponse), (status = 400, description = "a bad config or partitions: the message names the file and JSON path", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, description = "a viewer's token, or a pipeline file or workdir `serve` does not allow", body = ErrorBody), (status = 409, description = "the same `request_id` with another body", body = ErrorBody), (status = 413, description = "the body or the backfill is bigger than `serve` accepts", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn submit(
     State(st): State<AppState>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
@@ -737,29 +752,48 @@ fn remembered_or_started(
     Ok(rx)
 }
 
+#[utoipa::path(get, path = "/v1/backfills", tag = "backfills", responses((status = 200, body = [Summary]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list(State(st): State<AppState>) -> Answer {
     let cmd = OperatorCommand::Status { backfill_id: None };
     st.engine.command(cmd).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/v1/backfills/{id}", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, body = Summary), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Answer {
     let backfill_id = Some(parse_id("backfill", &id)?);
     let cmd = OperatorCommand::Status { backfill_id };
     st.engine.command(cmd).await.map(Json)
 }
 
-async fn cancel(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Answer {
+#[utoipa::path(post, path = "/v1/backfills/{id}/cancel", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, description = "cancelling: nothing new starts, running steps finish", body = Summary), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn cancel(
+    State(st): State<AppState>,
+    who: Option<Extension<Identity>>,
+    UrlPath(id): UrlPath<String>,
+) -> Answer {
     let backfill_id = parse_id("backfill", &id)?;
-    let cmd = OperatorCommand::Cancel { backfill_id };
+    let cmd = OperatorCommand::Cancel {
+        backfill_id,
+        operator: identity(who).operator(None),
+    };
     st.engine.command(cmd).await.map(Json)
 }
 
-async fn retry_failed(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Answer {
+#[utoipa::path(post, path = "/v1/backfills/{id}/retry-failed", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, body = RetryFailedResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn retry_failed(
+    State(st): State<AppState>,
+    who: Option<Extension<Identity>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<RetryFailedResponse>, ApiError> {
     let backfill_id = parse_id("backfill", &id)?;
-    let cmd = OperatorCommand::RetryFailed { backfill_id };
-    st.engine.command(cmd).await.map(Json)
+    let cmd = OperatorCommand::RetryFailed {
+        backfill_id,
+        operator: identity(who).operator(None),
+    };
+    typed(st.engine.command(cmd).await?)
 }
 
+#[utoipa::path(get, path = "/v1/escalations", tag = "escalations", responses((status = 200, body = [Escalation]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn escalations(State(st): State<AppState>) -> Answer {
     st.engine
         .command(OperatorCommand::Escalations)
@@ -767,6 +801,7 @@ async fn escalations(State(st): State<AppState>) -> Answer {
         .map(Json)
 }
 
+#[utoipa::path(post, path = "/v1/runs/{id}/resolve", tag = "escalations", params(("id" = Uuid, Path, description = "the escalated run")), request_body = ResolveRequest, responses((status = 200, body = ResolveResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "the run is not escalated", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn resolve(
     State(st): State<AppState>,
     who: Option<Extension<Identity>>,
@@ -793,11 +828,14 @@ async fn resolve(
         reason: req.reason,
         operator: operator.clone(),
     };
-    with_operator(st.engine.command(cmd).await, operator)
+    let v = with_operator(st.engine.command(cmd).await, operator)?;
+    Ok(Json(
+        serde_json::to_value(typed::<ResolveResponse>(v.0)?.0).expect("serialises"),
+    ))
 }
 
 /// `POST /v1/backfills/{id}/resolve` body: the answer to a backfill escalation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveBackfillRequest {
     /// continue or cancel.
@@ -809,6 +847,7 @@ pub struct ResolveBackfillRequest {
     pub operator: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/backfills/{id}/resolve", tag = "escalations", params(("id" = Uuid, Path, description = "the escalated backfill")), request_body = ResolveBackfillRequest, responses((status = 200, description = "the backfill's summary and the audited operator", body = ResolveBackfillResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "the backfill is not escalated", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn resolve_backfill(
     State(st): State<AppState>,
     who: Option<Extension<Identity>>,
@@ -847,8 +886,125 @@ fn with_operator(answer: Result<serde_json::Value, ApiError>, operator: String) 
 }
 
 /// The workers heard from in the last three heartbeat intervals (fleet mode; empty in-process).
-async fn workers(State(st): State<AppState>) -> Answer {
-    st.engine.command(OperatorCommand::Workers).await.map(Json)
+#[utoipa::path(get, path = "/v1/workers", tag = "fleet", responses((status = 200, body = [WorkerInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn workers(State(st): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, ApiError> {
+    typed(st.engine.command(OperatorCommand::Workers).await?)
+}
+
+/// The engine's answer read through its documented type, so `/v1/openapi.json` cannot drift
+/// from what is served.
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<Json<T>, ApiError> {
+    serde_json::from_value(v).map(Json).map_err(|e| {
+        ApiError::Unavailable(format!("the engine's answer does not match the API: {e}"))
+    })
+}
+
+/// `POST /v1/backfills/{id}/retry-failed`'s answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetryFailedResponse {
+    /// The backfill.
+    pub backfill_id: Uuid,
+    /// Halted runs resumed at the step that failed.
+    pub resumed: usize,
+}
+
+/// `POST /v1/runs/{id}/resolve`'s answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResolveResponse {
+    /// The run.
+    pub run_id: Uuid,
+    /// What was applied: proceed, retry or halt.
+    #[schema(value_type = String)]
+    pub action: Action,
+    /// The run's state now (a step id, or COMPLETE, HALTED, ...).
+    pub state: String,
+    /// Whom the audit log names.
+    pub operator: String,
+}
+
+/// `POST /v1/backfills/{id}/resolve`'s answer: the summary and whom the audit log names.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResolveBackfillResponse {
+    /// Whom the audit log names.
+    pub operator: String,
+    /// The backfill's summary.
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+/// A worker heard from recently (`GET /v1/workers`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkerInfo {
+    /// Its id (`--worker-id`, default `<hostname>-<pid>`).
+    pub worker_id: String,
+    /// The pool it consumes.
+    pub pool: String,
+    /// Steps it runs at once.
+    pub slots: u32,
+    /// Steps running now.
+    pub running: usize,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// Declares the bearer scheme every route but the health checks requires.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "a viewer's token reads; an operator's also submits, cancels, retries \
+                         and resolves (`warpline serve --token-file`, WARPLINE_OPERATOR_TOKEN, \
+                         WARPLINE_VIEWER_TOKEN)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI 3 document of this API, generated from the handlers and their types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Warpline coordinator API",
+        description = "Submit and steer supervised backfills. Errors are `{\"error\": \"...\"}`; \
+                       unknown routes answer 404 with the same body."
+    ),
+    paths(
+        healthz, readyz, submit, list, status, cancel, retry_failed, escalations, resolve,
+        resolve_backfill, workers, metrics, openapi_json
+    ),
+    components(schemas(
+        SubmitRequest, SubmitResponse, PartitionOrder, ResolveRequest, ResolveResponse,
+        ResolveBackfillRequest, ResolveBackfillResponse, RetryFailedResponse, ErrorBody,
+        Summary, RunSummary, Escalation, BackfillAction, WorkerInfo, LatencySnapshot, Percentiles
+    )),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+/// The document as served (and committed at `docs/openapi.json`).
+pub fn openapi_document() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", responses((status = 200, description = "this document", body = Object)))]
+async fn openapi_json() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_document(),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -924,6 +1080,41 @@ mod tests {
         assert!(
             matches!(&err, ApiError::Unavailable(m) if m.contains("stopped")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_openapi_document_is_committed_and_names_every_route() {
+        let doc = openapi_document();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        if std::env::var_os("WARPLINE_UPDATE_SCHEMAS").is_some() {
+            std::fs::write(path, format!("{doc}\n")).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed.trim_end() == doc,
+            "docs/openapi.json is out of date: run \
+             `WARPLINE_UPDATE_SCHEMAS=1 cargo test -p warpline-coordinator openapi` and commit it"
+        );
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+        // Every route of the module table, with its method.
+        let table = include_str!("api.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//! | `"))
+            .filter_map(|l| l.split('`').next().map(str::to_string))
+            .collect::<Vec<_>>();
+        assert!(table.len() >= 12, "{table:?}");
+        for route in table {
+            let (method, path) = route.split_once(' ').unwrap();
+            assert!(
+                v["paths"][path][method.to_lowercase()].is_object(),
+                "`{method} {path}` is not in the OpenAPI document"
+            );
+        }
+        assert_eq!(
+            v["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+            "{v:#}"
         );
     }
 

@@ -174,7 +174,7 @@ pub fn describe(part: &str, r: &AuditRecord) -> Option<String> {
             operator,
             action,
             reason,
-        } => format!("backfill resolved by {operator}: {action} ({reason})"),
+        } => format!("backfill: operator {operator}: {action} ({reason})"),
         AuditEvent::RunCreated { .. } | AuditEvent::Transition { .. } => return None,
     };
     Some(format!("{ts} {text}"))

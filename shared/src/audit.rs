@@ -228,11 +228,11 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
-    /// An operator answered a backfill's escalation.
+    /// An operator answered a backfill's escalation, or acted on a backfill.
     BackfillResolution {
         /// Who.
         operator: String,
-        /// `continue` or `cancel`.
+        /// `continue` or `cancel` (an escalation's answer, or a cancel), or `retry-failed`.
         action: String,
         /// Why.
         reason: String,

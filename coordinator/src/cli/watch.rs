@@ -2,23 +2,30 @@
 //! summary every [`POLL`] and shows it as live bars on a terminal (one per step: runs past that
 //! step; one overall: final runs), or as one line per change otherwise. Runs that halt or
 //! escalate are named as they do. Ends when the backfill finishes; Ctrl-C stops watching only,
-//! the backfill goes on.
+//! the backfill goes on (the bars are cleared and one line says where it stands, so nothing is
+//! drawn twice).
+//!
+//! Rate and ETA are the coordinator's ([`Summary::runs_per_minute`], [`Summary::eta_s`], from
+//! its own clock since the backfill started), not the bars' own since this process attached:
+//! `watch` and the dashboard show the same numbers. The runs bar counts final runs and names
+//! complete, halted, escalated and cancelled apart.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warpline_shared::machine::RunStatus;
 
 use super::WatchArgs;
 use super::client::Client;
+use super::report::duration;
 use super::report::{exit_for, passed_per_step, print_end};
 use crate::engine::Summary;
-use crate::progress::{bar_style, prefix_width};
+use crate::progress::prefix_width;
 
 /// How often the summary is fetched.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -60,13 +67,17 @@ pub(crate) async fn follow(
     let bars = std::io::stderr().is_terminal();
     let mut view: Option<View> = None;
     let mut failing_since: Option<Instant> = None;
+    let mut last: Option<Summary> = None;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let got = tokio::select! {
             _ = shutdown.cancelled() => {
                 if let Some(v) = &view {
-                    v.abandon();
+                    v.clear();
+                }
+                if let Some(s) = &last {
+                    eprintln!("{}", progress_line(s));
                 }
                 eprintln!("warpline: stopped watching; backfill {id} goes on (`warpline status {id}`)");
                 return Ok(None);
@@ -102,6 +113,7 @@ pub(crate) async fn follow(
             v.abandon();
             return Ok(Some(summary));
         }
+        last = Some(summary);
     }
 }
 
@@ -118,18 +130,41 @@ fn retries(s: &Summary) -> u64 {
         .sum()
 }
 
+/// The coordinator's rate and ETA: `12.0 runs/min, ETA 3m 05s`.
+fn rate(s: &Summary) -> String {
+    format!(
+        "{:.1} runs/min, ETA {}",
+        s.runs_per_minute,
+        s.eta_s.map(duration).unwrap_or_else(|| "-".into())
+    )
+}
+
+/// The runs bar's message: the coordinator's rate, then each final (or parked) state apart.
 fn message(s: &Summary) -> String {
     let n = |state: RunStatus| s.counts.get(&state).copied().unwrap_or(0);
     let mut m = format!(
-        "{} retries, {} halted, {} escalated",
-        retries(s),
+        "{} · {} complete, {} halted, {} escalated, {} cancelled; {} retries",
+        rate(s),
+        n(RunStatus::Complete),
         n(RunStatus::Halted),
-        n(RunStatus::Escalated)
+        n(RunStatus::Escalated),
+        n(RunStatus::Cancelled),
+        retries(s),
     );
     if s.cancelling {
-        m.push_str(", cancelling");
+        m.push_str("; cancelling");
     }
     m
+}
+
+/// The watch bars' look: prefix, bar, count and a message. No rate or ETA of the bar's own: it
+/// would count only what happened since this process attached.
+fn watch_style(width: usize, color: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{prefix:>{width}}} [{{bar:40.{color}/blue}}] {{pos:>5}}/{{len:5}} {{msg}}"
+    ))
+    .expect("valid template")
+    .progress_chars("=> ")
 }
 
 /// Bars or lines.
@@ -157,7 +192,6 @@ impl View {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
         let width = prefix_width(&s.steps);
         let runs = s.runs.len() as u64;
-        // Bars start at the current positions, so rates count only what happens while watching.
         let steps = s
             .steps
             .iter()
@@ -165,7 +199,7 @@ impl View {
             .map(|(id, n)| {
                 multi.add(
                     ProgressBar::new(runs)
-                        .with_style(bar_style(width, "cyan"))
+                        .with_style(watch_style(width, "cyan"))
                         .with_prefix(id.clone())
                         .with_position(n),
                 )
@@ -173,7 +207,7 @@ impl View {
             .collect();
         let overall = multi.add(
             ProgressBar::new(runs)
-                .with_style(bar_style(width, "green"))
+                .with_style(watch_style(width, "green"))
                 .with_prefix("runs")
                 .with_position(finals(s)),
         );
@@ -218,10 +252,20 @@ impl View {
 
     fn abandon(&self) {
         if let View::Bars { steps, overall, .. } = self {
+            overall.disable_steady_tick();
             for bar in steps {
                 bar.abandon();
             }
             overall.abandon();
+        }
+    }
+
+    /// Erases the bars (after Ctrl-C: the caller prints one line instead, so no bar is left
+    /// half-drawn or drawn twice around the terminal's `^C`).
+    fn clear(&self) {
+        if let View::Bars { multi, overall, .. } = self {
+            overall.disable_steady_tick();
+            let _ = multi.clear();
         }
     }
 }
@@ -328,5 +372,32 @@ mod tests {
         assert_eq!(passed_per_step(&s), [4, 2, 1]);
         assert_eq!(finals(&s), 3);
         assert_eq!(retries(&s), 2);
+    }
+
+    #[test]
+    fn the_runs_bar_names_each_state_and_the_coordinators_rate() {
+        let mut s = summary(vec![]);
+        s.counts = [
+            (RunStatus::Complete, 5),
+            (RunStatus::Halted, 2),
+            (RunStatus::Escalated, 1),
+            (RunStatus::Cancelled, 3),
+        ]
+        .into_iter()
+        .collect();
+        s.runs_per_minute = 12.5;
+        s.eta_s = Some(185);
+        assert_eq!(
+            message(&s),
+            "12.5 runs/min, ETA 3m 05s · 5 complete, 2 halted, 1 escalated, 3 cancelled; 0 retries"
+        );
+        s.cancelling = true;
+        s.eta_s = None;
+        assert!(
+            message(&s).starts_with("12.5 runs/min, ETA - ·"),
+            "{}",
+            message(&s)
+        );
+        assert!(message(&s).ends_with("; cancelling"));
     }
 }

@@ -28,11 +28,15 @@ pub enum OperatorCommand {
     Cancel {
         /// The backfill.
         backfill_id: Uuid,
+        /// Who (audited; empty when a backfill escalation's answer already was).
+        operator: String,
     },
     /// Resume every HALTED run of a backfill at the step that failed.
     RetryFailed {
         /// The backfill.
         backfill_id: Uuid,
+        /// Who (audited).
+        operator: String,
     },
     /// The state of one backfill, or of all.
     Status {
@@ -57,7 +61,7 @@ pub enum OperatorCommand {
 }
 
 /// An operator's answer to a backfill escalation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackfillAction {
     /// Start runs again (the signature count starts over).
@@ -131,7 +135,7 @@ pub enum OperatorError {
 }
 
 /// A run waiting for an operator (`warpline escalations`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Escalation {
     /// The run.
     pub run_id: Uuid,
@@ -198,16 +202,35 @@ impl Engine {
                     state: to,
                 })
             }
-            OperatorCommand::Cancel { backfill_id } => {
-                let b = self
-                    .backfills
-                    .get_mut(&backfill_id)
-                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
+            OperatorCommand::Cancel {
+                backfill_id,
+                operator,
+            } => {
+                if !self.backfills.contains_key(&backfill_id) {
+                    return Err(OperatorError::UnknownBackfill(backfill_id));
+                }
+                // An escalated backfill answered with cancel has its answer audited already.
+                if !operator.is_empty() {
+                    self.record(
+                        Some(backfill_id),
+                        None,
+                        AuditEvent::BackfillResolution {
+                            operator: operator.clone(),
+                            action: "cancel".into(),
+                            reason: "cancelled: nothing new starts, running steps finish".into(),
+                        },
+                    );
+                }
+                let b = self.backfills.get_mut(&backfill_id).expect("checked");
                 b.rec.cancelling = true;
                 let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
                 let runs = b.rec.runs.clone();
                 self.dirty_backfills.insert(backfill_id);
-                let why = "cancelled by an operator".to_string();
+                let why = if operator.is_empty() {
+                    "cancelled by an operator".to_string()
+                } else {
+                    format!("cancelled by operator {operator}")
+                };
                 for id in pending {
                     self.cancel_run(id, why.clone());
                 }
@@ -226,7 +249,10 @@ impl Engine {
                 }
                 Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
             }
-            OperatorCommand::RetryFailed { backfill_id } => {
+            OperatorCommand::RetryFailed {
+                backfill_id,
+                operator,
+            } => {
                 let b = self
                     .backfills
                     .get_mut(&backfill_id)
@@ -247,7 +273,7 @@ impl Engine {
                         Some(backfill_id),
                         None,
                         AuditEvent::BackfillResolution {
-                            operator: "retry-failed".into(),
+                            operator: operator.clone(),
                             action: "continue".into(),
                             reason: "the halted runs were resumed".into(),
                         },
@@ -277,6 +303,15 @@ impl Engine {
                         resumed += 1;
                     }
                 }
+                self.record(
+                    Some(backfill_id),
+                    None,
+                    AuditEvent::BackfillResolution {
+                        operator,
+                        action: "retry-failed".into(),
+                        reason: format!("{resumed} halted runs resumed at the step that failed"),
+                    },
+                );
                 self.dirty_backfills.insert(backfill_id);
                 self.fill();
                 Ok(OperatorAnswer::Resumed {
@@ -332,9 +367,10 @@ impl Engine {
                         self.fill();
                         Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
                     }
-                    BackfillAction::Cancel => {
-                        self.on_operator(OperatorCommand::Cancel { backfill_id })
-                    }
+                    BackfillAction::Cancel => self.on_operator(OperatorCommand::Cancel {
+                        backfill_id,
+                        operator: String::new(),
+                    }),
                 }
             }
             OperatorCommand::Workers => {

@@ -9,7 +9,7 @@ use warpline_shared::contracts::SCHEMA_VERSION;
 use warpline_shared::machine::{RunState, RunStatus};
 
 /// One run in a summary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunSummary {
     /// The run.
     pub run_id: Uuid,
@@ -22,6 +22,7 @@ pub struct RunSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
     /// Current or final status (`RUNNING` while at a step; the step is in `step`).
+    #[schema(value_type = String, example = "RUNNING")]
     pub state: RunStatus,
     /// The step it is at or stopped at (none when complete or not started).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,7 +38,7 @@ pub struct RunSummary {
 }
 
 /// A backfill's summary (`warpline run --json`, `warpline status --json`, the HTTP API).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Summary {
     /// Contract version.
     pub schema_version: u32,
@@ -49,6 +50,7 @@ pub struct Summary {
     #[serde(default)]
     pub steps: Vec<String>,
     /// Runs by status.
+    #[schema(value_type = BTreeMap<String, usize>)]
     pub counts: BTreeMap<RunStatus, usize>,
     /// Runs in progress per step.
     pub in_step: BTreeMap<String, usize>,

@@ -344,7 +344,10 @@ fn requests_whose_client_gave_up_are_not_applied() {
     let id = engine.submit(backfill(dir.path()));
     let (reply, gave_up) = oneshot::channel();
     drop(gave_up);
-    let cancel = OperatorCommand::Cancel { backfill_id: id };
+    let cancel = OperatorCommand::Cancel {
+        backfill_id: id,
+        operator: "t".into(),
+    };
     engine.handle(Event::Operator(cancel, reply));
     assert!(
         !engine.backfills[&id].rec.cancelling,
@@ -353,7 +356,10 @@ fn requests_whose_client_gave_up_are_not_applied() {
 
     let (reply, mut answer) = oneshot::channel();
     engine.handle(Event::Operator(
-        OperatorCommand::Cancel { backfill_id: id },
+        OperatorCommand::Cancel {
+            backfill_id: id,
+            operator: "t".into(),
+        },
         reply,
     ));
     assert!(engine.backfills[&id].rec.cancelling);

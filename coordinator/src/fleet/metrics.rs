@@ -85,7 +85,7 @@ struct Inner {
 }
 
 /// Percentiles of one latency, in milliseconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
@@ -102,7 +102,7 @@ pub struct Percentiles {
 }
 
 /// `GET /v1/metrics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LatencySnapshot {
     /// Result taken off the queue → the run's next StepSpec handed to the publisher.
     pub result_to_dispatch: Percentiles,

@@ -570,7 +570,10 @@ async fn cancel(
     let result = async {
         let backfill_id = parse_uuid("backfill", &id)?;
         st.engine
-            .command(OperatorCommand::Cancel { backfill_id })
+            .command(OperatorCommand::Cancel {
+                backfill_id,
+                operator: who.operator(None),
+            })
             .await?;
         tracing::info!(operator = %who.name, %backfill_id, "cancelled from the dashboard");
         Ok(format!(
@@ -597,7 +600,10 @@ async fn retry_failed(
         let backfill_id = parse_uuid("backfill", &id)?;
         let v = st
             .engine
-            .command(OperatorCommand::RetryFailed { backfill_id })
+            .command(OperatorCommand::RetryFailed {
+                backfill_id,
+                operator: who.operator(None),
+            })
             .await?;
         Ok(format!(
             "{} halted run(s) resumed by {}",

@@ -78,7 +78,14 @@ fn tokens_gate_the_api_and_the_audit_names_the_token_identity() {
     );
     assert_eq!(status, 403, "{body}");
     assert!(body["error"].as_str().unwrap().contains("viewer"), "{body}");
-    // Liveness stays open; unknown routes are JSON 404s.
+    // The OpenAPI document, for any token; liveness stays open; unknown routes are JSON 404s.
+    let (status, doc) = call(h.get(url("/v1/openapi.json")).bearer_auth(BOB));
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
+    assert!(
+        doc["paths"]["/v1/runs/{id}/resolve"]["post"].is_object(),
+        "{doc}"
+    );
     assert_eq!(
         h.get(url("/healthz")).send().unwrap().status().as_u16(),
         200
@@ -194,6 +201,17 @@ fn tokens_gate_the_api_and_the_audit_names_the_token_identity() {
         "{}",
         retried.context()
     );
+    let acted: Vec<(String, String)> = fleet
+        .audit_records()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::BackfillResolution {
+                operator, action, ..
+            } => Some((operator, action)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acted, [("alice".to_string(), "retry-failed".to_string())]);
     let unknown = fleet.cli(&c, &["retry-failed", "ffffffff", "--token", ALICE]);
     unknown.expect_code(2);
     assert!(

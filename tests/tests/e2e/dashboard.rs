@@ -263,4 +263,16 @@ fn the_dashboard_shows_the_grid_resolves_an_escalation_and_cancels() {
         "{summary}"
     );
     b.screenshot("07-cancelled");
+    let cancelled_by: Vec<String> = fleet
+        .audit_records()
+        .into_iter()
+        .filter(|r| r.backfill_id.map(|b| b.to_string()) == Some(slow_id.clone()))
+        .filter_map(|r| match r.event {
+            AuditEvent::BackfillResolution {
+                operator, action, ..
+            } if action == "cancel" => Some(operator),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled_by, ["alice"]);
 }
