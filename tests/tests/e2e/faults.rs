@@ -1,6 +1,7 @@
-//! Real faults in fleet mode, injected mid-backfill: a RabbitMQ restart, SIGKILL and
-//! SIGSTOP/SIGCONT of the coordinator and of workers, and a worker cut off the broker by a
-//! network namespace.
+//! Real faults in fleet mode, injected mid-backfill: a RabbitMQ restart (also while runs wait
+//! out a retry backoff), a PostgreSQL restart and a 20 s outage, SIGKILL and SIGSTOP/SIGCONT of
+//! the coordinator and of workers, a worker cut off the broker by a network namespace, and two
+//! coordinators whose leader is paused past its lock; and a broker that refuses the login.
 //!
 //! Each test starts its own RabbitMQ node and PostgreSQL cluster ([`Broker`], [`Database`]; the
 //! shared ones are never touched), runs the DataWarp pipeline over a few months (its tools load
@@ -492,4 +493,122 @@ fn a_wrong_broker_password_or_vhost_fails_fast_with_exit_2_and_says_why() {
         );
     }
     fleet.amqp_url = warpline_tests::fleet::AMQP_URL.to_string();
+}
+
+#[test]
+fn a_broker_restart_while_runs_wait_out_a_backoff_loses_no_run() {
+    let mut s = Scene::new("broker_backoff");
+    let c = s.fleet.serve("coordinator");
+    s.fleet.wait_ready(&c, LIMIT);
+    s.worker("w1", 3);
+    s.worker("w2", 3);
+    // Each run waits 3 s after its first ENRICH: the restart below ends inside that wait, so
+    // the old session's timers fire after the new session has restored the runs.
+    let pipeline = s.pipeline(3000, true);
+    let id = s.submit(&c, &pipeline, &months_arg(), &datasets_arg());
+    let audit = s.fleet.audit();
+    wait_for(LIMIT, "3 retries decided before the restart", || {
+        count_lines(&audit, &["\"event\":\"decision\"", "\"action\":\"retry\""]) >= 3
+    });
+    s.fleet
+        .note("broker stop_app (runs waiting out their backoff); start_app");
+    s.broker.restart(Duration::ZERO);
+    let summary = s.wait_finished(&c, &id, LIMIT);
+    assert!(
+        s.fleet.exited("coordinator").is_none(),
+        "the coordinator exited"
+    );
+    let tally = s.assert_intact(&summary, &MONTHS, &DATASETS);
+    for r in summary["runs"].as_array().unwrap() {
+        assert_eq!(
+            r["attempts"]["ENRICH"], 2,
+            "ENRICH failed once, then passed: {r}"
+        );
+    }
+    assert!(tally.results >= 30, "5 results per run");
+}
+
+#[test]
+fn a_database_restart_and_a_20_s_outage_mid_backfill_lose_no_run() {
+    let mut s = Scene::new("db_restart");
+    let c = s.fleet.serve("coordinator");
+    s.fleet.wait_ready(&c, LIMIT);
+    s.worker("w1", 3);
+    s.worker("w2", 3);
+    let pipeline = s.pipeline(500, false);
+    let id = s.submit(&c, &pipeline, &months_arg(), &datasets_arg());
+    wait_results(&mut s.fleet, "coordinator", 3);
+    s.fleet.note("pg_ctlcluster restart (fast)");
+    s.db.restart(Duration::ZERO);
+    wait_results(&mut s.fleet, "coordinator", 10);
+    assert!(
+        s.fleet.exited("coordinator").is_none(),
+        "the coordinator exited on a database restart"
+    );
+    s.fleet.note("pg_ctlcluster stop; 20 s; start");
+    s.db.restart(Duration::from_secs(20));
+    let summary = s.wait_finished(&c, &id, LIMIT);
+    assert!(
+        s.fleet.exited("coordinator").is_none(),
+        "the coordinator exited on a database outage"
+    );
+    s.assert_intact(&summary, &MONTHS, &DATASETS);
+}
+
+#[test]
+fn a_leader_paused_past_its_lock_commits_nothing_and_the_standby_finishes() {
+    let mut s = Scene::new("paused_leader");
+    let a = s.fleet.serve("a");
+    s.fleet.wait_ready(&a, LIMIT);
+    let b = s.fleet.serve("b");
+    s.fleet.wait_log("b", "waiting as a standby");
+    s.worker("w1", 3);
+    s.worker("w2", 3);
+    let pipeline = s.pipeline(200, false);
+    let id = s.submit(&a, &pipeline, &months_arg(), &datasets_arg());
+    wait_results(&mut s.fleet, "a", 4);
+    s.fleet
+        .note("SIGSTOP a; terminate a's lock backend; b takes over; SIGCONT a");
+    s.fleet.signal("a", Signal::SIGSTOP);
+    let killed = s.db.terminate_lock_holders();
+    assert!(killed >= 1, "a's lock connection was found");
+    s.fleet.wait_ready(&b, LIMIT);
+    // B leads while A's results and heartbeats queue up for it; then A wakes.
+    wait_for(LIMIT, "2 results under b", || {
+        s.fleet.log("b").matches(" COMPLETE").count() >= 1 || results_so_far(&s.fleet) >= 8
+    });
+    let audit_before = std::fs::read_to_string(s.fleet.audit()).unwrap_or_default();
+    let a_lines_before = s.fleet.log("a").lines().count();
+    s.fleet.signal("a", Signal::SIGCONT);
+    let summary = s.wait_finished(&b, &id, LIMIT);
+    assert!(
+        s.fleet.exited("b").is_none(),
+        "the successor died:\n{}",
+        s.fleet.log("b")
+    );
+    // Whatever A did once resumed, it decided nothing: not one event line (`HH:MM:SS.mmm run
+    // ...`, from `--log-events`) after the pause.
+    let event_line = |l: &str| {
+        let b = l.as_bytes();
+        b.len() > 13
+            && b[2] == b':'
+            && b[5] == b':'
+            && b[8] == b'.'
+            && b[..12].iter().filter(|c| c.is_ascii_digit()).count() == 9
+    };
+    let a_after: Vec<String> = s
+        .fleet
+        .log("a")
+        .lines()
+        .skip(a_lines_before)
+        .filter(|l| event_line(l))
+        .map(str::to_string)
+        .collect();
+    assert!(a_after.is_empty(), "the deposed leader acted: {a_after:#?}");
+    let audit_after = std::fs::read_to_string(s.fleet.audit()).unwrap();
+    assert!(
+        audit_after.starts_with(&audit_before),
+        "the audit log was rewritten"
+    );
+    s.assert_intact(&summary, &MONTHS, &DATASETS);
 }
