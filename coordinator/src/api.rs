@@ -489,6 +489,7 @@ mod tests {
         Partition {
             month: Some(m.into()),
             dataset: Some(d.into()),
+            ..Partition::default()
         }
     }
 

@@ -1855,8 +1855,8 @@ mod tests {
             id: Uuid::now_v7(),
             pipeline: Arc::new(pipeline),
             partitions: vec![Partition {
-                month: None,
                 dataset: Some("a".into()),
+                ..Partition::default()
             }],
             max_parallel: 1,
             priority: 0,

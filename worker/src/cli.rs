@@ -18,6 +18,7 @@ use warpline_shared::contracts::{ReportStatus, StepSpec};
 
 use warpline_shared::fleet::Topology;
 
+use crate::allow::AllowEntry;
 use crate::amqp::Backoff;
 use crate::consumer::{self, WorkerConfig};
 use crate::executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
@@ -61,14 +62,28 @@ pub struct FleetArgs {
     /// Prepended to every exchange and queue name, so fleets (or tests) can share a broker.
     #[arg(long, env = "WARPLINE_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
-    /// Commands this worker may run, comma-separated (required).
+    /// What this worker may run, comma-separated (required): a program, optionally followed
+    /// by the arguments it is pinned to, e.g. `load-batch,/opt/venv/bin/python
+    /// /opt/tc/url_to_manifest.py`. Relative paths are taken from the current directory.
     #[arg(
         long,
         env = "WARPLINE_ALLOW",
         value_delimiter = ',',
-        value_name = "CMD,..."
+        value_name = "ENTRY,..."
     )]
     pub allow: Vec<String>,
+    /// Directories searched for a bare command name before `PATH` (repeatable; the variable
+    /// takes a `:`-separated list). Nothing else is searched: not the worker's own directory.
+    #[arg(
+        long = "tools-dir",
+        env = "WARPLINE_TOOLS_DIR",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub tools_dirs: Vec<PathBuf>,
+    /// Where `{secret:NAME}` references are read from: the file `NAME` in this directory.
+    #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
     /// Names this worker in heartbeats and results [default: <hostname>-<pid>].
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -100,10 +115,21 @@ pub enum Command {
 pub struct ExecArgs {
     /// The StepSpec file (JSON).
     pub spec: PathBuf,
-    /// Commands this run may start, comma-separated. Without it, only the spec's own command is
-    /// allowed: running a spec file by hand is the operator's own choice.
-    #[arg(long, value_delimiter = ',', value_name = "CMD,...")]
+    /// Allowlist entries, comma-separated (as for fleet mode). Without it, only the spec's own
+    /// command is allowed: running a spec file by hand is the operator's own choice.
+    #[arg(long, value_delimiter = ',', value_name = "ENTRY,...")]
     pub allow: Vec<String>,
+    /// Directories searched for a bare command name before `PATH`.
+    #[arg(
+        long = "tools-dir",
+        env = "WARPLINE_TOOLS_DIR",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub tools_dirs: Vec<PathBuf>,
+    /// Where `{secret:NAME}` references are read from.
+    #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
     /// Names this worker in the result.
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -137,15 +163,10 @@ pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Resu
 
 /// Checks fleet mode's flags and builds its config.
 pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Result<WorkerConfig> {
-    let allowlist: BTreeSet<String> = args
-        .allow
-        .into_iter()
-        .map(|c| c.trim().to_string())
-        .filter(|c| !c.is_empty())
-        .collect();
+    let allowlist = allowlist(&args.allow)?;
     anyhow::ensure!(
         !allowlist.is_empty(),
-        "no commands allowed: pass --allow CMD,... (or set WARPLINE_ALLOW) naming the tools this worker may run, e.g. `--allow url_to_manifest,enrich_manifest,load-batch,export_to_parquet`"
+        "no commands allowed: pass --allow ENTRY,... (or set WARPLINE_ALLOW) naming the tools this worker may run, e.g. `--allow url_to_manifest,enrich_manifest,load-batch,export_to_parquet`"
     );
     anyhow::ensure!(!args.pool.is_empty(), "--pool must not be empty");
     let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
@@ -173,7 +194,8 @@ pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Re
         exec: ExecConfig {
             worker_id,
             allowlist,
-            search_dirs: binary_dir().into_iter().collect(),
+            tools_dirs: tools_dirs(args.tools_dirs)?,
+            secrets_dir: args.secrets_dir,
             tail_bytes: args.tail_bytes,
             kill_grace: secs("kill-grace-s", args.kill_grace_s)?,
         },
@@ -206,7 +228,7 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
         tracing::info!(command = %spec.command, "no --allow given; allowing the spec's own command");
         BTreeSet::from([spec.command.clone()])
     } else {
-        args.allow.into_iter().filter(|c| !c.is_empty()).collect()
+        allowlist(&args.allow)?
     };
     let kill_grace = Duration::try_from_secs_f64(args.kill_grace_s)
         .context("--kill-grace-s must be a non-negative number of seconds")?;
@@ -215,7 +237,8 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
             .worker_id
             .unwrap_or_else(|| format!("exec-{}", std::process::id())),
         allowlist,
-        search_dirs: binary_dir().into_iter().collect(),
+        tools_dirs: tools_dirs(args.tools_dirs)?,
+        secrets_dir: args.secrets_dir,
         tail_bytes: args.tail_bytes,
         kill_grace,
     };
@@ -233,8 +256,39 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
     )
 }
 
-/// The directory holding the running binary, where sibling tools are looked for first.
-fn binary_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    exe.parent().map(PathBuf::from)
+/// Parses `--allow` entries (relative paths from the current directory) and warns about an
+/// interpreter allowed with no pinned script: it would run any code a StepSpec names.
+pub fn allowlist(entries: &[String]) -> anyhow::Result<BTreeSet<String>> {
+    let here = std::env::current_dir().context("cannot read the current directory")?;
+    let mut out = BTreeSet::new();
+    for e in entries.iter().filter(|e| !e.trim().is_empty()) {
+        let entry =
+            AllowEntry::parse(e, &here).with_context(|| format!("invalid --allow entry `{e}`"))?;
+        if entry.is_unpinned_interpreter() {
+            tracing::warn!(
+                entry = %entry.text,
+                "an interpreter is allowed with no pinned script: any step could run `{} -c ...`; pin what it runs, e.g. `--allow '{} /path/to/script.py'`",
+                entry.program,
+                entry.program
+            );
+        }
+        out.insert(entry.to_text());
+    }
+    Ok(out)
+}
+
+/// Makes `--tools-dir` directories absolute and checks they exist.
+pub fn tools_dirs(dirs: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
+    dirs.into_iter()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| {
+            anyhow::ensure!(
+                d.is_dir(),
+                "--tools-dir `{}` is not a directory",
+                d.display()
+            );
+            std::path::absolute(&d)
+                .with_context(|| format!("cannot make --tools-dir `{}` absolute", d.display()))
+        })
+        .collect()
 }

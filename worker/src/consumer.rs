@@ -566,6 +566,8 @@ mod tests {
             input_roots: Vec::new(),
             pool: "default".into(),
             trace: BTreeMap::new(),
+            deferred: Vec::new(),
+            dynamic_artefacts: BTreeMap::new(),
         };
         serde_json::to_vec(&spec).unwrap()
     }

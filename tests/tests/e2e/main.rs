@@ -6,3 +6,4 @@ mod agent;
 mod deploy;
 mod fleet;
 mod local;
+mod toolchain;
