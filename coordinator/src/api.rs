@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Extension, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,6 +46,7 @@ use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
 use warpline_shared::partition::{self, Partition};
 
+use crate::auth::{self, Auth, Identity};
 use crate::engine::{BackfillAction, BackfillRequest, Event, OperatorCommand, OperatorError};
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
 
@@ -115,8 +116,9 @@ pub struct ResolveRequest {
     pub action: Action,
     /// Why (required, and audited).
     pub reason: String,
-    /// Who (audited).
-    pub operator: String,
+    /// Who, when the API has no tokens (with tokens the authenticated identity is audited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// Every error's body.
@@ -284,6 +286,30 @@ pub fn router(handle: EngineHandle, ready: ReadyFlag) -> Router {
         })
 }
 
+/// Puts authentication in front of `routes` (see [`crate::auth`]): every handler then finds the
+/// request's [`Identity`] in its extensions. Unknown routes answer a JSON 404 and a wrong
+/// method a JSON 405, like every other error.
+pub fn protect(routes: Router, auth: Arc<Auth>) -> Router {
+    routes
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
+}
+
+async fn unknown_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route `{}`: the API is under /v1 (see /v1/openapi.json), the dashboard at /",
+        uri.path()
+    ))
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let body = ErrorBody {
+        error: format!("`{method} {}` is not a route of this API", uri.path()),
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
 /// `GET /v1/metrics`: the coordinator's overhead per step (fleet mode), read without the event
 /// loop. Merged beside [`router`] by `warpline serve`.
 pub fn metrics_router(latency: Arc<StepLatency>) -> Router {
@@ -413,6 +439,7 @@ async fn escalations(State(st): State<AppState>) -> Answer {
 
 async fn resolve(
     State(st): State<AppState>,
+    who: Option<Extension<Identity>>,
     UrlPath(id): UrlPath<String>,
     body: Result<Json<ResolveRequest>, JsonRejection>,
 ) -> Answer {
@@ -429,18 +456,14 @@ async fn resolve(
             "`reason` must not be empty: say why, it goes into the audit log".into(),
         ));
     }
-    if req.operator.trim().is_empty() {
-        return Err(ApiError::BadRequest(
-            "`operator` must not be empty: name who decided".into(),
-        ));
-    }
+    let operator = identity(who).operator(req.operator.as_deref());
     let cmd = OperatorCommand::Resolve {
         run_id,
         action: req.action,
         reason: req.reason,
-        operator: req.operator,
+        operator: operator.clone(),
     };
-    st.engine.command(cmd).await.map(Json)
+    with_operator(st.engine.command(cmd).await, operator)
 }
 
 /// `POST /v1/backfills/{id}/resolve` body: the answer to a backfill escalation.
@@ -451,29 +474,46 @@ pub struct ResolveBackfillRequest {
     pub action: BackfillAction,
     /// Why (required, and audited).
     pub reason: String,
-    /// Who (audited).
-    pub operator: String,
+    /// Who, when the API has no tokens (with tokens the authenticated identity is audited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 async fn resolve_backfill(
     State(st): State<AppState>,
+    who: Option<Extension<Identity>>,
     UrlPath(id): UrlPath<String>,
     body: Result<Json<ResolveBackfillRequest>, JsonRejection>,
 ) -> Answer {
     let backfill_id = parse_id("backfill", &id)?;
     let Json(req) = body?;
-    if req.reason.trim().is_empty() || req.operator.trim().is_empty() {
+    if req.reason.trim().is_empty() {
         return Err(ApiError::BadRequest(
-            "`reason` and `operator` must not be empty: they go into the audit log".into(),
+            "`reason` must not be empty: say why, it goes into the audit log".into(),
         ));
     }
+    let operator = identity(who).operator(req.operator.as_deref());
     let cmd = OperatorCommand::ResolveBackfill {
         backfill_id,
         action: req.action,
         reason: req.reason,
-        operator: req.operator,
+        operator: operator.clone(),
     };
-    st.engine.command(cmd).await.map(Json)
+    with_operator(st.engine.command(cmd).await, operator)
+}
+
+/// The request's identity; a router used without [`protect`] is open, as with no tokens.
+fn identity(who: Option<Extension<Identity>>) -> Identity {
+    who.map(|Extension(w)| w).unwrap_or_else(Identity::local)
+}
+
+/// Adds the audited operator to an answer, so the caller sees whose name the audit log holds.
+fn with_operator(answer: Result<serde_json::Value, ApiError>, operator: String) -> Answer {
+    let mut v = answer?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("operator".into(), serde_json::Value::String(operator));
+    }
+    Ok(Json(v))
 }
 
 /// The workers heard from in the last three heartbeat intervals (fleet mode; empty in-process).

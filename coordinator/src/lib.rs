@@ -10,14 +10,18 @@
 //! - [`local`]: in-process workers over channels (`warpline run`).
 //! - [`progress`]: progress bars and line logs, fed by committed audit records.
 //! - [`api`]: the HTTP API over the event loop (fleet mode), used by the operator commands.
+//! - [`auth`]: bearer tokens and roles (viewer, operator) for the API and the dashboard.
+//! - [`ui`]: the web dashboard (server-rendered pages over the same event loop).
 //! - [`fleet`]: fleet mode's PostgreSQL store, RabbitMQ transport and per-step latency metrics.
 //! - [`cli`]: the `warpline` command line.
 
 pub mod api;
 pub mod audit_log;
+pub mod auth;
 pub mod cli;
 pub mod engine;
 pub mod fleet;
 pub mod local;
 pub mod progress;
 pub mod supervisor;
+pub mod ui;

@@ -37,6 +37,15 @@ pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/warpline";
 /// The pool every worker consumes and every test pipeline uses.
 pub const POOL: &str = "default";
 
+/// The variables that configure API tokens (removed from every process a test starts unless
+/// the test sets them).
+pub const TOKEN_VARS: [&str; 4] = [
+    "WARPLINE_API_TOKEN",
+    "WARPLINE_TOKEN_FILE",
+    "WARPLINE_OPERATOR_TOKEN",
+    "WARPLINE_VIEWER_TOKEN",
+];
+
 /// How long a process may take to say it is up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -146,6 +155,17 @@ impl Fleet {
 
     /// Starts a coordinator whose API listens on `http` (a restart on a predecessor's address).
     pub fn serve_on(&mut self, name: &str, http: &str) -> Coordinator {
+        self.serve_with(name, http, &[], &[])
+    }
+
+    /// [`Fleet::serve_on`] with extra arguments and environment (API tokens, `--token-file`).
+    pub fn serve_with(
+        &mut self,
+        name: &str,
+        http: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let audit = self.audit();
         let args = [
             "serve",
@@ -165,8 +185,16 @@ impl Fleet {
         ];
         let mut cmd = Command::new(bin("warpline"));
         cmd.args(args)
+            .args(extra)
             .current_dir(repo_root())
             .env("WARPLINE_LOG", "info,lapin=warn");
+        // Only the tokens a test gives: none of the developer's.
+        for k in TOKEN_VARS {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let pid = self.spawn(name, cmd, false, false);
         let line = self.wait_log(name, "warpline serve: API on http://");
         let api = line
@@ -316,6 +344,18 @@ impl Fleet {
         let mut all = args.to_vec();
         all.extend(["--api", c.api.as_str()]);
         self.warpline(&all)
+    }
+
+    /// [`Fleet::cli`] with extra environment (e.g. `WARPLINE_API_TOKEN`).
+    pub fn cli_with(&self, c: &Coordinator, args: &[&str], env: &[(&str, &str)]) -> Finished {
+        let mut all = args.to_vec();
+        all.extend(["--api", c.api.as_str()]);
+        let finished = crate::warpline(&all, env);
+        self.commands.lock().unwrap().push(format!(
+            "{} -> {:?}",
+            finished.command, finished.output.status
+        ));
+        finished
     }
 
     /// Runs `warpline ARGS` (no API) and waits for it, recording the command.

@@ -138,6 +138,9 @@ pub fn warpline(args: &[&str], env: &[(&str, &str)]) -> Finished {
     let exe = bin("warpline");
     let mut cmd = Command::new(&exe);
     cmd.args(args).current_dir(repo_root());
+    for k in fleet::TOKEN_VARS {
+        cmd.env_remove(k);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -58,8 +58,8 @@ pub enum Command {
     RetryFailed(BackfillArgs),
 }
 
-/// Where the coordinator's HTTP API is.
-#[derive(Debug, Clone, Args)]
+/// Where the coordinator's HTTP API is, and the token to show it.
+#[derive(Clone, Args)]
 pub struct ApiArgs {
     /// The coordinator's HTTP API (`warpline serve --http`).
     #[arg(
@@ -69,6 +69,24 @@ pub struct ApiArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
+    /// The API token (a viewer's to read, an operator's to act), sent as a bearer token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "WARPLINE_API_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ApiArgs")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `warpline submit`.
@@ -158,7 +176,8 @@ pub enum Resolution {
 /// `warpline resolve`.
 #[derive(Debug, Args)]
 pub struct ResolveArgs {
-    /// The escalated run's id, or an escalated backfill's id (with continue or cancel).
+    /// The escalated run (an id, a unique id prefix or a partition key), or with continue or
+    /// cancel an escalated backfill (an id or a unique id prefix).
     pub run: String,
     /// What to do.
     #[arg(long, value_enum)]
@@ -166,7 +185,8 @@ pub struct ResolveArgs {
     /// Why (required; it goes into the audit log).
     #[arg(long)]
     pub reason: String,
-    /// Who decides (default: $USER).
+    /// Who decides, when the API has no tokens (default: $USER; with a token the coordinator
+    /// audits the token's identity).
     #[arg(long)]
     pub operator: Option<String>,
     /// The coordinator.
@@ -177,7 +197,7 @@ pub struct ResolveArgs {
 /// `warpline cancel` and `warpline retry-failed`.
 #[derive(Debug, Args)]
 pub struct BackfillArgs {
-    /// The backfill id.
+    /// The backfill: an id, a unique id prefix, or a run of it (run id, prefix or partition key).
     pub backfill: String,
     /// Print the coordinator's answer as JSON.
     #[arg(long)]

@@ -24,7 +24,8 @@ use super::{
 use crate::api::{
     ErrorBody, ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse,
 };
-use crate::engine::{BackfillAction, Escalation, Summary};
+use crate::engine::{BackfillAction, Escalation, RunSummary, Summary};
+use uuid::Uuid;
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,8 +88,21 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("invalid --api `{base}`: expected an http:// or https:// URL");
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = args
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow::anyhow!("invalid --token: it must be printable ASCII"))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .default_headers(headers)
             .build()
             .context("cannot build an HTTP client")?;
         Ok(Client { base, http })
@@ -333,13 +347,12 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
     if args.reason.trim().is_empty() {
         bail!("--reason must not be empty: say why, it goes into the audit log");
     }
-    let operator = match args.operator {
-        Some(o) => o,
-        None => std::env::var("USER")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-            .context("who is deciding? $USER is not set: give --operator NAME")?,
-    };
+    // With a token the coordinator audits the token's identity; without one it audits this
+    // name, or `local` when there is none.
+    let operator = args
+        .operator
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|u| !u.trim().is_empty());
     let action = match args.action {
         Resolution::Proceed => Action::Proceed,
         Resolution::Retry => Action::Retry,
@@ -354,15 +367,16 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
             let req = ResolveBackfillRequest {
                 action,
                 reason: args.reason,
-                operator: operator.clone(),
+                operator,
             };
+            let id = find_backfill(&client, &args.run, true).await?;
             let answer: serde_json::Value = client
-                .post(&format!("/v1/backfills/{}/resolve", args.run), &req)
+                .post(&format!("/v1/backfills/{id}/resolve"), &req)
                 .await?;
             let counts = answer["counts"].to_string();
             println!(
-                "backfill {}: {action:?} by {operator}; runs {counts}",
-                args.run
+                "backfill {id}: {action:?} by {}; runs {counts}",
+                answer["operator"].as_str().unwrap_or("?")
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -370,14 +384,13 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
     let req = ResolveRequest {
         action,
         reason: args.reason,
-        operator: operator.clone(),
+        operator,
     };
-    let answer: serde_json::Value = client
-        .post(&format!("/v1/runs/{}/resolve", args.run), &req)
-        .await?;
+    let (id, partition) = find_run(&client, &args.run).await?;
+    let answer: serde_json::Value = client.post(&format!("/v1/runs/{id}/resolve"), &req).await?;
     println!(
-        "run {}: {action} by {operator}; now {}",
-        args.run,
+        "run {id} ({partition}): {action} by {}; now {}",
+        answer["operator"].as_str().unwrap_or("?"),
         answer["state"].as_str().unwrap_or("?")
     );
     Ok(ExitCode::SUCCESS)
@@ -386,8 +399,9 @@ pub async fn resolve(args: ResolveArgs) -> anyhow::Result<ExitCode> {
 /// `warpline cancel`.
 pub async fn cancel(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.api)?;
+    let id = find_backfill(&client, &args.backfill, false).await?;
     let value: serde_json::Value = client
-        .post(&format!("/v1/backfills/{}/cancel", args.backfill), &())
+        .post(&format!("/v1/backfills/{id}/cancel"), &())
         .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -409,21 +423,125 @@ pub async fn cancel(args: BackfillArgs) -> anyhow::Result<ExitCode> {
 /// `warpline retry-failed`.
 pub async fn retry_failed(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.api)?;
+    let id = find_backfill(&client, &args.backfill, false).await?;
     let value: serde_json::Value = client
-        .post(
-            &format!("/v1/backfills/{}/retry-failed", args.backfill),
-            &(),
-        )
+        .post(&format!("/v1/backfills/{id}/retry-failed"), &())
         .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "backfill {}: resumed {} halted runs at the step that failed",
-        args.backfill, value["resumed"]
+        "backfill {id}: resumed {} halted runs at the step that failed",
+        value["resumed"]
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run `reference` names, like `warpline audit show`: a run id, a unique id prefix or a
+/// partition key. A partition key in several backfills means the escalated run when exactly one
+/// of them is escalated.
+pub(crate) async fn find_run(client: &Client, reference: &str) -> anyhow::Result<(Uuid, String)> {
+    let all: Vec<Summary> = client.get("/v1/backfills").await?;
+    let runs = all.iter().flat_map(|s| &s.runs);
+    match_run(runs, reference)
+}
+
+/// [`find_run`] over given summaries.
+pub(crate) fn match_run<'a>(
+    runs: impl Iterator<Item = &'a RunSummary>,
+    reference: &str,
+) -> anyhow::Result<(Uuid, String)> {
+    let r = reference.trim().to_ascii_lowercase();
+    if r.is_empty() {
+        bail!("no run given: give a run id, an id prefix or a partition key");
+    }
+    let mut found: Vec<&RunSummary> = runs
+        .filter(|run| run.run_id.to_string().starts_with(&r) || run.partition == reference.trim())
+        .collect();
+    if found.len() > 1 {
+        let escalated: Vec<&RunSummary> = found
+            .iter()
+            .copied()
+            .filter(|run| run.state == "ESCALATED")
+            .collect();
+        if escalated.len() == 1 {
+            found = escalated;
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok((one.run_id, one.partition.clone())),
+        [] => bail!(
+            "no run matching `{reference}`: give a run id, an id prefix or a partition key \
+             (see `warpline status BACKFILL`)"
+        ),
+        many => {
+            let list: Vec<String> = many
+                .iter()
+                .take(10)
+                .map(|run| format!("{} ({}, {})", run.run_id, run.partition, run.state))
+                .collect();
+            bail!(
+                "`{reference}` matches {} runs: {}; give a longer id",
+                many.len(),
+                list.join(", ")
+            )
+        }
+    }
+}
+
+/// The backfill `reference` names: an id, a unique id prefix or (unless `only_backfills`) a
+/// reference to one of its runs.
+pub(crate) async fn find_backfill(
+    client: &Client,
+    reference: &str,
+    only_backfills: bool,
+) -> anyhow::Result<Uuid> {
+    if let Ok(id) = Uuid::parse_str(reference.trim()) {
+        return Ok(id);
+    }
+    let all: Vec<Summary> = client.get("/v1/backfills").await?;
+    match_backfill(&all, reference, only_backfills)
+}
+
+/// [`find_backfill`] over given summaries.
+pub(crate) fn match_backfill(
+    all: &[Summary],
+    reference: &str,
+    only_backfills: bool,
+) -> anyhow::Result<Uuid> {
+    let r = reference.trim().to_ascii_lowercase();
+    let ids: Vec<Uuid> = all
+        .iter()
+        .map(|s| s.backfill_id)
+        .filter(|id| !r.is_empty() && id.to_string().starts_with(&r))
+        .collect();
+    match ids.as_slice() {
+        [one] => return Ok(*one),
+        [] => {}
+        many => bail!(
+            "`{reference}` matches {} backfills: {}; give a longer id",
+            many.len(),
+            many.iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    if only_backfills {
+        bail!("no backfill matching `{reference}`: give a backfill id or a unique id prefix");
+    }
+    let (run, _) = match_run(all.iter().flat_map(|s| &s.runs), reference).map_err(|_| {
+        anyhow::anyhow!(
+            "no backfill matching `{reference}`: give a backfill id, an id prefix, or a run of it \
+             (run id, prefix or partition key)"
+        )
+    })?;
+    Ok(all
+        .iter()
+        .find(|s| s.runs.iter().any(|x| x.run_id == run))
+        .map(|s| s.backfill_id)
+        .expect("the run came from a summary"))
 }
 
 /// `6 COMPLETE, 2 RUNNING, 1 HALTED`.

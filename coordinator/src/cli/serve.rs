@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warpline_shared::fleet::Topology;
 
-use crate::api::{EngineHandle, ReadyFlag, metrics_router, router};
+use crate::api::{EngineHandle, ReadyFlag, metrics_router, protect, router};
+use crate::auth::Auth;
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
 use crate::fleet::metrics::StepLatency;
@@ -76,10 +77,55 @@ pub struct ServeArgs {
     /// Print one line per event on standard error.
     #[arg(long)]
     pub log_events: bool,
+    /// API tokens, one `ROLE NAME TOKEN` per line (ROLE: viewer or operator); with
+    /// `WARPLINE_OPERATOR_TOKEN` / `WARPLINE_VIEWER_TOKEN`.
+    #[arg(long, env = "WARPLINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve a non-loopback address with no token configured (anyone who reaches it may act).
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+}
+
+/// Refuses to serve a non-loopback address with no token (unless overridden) and says who may
+/// use the API.
+pub(crate) fn check_exposure(auth: &Auth, http: SocketAddr, allow: bool) -> anyhow::Result<()> {
+    if !auth.is_open() {
+        eprintln!(
+            "warpline serve: API authentication on ({} tokens)",
+            auth.len()
+        );
+        return Ok(());
+    }
+    if http.ip().is_loopback() {
+        eprintln!(
+            "warpline serve: no API token configured: listening on loopback only, where anyone \
+             on this machine may act; set WARPLINE_OPERATOR_TOKEN or --token-file to serve others"
+        );
+        return Ok(());
+    }
+    if !allow {
+        anyhow::bail!(
+            "refusing to serve the API on `{http}` with no token: anyone who reaches it could \
+             submit, cancel and resolve. Set WARPLINE_OPERATOR_TOKEN (and WARPLINE_VIEWER_TOKEN) \
+             or --token-file, listen on 127.0.0.1, or pass --allow-unauthenticated on a trusted \
+             network"
+        );
+    }
+    eprintln!(
+        "warpline serve: WARNING: no API token configured and listening on `{http}` \
+         (--allow-unauthenticated): anyone who reaches it may act"
+    );
+    Ok(())
 }
 
 /// Runs the coordinator until SIGINT/SIGTERM (exit 0) or a fatal error.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    // Before anything connects: a bad token setup or an exposed open API stops here.
+    let auth = Arc::new(Auth::load(
+        &|k| std::env::var(k).ok(),
+        args.token_file.as_deref(),
+    )?);
+    check_exposure(&auth, args.http, args.allow_unauthenticated)?;
     let db = pg::connect(&args.database_url, &args.database_schema, 8).await?;
     pg::migrate(&db, &args.database_schema).await?;
     let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
@@ -103,8 +149,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("cannot listen on `{}` for the HTTP API", args.http))?;
     let addr = listener.local_addr()?;
     let latency = Arc::new(StepLatency::new());
-    let app =
-        router(EngineHandle::new(tx.clone()), ready.clone()).merge(metrics_router(latency.clone()));
+    let app = protect(
+        router(EngineHandle::new(tx.clone()), ready.clone()).merge(metrics_router(latency.clone())),
+        auth,
+    );
     let http_stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

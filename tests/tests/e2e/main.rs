@@ -3,6 +3,7 @@
 //! Build the binaries first: `cargo build --workspace --bins && cargo test --workspace`.
 
 mod agent;
+mod auth;
 mod deploy;
 mod fleet;
 mod local;
