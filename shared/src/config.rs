@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::classify::FailuresConfig;
 use crate::contracts::{
     CheckSpec, DynamicArtefact, LogStream, SCHEMA_VERSION, Severity, StepSpec, Validation,
 };
@@ -80,6 +81,10 @@ pub struct PipelineConfig {
     /// `warpline run` flags and `WARPLINE_LLM_*` variables override it.
     #[serde(default)]
     pub agent: AgentConfig,
+    /// Failure classification rules for every step (a step's own `failures` come first), then
+    /// the built-in table; see `docs/FAILURES.md`.
+    #[serde(default)]
+    pub failures: FailuresConfig,
 }
 
 /// Which supervisor agent decides.
@@ -350,6 +355,9 @@ pub struct StepConfig {
     /// Fleet-wide cap on concurrent attempts of this step.
     #[serde(default)]
     pub concurrency: Option<u32>,
+    /// This step's failure classification rules, tried before the pipeline's.
+    #[serde(default)]
+    pub failures: Option<FailuresConfig>,
 }
 
 /// One artefact as written.
@@ -769,6 +777,9 @@ impl Pipeline {
         c.agent
             .check()
             .map_err(|(path, message)| (format!("agent.{path}"), message))?;
+        c.failures
+            .check()
+            .map_err(|(path, message)| (format!("failures.{path}"), message))?;
         for name in c.vars.keys() {
             if BUILTIN_PLACEHOLDERS.contains(&name.as_str()) || name.starts_with("artefacts.") {
                 return err(
@@ -844,6 +855,10 @@ impl Pipeline {
             }
             if s.max_attempts == 0 {
                 return err(&at("max_attempts"), "expected at least 1 attempt".into());
+            }
+            if let Some(f) = &s.failures {
+                f.check()
+                    .map_err(|(path, message)| (at(&format!("failures.{path}")), message))?;
             }
             if s.concurrency == Some(0) {
                 return err(
@@ -1294,6 +1309,7 @@ impl Pipeline {
             trace: BTreeMap::new(),
             deferred,
             dynamic_artefacts,
+            failures: FailuresConfig::layered(step.failures.as_ref(), &self.config.failures),
         })
     }
 

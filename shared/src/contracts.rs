@@ -18,6 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::classify::FailuresConfig;
 use crate::partition::Partition;
 
 /// The version of every contract in this module.
@@ -79,6 +80,10 @@ pub struct StepSpec {
     /// W3C trace context (`traceparent`, `tracestate`) of the coordinator's span.
     #[serde(default)]
     pub trace: BTreeMap<String, String>,
+    /// The step's failure classification rules (its own, then the pipeline's) and whether the
+    /// built-in table follows them. The worker classifies a failed attempt with them.
+    #[serde(default)]
+    pub failures: FailuresConfig,
     /// Fields that still hold references only the worker resolves (`args[2]`, `env.DB_URL`,
     /// `validations[0].path`): `{env:NAME}`, `{secret:NAME}` and `{artefacts.NAME}` of a dynamic
     /// artefact. Each such field is a template (other braces escaped as `{{` and `}}`); every
@@ -273,6 +278,78 @@ pub struct StepResult {
     /// The sha256 of the executed program file, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program_sha256: Option<String>,
+    /// How the failure classification rules read a failed attempt (see
+    /// [`crate::classify`]): its class, the rule that decided, and the line that explains it.
+    /// Absent when the attempt succeeded, or from a worker that predates classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureFact>,
+}
+
+/// What kind of failure an attempt had, by the failure classification rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureClass {
+    /// A retry may fix it (a 503, a refused connection, `EX_TEMPFAIL`).
+    Transient,
+    /// A retry will not fix it (a `KeyError`, a 404, a usage error).
+    Permanent,
+    /// A rule says an operator should decide.
+    Escalate,
+    /// No rule matched.
+    Unclassified,
+}
+
+impl FailureClass {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Transient => "transient",
+            FailureClass::Permanent => "permanent",
+            FailureClass::Escalate => "escalate",
+            FailureClass::Unclassified => "unclassified",
+        }
+    }
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The log line that explains a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CausalLine {
+    /// `stdout` or `stderr`.
+    pub stream: LogStream,
+    /// 1-based line number in that stream's log file (in the captured tail when the log's
+    /// start was not seen).
+    pub line: u64,
+    /// The line without colour codes (a message wrapped over several lines is joined).
+    pub text: String,
+}
+
+impl fmt::Display for CausalLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stream = match self.stream {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Both => "log",
+        };
+        write!(f, "{stream} line {}: `{}`", self.line, self.text)
+    }
+}
+
+/// A failed attempt as the classification rules read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FailureFact {
+    /// What kind of failure it is.
+    pub class: FailureClass,
+    /// The rule that decided (its name, or `no rule matched`).
+    pub rule: String,
+    /// The line that explains the failure, when the log has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<CausalLine>,
 }
 
 impl StepResult {
@@ -300,6 +377,7 @@ impl StepResult {
             log_tail: String::new(),
             program: None,
             program_sha256: None,
+            failure: None,
         }
     }
 

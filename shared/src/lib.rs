@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod classify;
 pub mod config;
 pub mod contracts;
 pub mod fleet;

@@ -7,6 +7,7 @@
 //! tests run in parallel without seeing each other's files or rows. When a service is down the
 //! test fails and says how to start it; nothing is skipped silently.
 
+pub mod browser;
 pub mod fleet;
 
 use std::collections::HashMap;

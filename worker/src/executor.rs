@@ -35,9 +35,11 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use warpline_shared::classify::{self, AttemptLog};
 use warpline_shared::config::ARTEFACTS_FILE_ENV;
 use warpline_shared::contracts::{
-    Check, CheckSpec, SCHEMA_VERSION, Severity, StepOutcome, StepResult, StepSpec, ValidationReport,
+    Check, CheckSpec, ReportStatus, SCHEMA_VERSION, Severity, StepOutcome, StepResult, StepSpec,
+    ValidationReport,
 };
 use warpline_shared::validate::{self, Logs};
 
@@ -219,6 +221,14 @@ fn redacted(mut outcome: StepOutcome, secrets: &[String]) -> StepOutcome {
     for c in &mut outcome.report.checks {
         c.detail = redact(&c.detail, secrets);
     }
+    if let Some(line) = outcome
+        .result
+        .failure
+        .as_mut()
+        .and_then(|f| f.line.as_mut())
+    {
+        line.text = redact(&line.text, secrets);
+    }
     outcome
 }
 
@@ -333,6 +343,24 @@ async fn run_prepared(
             format!("the validators panicked: {e}"),
         )]),
     };
+    if !result.succeeded() || report.status == ReportStatus::Fail {
+        let (stdout, stdout_first_line) = ran.stdout.text_from_line();
+        let (stderr, stderr_first_line) = ran.stderr.text_from_line();
+        let fact = classify::classify(
+            &prepared.spec.failures,
+            &AttemptLog {
+                exit_code: result.exit_code,
+                signal: result.signal,
+                timed_out: result.timed_out,
+                stdout: &stdout,
+                stdout_first_line,
+                stderr: &stderr,
+                stderr_first_line,
+            },
+        );
+        tracing::info!(class = %fact.class, rule = %fact.rule, "failure classified");
+        result.failure = Some(fact);
+    }
     StepOutcome {
         schema_version: SCHEMA_VERSION,
         result: result.clone(),
@@ -857,11 +885,26 @@ struct StreamTail {
     bytes: VecDeque<u8>,
     /// Every byte the stream carried.
     total: u64,
+    /// Every `\n` the stream carried, so a line of the tail can be named by its number in the
+    /// log file.
+    newlines: u64,
 }
 
 impl StreamTail {
+    /// The tail as text, and the log file's line number of its first line.
+    fn text_from_line(&self) -> (String, u64) {
+        let (front, back) = self.bytes.as_slices();
+        let raw: Vec<u8> = front.iter().chain(back).copied().collect();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let shown = text.lines().count() as u64;
+        let ends_open = self.bytes.back().is_some_and(|&b| b != b'\n');
+        let last = self.newlines + u64::from(ends_open);
+        (text, (last + 1).saturating_sub(shown).max(1))
+    }
+
     fn push(&mut self, chunk: &[u8], cap: usize) {
         self.total += chunk.len() as u64;
+        self.newlines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
         if chunk.len() >= cap {
             self.bytes.clear();
             self.bytes.extend(&chunk[chunk.len() - cap..]);

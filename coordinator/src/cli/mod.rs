@@ -336,6 +336,9 @@ pub struct RunArgs {
     /// references), artefacts and checks for the first partitions, and run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Serve the web dashboard for this backfill on ADDR (e.g. 127.0.0.1:8081) while it runs.
+    #[arg(long, value_name = "ADDR")]
+    pub ui: Option<std::net::SocketAddr>,
 }
 
 /// `warpline audit ...`.

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +21,15 @@ use warpline_shared::partition::{self, Partition, PartitionsFormat};
 use warpline_worker::ExecConfig;
 
 use super::{ProgressMode, RunArgs};
+use crate::api::{EngineHandle, protect};
 use crate::audit_log::AuditLog;
+use crate::auth::Auth;
 use crate::engine::{BackfillRequest, Engine, EngineConfig, Event, Observer, Summary};
 use crate::local::LocalFleet;
 use crate::progress::{Bars, Lines, Quiet};
 use crate::supervisor::settings::{AgentOverrides, build_agent};
 use crate::supervisor::{Agent, AgentTotals};
+use crate::ui;
 
 /// Parses `NAME=VALUE` pairs.
 pub(crate) fn parse_vars(vars: &[String]) -> anyhow::Result<Vec<(String, String)>> {
@@ -122,6 +126,11 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     let workers = args.workers as usize;
     let max_parallel = args.max_parallel.map(|m| m as usize).unwrap_or(workers * 2);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // The dashboard, on request: the same pages as `serve`'s, over this process's loop.
+    let dashboard = match args.ui {
+        Some(addr) => Some(start_dashboard(addr, tx.clone(), audit_path.clone()).await?),
+        None => None,
+    };
     let fleet = LocalFleet::start(workers, max_parallel, exec, tx.clone());
     let stopper = fleet.stopper();
 
@@ -177,6 +186,9 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     };
     let engine = engine.run(&mut rx).await;
     watcher.abort();
+    if let Some(d) = dashboard {
+        d.abort();
+    }
     // Kill any tool still running and wait for the workers, bounded.
     let clean = stopper.stop(Duration::from_secs(15)).await;
     let summary = engine?.summary(backfill_id);
@@ -197,6 +209,37 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Serves the dashboard for this process on `addr` (loopback only unless API tokens are set
+/// in the environment, as for `serve`).
+async fn start_dashboard(
+    addr: std::net::SocketAddr,
+    tx: mpsc::UnboundedSender<Event>,
+    audit: PathBuf,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let auth = Arc::new(Auth::load(&|k| std::env::var(k).ok(), None)?);
+    if auth.is_open() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve the dashboard on `{addr}` with no token: use a loopback address \
+             (e.g. --ui 127.0.0.1:8081) or set WARPLINE_OPERATOR_TOKEN"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on `{addr}` for the dashboard (--ui)"))?;
+    let app = protect(
+        ui::router(
+            EngineHandle::new(tx),
+            ui::Records::File(audit),
+            auth.clone(),
+        ),
+        auth,
+    );
+    eprintln!("warpline: dashboard on http://{}/", listener.local_addr()?);
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
 }
 
 /// The agent's part of the summary: who decided and what the model calls cost.

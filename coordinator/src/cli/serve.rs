@@ -27,6 +27,7 @@ use crate::fleet::pg::{self, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
 use crate::supervisor::settings::{AgentOverrides, build_agent};
+use crate::ui;
 use std::sync::Arc;
 use warpline_shared::config::AgentConfig;
 
@@ -150,7 +151,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let addr = listener.local_addr()?;
     let latency = Arc::new(StepLatency::new());
     let app = protect(
-        router(EngineHandle::new(tx.clone()), ready.clone()).merge(metrics_router(latency.clone())),
+        router(EngineHandle::new(tx.clone()), ready.clone())
+            .merge(metrics_router(latency.clone()))
+            .merge(ui::router(
+                EngineHandle::new(tx.clone()),
+                ui::Records::Pg(db.clone()),
+                auth.clone(),
+            )),
         auth,
     );
     let http_stop = shutdown.clone();
@@ -160,6 +167,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             .await
     });
     eprintln!("warpline serve: API on http://{addr}");
+    eprintln!("warpline serve: dashboard on http://{addr}/");
 
     let lock = tokio::select! {
         lock = LeaderLock::acquire(&args.database_url, &args.database_schema, Duration::from_secs(1)) => lock?,

@@ -1,15 +1,23 @@
 //! The rules agent: a cautious operator written down.
 //!
-//! It proceeds on a clean pass; retries what a retry can fix (timeouts, lost attempts,
-//! connection errors, transient exit codes, outputs that came out missing or short) while
-//! attempts remain; halts what a retry cannot fix (the tool cannot run, usage or config errors,
-//! `CRITICAL` failures) or what is still failing when attempts run out; and escalates what it
-//! cannot classify. Every reason cites the facts it used.
+//! It proceeds on a clean pass. Otherwise it reads the attempt's failure classification
+//! ([`StepResult::failure`], made by the worker with the step's `failures` rules and the
+//! built-in table; see `warpline_shared::classify`): `transient` failures are retried while
+//! attempts remain and halted when they run out; `permanent` ones halt at once, without
+//! pointless retries; a rule that says `escalate`, and a failure no rule classifies, go to an
+//! operator. A tool that could not run at all halts; a lost attempt is retried. When the tool
+//! exited 0 but its checks failed, a failed data gate (content that is wrong: a row count, a
+//! manifest field, a deviation from sibling partitions) halts at once, since rerunning the step
+//! on the same input yields the same data; other failed checks (an output missing or short) are
+//! retried. Every reason quotes the causal line with its stream and line number, the exit code
+//! and the rule that decided.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
-use regex::Regex;
-use warpline_shared::contracts::{Action, Severity, SupervisorDecision};
+use warpline_shared::classify::{self, AttemptLog, FailuresConfig};
+use warpline_shared::contracts::{
+    Action, FailureClass, FailureFact, Severity, StepResult, SupervisorDecision,
+};
 
 use super::{Agent, AgentReply, DecisionFuture, DecisionInput, timed};
 
@@ -17,23 +25,15 @@ use super::{Agent, AgentReply, DecisionFuture, DecisionInput, timed};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RulesAgent;
 
-/// Exit codes that say "try again later" (sysexits `EX_TEMPFAIL`, `EX_UNAVAILABLE`).
-const TRANSIENT_EXIT: [i32; 2] = [75, 69];
-/// Exit codes that a retry will not change: usage (2, `EX_USAGE`, `EX_DATAERR`, `EX_NOINPUT`),
-/// config (`EX_CONFIG`), not executable (126), not found (127).
-const PERMANENT_EXIT: [i32; 7] = [2, 64, 65, 66, 78, 126, 127];
-
-static TRANSIENT_LOG: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?i)ConnectionError|connection (refused|reset|closed|aborted)|timed? ?out|temporar(y|ily)|HTTP 5\d\d|\b50[234]\b.*(gateway|unavailable)|too many (connections|requests)|deadlock detected|try again",
-    )
-    .expect("valid regex")
-});
-
-static PERMANENT_LOG: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"CRITICAL|(?i)permission denied|no such file|syntax error|invalid argument|unrecognized option|not on this worker's allowlist")
-        .expect("valid regex")
-});
+/// Check kinds that measure content rather than the presence of an output.
+pub const DATA_GATE_KINDS: [&str; 6] = [
+    "sql",
+    "json_path",
+    "yaml_path",
+    "parquet_rows",
+    "sibling_deviation",
+    "row_count",
+];
 
 /// How the rules read a failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,91 +42,92 @@ enum Reading {
     Transient(String),
     /// A retry will not fix it.
     Permanent(String),
+    /// A rule asks for an operator.
+    Escalate(String),
     /// Nothing matches a known pattern.
     Unknown(String),
 }
 
-/// Finds the first log-tail line matching `re`, as `line N: `text``.
-fn cite(tail: &str, re: &Regex) -> Option<String> {
-    tail.lines()
-        .enumerate()
-        .find(|(_, l)| re.is_match(l))
-        .map(|(i, l)| {
-            let l = l.trim();
-            let shown: String = l.chars().take(160).collect();
-            format!("log tail line {}: `{shown}`", i + 1)
-        })
+/// The attempt's classification: the worker's, or (from a worker that predates it) the
+/// built-in table applied to the log tail.
+fn failure_of(r: &StepResult) -> FailureFact {
+    r.failure.clone().unwrap_or_else(|| {
+        classify::classify(
+            &FailuresConfig::default(),
+            &AttemptLog::from_tail(&r.log_tail, r.exit_code, r.signal, r.timed_out),
+        )
+    })
 }
 
-fn last_line(tail: &str) -> String {
-    tail.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(|l| {
-            format!(
-                "last log line `{}`",
-                l.trim().chars().take(160).collect::<String>()
-            )
-        })
-        .unwrap_or_else(|| "no log output".into())
+/// `exit code 1; stderr line 12: `…` (rule: …)`.
+fn cite(r: &StepResult, fact: &FailureFact) -> String {
+    let what = if r.timed_out {
+        format!(
+            "the tool timed out after {} ms and was killed (exit code {})",
+            r.duration_ms, r.exit_code
+        )
+    } else {
+        format!("exit code {}", r.exit_code)
+    };
+    let line = match &fact.line {
+        Some(l) => format!("; {l}"),
+        None => "; no log output".to_string(),
+    };
+    format!("{what}{line} ({}: {})", fact.class, fact.rule)
 }
 
 fn read(input: &DecisionInput) -> Reading {
     let r = &input.result;
-    let tail = r.log_tail.as_str();
     if r.lost {
         return Reading::Transient("the attempt was lost (no result from a worker in time)".into());
-    }
-    if r.timed_out {
-        return Reading::Transient(format!(
-            "the tool timed out after {} ms and was killed",
-            r.duration_ms
-        ));
     }
     if let Some(e) = &r.error {
         return Reading::Permanent(format!("the tool could not run: {e}"));
     }
-    if r.exit_code != 0 {
-        let code = r.exit_code;
-        if TRANSIENT_EXIT.contains(&code) {
-            let at = cite(tail, &TRANSIENT_LOG).unwrap_or_else(|| last_line(tail));
-            return Reading::Transient(format!("exit code {code} (temporary failure); {at}"));
-        }
-        if let Some(at) = cite(tail, &TRANSIENT_LOG) {
-            return Reading::Transient(format!("exit code {code}; {at}"));
-        }
-        if PERMANENT_EXIT.contains(&code) {
-            return Reading::Permanent(format!(
-                "exit code {code} (usage, config or missing program); {}",
-                last_line(tail)
-            ));
-        }
-        if let Some(at) = cite(tail, &PERMANENT_LOG) {
-            return Reading::Permanent(format!("exit code {code}; {at}"));
-        }
-        if let Some(sig) = r.signal {
-            return Reading::Transient(format!(
-                "the tool was killed by signal {sig} (exit code {code})"
-            ));
-        }
-        return Reading::Unknown(format!("exit code {code}; {}", last_line(tail)));
+    let fact = failure_of(r);
+    if r.exit_code != 0 || r.timed_out {
+        let why = cite(r, &fact);
+        return match fact.class {
+            FailureClass::Transient => Reading::Transient(why),
+            FailureClass::Permanent => Reading::Permanent(why),
+            FailureClass::Escalate => Reading::Escalate(why),
+            FailureClass::Unclassified => Reading::Unknown(why),
+        };
     }
-    // Exit 0, but an error check failed: the output is missing, short or the log shows a fault.
-    let failed: Vec<String> = input
-        .report
-        .failed(Severity::Error)
+    // Exit 0, but an error check failed: the output is missing, short or wrong.
+    let failed: Vec<_> = input.report.failed(Severity::Error).collect();
+    let list = failed
+        .iter()
         .map(|c| format!("{} ({})", c.name, c.detail))
-        .collect();
-    if let Some(at) = cite(tail, &PERMANENT_LOG) {
-        return Reading::Permanent(format!(
-            "exit code 0 but checks failed: {}; {at}",
-            failed.join("; ")
-        ));
+        .collect::<Vec<_>>()
+        .join("; ");
+    let line = fact
+        .line
+        .as_ref()
+        .map(|l| format!("; {l}"))
+        .unwrap_or_default();
+    match fact.class {
+        FailureClass::Permanent => Reading::Permanent(format!(
+            "exit code 0 but checks failed: {list}{line} ({}: {})",
+            fact.class, fact.rule
+        )),
+        FailureClass::Escalate => Reading::Escalate(format!(
+            "exit code 0 but checks failed: {list}{line} ({}: {})",
+            fact.class, fact.rule
+        )),
+        _ if !failed.is_empty()
+            && failed
+                .iter()
+                .all(|c| DATA_GATE_KINDS.contains(&c.kind.as_str())) =>
+        {
+            Reading::Permanent(format!(
+                "exit code 0 but the data failed its gates: {list}; rerunning the step on the same input yields the same data"
+            ))
+        }
+        _ => Reading::Transient(format!(
+            "exit code 0 but checks failed: {list}; a fresh attempt may produce a complete output"
+        )),
     }
-    Reading::Transient(format!(
-        "exit code 0 but checks failed: {}; a fresh attempt may produce a complete output",
-        failed.join("; ")
-    ))
 }
 
 /// The rules' decision for one attempt.
@@ -168,6 +169,10 @@ pub fn decide(input: &DecisionInput) -> SupervisorDecision {
         Reading::Permanent(why) => SupervisorDecision::new(
             Action::Halt,
             format!("{why}; a retry cannot fix this ({used})"),
+        ),
+        Reading::Escalate(why) => SupervisorDecision::new(
+            Action::Escalate,
+            format!("{why}; a rule asks for an operator ({used})"),
         ),
         Reading::Unknown(why) => SupervisorDecision::new(
             Action::Escalate,
@@ -261,7 +266,13 @@ mod tests {
         let tail = "fetching\nConnectionError: HTTP 500 Internal Server Error from http://x\n";
         let d = decide(&input(result(75, tail), vec![], 1, 3));
         assert_eq!(d.action, Action::Retry);
-        assert!(d.reason.contains("log tail line 2"), "{}", d.reason);
+        assert!(
+            d.reason.contains(
+                "exit code 75; stdout line 2: `ConnectionError: HTTP 500 Internal Server Error from http://x`"
+            ),
+            "{}",
+            d.reason
+        );
         assert!(d.reason.contains("attempt 1 of 3"), "{}", d.reason);
         let d = decide(&input(result(75, tail), vec![], 3, 3));
         assert_eq!(d.action, Action::Halt);
@@ -312,6 +323,70 @@ mod tests {
         assert_eq!(
             decide(&input(result(0, ""), checks, 2, 2)).action,
             Action::Halt
+        );
+    }
+
+    #[test]
+    fn the_workers_classification_decides_and_is_quoted() {
+        let mut r = result(1, "whatever the tail says");
+        r.failure = Some(FailureFact {
+            class: FailureClass::Permanent,
+            rule: "rule 1 (pattern `quota`)".into(),
+            line: Some(warpline_shared::contracts::CausalLine {
+                stream: warpline_shared::contracts::LogStream::Stderr,
+                line: 41,
+                text: "quota exceeded for project 7".into(),
+            }),
+        });
+        let d = decide(&input(r.clone(), vec![], 1, 3));
+        assert_eq!(d.action, Action::Halt);
+        assert!(
+            d.reason.starts_with(
+                "exit code 1; stderr line 41: `quota exceeded for project 7` (permanent: rule 1 (pattern `quota`)); a retry cannot fix this"
+            ),
+            "{}",
+            d.reason
+        );
+        r.failure.as_mut().unwrap().class = FailureClass::Escalate;
+        let d = decide(&input(r, vec![], 1, 3));
+        assert_eq!(d.action, Action::Escalate);
+        assert!(
+            d.reason.contains("a rule asks for an operator"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn wrapped_psycopg2_refusal_retries_from_the_tail() {
+        // No worker classification: the built-in table reads the tail.
+        let tail = "loading\n[--- stderr ---]\n\x1b[31mpsycopg2.OperationalError: connection to server at \"127.0.0.1\", port 5499 failed: Connection\x1b[0m\nrefused\n";
+        let d = decide(&input(result(1, tail), vec![], 1, 3));
+        assert_eq!(d.action, Action::Retry, "{}", d.reason);
+        assert!(d.reason.contains("stderr line 1"), "{}", d.reason);
+        assert!(
+            d.reason.contains("failed: Connection refused`"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn failed_data_gates_halt_at_once() {
+        let gate = Check {
+            name: "rows loaded".into(),
+            kind: "sql".into(),
+            severity: Severity::Error,
+            passed: false,
+            detail: "the query returned 1 (minimum 100)".into(),
+        };
+        let d = decide(&input(result(0, "loaded 1 rows"), vec![gate], 1, 3));
+        assert_eq!(d.action, Action::Halt);
+        assert!(
+            d.reason
+                .contains("rows loaded (the query returned 1 (minimum 100))"),
+            "{}",
+            d.reason
         );
     }
 

@@ -4,7 +4,9 @@
 
 mod agent;
 mod auth;
+mod dashboard;
 mod deploy;
+mod failures;
 mod fleet;
 mod local;
 mod toolchain;

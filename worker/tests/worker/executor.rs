@@ -526,3 +526,36 @@ fn zombie_probe_sees_live_processes() {
     // The probe used above must be able to say "alive", or the kill tests prove nothing.
     assert!(!pid_gone(std::process::id() as i32));
 }
+
+#[tokio::test]
+async fn a_failure_is_classified_with_its_line_number_in_the_log_file() {
+    let w = Workdir::new();
+    // 5000 lines of progress, far more than the 4 KiB tail keeps, then the cause and noise.
+    let spec = w.sh(
+        r#"i=0; while [ $i -lt 5000 ]; do echo "row $i ok" >&2; i=$((i+1)); done
+           echo "requests.exceptions.HTTPError: 503 Server Error: Service Unavailable for url: http://x/" >&2
+           echo "Error: 1" >&2; exit 1"#,
+        30,
+    );
+    let mut cfg = config();
+    cfg.tail_bytes = 4096;
+    let outcome = run_step(&spec, &cfg, &CancellationToken::new()).await;
+    let f = outcome
+        .result
+        .failure
+        .expect("a failed attempt is classified");
+    assert_eq!(f.class, warpline_shared::contracts::FailureClass::Transient);
+    let line = f.line.unwrap();
+    assert_eq!(line.stream, LogStream::Stderr);
+    assert_eq!(line.line, 5001, "{line:?}");
+    assert!(line.text.contains("503 Server Error"), "{line:?}");
+    let log = w.read("logs/1/stderr.log");
+    assert_eq!(
+        log.lines().nth(5000).unwrap(),
+        "requests.exceptions.HTTPError: 503 Server Error: Service Unavailable for url: http://x/"
+    );
+
+    // A clean attempt carries no classification.
+    let ok = run_step(&w.sh("echo fine", 30), &cfg, &CancellationToken::new()).await;
+    assert!(ok.result.failure.is_none());
+}
