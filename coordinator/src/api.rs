@@ -22,25 +22,36 @@
 //! | `GET /readyz` | — | 200 once [`ReadyFlag`] is set, else 503 |
 //!
 //! Every error is `{"error": "..."}` ([`ErrorBody`]): 400 for a bad request (the message names
-//! the field, or the config file and JSON path), 404 for an unknown id, 409 when the engine
-//! refuses the command, 503 when the loop does not answer. The request and response types are
+//! the field, or the config file and JSON path), 403 for a pipeline `serve` does not allow
+//! ([`ApiPolicy`]), 404 for an unknown id, 409 when the engine refuses the command, 413 for a
+//! body over `--max-body-bytes` or a backfill over `--max-partitions`, 503 when the loop does
+//! not answer — and at once, for every `/v1/*` route, while the coordinator is not ready (a
+//! standby, or a leader still recovering).
+//!
+//! A submit may carry a `request_id`: the first submit with an id is applied once, and every
+//! later submit with the same id and body gets that submit's answer instead of a second
+//! backfill, also when the first answer was a 503 because the loop was slow ([`Submissions`];
+//! held in memory by the leader, the last [`REMEMBERED_SUBMITS`]). A submit without an id that
+//! times out is dropped by the loop if it has not started it yet. The request and response types are
 //! public so the CLI in this crate uses the very types the server parses; client and server
 //! ship in the same binary, so they change together.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Extension, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
@@ -55,6 +66,159 @@ pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs in progress at once when a submit does not say.
 pub const DEFAULT_MAX_PARALLEL: usize = 8;
+
+/// The most partitions one backfill may have unless `serve --max-partitions` says otherwise.
+pub const DEFAULT_MAX_PARTITIONS: usize = 10_000;
+
+/// The largest request body unless `serve --max-body-bytes` says otherwise (a pipeline config
+/// and its partitions fit in far less).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// How many submits' request ids the leader remembers.
+pub const REMEMBERED_SUBMITS: usize = 10_000;
+
+/// What `warpline serve` accepts over the API: limits, and which pipelines may be submitted.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiPolicy {
+    /// The most partitions (runs) one backfill may have; a bigger submit is refused with 413.
+    #[arg(long, env = "WARPLINE_MAX_PARTITIONS", default_value_t = DEFAULT_MAX_PARTITIONS)]
+    pub max_partitions: usize,
+    /// The largest request body accepted, in bytes; a bigger one is refused with 413.
+    #[arg(long, env = "WARPLINE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Accept only pipeline files under this directory (repeatable, or comma-separated in the
+    /// environment). The coordinator reads the file itself, the submitted JSON must match it,
+    /// and a `workdir` override must lie under one of these directories too.
+    #[arg(
+        long = "pipeline-dir",
+        env = "WARPLINE_PIPELINE_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub pipeline_dirs: Vec<PathBuf>,
+    /// Accept only pipeline files whose sha256 (of the file's bytes, as `sha256sum` prints it)
+    /// is one of these (repeatable, or comma-separated in the environment).
+    #[arg(
+        long = "pipeline-sha256",
+        env = "WARPLINE_PIPELINE_SHA256",
+        value_delimiter = ',',
+        value_name = "HEX"
+    )]
+    pub pipeline_sha256: Vec<String>,
+}
+
+impl Default for ApiPolicy {
+    fn default() -> ApiPolicy {
+        ApiPolicy {
+            max_partitions: DEFAULT_MAX_PARTITIONS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            pipeline_dirs: Vec::new(),
+            pipeline_sha256: Vec::new(),
+        }
+    }
+}
+
+impl ApiPolicy {
+    /// Whether only some pipeline files may be submitted.
+    pub fn restricts_pipelines(&self) -> bool {
+        !self.pipeline_dirs.is_empty() || !self.pipeline_sha256.is_empty()
+    }
+
+    /// Whether `path` (canonical) lies under an allowed directory.
+    fn under_allowed_dir(&self, path: &Path) -> bool {
+        self.pipeline_dirs.iter().any(|d| {
+            std::fs::canonicalize(d)
+                .map(|d| path.starts_with(d))
+                .unwrap_or(false)
+        })
+    }
+
+    /// With pipelines restricted, reads `file` from disk and checks that it is allowed and that
+    /// the submitted `pipeline` is its content.
+    fn admit(&self, file: &Path, pipeline: &serde_json::Value) -> Result<(), ApiError> {
+        if !self.restricts_pipelines() {
+            return Ok(());
+        }
+        let forbidden = ApiError::Forbidden;
+        let canonical = std::fs::canonicalize(file).map_err(|e| {
+            forbidden(format!(
+                "this coordinator only runs pipeline files it can read, and `{}` cannot be read: {e}",
+                file.display()
+            ))
+        })?;
+        let bytes = std::fs::read(&canonical).map_err(|e| {
+            forbidden(format!(
+                "cannot read pipeline file `{}`: {e}",
+                file.display()
+            ))
+        })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let pinned = self
+            .pipeline_sha256
+            .iter()
+            .any(|h| h.trim().eq_ignore_ascii_case(&digest));
+        if !pinned && !self.under_allowed_dir(&canonical) {
+            return Err(forbidden(format!(
+                "pipeline file `{}` (sha256 {digest}) is not allowed here: this coordinator runs only pipelines under {} or with a pinned sha256 ({} pinned); ask its operator to add it (`serve --pipeline-dir` / `--pipeline-sha256`)",
+                canonical.display(),
+                dirs_list(&self.pipeline_dirs),
+                self.pipeline_sha256.len()
+            )));
+        }
+        let on_disk: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "pipeline file `{}` is not valid JSON: {e}",
+                file.display()
+            ))
+        })?;
+        if &on_disk != pipeline {
+            return Err(forbidden(format!(
+                "the submitted pipeline differs from the file `{}` on the coordinator: only the file as it is on disk may be submitted",
+                file.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// With pipelines restricted, a workdir override must lie under an allowed directory.
+    fn admit_workdir(&self, dir: &Path) -> Result<(), ApiError> {
+        if !self.restricts_pipelines() {
+            return Ok(());
+        }
+        // The directory may not exist yet: its nearest existing ancestor decides.
+        let mut probe = dir.to_path_buf();
+        let canonical = loop {
+            if let Ok(c) = std::fs::canonicalize(&probe) {
+                let rest = dir.strip_prefix(&probe).unwrap_or(Path::new(""));
+                break c.join(rest);
+            }
+            if !probe.pop() {
+                break dir.to_path_buf();
+            }
+        };
+        let escapes = dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+        if escapes || !self.under_allowed_dir(&canonical) {
+            return Err(ApiError::Forbidden(format!(
+                "`workdir` `{}` is not allowed here: with pipelines restricted, a workdir must lie under {}",
+                dir.display(),
+                dirs_list(&self.pipeline_dirs)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn dirs_list(dirs: &[PathBuf]) -> String {
+    if dirs.is_empty() {
+        return "no directory (none is configured)".into();
+    }
+    dirs.iter()
+        .map(|d| format!("`{}`", d.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// `POST /v1/backfills`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +250,10 @@ pub struct SubmitRequest {
     /// Which partitions start first.
     #[serde(default)]
     pub order: PartitionOrder,
+    /// The client's id for this submit (at most 200 characters): sending the same submit again
+    /// with the same id returns the first one's answer instead of creating a second backfill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// The order in which a backfill's runs start.
@@ -166,6 +334,12 @@ pub enum ApiError {
     /// 400: the request is malformed or names a bad config or partitions.
     #[error("{0}")]
     BadRequest(String),
+    /// 403: `serve` does not allow this pipeline file or workdir.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 413: the body, or the backfill it asks for, is bigger than `serve` accepts.
+    #[error("{0}")]
+    TooLarge(String),
     /// 404: no such backfill or run.
     #[error("{0}")]
     NotFound(String),
@@ -197,6 +371,14 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Submit(Box::new(req), Some(tx)))?;
         self.wait(rx).await
+    }
+
+    /// Hands a backfill to the loop and waits for as long as it takes (the loop drops a submit
+    /// whose answer nobody waits for, so this one must wait).
+    async fn submit_to_the_end(&self, req: BackfillRequest) -> Result<Uuid, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Submit(Box::new(req), Some(tx)))?;
+        rx.await.map_err(|_| stopped())
     }
 
     /// Sends an operator command and waits for the loop's answer.
@@ -239,18 +421,33 @@ impl From<OperatorError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> ApiError {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::TooLarge(format!(
+                "the request body is too large: {} (`serve --max-body-bytes` sets the limit)",
+                e.body_text()
+            ));
+        }
         ApiError::BadRequest(format!("invalid request body: {}", e.body_text()))
+    }
+}
+
+impl ApiError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
+        let status = self.status();
         let body = ErrorBody {
             error: self.to_string(),
         };
@@ -262,13 +459,47 @@ impl IntoResponse for ApiError {
 struct AppState {
     engine: EngineHandle,
     ready: ReadyFlag,
+    policy: Arc<ApiPolicy>,
+    submits: Arc<Submissions>,
 }
 
 type Answer = Result<Json<serde_json::Value>, ApiError>;
 
-/// The API's routes over one engine. `ready` gates `/readyz` only: every other route answers as
-/// soon as the loop does.
+/// What a submit with a request id got (or will get): `None` while the loop works on it.
+type Pending = watch::Receiver<Option<Result<SubmitResponse, ApiError>>>;
+
+/// The submits with a request id the leader has seen, the last [`REMEMBERED_SUBMITS`].
+#[derive(Default)]
+pub struct Submissions {
+    inner: Mutex<SubmissionsInner>,
+}
+
+#[derive(Default)]
+struct SubmissionsInner {
+    /// Request id → (the body's digest, its answer).
+    by_id: HashMap<String, (String, Pending)>,
+    /// Request ids, oldest first, to forget the oldest.
+    order: VecDeque<String>,
+}
+
+impl Submissions {
+    fn forget(&self, id: &str) {
+        let mut inner = self.inner.lock().expect("submissions lock");
+        inner.by_id.remove(id);
+        inner.order.retain(|i| i != id);
+    }
+}
+
+/// The API's routes over one engine, with the default [`ApiPolicy`].
 pub fn router(handle: EngineHandle, ready: ReadyFlag) -> Router {
+    router_with(handle, ready, ApiPolicy::default())
+}
+
+/// The API's routes over one engine. Until `ready` is set (a standby, or a leader recovering)
+/// every `/v1/*` route answers 503 at once; `/healthz` and `/readyz` always answer.
+pub fn router_with(handle: EngineHandle, ready: ReadyFlag, policy: ApiPolicy) -> Router {
+    let limit = policy.max_body_bytes;
+    let gate = ready.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -283,8 +514,24 @@ pub fn router(handle: EngineHandle, ready: ReadyFlag) -> Router {
         .with_state(AppState {
             engine: handle,
             ready,
+            policy: Arc::new(policy),
+            submits: Arc::default(),
         })
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let ready = gate.is_ready();
+                async move {
+                    if !ready && req.uri().path().starts_with("/v1/") {
+                        return ApiError::Unavailable(NOT_READY.into()).into_response();
+                    }
+                    next.run(req).await
+                }
+            },
+        ))
+        .layer(DefaultBodyLimit::max(limit))
 }
+
+const NOT_READY: &str = "not ready: this coordinator does not lead (a standby) or is still restoring its state; send commands to the leader, or try again shortly";
 
 /// Puts authentication in front of `routes` (see [`crate::auth`]): every handler then finds the
 /// request's [`Identity`] in its extensions. Unknown routes answer a JSON 404 and a wrong
@@ -330,11 +577,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
     if st.ready.is_ready() {
         Json(serde_json::json!({"ready": true})).into_response()
     } else {
-        ApiError::Unavailable(
-            "not ready: the coordinator has not taken the leader lock and restored its state yet"
-                .into(),
-        )
-        .into_response()
+        ApiError::Unavailable(NOT_READY.into()).into_response()
     }
 }
 
@@ -344,14 +587,30 @@ fn parse_id(what: &str, raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("invalid {what} id `{raw}`: expected a UUID")))
 }
 
-/// Checks a submit and turns it into a backfill.
-pub fn build_backfill(req: SubmitRequest) -> Result<BackfillRequest, ApiError> {
+/// Checks a submit against `policy` and turns it into a backfill.
+pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<BackfillRequest, ApiError> {
     let bad = ApiError::BadRequest;
     let file = Path::new(&req.pipeline_file);
     if !file.is_absolute() {
         return Err(bad(format!(
             "`pipeline_file` must be an absolute path, got `{}`",
             req.pipeline_file
+        )));
+    }
+    policy.admit(file, &req.pipeline)?;
+    // Counted before they are expanded, so a huge range costs nothing.
+    let count = |months: Option<&str>, datasets: Option<&str>| match (months, datasets) {
+        (None, None) => Ok(1),
+        _ => partition::expand(months, datasets)
+            .map(|p| p.len())
+            .map_err(|e| bad(e.to_string())),
+    };
+    let wanted =
+        count(req.months.as_deref(), None)?.saturating_mul(count(None, req.datasets.as_deref())?);
+    if wanted > policy.max_partitions {
+        return Err(ApiError::TooLarge(format!(
+            "the backfill would have {wanted} partitions; this coordinator accepts at most {} per backfill (`serve --max-partitions`): split it into smaller submits",
+            policy.max_partitions
         )));
     }
     let text = serde_json::to_string(&req.pipeline).expect("a JSON value serialises");
@@ -364,6 +623,7 @@ pub fn build_backfill(req: SubmitRequest) -> Result<BackfillRequest, ApiError> {
                 "`workdir` must be an absolute path, got `{dir}`"
             )));
         }
+        policy.admit_workdir(Path::new(dir))?;
         pipeline.set_workdir(Path::new(dir));
     }
     let mut partitions = partition::expand(req.months.as_deref(), req.datasets.as_deref())
@@ -397,14 +657,80 @@ async fn submit(
     State(st): State<AppState>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
-    let Json(req) = body?;
-    let backfill = build_backfill(req)?;
+    let Json(mut req) = body?;
+    let Some(request_id) = req.request_id.take() else {
+        let backfill = build_backfill(req, &st.policy)?;
+        let runs = backfill.partitions.len();
+        let backfill_id = st.engine.submit(backfill).await?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(SubmitResponse { backfill_id, runs }),
+        ));
+    };
+    if request_id.trim().is_empty() || request_id.len() > 200 {
+        return Err(ApiError::BadRequest(
+            "`request_id` must be 1 to 200 characters".into(),
+        ));
+    }
+    let digest = hex::encode(Sha256::digest(
+        serde_json::to_vec(&req).expect("a request serialises"),
+    ));
+    let mut pending = remembered_or_started(&st, request_id.clone(), digest, req)?;
+    let answer = tokio::time::timeout(st.engine.timeout, pending.wait_for(Option::is_some)).await;
+    match answer {
+        Ok(Ok(answer)) => {
+            let answer = answer.clone().expect("waited for an answer");
+            answer.map(|a| (StatusCode::CREATED, Json(a)))
+        }
+        Ok(Err(_)) => Err(stopped()),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "the submit `{request_id}` is still being applied ({} s so far); send it again with the same request_id for its answer (it will not be applied twice)",
+            st.engine.timeout.as_secs_f64()
+        ))),
+    }
+}
+
+/// The answer (or pending answer) of the submit with `request_id`: the one already seen, or a
+/// new one handed to the loop by a task that waits for as long as the loop takes.
+fn remembered_or_started(
+    st: &AppState,
+    request_id: String,
+    digest: String,
+    req: SubmitRequest,
+) -> Result<Pending, ApiError> {
+    let mut inner = st.submits.inner.lock().expect("submissions lock");
+    if let Some((seen, pending)) = inner.by_id.get(&request_id) {
+        if *seen != digest {
+            return Err(ApiError::Conflict(format!(
+                "request_id `{request_id}` was already used for a different submit: use a new id for a new backfill"
+            )));
+        }
+        return Ok(pending.clone());
+    }
+    let backfill = build_backfill(req, &st.policy)?;
     let runs = backfill.partitions.len();
-    let backfill_id = st.engine.submit(backfill).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(SubmitResponse { backfill_id, runs }),
-    ))
+    let (tx, rx) = watch::channel(None);
+    inner.by_id.insert(request_id.clone(), (digest, rx.clone()));
+    inner.order.push_back(request_id.clone());
+    while inner.order.len() > REMEMBERED_SUBMITS {
+        if let Some(old) = inner.order.pop_front() {
+            inner.by_id.remove(&old);
+        }
+    }
+    drop(inner);
+    let (engine, submits) = (st.engine.clone(), st.submits.clone());
+    tokio::spawn(async move {
+        let answer = engine
+            .submit_to_the_end(backfill)
+            .await
+            .map(|backfill_id| SubmitResponse { backfill_id, runs });
+        if answer.is_err() {
+            // Not applied: the same id may be tried again from scratch.
+            submits.forget(&request_id);
+        }
+        let _ = tx.send(Some(answer));
+    });
+    Ok(rx)
 }
 
 async fn list(State(st): State<AppState>) -> Answer {
@@ -610,8 +936,9 @@ mod tests {
             max_parallel: None,
             priority: 0,
             order: PartitionOrder::Asc,
+            request_id: None,
         };
-        let err = build_backfill(req).unwrap_err();
+        let err = build_backfill(req, &ApiPolicy::default()).unwrap_err();
         assert!(
             matches!(&err, ApiError::BadRequest(m) if m.contains("absolute")),
             "{err}"

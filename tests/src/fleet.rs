@@ -83,6 +83,10 @@ struct Proc {
 pub struct Fleet {
     /// The PostgreSQL schema of its coordinators.
     pub schema: String,
+    /// The broker its coordinators and workers use.
+    pub amqp_url: String,
+    /// The coordinators' database.
+    pub database_url: String,
     /// The queue prefix of its coordinators and workers.
     pub prefix: String,
     dir: tempfile::TempDir,
@@ -92,9 +96,17 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// A fleet named `name` (unique within the test binary: letters, digits and `_`). Fails,
-    /// saying how to start it, when RabbitMQ or PostgreSQL is down.
+    /// A fleet named `name` (unique within the test binary: letters, digits and `_`) on the
+    /// shared RabbitMQ and PostgreSQL. Fails, saying how to start it, when either is down.
     pub fn new(name: &str) -> Fleet {
+        drop(postgres_admin());
+        check_rabbitmq();
+        Fleet::on(name, AMQP_URL, DATABASE_URL)
+    }
+
+    /// A fleet named `name` on the broker at `amqp_url` and the database at `database_url`
+    /// (e.g. the private servers of [`crate::faults`], which a test may restart).
+    pub fn on(name: &str, amqp_url: &str, database_url: &str) -> Fleet {
         static NAMES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
         assert!(
             name.bytes()
@@ -109,11 +121,11 @@ impl Fleet {
                 .insert(name.to_string()),
             "two fleets are named `{name}`: each test needs its own name"
         );
-        drop(postgres_admin());
-        check_rabbitmq();
         let pid = std::process::id();
         let fleet = Fleet {
             schema: format!("e2e_{name}_{pid}"),
+            amqp_url: amqp_url.to_string(),
+            database_url: database_url.to_string(),
             prefix: format!("e2e.{name}.{pid}."),
             dir: tempfile::Builder::new()
                 .prefix(&format!("e2e-{name}-"))
@@ -167,12 +179,13 @@ impl Fleet {
         env: &[(&str, &str)],
     ) -> Coordinator {
         let audit = self.audit();
+        let (amqp_url, database_url) = (self.amqp_url.clone(), self.database_url.clone());
         let args = [
             "serve",
             "--amqp-url",
-            AMQP_URL,
+            &amqp_url,
             "--database-url",
-            DATABASE_URL,
+            &database_url,
             "--database-schema",
             &self.schema,
             "--queue-prefix",
@@ -222,12 +235,35 @@ impl Fleet {
         allow: &[&str],
         env: &[(&str, &str)],
     ) -> i32 {
+        let url = self.amqp_url.clone();
+        self.worker_via(id, slots, allow, env, &url, &[])
+    }
+
+    /// [`Fleet::worker_with_env`] reaching the broker at `amqp_url`, its command line run
+    /// behind `wrapper` (e.g. `ip netns exec NS`, which execs it: the pid stays the worker's).
+    pub fn worker_via(
+        &mut self,
+        id: &str,
+        slots: u16,
+        allow: &[&str],
+        env: &[(&str, &str)],
+        amqp_url: &str,
+        wrapper: &[&str],
+    ) -> i32 {
         let slots = slots.to_string();
         let allow = allow.join(",");
-        let mut cmd = Command::new(bin("warpline-worker"));
+        let worker = bin("warpline-worker");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(&worker);
+                cmd
+            }
+            None => Command::new(&worker),
+        };
         cmd.args([
             "--amqp-url",
-            AMQP_URL,
+            amqp_url,
             "--queue-prefix",
             &self.prefix,
             "--pool",
@@ -337,6 +373,35 @@ impl Fleet {
         let p = self.proc_mut(name);
         let _ = p.child.kill();
         p.status = Some(p.child.wait().expect("wait for a killed process"));
+    }
+
+    /// Sends `signal` to process `name` (SIGSTOP and SIGCONT pause and resume it).
+    pub fn signal(&self, name: &str, signal: Signal) {
+        let p = self
+            .procs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process named `{name}` in this fleet"));
+        kill(Pid::from_raw(p.child.id() as i32), signal)
+            .unwrap_or_else(|e| panic!("cannot send {signal} to `{name}`: {e}"));
+        self.commands
+            .lock()
+            .unwrap()
+            .push(format!("kill -{} {name}", signal.as_str()));
+    }
+
+    /// Whether process `name` has exited (and then its status).
+    pub fn exited(&mut self, name: &str) -> Option<ExitStatus> {
+        let p = self.proc_mut(name);
+        if p.status.is_none() {
+            p.status = p.child.try_wait().expect("try_wait");
+        }
+        p.status
+    }
+
+    /// Records a step of the test (a fault injected) in the failure report.
+    pub fn note(&self, what: &str) {
+        self.commands.lock().unwrap().push(format!("# {what}"));
     }
 
     /// Runs `warpline ARGS --api API` against a coordinator and waits for it.
@@ -495,7 +560,7 @@ impl Fleet {
     /// for the broker's confirm.
     pub fn publish_raw(&self, routing_key: &str, body: &[u8]) {
         block_on(async {
-            let conn = amqp::connect(AMQP_URL, "warpline e2e publisher", &quick()).await?;
+            let conn = amqp::connect(&self.amqp_url, "warpline e2e publisher", &quick()).await?;
             let ch = amqp::confirm_channel(&conn).await?;
             amqp::publish_confirmed(
                 &ch,
@@ -516,7 +581,7 @@ impl Fleet {
     pub fn dead_letters(&self, want: usize, limit: Duration) -> Vec<(Vec<u8>, Option<String>)> {
         let queue = self.topology().dead_queue();
         block_on(async {
-            let conn = amqp::connect(AMQP_URL, "warpline e2e dead letters", &quick()).await?;
+            let conn = amqp::connect(&self.amqp_url, "warpline e2e dead letters", &quick()).await?;
             let ch = conn.create_channel().await?;
             let deadline = Instant::now() + limit;
             let mut got = Vec::new();
@@ -541,18 +606,17 @@ impl Fleet {
 
     /// Drops the schema and deletes the prefixed topology; errors are reported, not fatal.
     fn cleanup(&self) {
-        if let Ok(mut db) = postgres::Client::connect(
-            "host=127.0.0.1 port=5432 user=postgres dbname=warpline connect_timeout=5",
-            postgres::NoTls,
-        ) && let Err(e) = db.batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-            self.schema
-        )) {
+        if let Ok(mut db) = postgres::Client::connect(&self.database_url, postgres::NoTls)
+            && let Err(e) = db.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ))
+        {
             eprintln!("cannot drop schema `{}`: {e}", self.schema);
         }
         let topology = self.topology();
         let deleted = block_on(async {
-            let conn = amqp::connect(AMQP_URL, "warpline e2e cleanup", &quick()).await?;
+            let conn = amqp::connect(&self.amqp_url, "warpline e2e cleanup", &quick()).await?;
             let ch = conn.create_channel().await?;
             amqp::delete_topology(&ch, &topology, &[POOL]).await?;
             let _ = conn.close(200, "cleaned up".into()).await;

@@ -8,6 +8,7 @@
 //! test fails and says how to start it; nothing is skipped silently.
 
 pub mod browser;
+pub mod faults;
 pub mod fleet;
 
 use std::collections::HashMap;

@@ -119,6 +119,10 @@ pub struct SubmitArgs {
     /// Print JSON on standard output: the submit's answer, or with --wait the final summary.
     #[arg(long)]
     pub json: bool,
+    /// This submit's id (default: a new UUID). Sending a submit again with the id of one that
+    /// got no answer (a timeout, a 503) returns that one's backfill instead of a second one.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
     /// The coordinator.
     #[command(flatten)]
     pub api: ApiArgs,
@@ -364,6 +368,9 @@ pub enum AuditCommand {
 
 /// Runs the command line; the future resolves to the process's exit code.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Run(_) | Command::Serve(_)) {
+        quiet_on_a_closed_pipe();
+    }
     match cli.command {
         Command::Run(args) => run::run_local(args, shutdown).await,
         Command::Serve(args) => serve::serve(args, shutdown).await,
@@ -380,4 +387,16 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
         Command::Cancel(args) => ops::cancel(args).await,
         Command::RetryFailed(args) => ops::retry_failed(args).await,
     }
+}
+
+/// Gives SIGPIPE its default action back, so that `warpline status | head` ends quietly, as
+/// other command-line tools do, when `head` has read enough (Rust ignores SIGPIPE, and `println!`
+/// then panics on the broken pipe). Only for the commands that print and exit: `serve` and `run`
+/// keep ignoring it and see `EPIPE` on their own pipes.
+fn quiet_on_a_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: the default disposition runs no code of ours in a signal handler, so nothing can
+    // break async-signal-safety; no other part of the program relies on SIGPIPE being ignored
+    // in these commands (they write to standard output and to sockets, which use MSG_NOSIGNAL).
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }

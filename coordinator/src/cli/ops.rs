@@ -184,8 +184,22 @@ pub async fn submit(args: SubmitArgs, shutdown: CancellationToken) -> anyhow::Re
         max_parallel: args.max_parallel.map(|m| m as usize),
         priority: args.priority,
         order: args.order,
+        request_id: Some(
+            args.request_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        ),
     };
-    let answer: SubmitResponse = client.post("/v1/backfills", &req).await?;
+    let request_id = req.request_id.clone().unwrap_or_default();
+    let answer: SubmitResponse = match client.post("/v1/backfills", &req).await {
+        Ok(answer) => answer,
+        Err(e) if e.is_transient() => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the submit got no answer; it may still be applied: submit again with `--request-id {request_id}` to get its backfill rather than a second one"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let id = answer.backfill_id.to_string();
     eprintln!(
         "warpline: submitted backfill {id}: {} runs of `{}` to {}",

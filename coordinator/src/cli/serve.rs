@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warpline_shared::fleet::Topology;
 
-use crate::api::{EngineHandle, ReadyFlag, metrics_router, protect, router};
+use crate::api::{ApiPolicy, EngineHandle, ReadyFlag, metrics_router, protect, router_with};
 use crate::auth::Auth;
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// Print one line per event on standard error.
     #[arg(long)]
     pub log_events: bool,
+    /// What the API accepts.
+    #[command(flatten)]
+    pub api: ApiPolicy,
     /// API tokens, one `ROLE NAME TOKEN` per line (ROLE: viewer or operator); with
     /// `WARPLINE_OPERATOR_TOKEN` / `WARPLINE_VIEWER_TOKEN`.
     #[arg(long, env = "WARPLINE_TOKEN_FILE")]
@@ -151,13 +154,17 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let addr = listener.local_addr()?;
     let latency = Arc::new(StepLatency::new());
     let app = protect(
-        router(EngineHandle::new(tx.clone()), ready.clone())
-            .merge(metrics_router(latency.clone()))
-            .merge(ui::router(
-                EngineHandle::new(tx.clone()),
-                ui::Records::Pg(db.clone()),
-                auth.clone(),
-            )),
+        router_with(
+            EngineHandle::new(tx.clone()),
+            ready.clone(),
+            args.api.clone(),
+        )
+        .merge(metrics_router(latency.clone()))
+        .merge(ui::router(
+            EngineHandle::new(tx.clone()),
+            ui::Records::Pg(db.clone()),
+            auth.clone(),
+        )),
         auth,
     );
     let http_stop = shutdown.clone();

@@ -165,12 +165,7 @@ fn page(title: &str, req: &Req, body: &str, live: bool) -> Response {
 }
 
 fn fail(req: &Req, e: ApiError) -> Response {
-    let status = match e {
-        ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-        ApiError::Conflict(_) => StatusCode::CONFLICT,
-        ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    let status = e.status();
     let mut resp = page("Error", req, &pages::error(&e.to_string()), false);
     *resp.status_mut() = status;
     resp

@@ -284,3 +284,52 @@ async fn an_unreachable_coordinator_is_named() {
         context(&out)
     );
 }
+
+/// Runs `warpline ARGS` with its standard output a pipe whose reading end is closed before it
+/// prints (as `| head` does once it has read enough).
+async fn warpline_into_a_closed_pipe(args: &[&str]) -> Output {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_warpline"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_audit_show_end_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let srv = Server::start().await;
+    let file = srv.pipeline(
+        "piped",
+        json!([{"id": "A", "command": "sh", "args": ["-c", "true"]}]),
+    );
+    let id = srv.submit(&file, json!({"datasets": "a,b"})).await;
+    let summary = srv.wait_finished(&id).await;
+    let run = summary["runs"][0]["run_id"].as_str().unwrap().to_string();
+    let audit = srv.dir.path().join("audit.jsonl");
+    for args in [
+        vec!["status", "--api", srv.url.as_str()],
+        vec!["status", &id, "--api", srv.url.as_str()],
+        vec!["audit", "show", &run, "--file", audit.to_str().unwrap()],
+    ] {
+        let out = warpline_into_a_closed_pipe(&args).await;
+        let err = stderr(&out);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "`warpline {}` on a closed pipe:\n{}",
+            args.join(" "),
+            context(&out)
+        );
+        // Ended by SIGPIPE, as `cat` would be, or done before it noticed.
+        assert!(
+            out.status.signal() == Some(13) || out.status.code() == Some(0),
+            "`warpline {}`: {:?}",
+            args.join(" "),
+            out.status
+        );
+    }
+    srv.stop().await;
+}

@@ -1,7 +1,8 @@
 //! The routes: submit and follow, escalation and resolve, cancel, retry-failed, refused input,
-//! unknown ids, and readiness.
+//! unknown ids, readiness (a standby answers `/v1/*` 503 at once), body and partition limits,
+//! idempotent submits, and the pipelines `serve` may restrict submits to.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -344,6 +345,7 @@ async fn unknown_ids_are_404_and_malformed_ids_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_until_the_flag_is_set() {
     let srv = Server::start().await;
+    srv.ready.set(false);
     assert_eq!(srv.get("/healthz").await.0, StatusCode::OK);
     let (status, err) = srv.get("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -435,5 +437,247 @@ async fn a_backfill_whose_runs_halt_the_same_way_is_escalated_then_continued() {
         "{done:#}"
     );
     assert!(done["escalated"].is_null(), "{done:#}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_is_not_ready_answers_every_v1_route_503_at_once() {
+    // A loop that never answers: before, a standby's handlers waited out the 10 s timeout.
+    let mut srv = Server::start_with(Setup {
+        paused: true,
+        ..Setup::default()
+    })
+    .await;
+    srv.ready.set(false);
+    let file = srv.pipeline(
+        "standby",
+        json!([{"id": "A", "command": "sh", "args": ["-c", "true"]}]),
+    );
+    let started = Instant::now();
+    for (status, body) in [
+        srv.get("/v1/backfills").await,
+        srv.get("/v1/escalations").await,
+        srv.post(
+            "/v1/backfills",
+            Server::submit_body(&file, json!({"datasets": "a"})),
+        )
+        .await,
+    ] {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("does not lead"),
+            "{body}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a standby took {:?} to refuse",
+        started.elapsed()
+    );
+    assert_eq!(srv.get("/healthz").await.0, StatusCode::OK);
+    // Nothing it refused happens once it leads.
+    srv.ready.set(true);
+    srv.release();
+    let (status, list) = srv.get("/v1/backfills").await;
+    assert_eq!((status, list), (StatusCode::OK, json!([])));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_413_and_a_backfill_over_the_cap_is_refused_whole() {
+    let policy = warpline_coordinator::api::ApiPolicy {
+        max_body_bytes: 64 * 1024,
+        max_partitions: 10,
+        ..Default::default()
+    };
+    let srv = Server::start_with(Setup {
+        policy,
+        ..Setup::default()
+    })
+    .await;
+    let file = srv.pipeline(
+        "limits",
+        json!([{"id": "A", "command": "sh", "args": ["-c", "true"]}]),
+    );
+    let mut body = Server::submit_body(&file, json!({"datasets": "a"}));
+    body["vars"] = json!({"padding": "x".repeat(100 * 1024)});
+    let (status, err) = srv
+        .post_bytes("/v1/backfills", serde_json::to_vec(&body).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("--max-body-bytes"),
+        "{err}"
+    );
+
+    // 12 months × 2 datasets: over the cap of 10, counted before anything is built.
+    let (status, err) = srv
+        .post(
+            "/v1/backfills",
+            Server::submit_body(
+                &file,
+                json!({"months": "2024-01..2024-12", "datasets": "a,b"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    let msg = err["error"].as_str().unwrap();
+    assert!(
+        msg.contains("24 partitions") && msg.contains("at most 10"),
+        "{err}"
+    );
+    // A range of 120,000 months is refused as quickly, without expanding it.
+    let started = Instant::now();
+    let (status, _) = srv
+        .post(
+            "/v1/backfills",
+            Server::submit_body(
+                &file,
+                json!({"months": "0001-01..9999-12", "datasets": "a,b,c"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        srv.get("/v1/backfills").await.1,
+        json!([]),
+        "nothing was created"
+    );
+    // At the cap is fine.
+    srv.submit(
+        &file,
+        json!({"months": "2024-01..2024-05", "datasets": "a,b"}),
+    )
+    .await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_sent_again_with_its_request_id_creates_one_backfill() {
+    // The loop does not answer within the handlers' 300 ms: every first answer is a 503.
+    let mut srv = Server::start_with(Setup {
+        paused: true,
+        timeout: Duration::from_millis(300),
+        ..Setup::default()
+    })
+    .await;
+    let file = srv.pipeline(
+        "idem",
+        json!([{"id": "A", "command": "sh", "args": ["-c", "true"]}]),
+    );
+    let with_id = Server::submit_body(&file, json!({"datasets": "a,b", "request_id": "job-42"}));
+    let without_id = Server::submit_body(&file, json!({"datasets": "c"}));
+
+    let (status, err) = srv.post("/v1/backfills", with_id.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("same request_id"),
+        "{err}"
+    );
+    // The client retries, still before the loop answers: the same pending submit.
+    let (status, _) = srv.post("/v1/backfills", with_id.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // A submit without an id that times out is dropped, never applied later.
+    let (status, _) = srv.post("/v1/backfills", without_id).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // The same id for another submit is a mistake, not a replay.
+    let other = Server::submit_body(&file, json!({"datasets": "z", "request_id": "job-42"}));
+    let (status, err) = srv.post("/v1/backfills", other).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+
+    srv.release();
+    let (status, first) = srv.post("/v1/backfills", with_id.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["runs"], 2);
+    let (status, again) = srv.post("/v1/backfills", with_id).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &first));
+    let (_, list) = srv.get("/v1/backfills").await;
+    let ids: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["backfill_id"])
+        .collect();
+    assert_eq!(
+        ids,
+        [&first["backfill_id"]],
+        "one backfill, the first submit's"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_can_restrict_submits_to_pipelines_under_a_directory_or_pinned() {
+    let scratch = tempfile::tempdir().unwrap();
+    let allowed = scratch.path().join("allowed");
+    let elsewhere = scratch.path().join("elsewhere");
+    for d in [&allowed, &elsewhere] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let steps = json!([{"id": "A", "command": "sh", "args": ["-c", "true"]}]);
+    let write = |dir: &std::path::Path, name: &str| {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, pipeline_json(name, steps.clone()).to_string()).unwrap();
+        path.display().to_string()
+    };
+    let ok = write(&allowed, "ok");
+    let stray = write(&elsewhere, "stray");
+    let pinned = write(&elsewhere, "pinned");
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&pinned).unwrap()))
+    };
+    let policy = warpline_coordinator::api::ApiPolicy {
+        pipeline_dirs: vec![allowed.clone()],
+        pipeline_sha256: vec![digest],
+        ..Default::default()
+    };
+    let srv = Server::start_with(Setup {
+        policy,
+        ..Setup::default()
+    })
+    .await;
+
+    srv.submit(&ok, json!({"datasets": "a"})).await;
+    srv.submit(&pinned, json!({"datasets": "a"})).await;
+    let refused = |body: Value| {
+        let srv = &srv;
+        async move {
+            let (status, err) = srv.post("/v1/backfills", body).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{err}");
+            err["error"].as_str().unwrap().to_string()
+        }
+    };
+    let msg = refused(Server::submit_body(&stray, json!({"datasets": "a"}))).await;
+    assert!(msg.contains("is not allowed here"), "{msg}");
+    // An allowed file's name with other JSON: the steps come from the file, not the client.
+    let mut forged = Server::submit_body(&ok, json!({"datasets": "a"}));
+    forged["pipeline"]["steps"][0]["args"] = json!(["-c", "cat /etc/shadow"]);
+    let msg = refused(forged).await;
+    assert!(msg.contains("differs from the file"), "{msg}");
+    // A path that climbs out of the allowed directory.
+    let climbing = format!("{}/../elsewhere/stray.json", allowed.display());
+    let mut body = Server::submit_body(&stray, json!({"datasets": "a"}));
+    body["pipeline_file"] = json!(climbing);
+    refused(body).await;
+    // The workdir cannot be moved outside the allowed directories either.
+    let msg = refused(Server::submit_body(
+        &ok,
+        json!({"datasets": "a", "workdir": elsewhere.display().to_string()}),
+    ))
+    .await;
+    assert!(msg.contains("`workdir`"), "{msg}");
+    srv.submit(
+        &ok,
+        json!({"datasets": "b", "workdir": allowed.join("work2").display().to_string()}),
+    )
+    .await;
+    let (_, list) = srv.get("/v1/backfills").await;
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        3,
+        "only the allowed submits exist"
+    );
     srv.stop().await;
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use warpline_coordinator::api::{EngineHandle, ReadyFlag, router};
+use warpline_coordinator::api::{ApiPolicy, EngineHandle, ReadyFlag, router_with};
 use warpline_coordinator::audit_log::AuditLog;
 use warpline_coordinator::engine::{Engine, EngineConfig, Event};
 use warpline_coordinator::local::{LocalFleet, LocalStopper};
@@ -27,7 +27,7 @@ const QUEUE: usize = 256;
 pub struct Server {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
-    /// The flag `/readyz` reports; the harness leaves it unset.
+    /// The flag `/readyz` reports and `/v1/*` is gated on; the harness sets it (a leader).
     pub ready: ReadyFlag,
     /// Pipelines, workdirs and the audit log live here.
     pub dir: tempfile::TempDir,
@@ -37,11 +37,38 @@ pub struct Server {
     http_task: JoinHandle<()>,
     engine_task: JoinHandle<anyhow::Result<Engine>>,
     stopper: LocalStopper,
+    /// Releases an engine started by [`Server::start_paused`].
+    release: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How a test's server is set up.
+pub struct Setup {
+    /// The API's limits and pipeline restrictions.
+    pub policy: ApiPolicy,
+    /// How long a handler waits for the loop.
+    pub timeout: Duration,
+    /// Whether the loop waits for [`Server::release`] before it takes any event.
+    pub paused: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            policy: ApiPolicy::default(),
+            timeout: warpline_coordinator::api::DEFAULT_ENGINE_TIMEOUT,
+            paused: false,
+        }
+    }
 }
 
 impl Server {
     /// Starts the engine, the workers and the HTTP server.
     pub async fn start() -> Server {
+        Server::start_with(Setup::default()).await
+    }
+
+    /// Starts the server as `setup` says.
+    pub async fn start_with(setup: Setup) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditLog::open(dir.path().join("audit.jsonl")).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -58,12 +85,19 @@ impl Server {
             Box::new(Quiet),
             tx.clone(),
         );
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let paused = setup.paused;
         let engine_task = tokio::spawn(async move {
+            if paused {
+                let _ = released.await;
+            }
             let mut rx = rx;
             engine.run(&mut rx).await
         });
         let ready = ReadyFlag::new();
-        let app = router(EngineHandle::new(tx.clone()), ready.clone());
+        ready.set(true);
+        let handle = EngineHandle::new(tx.clone()).with_timeout(setup.timeout);
+        let app = router_with(handle, ready.clone(), setup.policy);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop_http = CancellationToken::new();
@@ -86,11 +120,20 @@ impl Server {
             http_task,
             engine_task,
             stopper,
+            release: paused.then_some(release),
+        }
+    }
+
+    /// Lets a paused engine's loop start taking events.
+    pub fn release(&mut self) {
+        if let Some(r) = self.release.take() {
+            let _ = r.send(());
         }
     }
 
     /// Stops the HTTP server, the loop (cancelling unfinished runs) and the workers.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.release();
         self.stop_http.cancel();
         self.http_task.await.unwrap();
         let _ = self.events.send(Event::Shutdown {
@@ -104,6 +147,30 @@ impl Server {
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         let resp = self.http.get(format!("{}{path}", self.url)).send().await;
         read(resp.unwrap()).await
+    }
+
+    /// `POST path` with raw bytes as a JSON body → (status, JSON body).
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        read(resp.unwrap()).await
+    }
+
+    /// The submit body for a pipeline file, with extra request fields.
+    pub fn submit_body(file: &str, extra: Value) -> Value {
+        let mut body = json!({
+            "pipeline_file": file,
+            "pipeline": serde_json::from_str::<Value>(&std::fs::read_to_string(file).unwrap()).unwrap(),
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
     }
 
     /// `POST path` with a JSON body → (status, JSON body).
@@ -129,13 +196,7 @@ impl Server {
 
     /// Submits a pipeline file with extra request fields; returns the backfill id.
     pub async fn submit(&self, file: &str, extra: Value) -> String {
-        let mut body = json!({
-            "pipeline_file": file,
-            "pipeline": serde_json::from_str::<Value>(&std::fs::read_to_string(file).unwrap()).unwrap(),
-        });
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        let body = Server::submit_body(file, extra);
         let (status, resp) = self.post("/v1/backfills", body).await;
         assert_eq!(status, StatusCode::CREATED, "{resp}");
         resp["backfill_id"].as_str().unwrap().to_string()

@@ -7,6 +7,7 @@ mod auth;
 mod dashboard;
 mod deploy;
 mod failures;
+mod faults;
 mod fleet;
 mod local;
 mod toolchain;

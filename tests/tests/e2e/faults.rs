@@ -1,0 +1,426 @@
+//! Real faults in fleet mode, injected mid-backfill: a RabbitMQ restart, SIGKILL and
+//! SIGSTOP/SIGCONT of the coordinator and of workers, and a worker cut off the broker by a
+//! network namespace.
+//!
+//! Each test starts its own RabbitMQ node and PostgreSQL cluster ([`Broker`], [`Database`]; the
+//! shared ones are never touched), runs the DataWarp pipeline over a few months (its tools load
+//! the months into staging tables in the private cluster), and asserts the same four things:
+//! every run completes, no attempt is applied twice, the staging tables hold each month's rows
+//! exactly once, and the audit log verifies.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use uuid::Uuid;
+use warpline_shared::audit::{AuditEvent, AuditRecord};
+use warpline_tests::faults::{Broker, Database, Netns};
+use warpline_tests::fleet::{Coordinator, Fleet};
+use warpline_tests::*;
+
+const DATAWARP_TOOLS: [&str; 5] = [
+    "url_to_manifest",
+    "enrich_manifest",
+    "load-batch",
+    "export_to_parquet",
+    "sh",
+];
+
+/// Long enough for a small backfill through a fault on a busy two-core machine.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// One test's servers and fleet. Fields drop in order: the fleet's processes first, then the
+/// servers they used.
+struct Scene {
+    fleet: Fleet,
+    db: Database,
+    broker: Broker,
+    /// The DataWarp staging schema (in the private cluster's `datawarp` database).
+    staging: String,
+}
+
+impl Scene {
+    fn new(name: &str) -> Scene {
+        Scene::with(name, Broker::start(name), Database::start(name))
+    }
+
+    fn with(name: &str, broker: Broker, db: Database) -> Scene {
+        let fleet = Fleet::on(name, &broker.url(), &db.url("warpline"));
+        Scene {
+            fleet,
+            db,
+            broker,
+            staging: format!("staging_{name}"),
+        }
+    }
+
+    /// The environment of a worker's tools: the staging schema in the private cluster, and the
+    /// workspace's binaries on `PATH` for the `sh` wrapper.
+    fn tool_env(&self, db_host: &str) -> Vec<(String, String)> {
+        let bins = bin("warpline-worker")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string();
+        let path = format!("{bins}:{}", std::env::var("PATH").unwrap_or_default());
+        vec![
+            ("DATAWARP_SCHEMA".into(), self.staging.clone()),
+            (
+                "DATAWARP_DATABASE_URL".into(),
+                format!("postgres://postgres@{db_host}:{}/datawarp", self.db.port),
+            ),
+            ("PATH".into(), path),
+        ]
+    }
+
+    /// Starts a worker with `slots` slots allowed to run the DataWarp tools and `sh`.
+    fn worker(&mut self, id: &str, slots: u16) -> i32 {
+        let env = self.tool_env("127.0.0.1");
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.fleet.worker_with_env(id, slots, &DATAWARP_TOOLS, &env)
+    }
+
+    /// Writes the DataWarp pipeline for this fleet: the example's steps and checks, its data
+    /// from the repository, its references copied beside it, a `backoff_ms` retry backoff and a 3 s lost grace.
+    /// With `enrich_fails_once`, each run's first ENRICH exits 75 (a temporary failure), so
+    /// every run waits out one backoff.
+    fn pipeline(&self, backoff_ms: u64, enrich_fails_once: bool) -> String {
+        let example = repo_root().join("examples/datawarp");
+        let mut p: Value =
+            serde_json::from_str(&std::fs::read_to_string(example.join("pipeline.json")).unwrap())
+                .unwrap();
+        p["vars"]["source_base"] = json!(format!("file://{}", example.join("data").display()));
+        // References are paths, confined to the workdir and the config's directory: copied.
+        let reference = self.fleet.dir().join("reference");
+        std::fs::create_dir_all(&reference).unwrap();
+        for f in std::fs::read_dir(example.join("reference"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::copy(f.path(), reference.join(f.file_name())).unwrap();
+        }
+        p["retry"] = json!({"initial_ms": backoff_ms, "multiplier": 1.0, "max_ms": backoff_ms});
+        p["lost_grace_s"] = json!(3);
+        if enrich_fails_once {
+            let enrich = &mut p["steps"][1];
+            assert_eq!(enrich["id"], "ENRICH");
+            let mut args = vec![
+                json!("-c"),
+                json!(
+                    "if [ ! -e enrich.failed ]; then : > enrich.failed; \
+                     echo 'the reference service is busy: temporary failure' >&2; exit 75; fi; \
+                     exec enrich_manifest \"$@\""
+                ),
+                json!("enrich"),
+            ];
+            args.extend(enrich["args"].as_array().unwrap().iter().cloned());
+            enrich["command"] = json!("sh");
+            enrich["args"] = json!(args);
+        }
+        let path = self.fleet.dir().join("datawarp.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&p).unwrap()).unwrap();
+        path.display().to_string()
+    }
+
+    /// Submits `months` × `datasets` of `pipeline` and returns the backfill's id.
+    fn submit(&self, c: &Coordinator, pipeline: &str, months: &str, datasets: &str) -> String {
+        let work = self.fleet.dir().join("work");
+        self.fleet.submit(
+            c,
+            pipeline,
+            &[
+                "--months",
+                months,
+                "--datasets",
+                datasets,
+                "--workdir",
+                work.to_str().unwrap(),
+                "--max-parallel",
+                "8",
+            ],
+        )
+    }
+
+    /// Polls `status` (tolerating a coordinator that does not answer for a while, as during a
+    /// fault) until the backfill is finished; returns the summary.
+    fn wait_finished(&self, c: &Coordinator, id: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let out = self.fleet.cli(c, &["status", id, "--json"]);
+            let last = if out.code() == 0 {
+                let s = out.summary();
+                if s["finished"] == true {
+                    return s;
+                }
+                format!("{s:#}")
+            } else {
+                out.context()
+            };
+            assert!(
+                Instant::now() < deadline,
+                "backfill {id} not finished within {limit:?}; last answer:\n{last}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The four assertions of every fault test, for a backfill of `months` × `datasets`.
+    fn assert_intact(&self, summary: &Value, months: &[&str], datasets: &[&str]) -> Tally {
+        let runs = summary["runs"].as_array().expect("runs");
+        let n = months.len() * datasets.len();
+        assert_eq!(runs.len(), n, "{summary:#}");
+        let incomplete: Vec<&Value> = runs.iter().filter(|r| r["state"] != "COMPLETE").collect();
+        assert!(
+            incomplete.is_empty(),
+            "{} of {n} runs did not complete: {incomplete:#?}",
+            incomplete.len()
+        );
+
+        let records = self.fleet.audit_records();
+        let tally = tally(&records);
+        assert!(
+            tally.applied_twice.is_empty(),
+            "attempts applied twice: {:?}",
+            tally.applied_twice
+        );
+        assert_eq!(
+            tally.decisions_per_run, tally.results_per_run,
+            "one decision per applied result"
+        );
+
+        let mut staging = self.db.client("datawarp");
+        for ds in datasets {
+            for month in months {
+                let csv = repo_root().join(format!("examples/datawarp/data/{ds}/{month}.csv"));
+                let want = std::fs::read_to_string(&csv).unwrap().lines().count() as i64 - 1;
+                let row = staging
+                    .query_one(
+                        &format!(
+                            "SELECT count(*), count(DISTINCT t.*) FROM \"{}\".\"{ds}\" t \
+                             WHERE period_month = $1",
+                            self.staging
+                        ),
+                        &[month],
+                    )
+                    .unwrap_or_else(|e| panic!("cannot count {ds} {month}: {e}"));
+                let (rows, distinct): (i64, i64) = (row.get(0), row.get(1));
+                assert_eq!(
+                    (rows, distinct),
+                    (want, want),
+                    "staging `{ds}` {month}: rows, distinct rows"
+                );
+            }
+        }
+
+        let verify =
+            self.fleet
+                .warpline(&["audit", "verify", self.fleet.audit().to_str().unwrap()]);
+        verify.expect_code(0);
+        assert!(
+            verify.stdout().contains("chain intact"),
+            "{}",
+            verify.context()
+        );
+        eprintln!(
+            "fault test: {n} runs complete, {} results applied once each, {} stale, {} lost, audit verifies",
+            tally.results, tally.stale, tally.lost
+        );
+        tally
+    }
+}
+
+/// What an audit log says about results.
+struct Tally {
+    results: usize,
+    stale: usize,
+    lost: usize,
+    applied_twice: Vec<Uuid>,
+    results_per_run: HashMap<Uuid, usize>,
+    decisions_per_run: HashMap<Uuid, usize>,
+}
+
+fn tally(records: &[AuditRecord]) -> Tally {
+    let mut per_attempt: HashMap<Uuid, usize> = HashMap::new();
+    let mut t = Tally {
+        results: 0,
+        stale: 0,
+        lost: 0,
+        applied_twice: Vec::new(),
+        results_per_run: HashMap::new(),
+        decisions_per_run: HashMap::new(),
+    };
+    for r in records {
+        match &r.event {
+            AuditEvent::StepResult { outcome } => {
+                t.results += 1;
+                let attempt = outcome.result.attempt_id.expect("an attempt id");
+                *per_attempt.entry(attempt).or_default() += 1;
+                *t.results_per_run
+                    .entry(r.run_id.expect("a result names its run"))
+                    .or_default() += 1;
+            }
+            AuditEvent::Decision { .. } => {
+                *t.decisions_per_run
+                    .entry(r.run_id.expect("a decision names its run"))
+                    .or_default() += 1;
+            }
+            AuditEvent::StaleResult { .. } => t.stale += 1,
+            AuditEvent::AttemptLost { .. } => t.lost += 1,
+            _ => {}
+        }
+    }
+    t.applied_twice = per_attempt
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(a, _)| a)
+        .collect();
+    t
+}
+
+/// How many complete lines of the audit log (which a coordinator may be appending to) contain
+/// every one of `needles`.
+fn count_lines(audit: &Path, needles: &[&str]) -> usize {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// The step results recorded so far.
+fn results_so_far(fleet: &Fleet) -> usize {
+    count_lines(&fleet.audit(), &["\"event\":\"step_result\""])
+}
+
+/// Waits until the audit log holds `n` step results; fails at once, with its status, when the
+/// coordinator `coordinator` exits meanwhile.
+fn wait_results(fleet: &mut Fleet, coordinator: &str, n: usize) {
+    let deadline = Instant::now() + LIMIT;
+    while results_so_far(fleet) < n {
+        if let Some(status) = fleet.exited(coordinator) {
+            panic!("the coordinator `{coordinator}` exited ({status}) before {n} step results");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {LIMIT:?} waiting for {n} step results"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; fails after `limit` naming `what`.
+fn wait_for(limit: Duration, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const MONTHS: [&str; 2] = ["2024-01", "2024-02"];
+const DATASETS: [&str; 3] = ["ae_attendances", "rtt_waiting_times", "gp_appointments"];
+
+fn months_arg() -> String {
+    format!("{}..{}", MONTHS[0], MONTHS[MONTHS.len() - 1])
+}
+
+fn datasets_arg() -> String {
+    DATASETS.join(",")
+}
+
+#[test]
+fn a_broker_restart_mid_backfill_loses_no_run() {
+    let mut s = Scene::new("broker_restart");
+    let c = s.fleet.serve("coordinator");
+    s.fleet.wait_ready(&c, LIMIT);
+    s.worker("w1", 3);
+    s.worker("w2", 3);
+    let pipeline = s.pipeline(200, false);
+    let id = s.submit(&c, &pipeline, &months_arg(), &datasets_arg());
+    wait_results(&mut s.fleet, "coordinator", 4);
+    s.fleet.note("broker stop_app; 2 s; start_app");
+    s.broker.restart(Duration::from_secs(2));
+    let summary = s.wait_finished(&c, &id, LIMIT);
+    assert!(
+        s.fleet.exited("coordinator").is_none(),
+        "the coordinator exited"
+    );
+    s.assert_intact(&summary, &MONTHS, &DATASETS);
+}
+
+#[test]
+fn killed_and_paused_coordinators_and_workers_lose_no_run() {
+    let mut s = Scene::new("kill_pause");
+    let c = s.fleet.serve("first");
+    s.fleet.wait_ready(&c, LIMIT);
+    s.worker("w1", 2);
+    s.worker("w2", 2);
+    s.worker("w3", 2);
+    let pipeline = s.pipeline(200, false);
+    let months = ["2024-01", "2024-02", "2024-03"];
+    let id = s.submit(&c, &pipeline, "2024-01..2024-03", &datasets_arg());
+    wait_results(&mut s.fleet, "first", 3);
+    s.fleet.note("SIGKILL worker w1");
+    s.fleet.kill("w1");
+    wait_results(&mut s.fleet, "first", 6);
+    // Paused past three heartbeats: its attempts are declared lost and run elsewhere; the
+    // results it sends once resumed are stale.
+    s.fleet.note("SIGSTOP worker w2; 5 s; SIGCONT");
+    s.fleet.signal("w2", Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(5));
+    s.fleet.signal("w2", Signal::SIGCONT);
+    wait_results(&mut s.fleet, "first", 10);
+    s.fleet.note("SIGSTOP coordinator; 3 s; SIGCONT");
+    s.fleet.signal("first", Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(3));
+    s.fleet.signal("first", Signal::SIGCONT);
+    wait_results(&mut s.fleet, "first", 14);
+    s.fleet
+        .note("SIGKILL coordinator; a new one on its address");
+    s.fleet.kill("first");
+    let second = s.fleet.serve_on("second", c.addr());
+    s.fleet.wait_ready(&second, LIMIT);
+    s.worker("w4", 2);
+    let summary = s.wait_finished(&second, &id, LIMIT);
+    s.assert_intact(&summary, &months, &DATASETS);
+}
+
+#[test]
+fn a_worker_cut_off_the_broker_loses_no_run() {
+    let name = "netcut";
+    let ns = Netns::create(name, (std::process::id() % 64) as u8);
+    let broker = Broker::start_listening(name, &[&ns.host]);
+    let db = Database::start_listening(name, &[&ns.host]);
+    let mut s = Scene::with(name, broker, db);
+    let c = s.fleet.serve("coordinator");
+    s.fleet.wait_ready(&c, LIMIT);
+    // The cut-off worker reaches the broker and the database through the namespace's cable.
+    let env = s.tool_env(&ns.host);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = s.broker.url_at(&ns.host);
+    s.fleet
+        .worker_via("isolated", 3, &DATAWARP_TOOLS, &env, &url, &ns.wrapper());
+    s.worker("w2", 2);
+    let pipeline = s.pipeline(200, false);
+    let id = s.submit(&c, &pipeline, &months_arg(), &datasets_arg());
+    let isolated = s.fleet.dir().join("isolated.log");
+    wait_for(LIMIT, "the isolated worker running steps", || {
+        std::fs::read_to_string(&isolated)
+            .unwrap_or_default()
+            .contains("running step")
+    });
+    // Longer than three heartbeats plus the lost grace: its attempts are declared lost and
+    // retried on `w2`; whatever it reports once the cable is back is stale.
+    s.fleet.note("cable of `isolated` down; 8 s; up");
+    ns.cut();
+    std::thread::sleep(Duration::from_secs(8));
+    ns.mend();
+    let summary = s.wait_finished(&c, &id, LIMIT);
+    s.assert_intact(&summary, &MONTHS, &DATASETS);
+    drop(s);
+    drop(ns);
+}
