@@ -16,9 +16,9 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use warpline_amqp as amqp;
 use warpline_coordinator::fleet::metrics::LatencySnapshot;
 use warpline_shared::fleet::Topology;
-use warpline_worker::amqp;
 
 /// Where the binaries are and which services to use.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use warpline_shared::audit::{AuditEvent, parse_line};
+use warpline_shared::machine::RunStatus;
 
 /// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat` and `/proc/stat`.
 const TICKS_PER_S: f64 = 100.0;
@@ -96,7 +97,7 @@ pub fn audit_facts(audit: &Path) -> anyhow::Result<AuditFacts> {
             }
             AuditEvent::StepResult { .. } => steps += 1,
             AuditEvent::RunFinished { state, .. } => {
-                if state == "COMPLETE" {
+                if *state == RunStatus::Complete {
                     complete += 1;
                 } else {
                     not_complete += 1;

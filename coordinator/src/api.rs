@@ -58,7 +58,9 @@ use warpline_shared::contracts::Action;
 use warpline_shared::partition::{self, Partition};
 
 use crate::auth::{self, Auth, Identity};
-use crate::engine::{BackfillAction, BackfillRequest, Event, OperatorCommand, OperatorError};
+use crate::engine::{
+    BackfillAction, BackfillRequest, Event, OperatorAnswer, OperatorCommand, OperatorError,
+};
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
 
 /// How long a handler waits for the event loop's answer by default.
@@ -382,10 +384,12 @@ impl EngineHandle {
     }
 
     /// Sends an operator command and waits for the loop's answer.
+    /// The engine answers with a typed [`OperatorAnswer`]; the API serves it as JSON.
     pub async fn command(&self, cmd: OperatorCommand) -> Result<serde_json::Value, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Operator(cmd, tx))?;
-        self.wait(rx).await?.map_err(ApiError::from)
+        let answer: OperatorAnswer = self.wait(rx).await?.map_err(ApiError::from)?;
+        Ok(serde_json::to_value(answer).expect("operator answers serialise"))
     }
 
     fn send(&self, event: Event) -> Result<(), ApiError> {

@@ -13,8 +13,8 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+use warpline_executor::{ExecConfig, run_step};
 use warpline_shared::contracts::StepSpec;
-use warpline_worker::{ExecConfig, run_step};
 
 use crate::engine::{Event, Transport};
 

@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let shutdown = CancellationToken::new();
-    if let Err(e) = warpline_worker::shutdown::cancel_on_signals(shutdown.clone()) {
+    if let Err(e) = warpline_amqp::shutdown::cancel_on_signals(shutdown.clone()) {
         eprintln!("error: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }

@@ -9,6 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::contracts::{Action, ReportStatus};
+use warpline_shared::machine::RunStatus;
 
 use crate::engine::Observer;
 
@@ -293,10 +294,10 @@ impl Observer for Bars {
             }
             AuditEvent::RunFinished { state, .. } => {
                 self.overall.inc(1);
-                if state == "HALTED" {
+                if *state == RunStatus::Halted {
                     self.halted += 1;
                 }
-                if state != "COMPLETE" {
+                if *state != RunStatus::Complete {
                     let _ = self
                         .multi
                         .println(describe(self.names.of(r), r).unwrap_or_default());
@@ -346,7 +347,7 @@ mod tests {
             record(
                 id,
                 AuditEvent::RunFinished {
-                    state: "COMPLETE".into(),
+                    state: RunStatus::Complete,
                     step_id: None,
                     reason: String::new(),
                 },

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::contracts::{Action, PipelineState, StepOutcome, SupervisorDecision};
+use crate::machine::RunStatus;
 use crate::partition::Partition;
 
 /// The `prev_hash` of the first line.
@@ -239,7 +240,7 @@ pub enum AuditEvent {
     /// A run reached a final state.
     RunFinished {
         /// COMPLETE, HALTED or CANCELLED.
-        state: String,
+        state: RunStatus,
         /// The step it stopped at, if not complete.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         step_id: Option<String>,

@@ -11,7 +11,7 @@
 //! machine allows.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -553,26 +553,11 @@ enum Field {
     Deferrable,
 }
 
-/// Normalises `.` and `..` without touching the filesystem.
-pub fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
-                }
-            }
-            Component::CurDir => {}
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
+pub use crate::paths::normalize;
 
-/// True when `path`, normalised, lies under `root` (normalised).
+/// True when `path` lies under `root` ([`crate::paths::confined`]).
 pub fn is_under(path: &Path, root: &Path) -> bool {
-    normalize(path).starts_with(normalize(root))
+    crate::paths::confined(Path::new("/"), path, &[root])
 }
 
 impl Pipeline {
@@ -1112,7 +1097,7 @@ impl Pipeline {
     /// Paths must lie under the workdir (outputs) or the config's directory (operator inputs
     /// such as reference files); nothing a partition value produces can leave both.
     fn confine(&self, step: &str, path: PathBuf) -> Result<PathBuf, RenderError> {
-        if is_under(&path, &self.workdir) || is_under(&path, &self.config_dir) {
+        if crate::paths::confined(Path::new("/"), &path, &[&self.workdir, &self.config_dir]) {
             Ok(path)
         } else {
             Err(RenderError::Escape {

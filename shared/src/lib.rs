@@ -13,6 +13,7 @@ pub mod contracts;
 pub mod fleet;
 pub mod machine;
 pub mod partition;
+pub mod paths;
 pub mod schema;
 pub mod template;
 pub mod validate;

@@ -9,6 +9,7 @@
 //! The machine is plain data (serde), so local mode keeps it in memory and fleet mode stores it
 //! as JSON beside the run.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -53,12 +54,94 @@ impl RunState {
         }
     }
 
+    /// The state without its step.
+    pub fn status(self) -> RunStatus {
+        match self {
+            RunState::Init => RunStatus::Init,
+            RunState::Running(_) => RunStatus::Running,
+            RunState::Complete => RunStatus::Complete,
+            RunState::Halted(_) => RunStatus::Halted,
+            RunState::Escalated(_) => RunStatus::Escalated,
+            RunState::Cancelled => RunStatus::Cancelled,
+        }
+    }
+
     /// The step the state refers to, if any.
     pub fn step(self) -> Option<usize> {
         match self {
             RunState::Running(i) | RunState::Halted(i) | RunState::Escalated(i) => Some(i),
             _ => None,
         }
+    }
+}
+
+/// What a run is doing, without the step: the one status type the summaries, the audit log's
+/// `run_finished` records and the HTTP API use. On the wire it is the upper-case name
+/// (`"RUNNING"`, `"COMPLETE"`, ...).
+///
+/// The variants are declared in alphabetical order so that maps keyed by status (a summary's
+/// `counts`) keep the order they had when they were keyed by name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    /// Stopped by an operator (or a shutdown).
+    Cancelled,
+    /// Every step proceeded.
+    Complete,
+    /// Parked until an operator answers.
+    Escalated,
+    /// Stopped at a step; resumable.
+    Halted,
+    /// Created, not started.
+    Init,
+    /// Working on a step.
+    Running,
+}
+
+impl RunStatus {
+    /// The wire name (`"COMPLETE"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Cancelled => "CANCELLED",
+            RunStatus::Complete => "COMPLETE",
+            RunStatus::Escalated => "ESCALATED",
+            RunStatus::Halted => "HALTED",
+            RunStatus::Init => "INIT",
+            RunStatus::Running => "RUNNING",
+        }
+    }
+
+    /// True for COMPLETE, HALTED and CANCELLED (ESCALATED waits, it is not final).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Complete | RunStatus::Halted | RunStatus::Cancelled
+        )
+    }
+}
+
+impl std::str::FromStr for RunStatus {
+    type Err = String;
+
+    /// Parses a wire name (`"COMPLETE"`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "CANCELLED" => RunStatus::Cancelled,
+            "COMPLETE" => RunStatus::Complete,
+            "ESCALATED" => RunStatus::Escalated,
+            "HALTED" => RunStatus::Halted,
+            "INIT" => RunStatus::Init,
+            "RUNNING" => RunStatus::Running,
+            other => return Err(format!("`{other}` is not a run status")),
+        })
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -266,21 +349,23 @@ pub struct Applied {
     pub next: Next,
 }
 
-/// One run's state machine.
+/// One run's state machine. Its fields are private: every change of state, and every attempt
+/// handed out, received or withdrawn, goes through a method that checks the move is legal, so
+/// nothing outside the machine can write a state or clear an outstanding attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
     /// The pipeline's steps and limits.
-    pub steps: Vec<StepLimit>,
+    steps: Vec<StepLimit>,
     /// Current state.
-    pub state: RunState,
+    state: RunState,
     /// Attempts started per step (reset when a halted run resumes).
-    pub attempts: Vec<u32>,
+    attempts: Vec<u32>,
     /// Extra attempts granted by operators per step.
-    pub granted: Vec<u32>,
+    granted: Vec<u32>,
     /// The attempt whose result is awaited.
-    pub outstanding: Option<Attempt>,
+    outstanding: Option<Attempt>,
     /// The attempt whose result arrived and awaits a decision, with its facts.
-    pub deciding: Option<(Attempt, AttemptFacts)>,
+    deciding: Option<(Attempt, AttemptFacts)>,
 }
 
 impl Machine {
@@ -295,6 +380,40 @@ impl Machine {
             outstanding: None,
             deciding: None,
         }
+    }
+
+    /// The pipeline's steps and limits.
+    pub fn steps(&self) -> &[StepLimit] {
+        &self.steps
+    }
+
+    /// The current state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Attempts started per step (reset when a halted run resumes).
+    pub fn attempts(&self) -> &[u32] {
+        &self.attempts
+    }
+
+    /// The attempt whose result is awaited.
+    pub fn outstanding(&self) -> Option<Attempt> {
+        self.outstanding
+    }
+
+    /// The attempt whose result arrived and awaits a decision (or, while escalated, the
+    /// operator's answer), with its facts.
+    pub fn deciding(&self) -> Option<&(Attempt, AttemptFacts)> {
+        self.deciding.as_ref()
+    }
+
+    /// True when the run is at a step with no attempt outstanding and none awaiting a decision:
+    /// the next thing that can happen to it is [`Machine::begin_attempt`].
+    pub fn between_attempts(&self) -> bool {
+        matches!(self.state, RunState::Running(_))
+            && self.outstanding.is_none()
+            && self.deciding.is_none()
     }
 
     /// The current state's name.
@@ -466,6 +585,33 @@ impl Machine {
             to: self.state,
             next,
         })
+    }
+
+    /// Halts a run that cannot go on (e.g. a step that cannot be rendered for its partition),
+    /// keeping its step so it can be resumed. An outstanding attempt's result will be stale.
+    /// Returns the states before and after.
+    pub fn halt(&mut self) -> Result<(RunState, RunState), MachineError> {
+        if self.state.is_final() {
+            return Err(self.wrong("halt"));
+        }
+        let from = self.state;
+        self.state = RunState::Halted(self.state.step().unwrap_or(0));
+        self.outstanding = None;
+        self.deciding = None;
+        Ok((from, self.state))
+    }
+
+    /// Withdraws the outstanding attempt `attempt_id` before it was ever dispatched (its
+    /// StepSpec could not be made): it is no longer awaited and does not count as used.
+    pub fn abandon(&mut self, attempt_id: Uuid) -> Result<Attempt, MachineError> {
+        match self.outstanding {
+            Some(a) if a.attempt_id == attempt_id => {
+                self.outstanding = None;
+                self.attempts[a.step] = self.attempts[a.step].saturating_sub(1);
+                Ok(a)
+            }
+            _ => Err(self.wrong("abandon an attempt that is not outstanding")),
+        }
     }
 
     /// Stops the run; an outstanding attempt's result will be stale.

@@ -24,9 +24,9 @@ use lapin::types::FieldTable;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
+use warpline_amqp::{self as amqp, Backoff};
 use warpline_shared::audit::AuditRecord;
 use warpline_shared::fleet::{DEAD_REASON_HEADER, Topology};
-use warpline_worker::amqp::{self, Backoff};
 
 use crate::{Finished, audit_records, bin, postgres_admin, repo_root};
 

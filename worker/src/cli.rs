@@ -16,12 +16,10 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warpline_shared::contracts::{ReportStatus, StepSpec};
 
-use warpline_shared::fleet::Topology;
-
-use crate::allow::AllowEntry;
-use crate::amqp::Backoff;
 use crate::consumer::{self, WorkerConfig};
-use crate::executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
+use warpline_amqp::{Backoff, FleetArgs};
+use warpline_executor::allow::{parse_allowlist as allowlist, tools_dirs};
+use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
 /// Warpline's worker: runs pipeline steps and reports what they did.
 ///
@@ -39,29 +37,21 @@ pub struct Cli {
     pub command: Option<Command>,
     /// Fleet mode's settings.
     #[command(flatten)]
-    pub fleet: FleetArgs,
+    pub consume: ConsumeArgs,
 }
 
 /// Settings of fleet mode (the default command).
 #[derive(Debug, Args)]
-pub struct FleetArgs {
-    /// The RabbitMQ broker.
-    #[arg(
-        long,
-        env = "WARPLINE_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+pub struct ConsumeArgs {
+    /// The broker and the fleet's names on it (shared with `warpline serve`).
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// The worker pool (queue) to consume.
     #[arg(long, env = "WARPLINE_POOL", default_value = "default")]
     pub pool: String,
     /// Steps run at once (and the broker prefetch).
     #[arg(long, env = "WARPLINE_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub slots: u16,
-    /// Prepended to every exchange and queue name, so fleets (or tests) can share a broker.
-    #[arg(long, env = "WARPLINE_QUEUE_PREFIX", default_value = "")]
-    pub queue_prefix: String,
     /// What this worker may run, comma-separated (required): a program, optionally followed
     /// by the arguments it is pinned to, e.g. `load-batch,/opt/venv/bin/python
     /// /opt/tc/url_to_manifest.py`. Relative paths are taken from the current directory.
@@ -145,13 +135,13 @@ pub struct ExecArgs {
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Exec(args)) => exec(args, shutdown).await,
-        None => fleet(cli.fleet, shutdown).await,
+        None => fleet(cli.consume, shutdown).await,
     }
 }
 
 /// Fleet mode: consume StepSpecs until shutdown. The signing key comes only from
 /// `WARPLINE_SIGNING_KEY` (never a flag, which `ps` would show); empty means unset.
-pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+pub async fn fleet(args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let signing_key = std::env::var("WARPLINE_SIGNING_KEY")
         .ok()
         .filter(|k| !k.is_empty())
@@ -162,7 +152,10 @@ pub async fn fleet(args: FleetArgs, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Checks fleet mode's flags and builds its config.
-pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Result<WorkerConfig> {
+pub fn fleet_config(
+    args: ConsumeArgs,
+    signing_key: Option<Vec<u8>>,
+) -> anyhow::Result<WorkerConfig> {
     let allowlist = allowlist(&args.allow)?;
     anyhow::ensure!(
         !allowlist.is_empty(),
@@ -184,8 +177,8 @@ pub fn fleet_config(args: FleetArgs, signing_key: Option<Vec<u8>>) -> anyhow::Re
         "--heartbeat-s must be at least 0.1"
     );
     Ok(WorkerConfig {
-        amqp_url: args.amqp_url,
-        topology: Topology::new(args.queue_prefix),
+        topology: args.fleet.topology(),
+        amqp_url: args.fleet.amqp_url,
         pool: args.pool,
         slots: args.slots,
         heartbeat,
@@ -254,41 +247,4 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
             ExitCode::FAILURE
         },
     )
-}
-
-/// Parses `--allow` entries (relative paths from the current directory) and warns about an
-/// interpreter allowed with no pinned script: it would run any code a StepSpec names.
-pub fn allowlist(entries: &[String]) -> anyhow::Result<BTreeSet<String>> {
-    let here = std::env::current_dir().context("cannot read the current directory")?;
-    let mut out = BTreeSet::new();
-    for e in entries.iter().filter(|e| !e.trim().is_empty()) {
-        let entry =
-            AllowEntry::parse(e, &here).with_context(|| format!("invalid --allow entry `{e}`"))?;
-        if entry.is_unpinned_interpreter() {
-            tracing::warn!(
-                entry = %entry.text,
-                "an interpreter is allowed with no pinned script: any step could run `{} -c ...`; pin what it runs, e.g. `--allow '{} /path/to/script.py'`",
-                entry.program,
-                entry.program
-            );
-        }
-        out.insert(entry.to_text());
-    }
-    Ok(out)
-}
-
-/// Makes `--tools-dir` directories absolute and checks they exist.
-pub fn tools_dirs(dirs: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
-    dirs.into_iter()
-        .filter(|d| !d.as_os_str().is_empty())
-        .map(|d| {
-            anyhow::ensure!(
-                d.is_dir(),
-                "--tools-dir `{}` is not a directory",
-                d.display()
-            );
-            std::path::absolute(&d)
-                .with_context(|| format!("cannot make --tools-dir `{}` absolute", d.display()))
-        })
-        .collect()
 }

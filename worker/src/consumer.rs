@@ -41,8 +41,8 @@ use warpline_shared::fleet::{
     DEAD_REASON_HEADER, Heartbeat, RunningAttempt, SIGNATURE_HEADER, Topology, verify_signature,
 };
 
-use crate::amqp::{self, Backoff};
-use crate::executor::{CANCELLED_ERROR, ExecConfig, run_step};
+use warpline_amqp::{self as amqp, Backoff};
+use warpline_executor::{CANCELLED_ERROR, ExecConfig, run_step};
 
 /// How a fleet worker runs: loaded once from the command line and passed to [`run`].
 #[derive(Debug, Clone)]

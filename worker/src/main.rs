@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use warpline_amqp::shutdown;
 use warpline_worker::cli::{self, Cli};
-use warpline_worker::shutdown;
 
 #[tokio::main]
 async fn main() -> ExitCode {

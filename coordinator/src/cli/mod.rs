@@ -1,12 +1,15 @@
 //! The `warpline` command line. Each subcommand lives in its own module: [`run`] (local mode),
 //! [`serve`] (the fleet coordinator), [`ops`] and [`watch`] (operator commands over a
-//! coordinator's HTTP API), [`audit`] (verify, show) and [`agent`] (replay); this module holds
-//! the argument types and the dispatch.
+//! coordinator's HTTP API, both through [`client`] and [`report`], neither importing the
+//! other), [`audit`] (verify, show) and [`agent`] (replay); this module holds the argument
+//! types and the dispatch.
 
 mod agent;
 mod audit;
+mod client;
 mod ops;
 mod preflight;
+mod report;
 mod run;
 pub mod serve;
 mod watch;
@@ -379,7 +382,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
             audit::audit_show(&run, &file, json)
         }
         Command::Agent(AgentCommand::Replay(args)) => agent::replay(args).await,
-        Command::Submit(args) => ops::submit(args, shutdown).await,
+        Command::Submit(args) => {
+            let json = args.json;
+            match ops::submit(args).await? {
+                Some(new) => watch::follow_to_end(&new.client, &new.id, json, shutdown).await,
+                None => Ok(ExitCode::SUCCESS),
+            }
+        }
         Command::Status(args) => ops::status(args).await,
         Command::Watch(args) => watch::watch(args, shutdown).await,
         Command::Escalations(args) => ops::escalations(args).await,

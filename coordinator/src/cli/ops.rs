@@ -1,164 +1,36 @@
 //! The operator commands that talk to a running coordinator over its HTTP API (see
 //! [`crate::api`]): `submit`, `status`, `escalations`, `resolve`, `cancel` and `retry-failed`.
-//! `watch` and `submit --wait` follow a backfill with [`super::watch`].
+//! `submit --wait` hands the new backfill to [`super::watch`] (the command line wires the two).
 //!
 //! Output for people goes to standard error or is a table on standard output; `--json` prints
 //! exactly what the coordinator answered. An unreachable coordinator is named with its URL.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use reqwest::{RequestBuilder, StatusCode};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use tokio_util::sync::CancellationToken;
-use warpline_shared::contracts::Action;
-
-use super::run::parse_vars;
-use super::watch::follow;
-use super::{
-    ApiArgs, BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs,
-};
-use crate::api::{
-    ErrorBody, ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse,
-};
-use crate::engine::{BackfillAction, Escalation, RunSummary, Summary};
 use uuid::Uuid;
+use warpline_shared::contracts::Action;
+use warpline_shared::machine::RunStatus;
 
-/// How long one request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+use super::client::Client;
+use super::report::{counts_line, duration, passed_per_step};
+use super::run::parse_vars;
+use super::{BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs};
+use crate::api::{ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse};
+use crate::engine::{BackfillAction, Escalation, RunSummary, Summary};
 
-/// A client of the coordinator's HTTP API.
-#[derive(Debug, Clone)]
-pub(crate) struct Client {
-    base: String,
-    http: reqwest::Client,
+/// A backfill just submitted with `--wait`: the caller follows it.
+pub struct Submitted {
+    /// The client that submitted it.
+    pub client: Client,
+    /// The backfill's id.
+    pub id: String,
 }
 
-/// A failed request: the coordinator could not be reached, or it answered with an error.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ClientError {
-    /// No connection (nothing listening, wrong host).
-    #[error("cannot reach the coordinator at {url}: is `warpline serve` running? ({source})")]
-    Unreachable {
-        /// The API's base URL.
-        url: String,
-        /// Why.
-        #[source]
-        source: reqwest::Error,
-    },
-    /// The request failed on the way (timeout, connection reset, unreadable answer).
-    #[error("request to the coordinator at {url} failed: {source}")]
-    Transport {
-        /// The API's base URL.
-        url: String,
-        /// Why.
-        #[source]
-        source: reqwest::Error,
-    },
-    /// The coordinator answered with an error status.
-    #[error("{message} (HTTP {status} from {url})")]
-    Refused {
-        /// The API's base URL.
-        url: String,
-        /// The status.
-        status: StatusCode,
-        /// The coordinator's message.
-        message: String,
-    },
-}
-
-impl ClientError {
-    /// True when trying again later may work (the coordinator is down, restarting or failing
-    /// over to a standby), as opposed to a refusal of the request itself.
-    pub(crate) fn is_transient(&self) -> bool {
-        match self {
-            ClientError::Unreachable { .. } | ClientError::Transport { .. } => true,
-            ClientError::Refused { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-}
-
-impl Client {
-    /// A client for the API at `args.url`.
-    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Client> {
-        let base = args.url.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("invalid --api `{base}`: expected an http:// or https:// URL");
-        }
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = args
-            .token
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
-            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| anyhow::anyhow!("invalid --token: it must be printable ASCII"))?;
-            value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .default_headers(headers)
-            .build()
-            .context("cannot build an HTTP client")?;
-        Ok(Client { base, http })
-    }
-
-    /// `GET path`.
-    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
-    }
-
-    /// `POST path` with a JSON body.
-    pub(crate) async fn post<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &impl Serialize,
-    ) -> Result<T, ClientError> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
-    }
-
-    async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
-        let url = self.base.clone();
-        let resp = req.send().await.map_err(|source| {
-            if source.is_connect() {
-                ClientError::Unreachable {
-                    url: url.clone(),
-                    source,
-                }
-            } else {
-                ClientError::Transport {
-                    url: url.clone(),
-                    source,
-                }
-            }
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<ErrorBody>(&text)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| format!("unexpected answer: {}", text.trim()));
-            return Err(ClientError::Refused {
-                url,
-                status,
-                message,
-            });
-        }
-        resp.json()
-            .await
-            .map_err(|source| ClientError::Transport { url, source })
-    }
-}
-
-/// `warpline submit`.
-pub async fn submit(args: SubmitArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+/// `warpline submit`: prints the new backfill's id (or, with `--json`, the answer) and returns
+/// it when `--wait` asks the caller to follow it.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<Submitted>> {
     let client = Client::new(&args.api)?;
     let file = std::path::absolute(&args.pipeline)
         .with_context(|| format!("invalid pipeline path `{}`", args.pipeline.display()))?;
@@ -213,57 +85,12 @@ pub async fn submit(args: SubmitArgs, shutdown: CancellationToken) -> anyhow::Re
         } else {
             println!("{id}");
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(None);
     }
     if !args.json {
         println!("{id}");
     }
-    let Some(summary) = follow(&client, &id, shutdown).await? else {
-        return Ok(ExitCode::from(130));
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_end(&summary);
-    }
-    Ok(exit_for(&summary))
-}
-
-/// 0 when every run completed, 1 otherwise.
-pub(crate) fn exit_for(summary: &Summary) -> ExitCode {
-    if summary.all_complete() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-/// The last words of a followed backfill, on standard error.
-pub(crate) fn print_end(s: &Summary) {
-    eprintln!(
-        "warpline: backfill {} {}: {} runs: {}; {} steps executed in {}",
-        s.backfill_id,
-        if s.cancelling {
-            "cancelled"
-        } else {
-            "finished"
-        },
-        s.runs.len(),
-        counts_line(s),
-        s.steps_executed,
-        duration(s.wall_ms / 1000)
-    );
-    for r in s.runs.iter().filter(|r| r.state != "COMPLETE") {
-        eprintln!(
-            "  {} {} at {}: {}",
-            r.partition,
-            r.state,
-            r.step.as_deref().unwrap_or("-"),
-            r.reason
-                .as_deref()
-                .unwrap_or("waiting for an operator: see `warpline escalations`")
-        );
-    }
+    Ok(Some(Submitted { client, id }))
 }
 
 /// `warpline status`.
@@ -422,7 +249,7 @@ pub async fn cancel(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let s: Summary = serde_json::from_value(value).context("unexpected summary")?;
-    let running = s.counts.get("RUNNING").copied().unwrap_or(0);
+    let running = s.counts.get(&RunStatus::Running).copied().unwrap_or(0);
     println!(
         "backfill {}: cancelling; nothing new starts. Runs: {}",
         s.backfill_id,
@@ -477,7 +304,7 @@ pub(crate) fn match_run<'a>(
         let escalated: Vec<&RunSummary> = found
             .iter()
             .copied()
-            .filter(|run| run.state == "ESCALATED")
+            .filter(|run| run.state == RunStatus::Escalated)
             .collect();
         if escalated.len() == 1 {
             found = escalated;
@@ -558,27 +385,6 @@ pub(crate) fn match_backfill(
         .expect("the run came from a summary"))
 }
 
-/// `6 COMPLETE, 2 RUNNING, 1 HALTED`.
-pub(crate) fn counts_line(s: &Summary) -> String {
-    if s.counts.is_empty() {
-        return "none".into();
-    }
-    s.counts
-        .iter()
-        .map(|(state, n)| format!("{n} {state}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Whole seconds as `42s`, `3m 05s` or `1h 02m`.
-pub(crate) fn duration(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m {:02}s", s / 60, s % 60),
-        s => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
 /// Left-aligned columns separated by two spaces; the last column is not padded.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -609,12 +415,12 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// Runs per step of a summary: (running at it, past it, halted at it, escalated at it,
 /// attempts of it).
 fn step_rows(s: &Summary) -> Vec<Vec<String>> {
-    let past = super::watch::passed_per_step(s);
+    let past = passed_per_step(s);
     s.steps
         .iter()
         .zip(past)
         .map(|(id, past)| {
-            let at = |state: &str| {
+            let at = |state: RunStatus| {
                 s.runs
                     .iter()
                     .filter(|r| r.state == state && r.step.as_deref() == Some(id))
@@ -625,8 +431,8 @@ fn step_rows(s: &Summary) -> Vec<Vec<String>> {
                 id.clone(),
                 s.in_step.get(id).copied().unwrap_or(0).to_string(),
                 past.to_string(),
-                at("HALTED").to_string(),
-                at("ESCALATED").to_string(),
+                at(RunStatus::Halted).to_string(),
+                at(RunStatus::Escalated).to_string(),
                 attempts.to_string(),
             ]
         })
@@ -634,7 +440,7 @@ fn step_rows(s: &Summary) -> Vec<Vec<String>> {
 }
 
 fn state_word(s: &Summary) -> &'static str {
-    let parked = s.counts.get("ESCALATED").copied().unwrap_or(0) > 0;
+    let parked = s.counts.get(&RunStatus::Escalated).copied().unwrap_or(0) > 0;
     match (s.finished, s.cancelling) {
         (true, _) if parked => "waiting for an operator",
         (true, true) => "cancelled",
@@ -656,11 +462,7 @@ pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
     if let Some(why) = &s.escalated {
         out.push_str(&format!("ESCALATED: {why}\n"));
     }
-    let finals = s
-        .runs
-        .iter()
-        .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
-        .count();
+    let finals = s.runs.iter().filter(|r| r.state.is_final()).count();
     let eta = s.eta_s.map(duration).unwrap_or_else(|| "-".into());
     out.push_str(&format!(
         "progress: {finals}/{} final, {:.1} runs/min, ETA {eta}, {} steps executed, {} elapsed\n",
@@ -684,7 +486,7 @@ pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
     let failures: Vec<Vec<String>> = s
         .runs
         .iter()
-        .filter(|r| r.state == "HALTED")
+        .filter(|r| r.state == RunStatus::Halted)
         .map(|r| {
             vec![
                 r.partition.clone(),
@@ -735,17 +537,17 @@ pub(crate) fn render_list(all: &[Summary], escalations: &[Escalation]) -> String
     let rows: Vec<Vec<String>> = all
         .iter()
         .map(|s| {
-            let n = |state: &str| s.counts.get(state).copied().unwrap_or(0).to_string();
+            let n = |state: RunStatus| s.counts.get(&state).copied().unwrap_or(0).to_string();
             vec![
                 s.backfill_id.to_string(),
                 s.pipeline.clone(),
                 state_word(s).to_string(),
                 s.runs.len().to_string(),
-                n("COMPLETE"),
-                n("RUNNING"),
-                n("HALTED"),
-                n("ESCALATED"),
-                n("CANCELLED"),
+                n(RunStatus::Complete),
+                n(RunStatus::Running),
+                n(RunStatus::Halted),
+                n(RunStatus::Escalated),
+                n(RunStatus::Cancelled),
                 format!("{:.1}", s.runs_per_minute),
                 s.eta_s.map(duration).unwrap_or_else(|| "-".into()),
             ]
@@ -781,33 +583,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_read_naturally() {
-        assert_eq!(duration(42), "42s");
-        assert_eq!(duration(185), "3m 05s");
-        assert_eq!(duration(3720), "1h 02m");
-    }
-
-    #[test]
     fn tables_align_columns_and_leave_the_last_unpadded() {
         let t = table(
             &["A", "LONGER", "LAST"],
             &[vec!["xyz".into(), "1".into(), "free text".into()]],
         );
         assert_eq!(t, "A    LONGER  LAST\nxyz  1       free text\n");
-    }
-
-    #[test]
-    fn unreachable_and_503_are_transient_but_refusals_are_not() {
-        let refused = |status| ClientError::Refused {
-            url: "http://x".into(),
-            status,
-            message: "m".into(),
-        };
-        assert!(refused(StatusCode::SERVICE_UNAVAILABLE).is_transient());
-        assert!(!refused(StatusCode::NOT_FOUND).is_transient());
-        assert_eq!(
-            refused(StatusCode::NOT_FOUND).to_string(),
-            "m (HTTP 404 Not Found from http://x)"
-        );
     }
 }

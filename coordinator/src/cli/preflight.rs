@@ -7,12 +7,12 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
+use warpline_executor::ExecConfig;
+use warpline_executor::check_allowed;
+use warpline_executor::deferred::check_secrets;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{CheckSpec, StepSpec};
 use warpline_shared::partition::Partition;
-use warpline_worker::ExecConfig;
-use warpline_worker::deferred::check_secrets;
-use warpline_worker::executor::check_allowed;
 
 /// Partitions shown in full by `--dry-run`.
 pub const DRY_RUN_PARTITIONS: usize = 2;

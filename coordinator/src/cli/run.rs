@@ -16,9 +16,10 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warpline_executor::ExecConfig;
 use warpline_shared::config::Pipeline;
+use warpline_shared::machine::RunStatus;
 use warpline_shared::partition::{self, Partition, PartitionsFormat};
-use warpline_worker::ExecConfig;
 
 use super::{ProgressMode, RunArgs};
 use crate::api::{EngineHandle, protect};
@@ -73,7 +74,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     let pipeline = Arc::new(pipeline);
 
     let mut exec = ExecConfig::new("local", Vec::<String>::new());
-    exec.tools_dirs = warpline_worker::cli::tools_dirs(args.tools_dirs.clone())?;
+    exec.tools_dirs = warpline_executor::allow::tools_dirs(args.tools_dirs.clone())?;
     exec.secrets_dir = args.secrets_dir.clone();
     exec.allowlist = if args.allow.is_empty() {
         // The pipeline is the operator's own: each step may run its own command.
@@ -85,7 +86,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         }
         own
     } else {
-        warpline_worker::cli::allowlist(&args.allow)?
+        warpline_executor::allow::parse_allowlist(&args.allow)?
     };
     let (problems, programs) = super::preflight::preflight(&pipeline, &partitions, &exec);
     if !problems.is_empty() {
@@ -273,7 +274,11 @@ fn print_summary(summary: &Summary, usage: &AgentUsage, json: bool) -> anyhow::R
         summary.steps_executed,
         summary.wall_ms as f64 / 1000.0
     );
-    for r in summary.runs.iter().filter(|r| r.state != "COMPLETE") {
+    for r in summary
+        .runs
+        .iter()
+        .filter(|r| r.state != RunStatus::Complete)
+    {
         eprintln!(
             "  {} {} at {}: {}",
             r.partition,

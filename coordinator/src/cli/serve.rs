@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warpline_shared::fleet::Topology;
+use warpline_amqp::FleetArgs;
 
 use crate::api::{ApiPolicy, EngineHandle, ReadyFlag, metrics_router, protect, router_with};
 use crate::auth::Auth;
@@ -34,13 +34,9 @@ use warpline_shared::config::AgentConfig;
 /// `warpline serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// RabbitMQ.
-    #[arg(
-        long,
-        env = "WARPLINE_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
+    /// The broker and the fleet's names on it (shared with `warpline-worker`).
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// PostgreSQL (the database is created if missing).
     #[arg(
         long,
@@ -51,9 +47,6 @@ pub struct ServeArgs {
     /// The schema holding Warpline's tables (one per fleet).
     #[arg(long, env = "WARPLINE_DATABASE_SCHEMA", default_value = "warpline")]
     pub database_schema: String,
-    /// Prefix of every exchange and queue name (one per fleet sharing a broker).
-    #[arg(long, env = "WARPLINE_QUEUE_PREFIX", default_value = "")]
-    pub queue_prefix: String,
     /// Where the HTTP API listens.
     #[arg(long, env = "WARPLINE_HTTP", default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
@@ -182,7 +175,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     };
     eprintln!("warpline serve: leading schema `{}`", args.database_schema);
 
-    let topology = Topology::new(args.queue_prefix.clone());
+    let topology = args.fleet.topology();
     let mut backoff = Duration::from_millis(500);
     let code = loop {
         let store = PgStore::open(db.clone(), &args.audit).await?;
@@ -196,7 +189,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             }
         }
         let link_cfg = LinkConfig {
-            url: args.amqp_url.clone(),
+            url: args.fleet.amqp_url.clone(),
             topology: topology.clone(),
             pools,
             signing_key: signing_key.clone(),

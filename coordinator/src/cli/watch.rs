@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warpline_shared::machine::RunStatus;
 
 use super::WatchArgs;
-use super::ops::{Client, exit_for, print_end};
-use crate::engine::{RunSummary, Summary};
+use super::client::Client;
+use super::report::{exit_for, passed_per_step, print_end};
+use crate::engine::Summary;
 use crate::progress::{bar_style, prefix_width};
 
 /// How often the summary is fetched.
@@ -26,10 +28,25 @@ pub const GIVE_UP: Duration = Duration::from_secs(60);
 /// `warpline watch`.
 pub async fn watch(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.api)?;
-    let Some(summary) = follow(&client, &args.backfill, shutdown).await? else {
+    follow_to_end(&client, &args.backfill, false, shutdown).await
+}
+
+/// Follows a backfill until it finishes, then prints its summary (as JSON with `json`, else
+/// the last words) and exits 0 when every run completed, 1 otherwise, 130 when interrupted.
+pub async fn follow_to_end(
+    client: &Client,
+    id: &str,
+    json: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let Some(summary) = follow(client, id, shutdown).await? else {
         return Ok(ExitCode::from(130));
     };
-    print_end(&summary);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_end(&summary);
+    }
     Ok(exit_for(&summary))
 }
 
@@ -88,41 +105,8 @@ pub(crate) async fn follow(
     }
 }
 
-/// How many runs have passed each step (proceeded from it), in the pipeline's step order.
-pub(crate) fn passed_per_step(s: &Summary) -> Vec<u64> {
-    let mut out = vec![0; s.steps.len()];
-    for r in &s.runs {
-        for n in out.iter_mut().take(steps_passed(r, &s.steps)) {
-            *n += 1;
-        }
-    }
-    out
-}
-
-/// How many steps a run has passed.
-fn steps_passed(r: &RunSummary, steps: &[String]) -> usize {
-    if r.state == "COMPLETE" {
-        return steps.len();
-    }
-    if let Some(i) = r
-        .step
-        .as_ref()
-        .and_then(|s| steps.iter().position(|x| x == s))
-    {
-        return i;
-    }
-    // A cancelled run names no step: the steps before the last one it attempted passed.
-    steps
-        .iter()
-        .rposition(|id| r.attempts.contains_key(id))
-        .unwrap_or(0)
-}
-
 fn finals(s: &Summary) -> u64 {
-    s.runs
-        .iter()
-        .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
-        .count() as u64
+    s.runs.iter().filter(|r| r.state.is_final()).count() as u64
 }
 
 /// Attempts beyond the first of each step (retries, resumes and operator retries).
@@ -135,12 +119,12 @@ fn retries(s: &Summary) -> u64 {
 }
 
 fn message(s: &Summary) -> String {
-    let n = |state: &str| s.counts.get(state).copied().unwrap_or(0);
+    let n = |state: RunStatus| s.counts.get(&state).copied().unwrap_or(0);
     let mut m = format!(
         "{} retries, {} halted, {} escalated",
         retries(s),
-        n("HALTED"),
-        n("ESCALATED")
+        n(RunStatus::Halted),
+        n(RunStatus::Escalated)
     );
     if s.cancelling {
         m.push_str(", cancelling");
@@ -157,7 +141,7 @@ enum View {
         told: HashSet<(Uuid, String)>,
     },
     Lines {
-        last: Option<(BTreeMap<String, usize>, BTreeMap<String, usize>)>,
+        last: Option<(BTreeMap<RunStatus, usize>, BTreeMap<String, usize>)>,
         told: HashSet<(Uuid, String)>,
     },
 }
@@ -270,7 +254,7 @@ fn progress_line(s: &Summary) -> String {
 fn news(s: &Summary, told: &mut HashSet<(Uuid, String)>) -> Vec<String> {
     s.runs
         .iter()
-        .filter(|r| matches!(r.state.as_str(), "HALTED" | "ESCALATED"))
+        .filter(|r| matches!(r.state, RunStatus::Halted | RunStatus::Escalated))
         .filter(|r| told.insert((r.run_id, format!("{}:{:?}", r.state, r.attempts))))
         .map(|r| {
             format!(
@@ -289,14 +273,15 @@ fn news(s: &Summary, told: &mut HashSet<(Uuid, String)>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::RunSummary;
 
-    fn run(state: &str, step: Option<&str>, attempts: &[(&str, u32)]) -> RunSummary {
+    fn run(state: RunStatus, step: Option<&str>, attempts: &[(&str, u32)]) -> RunSummary {
         RunSummary {
             run_id: Uuid::now_v7(),
             partition: "p".into(),
             month: None,
             dataset: None,
-            state: state.into(),
+            state,
             step: step.map(String::from),
             attempts: attempts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             reason: None,
@@ -327,12 +312,16 @@ mod tests {
     #[test]
     fn runs_pass_the_steps_before_the_one_they_are_at() {
         let s = summary(vec![
-            run("COMPLETE", None, &[("A", 1), ("B", 1), ("C", 1)]),
-            run("B", Some("B"), &[("A", 1), ("B", 1)]),
-            run("HALTED", Some("C"), &[("A", 1), ("B", 1), ("C", 3)]),
-            run("ESCALATED", Some("A"), &[("A", 1)]),
-            run("CANCELLED", None, &[("A", 1), ("B", 1)]),
-            run("INIT", None, &[]),
+            run(RunStatus::Complete, None, &[("A", 1), ("B", 1), ("C", 1)]),
+            run(RunStatus::Running, Some("B"), &[("A", 1), ("B", 1)]),
+            run(
+                RunStatus::Halted,
+                Some("C"),
+                &[("A", 1), ("B", 1), ("C", 3)],
+            ),
+            run(RunStatus::Escalated, Some("A"), &[("A", 1)]),
+            run(RunStatus::Cancelled, None, &[("A", 1), ("B", 1)]),
+            run(RunStatus::Init, None, &[]),
         ]);
         assert_eq!(passed_per_step(&s), [4, 2, 1]);
         assert_eq!(finals(&s), 3);

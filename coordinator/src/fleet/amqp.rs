@@ -31,11 +31,11 @@ use lapin::{Channel, Confirmation, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use warpline_amqp as amqp;
 use warpline_shared::contracts::{StepOutcome, StepSpec};
 use warpline_shared::fleet::{
     DEAD_REASON_HEADER, Heartbeat, SIGNATURE_HEADER, Topology, verify_signature,
 };
-use warpline_worker::amqp;
 
 use crate::engine::{Event, Transport};
 use crate::fleet::metrics::StepLatency;

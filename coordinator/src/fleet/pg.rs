@@ -388,7 +388,7 @@ impl PgStore {
         }
         let outstanding: std::collections::HashSet<Uuid> = runs
             .iter()
-            .filter_map(|r| r.machine.outstanding.map(|a| a.attempt_id))
+            .filter_map(|r| r.machine.outstanding().map(|a| a.attempt_id))
             .collect();
         let mut unsent = Vec::new();
         for row in client

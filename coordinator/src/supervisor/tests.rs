@@ -373,7 +373,7 @@ async fn drive_failing_run(agent: &PolicyAgent, max: u32) -> (Vec<Action>, RunSt
     }]);
     m.start().unwrap();
     let mut applied = Vec::new();
-    while let RunState::Running(_) = m.state {
+    while let RunState::Running(_) = m.state() {
         let a = m.begin_attempt(Uuid::now_v7()).unwrap();
         let mut i = input(result(0, INJECTION), vec![check(false)], a.attempt, max);
         i.state.legal_actions = {
@@ -387,7 +387,7 @@ async fn drive_failing_run(agent: &PolicyAgent, max: u32) -> (Vec<Action>, RunSt
         let outcome = m.decide(reply.decision.action).unwrap();
         applied.push(outcome.applied);
     }
-    (applied, m.state, m.attempts[0])
+    (applied, m.state(), m.attempts()[0])
 }
 
 #[tokio::test]

@@ -180,14 +180,16 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use uuid::Uuid;
+    use warpline_shared::machine::RunStatus;
 
+    /// A run in `state` (a status name, or a step id for a running run, as summaries had it).
     fn run(state: &str, step: Option<&str>, attempts: &[(&str, u32)]) -> RunSummary {
         RunSummary {
             run_id: Uuid::now_v7(),
             partition: format!("d_{state}"),
             month: None,
             dataset: Some("d".into()),
-            state: state.into(),
+            state: state.parse().unwrap_or(RunStatus::Running),
             step: step.map(String::from),
             attempts: attempts.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
             reason: None,

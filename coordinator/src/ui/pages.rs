@@ -9,6 +9,7 @@ use std::fmt::Write;
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::contracts::{Severity, StepOutcome};
+use warpline_shared::machine::RunStatus;
 
 use super::grid::{self, Cell, Filter};
 use super::html::{esc, url_encode};
@@ -111,7 +112,8 @@ fn short(id: &Uuid) -> String {
 
 /// `running`, `finished`, `cancelled`, `waiting for an operator`, ...
 pub fn state_word(s: &Summary) -> &'static str {
-    let parked = s.counts.get("ESCALATED").copied().unwrap_or(0) > 0 || s.escalated.is_some();
+    let parked =
+        s.counts.get(&RunStatus::Escalated).copied().unwrap_or(0) > 0 || s.escalated.is_some();
     match (s.finished, s.cancelling) {
         (true, _) if parked => "waiting for an operator",
         (true, true) => "cancelled",
@@ -122,19 +124,19 @@ pub fn state_word(s: &Summary) -> &'static str {
     }
 }
 
-const STATES: [&str; 6] = [
-    "COMPLETE",
-    "RUNNING",
-    "HALTED",
-    "ESCALATED",
-    "CANCELLED",
-    "INIT",
+const STATES: [RunStatus; 6] = [
+    RunStatus::Complete,
+    RunStatus::Running,
+    RunStatus::Halted,
+    RunStatus::Escalated,
+    RunStatus::Cancelled,
+    RunStatus::Init,
 ];
 
-fn chips(counts: &BTreeMap<String, usize>) -> String {
+fn chips(counts: &BTreeMap<RunStatus, usize>) -> String {
     let mut out = String::new();
     for st in STATES {
-        if let Some(n) = counts.get(st).filter(|n| **n > 0) {
+        if let Some(n) = counts.get(&st).filter(|n| **n > 0) {
             let _ = write!(out, "<span class=\"chip s-{st}\">{n} {st}</span>");
         }
     }
@@ -145,13 +147,13 @@ fn progress_bar(s: &Summary) -> String {
     let total = s.runs.len().max(1) as f64;
     let mut out = String::from("<div class=\"bar\">");
     for (st, class) in [
-        ("COMPLETE", "complete"),
-        ("HALTED", "halted"),
-        ("ESCALATED", "escalated"),
-        ("CANCELLED", "cancelled"),
-        ("RUNNING", "running"),
+        (RunStatus::Complete, "complete"),
+        (RunStatus::Halted, "halted"),
+        (RunStatus::Escalated, "escalated"),
+        (RunStatus::Cancelled, "cancelled"),
+        (RunStatus::Running, "running"),
     ] {
-        let n = s.counts.get(st).copied().unwrap_or(0);
+        let n = s.counts.get(&st).copied().unwrap_or(0);
         if n > 0 {
             let _ = write!(
                 out,
@@ -165,10 +167,7 @@ fn progress_bar(s: &Summary) -> String {
 }
 
 fn finals(s: &Summary) -> usize {
-    s.runs
-        .iter()
-        .filter(|r| matches!(r.state.as_str(), "COMPLETE" | "HALTED" | "CANCELLED"))
-        .count()
+    s.runs.iter().filter(|r| r.state.is_final()).count()
 }
 
 /// The backfill's action buttons.
@@ -184,7 +183,7 @@ fn actions(ctx: &Ctx, s: &Summary) -> String {
             Some("Cancel this backfill? Nothing new starts; running steps finish."),
         ));
     }
-    if s.counts.get("HALTED").copied().unwrap_or(0) > 0 || s.escalated.is_some() {
+    if s.counts.get(&RunStatus::Halted).copied().unwrap_or(0) > 0 || s.escalated.is_some() {
         out.push_str(&button(
             ctx,
             &format!("/ui/backfills/{id}/retry-failed"),
@@ -353,7 +352,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
             h,
             "<tr data-partition=\"{0}\"><td class=\"part\"><a href=\"/backfills/{id}/runs/{rid}\">{0}</a></td><td><span class=\"chip s-{1}\">{1}</span></td>",
             esc(&run.partition),
-            esc(&run.state)
+            esc(run.state.as_str())
         );
         for (step, (cell, n)) in s.steps.iter().zip(cells) {
             let title = format!("{}: {}, {n} attempt(s)", step, cell.name());
@@ -870,8 +869,8 @@ pub fn run(
         "<h1>Run <code>{}</code> <span class=\"chip s-{}\" id=\"run-state\">{}</span></h1>\
 <p><a href=\"/backfills/{bid}\">← backfill {} of <code>{}</code></a> · run <span class=\"mono\">{}</span></p>",
         esc(&run.partition),
-        esc(&run.state),
-        esc(&run.state),
+        esc(run.state.as_str()),
+        esc(run.state.as_str()),
         short(&bid),
         esc(&s.pipeline),
         run.run_id

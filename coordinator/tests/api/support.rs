@@ -16,7 +16,7 @@ use warpline_coordinator::engine::{Engine, EngineConfig, Event};
 use warpline_coordinator::local::{LocalFleet, LocalStopper};
 use warpline_coordinator::progress::Quiet;
 use warpline_coordinator::supervisor::RulesAgent;
-use warpline_worker::ExecConfig;
+use warpline_executor::ExecConfig;
 
 /// Local workers the engine drives in every test.
 const WORKERS: usize = 4;

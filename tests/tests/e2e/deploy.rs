@@ -50,6 +50,8 @@ fn sources() -> String {
     let mut stack = vec![
         repo_root().join("coordinator/src"),
         repo_root().join("worker/src"),
+        repo_root().join("amqp/src"),
+        repo_root().join("executor/src"),
         repo_root().join("examples/datawarp/tools/src"),
     ];
     while let Some(dir) = stack.pop() {

@@ -425,7 +425,7 @@ fn ctrl_c_kills_the_tools_and_leaves_a_verifiable_log() {
     let finished: Vec<String> = audit_records(&audit)
         .into_iter()
         .filter_map(|r| match r.event {
-            AuditEvent::RunFinished { state, .. } => Some(state),
+            AuditEvent::RunFinished { state, .. } => Some(state.to_string()),
             _ => None,
         })
         .collect();

@@ -19,11 +19,11 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use warpline_amqp::{self as amqp, Backoff};
 use warpline_shared::contracts::{StepOutcome, StepSpec};
 use warpline_shared::fleet::{
     DEAD_REASON_HEADER, Heartbeat, SIGNATURE_HEADER, Topology, sign, verify_signature,
 };
-use warpline_worker::amqp::{self, Backoff};
 
 use crate::support::{Workdir, read_pid, wait_gone};
 

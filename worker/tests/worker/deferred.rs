@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use tokio_util::sync::CancellationToken;
+use warpline_executor::run_step;
 use warpline_shared::contracts::{DynamicArtefact, ReportStatus, StepSpec};
-use warpline_worker::run_step;
 
 use crate::support::{Workdir, config};
 

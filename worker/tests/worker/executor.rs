@@ -7,11 +7,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use warpline_executor::{CANCELLED_ERROR, EXECUTOR_CHECK_KIND, run_step};
 use warpline_shared::contracts::{
     CheckSpec, LogStream, ReportStatus, Severity, StepSpec, Validation,
 };
-use warpline_worker::executor::{CANCELLED_ERROR, EXECUTOR_CHECK_KIND};
-use warpline_worker::run_step;
 
 use crate::support::{Workdir, config, pid_gone, read_pid, wait_gone};
 

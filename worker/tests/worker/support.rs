@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
+use warpline_executor::ExecConfig;
 use warpline_shared::contracts::{StepSpec, Validation};
-use warpline_worker::ExecConfig;
 
 /// A temporary workdir for one test.
 pub struct Workdir {

@@ -12,6 +12,7 @@
 //! bare name in the operator's explicit tools directories and then on `PATH`. Nothing is
 //! looked for beside the running binary.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
@@ -42,6 +43,57 @@ pub enum AllowError {
     /// It starts with an option.
     #[error("allowlist entry `{0}` starts with `-`: it must start with a program name or path")]
     Option(String),
+    /// A `--tools-dir` that cannot be used.
+    #[error("--tools-dir `{}` {reason}", dir.display())]
+    ToolsDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The current directory, against which relative entries are taken, cannot be read.
+    #[error("cannot read the current directory for relative --allow entries: {0}")]
+    Cwd(String),
+}
+
+/// Parses command-line `--allow` entries (relative paths from the current directory) into an
+/// [`crate::ExecConfig`] allowlist, and warns about an interpreter allowed with no pinned
+/// script: it would run any code a StepSpec names.
+pub fn parse_allowlist(entries: &[String]) -> Result<BTreeSet<String>, AllowError> {
+    let here = std::env::current_dir().map_err(|e| AllowError::Cwd(e.to_string()))?;
+    let mut out = BTreeSet::new();
+    for e in entries.iter().filter(|e| !e.trim().is_empty()) {
+        let entry = AllowEntry::parse(e, &here)?;
+        if entry.is_unpinned_interpreter() {
+            tracing::warn!(
+                entry = %entry.text,
+                "an interpreter is allowed with no pinned script: any step could run `{} -c ...`; pin what it runs, e.g. `--allow '{} /path/to/script.py'`",
+                entry.program,
+                entry.program
+            );
+        }
+        out.insert(entry.to_text());
+    }
+    Ok(out)
+}
+
+/// Makes `--tools-dir` directories absolute and checks they exist.
+pub fn tools_dirs(dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>, AllowError> {
+    dirs.into_iter()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| {
+            if !d.is_dir() {
+                return Err(AllowError::ToolsDir {
+                    dir: d,
+                    reason: "is not a directory".into(),
+                });
+            }
+            std::path::absolute(&d).map_err(|e| AllowError::ToolsDir {
+                dir: d.clone(),
+                reason: format!("cannot be made absolute: {e}"),
+            })
+        })
+        .collect()
 }
 
 impl AllowEntry {

@@ -10,9 +10,9 @@
 //! never hangs on a stray grandchild. Finally it runs the deterministic validators on the
 //! outcome and returns a [`StepOutcome`].
 //!
-//! Before anything else it resolves what only a worker can ([`crate::deferred`]: secrets from
+//! Before anything else it resolves what only a worker can ([`deferred`]: secrets from
 //! its environment or secrets directory, earlier steps' dynamic artefacts), then checks the
-//! command against the allowlist ([`crate::allow`]: an entry may pin an interpreter's script)
+//! command against the allowlist ([`allow`]: an entry may pin an interpreter's script)
 //! after resolving it (an explicit path, or a name in the tools directories then `PATH`). The
 //! resolved program and its sha256 go into the [`StepResult`]; secret values are redacted from
 //! everything it reports.
@@ -20,6 +20,9 @@
 //! Every way an attempt can end becomes a [`StepOutcome`]: the executor itself never fails. What
 //! went wrong before the tool could run is in `StepResult.error`, with `exit_code` `-1` (refused
 //! or not started), `127` (command not found) or `126` (not executable), and a failing report.
+
+pub mod allow;
+pub mod deferred;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -41,10 +44,11 @@ use warpline_shared::contracts::{
     Check, CheckSpec, ReportStatus, SCHEMA_VERSION, Severity, StepOutcome, StepResult, StepSpec,
     ValidationReport,
 };
+use warpline_shared::paths::confined;
 use warpline_shared::validate::{self, Logs};
 
 use crate::allow::{AllowEntry, ResolveError, lexical_absolute, resolve_command};
-use crate::deferred::{self, Prepared, redact};
+use crate::deferred::{Prepared, redact};
 
 /// The default bound on [`StepResult::log_tail`]: 64 KiB.
 pub const DEFAULT_TAIL_BYTES: usize = 64 * 1024;
@@ -65,7 +69,7 @@ pub struct ExecConfig {
     pub worker_id: String,
     /// What this worker may run: allowlist entries ([`AllowEntry`]), each a program
     /// optionally followed by the argument prefix it is pinned to. Relative paths in an entry
-    /// are taken from `/`: command-line entries are made absolute by [`crate::cli::allowlist`].
+    /// are taken from `/`: command-line entries are made absolute by [`allow::parse_allowlist`].
     pub allowlist: BTreeSet<String>,
     /// Directories the operator configured (`--tools-dir`), searched for a bare command name
     /// before `$PATH`. Empty by default: nothing is looked for beside the running binary.
@@ -520,7 +524,8 @@ pub fn check_allowed(
     })
 }
 
-/// Checks that every path of the spec lies lexically under its workdir.
+/// Checks that every path of the spec lies lexically under its workdir (or, for inputs, an input
+/// root), with the one confinement check of [`warpline_shared::paths`].
 ///
 /// Relative paths are taken from the worker's current directory, as the operating system takes
 /// them when the tool is started, the logs are written and the checks read. Symbolic links are
@@ -530,15 +535,17 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
         return Err(SpecRefusal::EmptyWorkdir);
     }
     let here = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let root = lexical_absolute(&here, Path::new(&spec.workdir));
-    let inputs: Vec<PathBuf> = spec
-        .input_roots
-        .iter()
-        .filter(|r| !r.is_empty())
-        .map(|r| lexical_absolute(&here, Path::new(r)))
+    let root = [Path::new(&spec.workdir)];
+    let roots: Vec<&Path> = std::iter::once(Path::new(&spec.workdir))
+        .chain(
+            spec.input_roots
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(Path::new),
+        )
         .collect();
     let under_root = |field: String, path: &str| -> Result<(), SpecRefusal> {
-        if lexical_absolute(&here, Path::new(path)).starts_with(&root) {
+        if confined(&here, Path::new(path), &root) {
             Ok(())
         } else {
             Err(SpecRefusal::PathEscapes {
@@ -550,8 +557,7 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
     };
     // Artefacts and checked paths may also be operator inputs under an input root.
     let confined = |field: String, path: &str| -> Result<(), SpecRefusal> {
-        let p = lexical_absolute(&here, Path::new(path));
-        if p.starts_with(&root) || inputs.iter().any(|r| p.starts_with(r)) {
+        if confined(&here, Path::new(path), &roots) {
             Ok(())
         } else {
             Err(SpecRefusal::PathEscapes {
@@ -1146,21 +1152,7 @@ mod tests {
     }
 
     #[test]
-    fn lexical_paths() {
-        let base = Path::new("/srv/w");
-        assert_eq!(
-            lexical_absolute(base, Path::new("a/../b/./c")),
-            PathBuf::from("/srv/w/b/c")
-        );
-        assert_eq!(
-            lexical_absolute(base, Path::new("/x/../../..")),
-            PathBuf::from("/")
-        );
-        assert_eq!(
-            lexical_absolute(base, Path::new("../w2")),
-            PathBuf::from("/srv/w2")
-        );
-        assert!(!PathBuf::from("/srv/w2").starts_with("/srv/w"));
+    fn dotdot_after_a_wildcard_is_ambiguous() {
         assert!(dotdot_after_wildcard(Path::new("/w/**/../x")));
         assert!(!dotdot_after_wildcard(Path::new("/w/../w/*.csv")));
     }

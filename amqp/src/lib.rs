@@ -1,5 +1,7 @@
-//! The fleet's RabbitMQ plumbing, shared by the worker and the coordinator: connecting with
-//! backoff, declaring the topology of [`Topology`], and publishing with publisher confirms.
+//! The fleet's plumbing, shared by the worker and the coordinator: RabbitMQ (connecting with
+//! backoff, declaring the topology of [`Topology`], publishing with publisher confirms,
+//! signature headers), the shutdown tree ([`shutdown`]) and the connection settings both
+//! command lines flatten ([`settings::FleetArgs`]).
 //!
 //! Everything here is transport: it knows queue names, arguments and message properties, but
 //! nothing of steps or runs. The topology is declared idempotently (declare-if-missing with the
@@ -7,6 +9,11 @@
 //! another having started first. A publish is only "done" when the broker has confirmed it:
 //! [`publish_confirmed`] waits for the confirm and turns a nack or an unroutable return into an
 //! error, which is what lets a worker ack a StepSpec only after its outcome is safe.
+
+pub mod settings;
+pub mod shutdown;
+
+pub use settings::FleetArgs;
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! Turns SIGINT and SIGTERM into one [`CancellationToken`], the root of the worker's shutdown
+//! Turns SIGINT and SIGTERM into one [`CancellationToken`], the root of each binary's shutdown
 //! tree: whatever runs below it (an attempt, later a consumer) stops when the token is cancelled.
 
 use std::io;

@@ -1,0 +1,323 @@
+//! The coordinator's event loop: every input becomes one [`Event`], handled in one place by the
+//! [`Engine`], which owns every backfill and every run's state machine. No locks: the loop is
+//! the only writer.
+//!
+//! A turn takes the events that are ready (one at least, at most [`MAX_TURN`]), applies them to
+//! the runs, stages what happened in the [`Store`] (audit records, changed runs and backfills,
+//! StepSpecs to send), commits, and only then acts: dispatches StepSpecs, acknowledges consumed
+//! messages, spawns supervisor calls, arms timers, answers operators. An action is therefore
+//! never taken that the store does not already hold (persist before act). A decision an agent
+//! gives at once ([`Agent::decide_now`]: the rules, the fast path) is applied in the turn of its
+//! result, so a passing step costs one commit; other agents answer with [`Event::Decided`].
+//!
+//! Local mode and fleet mode run this same loop; only the [`Transport`] (channels or RabbitMQ)
+//! and the [`Store`] (a JSONL file, or PostgreSQL beside it) differ.
+
+mod liveness;
+mod operator;
+mod outcome;
+mod ports;
+mod records;
+mod schedule;
+mod summary;
+#[cfg(test)]
+mod tests;
+
+pub use operator::{
+    BackfillAction, Escalation, OperatorAnswer, OperatorCommand, OperatorError, OperatorReply,
+    WorkerInfo,
+};
+pub use outcome::bound_tail;
+pub use ports::{Ack, Event, Observer, Store, StoreFuture, Transport};
+pub use records::{BackfillRecord, BackfillRequest, EngineConfig, PipelineSource, RunRecord};
+pub use summary::{RunSummary, Summary};
+
+use ports::Effect;
+use records::Backfill;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::warn;
+use uuid::Uuid;
+use warpline_shared::audit::{AuditEvent, AuditRecord};
+use warpline_shared::config::Pipeline;
+use warpline_shared::fleet::Heartbeat;
+use warpline_shared::machine::{RunState, RunStatus};
+
+use crate::supervisor::Agent;
+
+/// Most events handled in one turn before committing.
+pub const MAX_TURN: usize = 512;
+/// Bytes of a result's log tail kept in the audit log.
+pub const AUDIT_TAIL_BYTES: usize = 4096;
+
+/// The event loop's state.
+pub struct Engine {
+    cfg: EngineConfig,
+    backfills: HashMap<Uuid, Backfill>,
+    /// Backfills in submission order.
+    order: Vec<Uuid>,
+    runs: HashMap<Uuid, RunRecord>,
+    /// Attempts in flight per (pipeline, step) for `concurrency` caps.
+    inflight: HashMap<(String, String), u32>,
+    /// Runs waiting for a step's cap.
+    waiting: HashMap<(String, String), VecDeque<Uuid>>,
+    agent: Arc<dyn Agent>,
+    store: Box<dyn Store>,
+    transport: Box<dyn Transport>,
+    observer: Box<dyn Observer>,
+    /// Feeds timers and agent replies back into the loop. Unbounded, yet bounded in practice:
+    /// each run has at most one attempt, one decision and one timer outstanding at a time.
+    events: mpsc::UnboundedSender<Event>,
+    effects: Vec<Effect>,
+    turn: Vec<AuditRecord>,
+    dirty_runs: HashSet<Uuid>,
+    dirty_backfills: HashSet<Uuid>,
+    /// Workers by id: their last heartbeat and when it arrived.
+    workers: HashMap<String, (Heartbeat, Instant)>,
+    /// Attempts seen running in heartbeats: which worker, and when last.
+    seen: HashMap<Uuid, (String, Instant, Duration)>,
+    stopping: bool,
+    /// Set by [`Event::Stop`]: leave the loop, keep the runs.
+    halting: bool,
+}
+
+impl Engine {
+    /// A new engine with no backfills.
+    pub fn new(
+        cfg: EngineConfig,
+        agent: Arc<dyn Agent>,
+        store: Box<dyn Store>,
+        transport: Box<dyn Transport>,
+        observer: Box<dyn Observer>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Engine {
+        Engine {
+            cfg,
+            backfills: HashMap::new(),
+            order: Vec::new(),
+            runs: HashMap::new(),
+            inflight: HashMap::new(),
+            waiting: HashMap::new(),
+            agent,
+            store,
+            transport,
+            observer,
+            events,
+            effects: Vec::new(),
+            turn: Vec::new(),
+            dirty_runs: HashSet::new(),
+            dirty_backfills: HashSet::new(),
+            workers: HashMap::new(),
+            seen: HashMap::new(),
+            stopping: false,
+            halting: false,
+        }
+    }
+
+    fn record(&mut self, backfill_id: Option<Uuid>, run_id: Option<Uuid>, event: AuditEvent) {
+        let rec = self.store.record(backfill_id, run_id, event);
+        self.turn.push(rec);
+    }
+
+    fn record_run(&mut self, run_id: Uuid, event: AuditEvent) {
+        let backfill = self.runs.get(&run_id).map(|r| r.backfill_id);
+        self.dirty_runs.insert(run_id);
+        self.record(backfill, Some(run_id), event);
+    }
+
+    fn pipeline_of(&self, run_id: Uuid) -> Arc<Pipeline> {
+        self.backfills[&self.runs[&run_id].backfill_id]
+            .pipeline
+            .clone()
+    }
+
+    /// Handles one event.
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::Outcome(outcome, ack) => {
+                self.on_outcome(*outcome);
+                if let Some(ack) = ack {
+                    self.effects.push(Effect::Ack(ack));
+                }
+            }
+            Event::Decided {
+                run_id,
+                attempt_id,
+                reply,
+            } => self.on_decided(run_id, attempt_id, *reply),
+            Event::Ready { run_id, waited_ms } => {
+                if !self.stopping && self.runs.contains_key(&run_id) {
+                    self.begin(run_id, waited_ms);
+                }
+            }
+            Event::Deadline { run_id, attempt_id } => self.on_deadline(run_id, attempt_id),
+            // A request whose client stopped waiting was answered with a 503 ("try again"):
+            // applying it now (a standby that queued it before it led, a loop that answered
+            // too late) would do what the client was told did not happen.
+            Event::Submit(req, Some(reply)) if reply.is_closed() => {
+                warn!(backfill_id = %req.id, "dropping a submit whose client gave up waiting");
+            }
+            Event::Operator(cmd, reply) if reply.is_closed() => {
+                warn!(
+                    ?cmd,
+                    "dropping an operator command whose client gave up waiting"
+                );
+            }
+            Event::Submit(req, reply) => {
+                let id = self.submit(*req);
+                if let Some(reply) = reply {
+                    self.effects.push(Effect::Submitted(reply, id));
+                }
+            }
+            Event::Operator(cmd, reply) => {
+                let answer = self.on_operator(cmd);
+                self.effects.push(Effect::Reply(reply, answer));
+            }
+            Event::Heartbeat(hb) => self.on_heartbeat(*hb),
+            Event::Tick => self.on_tick(),
+            Event::Stop => self.halting = true,
+            Event::Shutdown { reason } => self.shutdown(reason),
+        }
+    }
+
+    /// True when no run can move any more without an operator.
+    pub fn idle(&self) -> bool {
+        self.runs.values().all(|r| match r.machine.state() {
+            RunState::Running(_) => false,
+            // A run not started yet can only start if its backfill is not escalated.
+            RunState::Init => self
+                .backfills
+                .get(&r.backfill_id)
+                .is_some_and(|b| b.rec.escalated.is_some()),
+            _ => true,
+        })
+    }
+
+    /// Commits the turn, shows it, then acts on it.
+    async fn end_turn(&mut self) -> anyhow::Result<()> {
+        for id in self.dirty_backfills.drain() {
+            if let Some(b) = self.backfills.get(&id) {
+                self.store.stage_backfill(&b.rec);
+            }
+        }
+        for id in self.dirty_runs.drain() {
+            if let Some(r) = self.runs.get(&id) {
+                self.store.stage_run(r);
+            }
+        }
+        for e in &self.effects {
+            if let Effect::Dispatch(spec) = e {
+                self.store.stage_dispatch(spec);
+            }
+        }
+        self.store.commit().await?;
+        for rec in self.turn.drain(..) {
+            self.observer.on_record(&rec);
+        }
+        for effect in std::mem::take(&mut self.effects) {
+            match effect {
+                Effect::Dispatch(spec) => self.transport.dispatch(*spec)?,
+                Effect::Decide {
+                    run_id,
+                    attempt_id,
+                    input,
+                } => {
+                    let fut = self.agent.decide(input);
+                    let tx = self.events.clone();
+                    tokio::spawn(async move {
+                        let reply = Box::new(fut.await);
+                        let _ = tx.send(Event::Decided {
+                            run_id,
+                            attempt_id,
+                            reply,
+                        });
+                    });
+                }
+                Effect::Timer { after, event } => {
+                    let tx = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = tx.send(event);
+                    });
+                }
+                Effect::Ack(ack) => ack(),
+                Effect::Reply(tx, answer) => {
+                    let _ = tx.send(answer);
+                }
+                Effect::Submitted(tx, id) => {
+                    let _ = tx.send(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the loop until every run is final or parked (when `exit_when_idle`), or until a
+    /// shutdown; returns the engine for its summaries.
+    pub async fn run(
+        mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> anyhow::Result<Engine> {
+        self.end_turn().await?;
+        while !(self.stopping || self.halting || (self.cfg.exit_when_idle && self.idle())) {
+            let Some(first) = events.recv().await else {
+                break;
+            };
+            self.handle(first);
+            for _ in 1..MAX_TURN {
+                match events.try_recv() {
+                    Ok(ev) => self.handle(ev),
+                    Err(_) => break,
+                }
+            }
+            self.end_turn().await?;
+        }
+        if self.halting {
+            // Runs go on after a restart: nothing is finished, nothing more is recorded.
+            self.observer.finish();
+            return Ok(self);
+        }
+        // Local mode ends with no operator to answer: runs an escalated backfill never started
+        // are cancelled, saying why.
+        for id in self.order.clone() {
+            let b = self.backfills.get_mut(&id).expect("backfill exists");
+            let Some(why) = b.rec.escalated.clone() else {
+                continue;
+            };
+            let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
+            for run_id in pending {
+                self.cancel_run(
+                    run_id,
+                    format!("not started: the backfill was escalated ({why})"),
+                );
+            }
+        }
+        let reason = if self.stopping {
+            "stopped before every run finished".to_string()
+        } else {
+            "every run is final or waiting for an operator".to_string()
+        };
+        for id in self.order.clone() {
+            let s = self.summary(id);
+            let count = |st: RunStatus| s.counts.get(&st).copied().unwrap_or(0);
+            self.record(
+                Some(id),
+                None,
+                AuditEvent::BackfillFinished {
+                    complete: count(RunStatus::Complete),
+                    halted: count(RunStatus::Halted),
+                    cancelled: count(RunStatus::Cancelled),
+                    escalated: count(RunStatus::Escalated),
+                    reason: reason.clone(),
+                },
+            );
+        }
+        self.end_turn().await?;
+        self.observer.finish();
+        Ok(self)
+    }
+}

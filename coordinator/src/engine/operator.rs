@@ -1,0 +1,375 @@
+//! Operator commands: what an operator can ask ([`OperatorCommand`]), how the engine answers
+//! ([`OperatorReply`], [`OperatorError`]), and the handler that applies them to the runs.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warpline_shared::audit::AuditEvent;
+use warpline_shared::contracts::Action;
+use warpline_shared::machine::RunState;
+
+use super::{Engine, Summary};
+
+/// What an operator can ask of the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum OperatorCommand {
+    /// Answer an escalation.
+    Resolve {
+        /// The run.
+        run_id: Uuid,
+        /// proceed, retry or halt.
+        action: Action,
+        /// Why.
+        reason: String,
+        /// Who.
+        operator: String,
+    },
+    /// Start nothing new; let running steps finish; end every run.
+    Cancel {
+        /// The backfill.
+        backfill_id: Uuid,
+    },
+    /// Resume every HALTED run of a backfill at the step that failed.
+    RetryFailed {
+        /// The backfill.
+        backfill_id: Uuid,
+    },
+    /// The state of one backfill, or of all.
+    Status {
+        /// The backfill, or all.
+        backfill_id: Option<Uuid>,
+    },
+    /// Every run waiting for an operator.
+    Escalations,
+    /// The workers heard from recently.
+    Workers,
+    /// Answer a backfill's escalation: continue starting runs, or cancel the backfill.
+    ResolveBackfill {
+        /// The backfill.
+        backfill_id: Uuid,
+        /// continue or cancel.
+        action: BackfillAction,
+        /// Why.
+        reason: String,
+        /// Who.
+        operator: String,
+    },
+}
+
+/// An operator's answer to a backfill escalation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackfillAction {
+    /// Start runs again (the signature count starts over).
+    Continue,
+    /// Cancel the backfill.
+    Cancel,
+}
+
+/// The engine's answer to an operator: what it did or what it knows, or why it refused.
+pub type OperatorReply = Result<OperatorAnswer, OperatorError>;
+
+/// What the engine answers to an [`OperatorCommand`]: a closed set, one variant per kind of
+/// answer. On the wire (the HTTP API) each variant is its content alone (`untagged`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OperatorAnswer {
+    /// `resolve`: the run's new state.
+    Resolved {
+        /// The run.
+        run_id: Uuid,
+        /// The action applied.
+        action: Action,
+        /// Its state now (the step's id when it runs again).
+        state: String,
+    },
+    /// `retry-failed`: how many HALTED runs were resumed.
+    Resumed {
+        /// The backfill.
+        backfill_id: Uuid,
+        /// Runs resumed.
+        resumed: usize,
+    },
+    /// `status`, `cancel`, `resolve-backfill`: one backfill's summary.
+    Summary(Box<Summary>),
+    /// `status` of all: every backfill's summary, in submission order.
+    Summaries(Vec<Summary>),
+    /// `escalations`: every run waiting for an operator.
+    Escalations(Vec<Escalation>),
+    /// `workers`: the workers heard from recently, by id.
+    Workers(Vec<WorkerInfo>),
+}
+
+/// A worker heard from recently (`GET /v1/workers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Its id.
+    pub worker_id: String,
+    /// The pool it consumes.
+    pub pool: String,
+    /// Steps it runs at once.
+    pub slots: u32,
+    /// Steps it is running.
+    pub running: usize,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// Why the engine refused an operator's command. The HTTP API maps the variants to status
+/// codes (unknown ids to 404, refusals to 409), so callers need not read the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorError {
+    /// No backfill has this id.
+    #[error("no backfill `{0}`")]
+    UnknownBackfill(Uuid),
+    /// No run has this id.
+    #[error("no run `{0}`")]
+    UnknownRun(Uuid),
+    /// The command is not legal now (e.g. resolving a run that is not escalated).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A run waiting for an operator (`warpline escalations`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Escalation {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its backfill.
+    pub backfill_id: Uuid,
+    /// Its partition key.
+    pub partition: String,
+    /// The step it is parked at.
+    pub step: String,
+    /// Attempts of that step so far.
+    pub attempts: u32,
+    /// The supervisor's reason for escalating.
+    pub reason: String,
+}
+
+impl Engine {
+    pub(super) fn on_operator(&mut self, cmd: OperatorCommand) -> OperatorReply {
+        match cmd {
+            OperatorCommand::Resolve {
+                run_id,
+                action,
+                reason,
+                operator,
+            } => {
+                let run = self
+                    .runs
+                    .get_mut(&run_id)
+                    .ok_or(OperatorError::UnknownRun(run_id))?;
+                let attempt = run.machine.attempts()[run.machine.state().step().unwrap_or(0)];
+                let applied = run
+                    .machine
+                    .resolve(action)
+                    .map_err(|e| OperatorError::Refused(e.to_string()))?;
+                let step_id = run.machine.steps()[applied.from.step().unwrap_or(0)]
+                    .id
+                    .clone();
+                let bid = run.backfill_id;
+                self.record_run(
+                    run_id,
+                    AuditEvent::OperatorResolution {
+                        operator: operator.clone(),
+                        action,
+                        reason: reason.clone(),
+                    },
+                );
+                if let Some(b) = self.backfills.get_mut(&bid) {
+                    // The parked run takes a slot again; finishing frees it.
+                    b.active += 1;
+                }
+                let to = applied.to.name(self.runs[&run_id].machine.steps());
+                self.follow(
+                    run_id,
+                    attempt,
+                    step_id,
+                    applied,
+                    format!("operator {operator}: {reason}"),
+                );
+                Ok(OperatorAnswer::Resolved {
+                    run_id,
+                    action,
+                    state: to,
+                })
+            }
+            OperatorCommand::Cancel { backfill_id } => {
+                let b = self
+                    .backfills
+                    .get_mut(&backfill_id)
+                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
+                b.rec.cancelling = true;
+                let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
+                let runs = b.rec.runs.clone();
+                self.dirty_backfills.insert(backfill_id);
+                let why = "cancelled by an operator".to_string();
+                for id in pending {
+                    self.cancel_run(id, why.clone());
+                }
+                // Runs between steps or parked end now; runs with a step in flight end after it.
+                for id in runs {
+                    let m = &self.runs[&id].machine;
+                    let idle = m.outstanding().is_none() && m.deciding().is_none();
+                    let parked = matches!(m.state(), RunState::Escalated(_));
+                    if !m.state().is_final() && (idle || parked) {
+                        let was_running = matches!(m.state(), RunState::Running(_));
+                        self.cancel_run(id, why.clone());
+                        if was_running && let Some(b) = self.backfills.get_mut(&backfill_id) {
+                            b.active = b.active.saturating_sub(1);
+                        }
+                    }
+                }
+                Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
+            }
+            OperatorCommand::RetryFailed { backfill_id } => {
+                let b = self
+                    .backfills
+                    .get_mut(&backfill_id)
+                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
+                b.rec.cancelling = false;
+                // Resuming the halted runs is the operator's answer to a backfill escalation too.
+                let was_escalated = b.rec.escalated.take().is_some();
+                b.rec.halt_signatures.clear();
+                let runs = b.rec.runs.clone();
+                if was_escalated {
+                    self.record(
+                        Some(backfill_id),
+                        None,
+                        AuditEvent::BackfillResolution {
+                            operator: "retry-failed".into(),
+                            action: "continue".into(),
+                            reason: "the halted runs were resumed".into(),
+                        },
+                    );
+                }
+                let mut resumed = 0;
+                for id in runs {
+                    let run = self.runs.get_mut(&id).expect("run exists");
+                    if let Ok(step) = run.machine.resume() {
+                        run.reason = None;
+                        run.finished_at = None;
+                        let to = run.machine.steps()[step].id.clone();
+                        self.record_run(
+                            id,
+                            AuditEvent::Transition {
+                                from: "HALTED".into(),
+                                to,
+                                action: Some(Action::Retry),
+                            },
+                        );
+                        self.backfills
+                            .get_mut(&backfill_id)
+                            .expect("backfill exists")
+                            .rec
+                            .pending
+                            .push_back(id);
+                        resumed += 1;
+                    }
+                }
+                self.dirty_backfills.insert(backfill_id);
+                self.fill();
+                Ok(OperatorAnswer::Resumed {
+                    backfill_id,
+                    resumed,
+                })
+            }
+            OperatorCommand::Status {
+                backfill_id: Some(id),
+            } => {
+                if !self.backfills.contains_key(&id) {
+                    return Err(OperatorError::UnknownBackfill(id));
+                }
+                Ok(OperatorAnswer::Summary(Box::new(self.summary(id))))
+            }
+            OperatorCommand::Status { backfill_id: None } => {
+                let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();
+                Ok(OperatorAnswer::Summaries(all))
+            }
+            OperatorCommand::ResolveBackfill {
+                backfill_id,
+                action,
+                reason,
+                operator,
+            } => {
+                let b = self
+                    .backfills
+                    .get_mut(&backfill_id)
+                    .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
+                if b.rec.escalated.is_none() {
+                    return Err(OperatorError::Refused(format!(
+                        "backfill `{backfill_id}` is not escalated"
+                    )));
+                }
+                b.rec.escalated = None;
+                b.rec.halt_signatures.clear();
+                self.dirty_backfills.insert(backfill_id);
+                let name = match action {
+                    BackfillAction::Continue => "continue",
+                    BackfillAction::Cancel => "cancel",
+                };
+                self.record(
+                    Some(backfill_id),
+                    None,
+                    AuditEvent::BackfillResolution {
+                        operator,
+                        action: name.to_string(),
+                        reason,
+                    },
+                );
+                match action {
+                    BackfillAction::Continue => {
+                        self.fill();
+                        Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
+                    }
+                    BackfillAction::Cancel => {
+                        self.on_operator(OperatorCommand::Cancel { backfill_id })
+                    }
+                }
+            }
+            OperatorCommand::Workers => {
+                let mut list: Vec<WorkerInfo> = self
+                    .workers
+                    .values()
+                    .map(|(hb, at)| WorkerInfo {
+                        worker_id: hb.worker_id.clone(),
+                        pool: hb.pool.clone(),
+                        slots: hb.slots,
+                        running: hb.running.len(),
+                        last_seen_ms: at.elapsed().as_millis() as u64,
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                Ok(OperatorAnswer::Workers(list))
+            }
+            OperatorCommand::Escalations => {
+                let list: Vec<Escalation> = self
+                    .order
+                    .iter()
+                    .flat_map(|b| self.backfills[b].rec.runs.iter())
+                    .filter_map(|id| {
+                        let r = &self.runs[id];
+                        let RunState::Escalated(step) = r.machine.state() else {
+                            return None;
+                        };
+                        let reason = r
+                            .history
+                            .last()
+                            .map(|h| h.reason.clone())
+                            .unwrap_or_default();
+                        Some(Escalation {
+                            run_id: r.id,
+                            backfill_id: r.backfill_id,
+                            partition: r.partition.key(),
+                            step: r.machine.steps()[step].id.clone(),
+                            attempts: r.machine.attempts()[step],
+                            reason,
+                        })
+                    })
+                    .collect();
+                Ok(OperatorAnswer::Escalations(list))
+            }
+        }
+    }
+}

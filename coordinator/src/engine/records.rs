@@ -1,0 +1,128 @@
+//! What the engine stores: a backfill as submitted ([`BackfillRequest`]), and a run and a
+//! backfill as persisted ([`RunRecord`], [`BackfillRecord`], [`PipelineSource`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warpline_shared::config::Pipeline;
+use warpline_shared::contracts::{AttemptSummary, StepOutcome};
+use warpline_shared::machine::Machine;
+use warpline_shared::partition::Partition;
+
+/// A new backfill.
+#[derive(Debug, Clone)]
+pub struct BackfillRequest {
+    /// Its id (chosen by the caller, so it can name files after it).
+    pub id: Uuid,
+    /// The pipeline.
+    pub pipeline: Arc<Pipeline>,
+    /// One run per partition, started in this order.
+    pub partitions: Vec<Partition>,
+    /// Most runs in progress at once.
+    pub max_parallel: usize,
+    /// Higher first when slots are scarce.
+    pub priority: i32,
+}
+
+/// One run, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run.
+    pub id: Uuid,
+    /// Its backfill.
+    pub backfill_id: Uuid,
+    /// Its partition.
+    pub partition: Partition,
+    /// Its state machine.
+    pub machine: Machine,
+    /// Earlier attempts, for the supervisor.
+    pub history: Vec<AttemptSummary>,
+    /// Attempts per step over the run's whole life (not reset by a resume).
+    pub attempts_total: Vec<u32>,
+    /// The outcome awaiting a decision.
+    pub last: Option<StepOutcome>,
+    /// Why the run stopped, when it did.
+    pub reason: Option<String>,
+    /// When the outstanding attempt was dispatched (to re-arm its deadline after a restart).
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// When the run reached a final state.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One backfill, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackfillRecord {
+    /// The backfill.
+    pub id: Uuid,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Its runs, in partition order.
+    pub runs: Vec<Uuid>,
+    /// Runs not started yet.
+    pub pending: VecDeque<Uuid>,
+    /// Most runs in progress at once.
+    pub max_parallel: usize,
+    /// Dispatch priority.
+    pub priority: i32,
+    /// Cancel requested: nothing new starts.
+    pub cancelling: bool,
+    /// When it was submitted.
+    pub created_at: DateTime<Utc>,
+    /// The pipeline as submitted, so a restarted coordinator can rebuild it.
+    pub source: PipelineSource,
+    /// Why the backfill is escalated (no new run starts until an operator answers).
+    #[serde(default)]
+    pub escalated: Option<String>,
+    /// HALTED runs by failure signature, for backfill-level supervision.
+    #[serde(default)]
+    pub halt_signatures: BTreeMap<String, Vec<Uuid>>,
+}
+
+/// A pipeline as submitted: its file, its config (variables applied) and its workdir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineSource {
+    /// The config file's path as the submitter saw it (it anchors `{config_dir}`).
+    pub file: String,
+    /// The config.
+    pub config: serde_json::Value,
+    /// The workdir in force.
+    pub workdir: String,
+}
+
+impl PipelineSource {
+    /// Captures a loaded pipeline.
+    pub fn of(p: &Pipeline) -> PipelineSource {
+        PipelineSource {
+            file: p.file.display().to_string(),
+            config: serde_json::to_value(&p.config).expect("configs serialise"),
+            workdir: p.workdir.display().to_string(),
+        }
+    }
+
+    /// Rebuilds the pipeline.
+    pub fn load(&self) -> anyhow::Result<Pipeline> {
+        let mut p =
+            Pipeline::from_json(std::path::Path::new(&self.file), &self.config.to_string())?;
+        p.set_workdir(std::path::Path::new(&self.workdir));
+        Ok(p)
+    }
+}
+
+pub(super) struct Backfill {
+    pub(super) rec: BackfillRecord,
+    pub(super) pipeline: Arc<Pipeline>,
+    /// Runs started and not yet final or parked.
+    pub(super) active: usize,
+    pub(super) started: Instant,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// End the loop when no run can move any more (local mode).
+    pub exit_when_idle: bool,
+}

@@ -1,0 +1,168 @@
+//! Summaries: a backfill's state as operators and clients read it ([`Summary`], [`RunSummary`]).
+
+use std::collections::BTreeMap;
+
+use super::Engine;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warpline_shared::contracts::SCHEMA_VERSION;
+use warpline_shared::machine::{RunState, RunStatus};
+
+/// One run in a summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its partition key.
+    pub partition: String,
+    /// Its month.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub month: Option<String>,
+    /// Its dataset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// Current or final status (`RUNNING` while at a step; the step is in `step`).
+    pub state: RunStatus,
+    /// The step it is at or stopped at (none when complete or not started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Attempts per step.
+    pub attempts: BTreeMap<String, u32>,
+    /// Why it did not complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A backfill's summary (`warpline run --json`, `warpline status --json`, the HTTP API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    /// Contract version.
+    pub schema_version: u32,
+    /// The backfill.
+    pub backfill_id: Uuid,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// The pipeline's step ids, in order (so a client can tell how far each run got).
+    #[serde(default)]
+    pub steps: Vec<String>,
+    /// Runs by status.
+    pub counts: BTreeMap<RunStatus, usize>,
+    /// Runs in progress per step.
+    pub in_step: BTreeMap<String, usize>,
+    /// Attempts executed (results received, losses included).
+    pub steps_executed: u64,
+    /// Final runs per minute since the backfill started.
+    pub runs_per_minute: f64,
+    /// Estimated seconds to finish at that rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
+    /// Wall time so far.
+    pub wall_ms: u64,
+    /// True once every run is final (or parked for an operator).
+    pub finished: bool,
+    /// Cancel requested.
+    pub cancelling: bool,
+    /// Why the backfill is escalated, when it is (no new run starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalated: Option<String>,
+    /// The audit log.
+    pub audit: String,
+    /// Its last committed line's hash.
+    pub audit_head: String,
+    /// Every run.
+    pub runs: Vec<RunSummary>,
+}
+
+impl Summary {
+    /// True when every run completed.
+    pub fn all_complete(&self) -> bool {
+        self.runs.iter().all(|r| r.state == RunStatus::Complete)
+    }
+}
+
+impl Engine {
+    /// A backfill's summary.
+    pub fn summary(&self, backfill_id: Uuid) -> Summary {
+        let b = &self.backfills[&backfill_id];
+        let mut counts = BTreeMap::new();
+        let mut in_step = BTreeMap::new();
+        let runs: Vec<RunSummary> = b
+            .rec
+            .runs
+            .iter()
+            .map(|id| {
+                let r = &self.runs[id];
+                let state = r.machine.state().status();
+                *counts.entry(state).or_insert(0) += 1;
+                if let RunState::Running(i) = r.machine.state() {
+                    *in_step.entry(r.machine.steps()[i].id.clone()).or_insert(0) += 1;
+                }
+                RunSummary {
+                    run_id: r.id,
+                    partition: r.partition.key(),
+                    month: r.partition.month.clone(),
+                    dataset: r.partition.dataset.clone(),
+                    step: match r.machine.state() {
+                        RunState::Complete | RunState::Init => None,
+                        s => s.step().map(|i| r.machine.steps()[i].id.clone()),
+                    },
+                    attempts: r
+                        .machine
+                        .steps()
+                        .iter()
+                        .zip(&r.attempts_total)
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(s, n)| (s.id.clone(), *n))
+                        .collect(),
+                    reason: r.reason.clone(),
+                    state,
+                }
+            })
+            .collect();
+        // Attempts started, less those still awaited: derived from the runs, so it survives a
+        // coordinator restart.
+        let steps_executed: u64 = b
+            .rec
+            .runs
+            .iter()
+            .map(|id| {
+                let r = &self.runs[id];
+                let started: u64 = r.attempts_total.iter().map(|&n| u64::from(n)).sum();
+                started - u64::from(r.machine.outstanding().is_some())
+            })
+            .sum();
+        let finals = runs.iter().filter(|r| r.state.is_final()).count();
+        let elapsed = b.started.elapsed();
+        let minutes = elapsed.as_secs_f64() / 60.0;
+        let rate = if minutes > 0.0 {
+            finals as f64 / minutes
+        } else {
+            0.0
+        };
+        let left = runs.len() - finals;
+        let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
+        let finished = b.rec.pending.is_empty()
+            && runs
+                .iter()
+                .all(|r| r.state.is_final() || r.state == RunStatus::Escalated);
+        let (audit, audit_head) = self.store.audit_location();
+        Summary {
+            schema_version: SCHEMA_VERSION,
+            backfill_id,
+            pipeline: b.rec.pipeline.clone(),
+            steps: b.pipeline.steps().iter().map(|s| s.id.clone()).collect(),
+            counts,
+            in_step,
+            steps_executed,
+            runs_per_minute: (rate * 10.0).round() / 10.0,
+            eta_s,
+            wall_ms: elapsed.as_millis() as u64,
+            finished,
+            cancelling: b.rec.cancelling,
+            escalated: b.rec.escalated.clone(),
+            audit,
+            audit_head,
+            runs,
+        }
+    }
+}

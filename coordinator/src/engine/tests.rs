@@ -1,0 +1,344 @@
+//! The engine's deterministic tests. [`Harness`] drives an [`Engine`] the way its loop does
+//! (events in, one turn committed, effects acted on) with a transport and an observer that
+//! record what was dispatched and committed, in paused tokio time, so a test states a sequence
+//! of events and asserts the StepSpecs, timers and audit records each turn produced.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+use warpline_shared::audit::{AuditEvent, AuditRecord};
+use warpline_shared::config::Pipeline;
+use warpline_shared::contracts::{
+    ReportStatus, SCHEMA_VERSION, StepOutcome, StepResult, StepSpec, ValidationReport,
+};
+use warpline_shared::machine::RunStatus;
+use warpline_shared::partition::Partition;
+
+use super::*;
+use crate::audit_log::AuditLog;
+use crate::progress::Quiet;
+use crate::supervisor::RulesAgent;
+
+/// A transport that drops every spec: these tests never run a step.
+struct Nowhere;
+
+impl Transport for Nowhere {
+    fn dispatch(&mut self, _: StepSpec) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keeps every dispatched StepSpec.
+struct Recorder(Arc<Mutex<Vec<StepSpec>>>);
+
+impl Transport for Recorder {
+    fn dispatch(&mut self, spec: StepSpec) -> anyhow::Result<()> {
+        self.0.lock().unwrap().push(spec);
+        Ok(())
+    }
+}
+
+/// Keeps every committed audit record.
+struct Collect(Arc<Mutex<Vec<AuditRecord>>>);
+
+impl Observer for Collect {
+    fn on_record(&mut self, record: &AuditRecord) {
+        self.0.lock().unwrap().push(record.clone());
+    }
+}
+
+/// What one turn did, once committed.
+#[derive(Debug, Default)]
+pub(super) struct Turn {
+    /// The audit records it committed, in order.
+    pub records: Vec<AuditEvent>,
+    /// The StepSpecs it dispatched.
+    pub dispatched: Vec<StepSpec>,
+    /// The timers it armed: after how long, and the event (as `Debug`).
+    pub timers: Vec<(Duration, String)>,
+}
+
+impl Turn {
+    /// The audit records' kinds (`step_dispatched`, `decision`, ...).
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.records.iter().map(AuditEvent::name).collect()
+    }
+}
+
+/// An engine under test with the rules agent, a JSONL audit log in a temporary directory, and
+/// recording ports. Timers and agent calls send their events to [`Harness::next_event`], which
+/// the test calls when it wants the next one (tokio time is paused, so a backoff elapses at once
+/// and in order).
+pub(super) struct Harness {
+    pub engine: Engine,
+    pub dir: tempfile::TempDir,
+    dispatched: Arc<Mutex<Vec<StepSpec>>>,
+    records: Arc<Mutex<Vec<AuditRecord>>>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Harness {
+    /// A new engine with nothing submitted.
+    pub fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let dispatched = Arc::new(Mutex::new(Vec::new()));
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let (tx, events) = mpsc::unbounded_channel();
+        let engine = Engine::new(
+            EngineConfig {
+                exit_when_idle: false,
+            },
+            Arc::new(RulesAgent),
+            Box::new(AuditLog::open(dir.path().join("audit.jsonl")).unwrap()),
+            Box::new(Recorder(dispatched.clone())),
+            Box::new(Collect(records.clone())),
+            tx,
+        );
+        Harness {
+            engine,
+            dir,
+            dispatched,
+            records,
+            events,
+        }
+    }
+
+    /// A backfill of `steps` (JSON array of step configs) over datasets `parts`.
+    pub fn backfill(&self, steps: serde_json::Value, parts: &[&str]) -> BackfillRequest {
+        let config = serde_json::json!({"name": "p", "steps": steps}).to_string();
+        let pipeline = Pipeline::from_json(&self.dir.path().join("p.json"), &config).unwrap();
+        BackfillRequest {
+            id: Uuid::now_v7(),
+            pipeline: Arc::new(pipeline),
+            partitions: parts
+                .iter()
+                .map(|d| Partition {
+                    dataset: Some(d.to_string()),
+                    ..Partition::default()
+                })
+                .collect(),
+            max_parallel: parts.len().max(1),
+            priority: 0,
+        }
+    }
+
+    /// Handles `events` as one turn, commits it and acts on it.
+    pub async fn turn(&mut self, events: impl IntoIterator<Item = Event>) -> Turn {
+        for e in events {
+            self.engine.handle(e);
+        }
+        self.commit().await
+    }
+
+    /// Commits what the engine staged so far (e.g. after `submit` or `restore`) and acts on it.
+    pub async fn commit(&mut self) -> Turn {
+        let timers = self
+            .engine
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Timer { after, event } => Some((*after, format!("{event:?}"))),
+                _ => None,
+            })
+            .collect();
+        self.engine.end_turn().await.unwrap();
+        Turn {
+            records: std::mem::take(&mut *self.records.lock().unwrap())
+                .into_iter()
+                .map(|r| r.event)
+                .collect(),
+            dispatched: std::mem::take(&mut *self.dispatched.lock().unwrap()),
+            timers,
+        }
+    }
+
+    /// The next event a timer or an agent call sent (paused time runs until one fires).
+    pub async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(3600), self.events.recv())
+            .await
+            .expect("an event within an hour of paused time")
+            .expect("the engine holds a sender")
+    }
+
+    /// The summary of backfill `id`.
+    pub fn summary(&self, id: Uuid) -> Summary {
+        self.engine.summary(id)
+    }
+}
+
+/// The outcome a worker would send for `spec`: its exit code, and a report that passes when
+/// the exit code is 0.
+pub(super) fn outcome(spec: &StepSpec, exit_code: i32) -> Event {
+    let result = StepResult {
+        run_id: Some(spec.run_id),
+        attempt_id: Some(spec.attempt_id),
+        attempt: spec.attempt,
+        ..StepResult::new(&spec.step_id, exit_code)
+    };
+    let report = ValidationReport {
+        schema_version: SCHEMA_VERSION,
+        status: if exit_code == 0 {
+            ReportStatus::Pass
+        } else {
+            ReportStatus::Fail
+        },
+        checks: vec![],
+    };
+    Event::Outcome(
+        Box::new(StepOutcome {
+            schema_version: SCHEMA_VERSION,
+            result,
+            report,
+        }),
+        None,
+    )
+}
+
+fn engine(dir: &std::path::Path) -> Engine {
+    let (tx, _) = mpsc::unbounded_channel();
+    Engine::new(
+        EngineConfig {
+            exit_when_idle: false,
+        },
+        Arc::new(RulesAgent),
+        Box::new(AuditLog::open(dir.join("audit.jsonl")).unwrap()),
+        Box::new(Nowhere),
+        Box::new(Quiet),
+        tx,
+    )
+}
+
+fn backfill(dir: &std::path::Path) -> BackfillRequest {
+    let config = r#"{"name": "p", "steps": [{"id": "A", "command": "true"}]}"#;
+    let pipeline = Pipeline::from_json(&dir.join("p.json"), config).unwrap();
+    BackfillRequest {
+        id: Uuid::now_v7(),
+        pipeline: Arc::new(pipeline),
+        partitions: vec![Partition {
+            dataset: Some("a".into()),
+            ..Partition::default()
+        }],
+        max_parallel: 1,
+        priority: 0,
+    }
+}
+
+/// A step that fails once is retried after its backoff, then proceeds; each turn commits
+/// exactly the records and dispatches exactly the specs the sequence implies.
+#[tokio::test(start_paused = true)]
+async fn a_failed_attempt_is_retried_after_its_backoff_and_then_completes() {
+    let mut h = Harness::new();
+    let req = h.backfill(
+        serde_json::json!([
+            {"id": "A", "command": "true", "max_attempts": 2},
+            {"id": "B", "command": "true"}
+        ]),
+        &["a"],
+    );
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    assert_eq!(
+        first.kinds(),
+        [
+            "backfill_created",
+            "run_created",
+            "transition",
+            "step_dispatched"
+        ]
+    );
+    assert_eq!(first.dispatched.len(), 1);
+    let a1 = first.dispatched[0].clone();
+    assert_eq!((a1.step_id.as_str(), a1.attempt), ("A", 1));
+    assert_eq!(first.timers.len(), 1, "the deadline of A#1");
+
+    // Exit 75 (`EX_TEMPFAIL`): the rules retry.
+    let failed = h.turn([outcome(&a1, 75)]).await;
+    assert_eq!(failed.kinds(), ["step_result", "decision", "transition"]);
+    assert!(
+        failed.dispatched.is_empty(),
+        "a retry waits out its backoff"
+    );
+    let backoff: Vec<_> = failed
+        .timers
+        .iter()
+        .filter(|(_, e)| e.starts_with("Ready"))
+        .collect();
+    assert_eq!(backoff.len(), 1, "{:?}", failed.timers);
+    assert_eq!(backoff[0].0, Duration::from_secs(2), "the default backoff");
+
+    // The deadline of A#1 fires later than the backoff; only Ready comes first.
+    let ready = h.next_event().await;
+    assert!(matches!(ready, Event::Ready { .. }), "{ready:?}");
+    let retried = h.turn([ready]).await;
+    assert_eq!(retried.kinds(), ["step_dispatched"]);
+    let a2 = retried.dispatched[0].clone();
+    assert_eq!((a2.step_id.as_str(), a2.attempt), ("A", 2));
+
+    let passed = h.turn([outcome(&a2, 0)]).await;
+    assert_eq!(
+        passed.kinds(),
+        ["step_result", "decision", "transition", "step_dispatched"]
+    );
+    let b1 = passed.dispatched[0].clone();
+    let done = h.turn([outcome(&b1, 0)]).await;
+    assert_eq!(
+        done.kinds(),
+        ["step_result", "decision", "transition", "run_finished"]
+    );
+    let s = h.summary(id);
+    assert_eq!(s.runs[0].state, RunStatus::Complete);
+    assert_eq!(s.counts.get(&RunStatus::Complete), Some(&1));
+    assert!(s.finished);
+    // A late duplicate of A#1 changes nothing and is recorded as stale.
+    let late = h.turn([outcome(&a1, 0)]).await;
+    assert_eq!(late.kinds(), ["stale_result"]);
+    assert!(late.dispatched.is_empty());
+}
+
+#[test]
+fn requests_whose_client_gave_up_are_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = engine(dir.path());
+    let (reply, gave_up) = oneshot::channel();
+    drop(gave_up);
+    engine.handle(Event::Submit(Box::new(backfill(dir.path())), Some(reply)));
+    assert!(
+        engine.backfills.is_empty(),
+        "a submit answered 503 took effect"
+    );
+
+    let id = engine.submit(backfill(dir.path()));
+    let (reply, gave_up) = oneshot::channel();
+    drop(gave_up);
+    let cancel = OperatorCommand::Cancel { backfill_id: id };
+    engine.handle(Event::Operator(cancel, reply));
+    assert!(
+        !engine.backfills[&id].rec.cancelling,
+        "a cancel answered 503 took effect"
+    );
+
+    let (reply, mut answer) = oneshot::channel();
+    engine.handle(Event::Operator(
+        OperatorCommand::Cancel { backfill_id: id },
+        reply,
+    ));
+    assert!(engine.backfills[&id].rec.cancelling);
+    assert!(matches!(engine.effects.last(), Some(Effect::Reply(..))));
+    assert!(
+        answer.try_recv().is_err(),
+        "answered only after the turn commits"
+    );
+}
+
+#[test]
+fn bound_tail_keeps_the_end_on_a_char_boundary() {
+    let mut s = "é".repeat(10);
+    bound_tail(&mut s, 5);
+    assert!(s.ends_with("éé"), "{s}");
+    assert!(s.starts_with("[... "), "{s}");
+    let mut short = "abc".to_string();
+    bound_tail(&mut short, 5);
+    assert_eq!(short, "abc");
+}
