@@ -227,6 +227,8 @@ pub struct Finished {
     pub validations: Vec<Validation>,
     /// Failed checks for what could not be resolved, in the report's terms.
     pub failed: Vec<Check>,
+    /// The index in the spec's checks of each of `validations`.
+    pub kept: Vec<usize>,
 }
 
 /// Resolves this step's own dynamic artefacts and the check paths that use them, and writes
@@ -242,6 +244,7 @@ pub fn finish(spec: &StepSpec, prepared: &Prepared) -> Finished {
         severity: warpline_shared::contracts::Severity::Error,
         passed: false,
         detail,
+        value: None,
     };
     let mut reported: Option<Result<BTreeMap<String, String>, String>> = None;
     for (name, d) in &spec.dynamic_artefacts {
@@ -308,15 +311,18 @@ pub fn finish(spec: &StepSpec, prepared: &Prepared) -> Finished {
             severity: warpline_shared::contracts::Severity::Error,
             passed: false,
             detail: format!("cannot write `{record}`: {e}"),
+            value: None,
         });
     }
     let mut all = prepared.earlier.clone();
     all.extend(artefacts.clone());
     let mut validations = Vec::with_capacity(spec.validations.len());
+    let mut kept = Vec::with_capacity(spec.validations.len());
     for (i, v) in spec.validations.iter().enumerate() {
         let field = format!("validations[{i}].path");
         if !spec.deferred.contains(&field) {
             validations.push(v.clone());
+            kept.push(i);
             continue;
         }
         let render = |p: &str| {
@@ -345,6 +351,7 @@ pub fn finish(spec: &StepSpec, prepared: &Prepared) -> Finished {
                 severity: v.severity,
                 passed: false,
                 detail: "its artefact was not found (see the artefact check)".into(),
+                value: None,
             }),
         }
     }
@@ -352,6 +359,7 @@ pub fn finish(spec: &StepSpec, prepared: &Prepared) -> Finished {
         artefacts,
         validations,
         failed,
+        kept,
     }
 }
 

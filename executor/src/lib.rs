@@ -316,6 +316,7 @@ async fn run_prepared(
         "tool finished"
     );
 
+    let measured = measure_queries(spec).await;
     let spec = spec.clone();
     let earlier = prepared.earlier.clone();
     let checked = tokio::task::spawn_blocking(move || {
@@ -331,7 +332,14 @@ async fn run_prepared(
             stdout: &stdout_path,
             stderr: &stderr_path,
         };
-        let report = validate::run_checks(&finished.validations, &logs);
+        // Keep each kept check's measured value beside it.
+        let mut measured = measured;
+        let measured: Vec<_> = finished
+            .kept
+            .iter()
+            .map(|&i| measured.get_mut(i).and_then(Option::take))
+            .collect();
+        let report = validate::run_checks_measured(&finished.validations, &logs, &measured);
         let mut checks = finished.failed;
         checks.extend(report.checks);
         (finished.artefacts, ValidationReport::from_checks(checks))
@@ -390,6 +398,100 @@ fn program_sha256(program: &Path) -> Option<String> {
     let hex = hex::encode(hasher.finalize());
     cache.lock().ok()?.insert(key, hex.clone());
     Some(hex)
+}
+
+/// Runs the query of every `sql` check (one connection each, bounded by the check's
+/// `timeout_s`); other checks get `None`. The database URL comes from the environment the tool
+/// saw (the spec's `env` over the worker's own) and is never reported.
+async fn measure_queries(spec: &StepSpec) -> Vec<Option<validate::Measured>> {
+    let mut out = Vec::with_capacity(spec.validations.len());
+    for v in &spec.validations {
+        let CheckSpec::Sql {
+            query,
+            database_url_env,
+            database_url_default,
+            search_path_env,
+            search_path_default,
+            timeout_s,
+            ..
+        } = &v.check
+        else {
+            out.push(None);
+            continue;
+        };
+        let env = |name: &str| {
+            spec.env
+                .get(name)
+                .cloned()
+                .or_else(|| std::env::var(name).ok())
+                .filter(|v| !v.is_empty())
+        };
+        let Some(url) = env(database_url_env).or_else(|| database_url_default.clone()) else {
+            out.push(Some(Err(format!(
+                "environment variable `{database_url_env}` is not set: set it to the database URL"
+            ))));
+            continue;
+        };
+        let search_path = search_path_env
+            .as_deref()
+            .and_then(env)
+            .or_else(|| search_path_default.clone());
+        let limit = Duration::from_secs((*timeout_s).max(1));
+        let measured =
+            match tokio::time::timeout(limit, scalar_query(&url, search_path.as_deref(), query))
+                .await
+            {
+                Ok(m) => m,
+                Err(_) => Err(format!("no answer within {timeout_s} s")),
+            };
+        tracing::info!(check = %v.name, ok = measured.is_ok(), "sql check measured");
+        out.push(Some(measured));
+    }
+    out
+}
+
+/// Connects, optionally sets the `search_path`, and returns the first column of the first row
+/// as text. Errors name what failed, never the URL.
+async fn scalar_query(
+    url: &str,
+    search_path: Option<&str>,
+    query: &str,
+) -> Result<Option<String>, String> {
+    let describe = |e: tokio_postgres::Error| match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    };
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| "the database URL is not a valid PostgreSQL URL".to_string())?;
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to the database: {}", describe(e)))?;
+    let conn = tokio::spawn(connection);
+    let result = async {
+        if let Some(schema) = search_path {
+            let ident = schema.replace('"', "\"\"");
+            client
+                .batch_execute(&format!("SET search_path TO \"{ident}\""))
+                .await
+                .map_err(describe)?;
+        }
+        let messages = client.simple_query(query).await.map_err(describe)?;
+        for m in messages {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+                return match row.try_get(0) {
+                    Ok(v) => Ok(v.map(str::to_string)),
+                    Err(e) => Err(describe(e)),
+                };
+            }
+        }
+        Err("the query returned no rows".to_string())
+    }
+    .await;
+    drop(client);
+    conn.abort();
+    result
 }
 
 /// How long to wait for the tool's pipes to close once the tool has exited, before killing what
@@ -454,6 +556,7 @@ fn executor_check(name: &str, detail: String) -> Check {
         severity: Severity::Error,
         passed: false,
         detail,
+        value: None,
     }
 }
 
@@ -594,7 +697,11 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
             continue;
         }
         match &v.check {
-            CheckSpec::FileExists { path } | CheckSpec::FileSizeMin { path, .. } => {
+            CheckSpec::FileExists { path }
+            | CheckSpec::FileSizeMin { path, .. }
+            | CheckSpec::JsonPath { path, .. }
+            | CheckSpec::YamlPath { path, .. }
+            | CheckSpec::ParquetRows { path, .. } => {
                 confined(format!("validations[{i}].path"), path)?;
             }
             CheckSpec::FileCount { glob, .. } => {
@@ -607,7 +714,9 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
                 }
                 confined(field, glob)?;
             }
-            CheckSpec::LogRegexAbsent { .. } | CheckSpec::LogRegexPresent { .. } => {}
+            CheckSpec::LogRegexAbsent { .. }
+            | CheckSpec::LogRegexPresent { .. }
+            | CheckSpec::Sql { .. } => {}
         }
     }
     Ok(())

@@ -452,6 +452,109 @@ pub enum CheckConfig {
         #[serde(default)]
         stream: LogStream,
     },
+    /// A scalar SQL query (placeholders allowed) against a database whose URL is in the
+    /// environment; its result must satisfy `min` / `max` / `equals`.
+    #[serde(alias = "row_count")]
+    Sql {
+        /// The query; its first column of its first row is the value.
+        query: String,
+        /// The environment variable holding the database URL.
+        database_url_env: String,
+        /// The URL when the variable is unset; it may not hold a password.
+        #[serde(default)]
+        database_url_default: Option<String>,
+        /// An environment variable naming the schema to search first.
+        #[serde(default)]
+        search_path_env: Option<String>,
+        /// The schema when that variable is unset.
+        #[serde(default)]
+        search_path_default: Option<String>,
+        /// Lower bound.
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper bound.
+        #[serde(default)]
+        max: Option<f64>,
+        /// Exact value.
+        #[serde(default)]
+        equals: Option<serde_json::Value>,
+        /// Seconds the connection and query may take (30).
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
+    /// A field of a JSON artefact.
+    JsonPath {
+        /// An artefact of this step or an earlier one.
+        #[serde(default)]
+        artefact: Option<String>,
+        /// Or a path template.
+        #[serde(default)]
+        path: Option<String>,
+        /// `$.a.b[0]`, `a.b` or `/a/b/0`.
+        field: String,
+        /// Lower bound (a number, or an array's, object's or string's length).
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper bound.
+        #[serde(default)]
+        max: Option<f64>,
+        /// Exact value.
+        #[serde(default)]
+        equals: Option<serde_json::Value>,
+    },
+    /// A field of a YAML artefact.
+    YamlPath {
+        /// An artefact of this step or an earlier one.
+        #[serde(default)]
+        artefact: Option<String>,
+        /// Or a path template.
+        #[serde(default)]
+        path: Option<String>,
+        /// `$.a.b[0]`, `a.b` or `/a/b/0`.
+        field: String,
+        /// Lower bound.
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper bound.
+        #[serde(default)]
+        max: Option<f64>,
+        /// Exact value.
+        #[serde(default)]
+        equals: Option<serde_json::Value>,
+    },
+    /// A Parquet artefact's row count (from its footer).
+    ParquetRows {
+        /// An artefact of this step or an earlier one.
+        #[serde(default)]
+        artefact: Option<String>,
+        /// Or a path template.
+        #[serde(default)]
+        path: Option<String>,
+        /// Fewest rows.
+        #[serde(default)]
+        min: Option<u64>,
+        /// Most rows.
+        #[serde(default)]
+        max: Option<u64>,
+    },
+}
+
+/// Whether a variable name is a plausible environment variable.
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// A database URL written into a config may not carry a password: that belongs in the
+/// environment, out of the config and the audit log.
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+        || url.contains("password=")
 }
 
 /// A config that cannot be used.
@@ -513,6 +616,16 @@ pub enum RenderError {
         template: String,
         /// As rendered.
         command: String,
+    },
+    /// A value substituted into a `sql` check's query holds a quote, backslash or semicolon.
+    #[error(
+        "step `{step}`: the value of `{{{placeholder}}}` in a sql check's query holds a quote, backslash or semicolon; such values cannot be placed in a query safely"
+    )]
+    UnsafeQueryValue {
+        /// The step.
+        step: String,
+        /// The placeholder.
+        placeholder: String,
     },
     /// The step needs a partition dimension the backfill lacks.
     #[error(
@@ -951,10 +1064,142 @@ impl Pipeline {
                             return err(&vat("pattern"), format!("invalid regex: {e}"));
                         }
                     }
+                    CheckConfig::Sql {
+                        query,
+                        database_url_env,
+                        database_url_default,
+                        search_path_env,
+                        search_path_default: _,
+                        min,
+                        max,
+                        equals,
+                        timeout_s,
+                    } => {
+                        if query.trim().is_empty() {
+                            return err(&vat("query"), "expected a SQL query".into());
+                        }
+                        self.check_template(
+                            &vat("query"),
+                            query,
+                            &static_artefacts,
+                            Field::Static,
+                        )?;
+                        if !valid_env_name(database_url_env) {
+                            return err(
+                                &vat("database_url_env"),
+                                "expected the name of an environment variable such as `DATABASE_URL` (the URL itself stays out of the config)".into(),
+                            );
+                        }
+                        if let Some(s) = search_path_env
+                            && !valid_env_name(s)
+                        {
+                            return err(
+                                &vat("search_path_env"),
+                                "expected the name of an environment variable".into(),
+                            );
+                        }
+                        if let Some(u) = database_url_default {
+                            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                                return err(
+                                    &vat("database_url_default"),
+                                    "expected a `postgres://` URL".into(),
+                                );
+                            }
+                            if url_has_password(u) {
+                                return err(
+                                    &vat("database_url_default"),
+                                    format!(
+                                        "a URL written in the config may not hold a password: put it in `{database_url_env}`"
+                                    ),
+                                );
+                            }
+                        }
+                        if *timeout_s == Some(0) {
+                            return err(
+                                &vat("timeout_s"),
+                                "expected a timeout of at least 1 second".into(),
+                            );
+                        }
+                        check_bounds(&vat, *min, *max, equals.as_ref())?;
+                    }
+                    CheckConfig::JsonPath {
+                        artefact,
+                        path,
+                        field,
+                        min,
+                        max,
+                        equals,
+                    }
+                    | CheckConfig::YamlPath {
+                        artefact,
+                        path,
+                        field,
+                        min,
+                        max,
+                        equals,
+                    } => {
+                        self.check_target(
+                            &at(&format!("validations[{j}]")),
+                            &vat,
+                            artefact,
+                            path,
+                            &artefacts,
+                        )?;
+                        if let Err(e) = crate::validate::FieldPath::parse(field) {
+                            return err(&vat("field"), e);
+                        }
+                        check_bounds(&vat, *min, *max, equals.as_ref())?;
+                    }
+                    CheckConfig::ParquetRows {
+                        artefact,
+                        path,
+                        min,
+                        max,
+                    } => {
+                        self.check_target(
+                            &at(&format!("validations[{j}]")),
+                            &vat,
+                            artefact,
+                            path,
+                            &artefacts,
+                        )?;
+                        if let (Some(lo), Some(hi)) = (min, max)
+                            && lo > hi
+                        {
+                            return err(
+                                &vat("min"),
+                                format!("expected min ≤ max, got {lo} > {hi}"),
+                            );
+                        }
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    fn check_target(
+        &self,
+        at: &str,
+        vat: &dyn Fn(&str) -> String,
+        artefact: &Option<String>,
+        path: &Option<String>,
+        artefacts: &BTreeSet<String>,
+    ) -> Result<(), (String, String)> {
+        match (artefact, path) {
+            (Some(a), None) if artefacts.contains(a) => Ok(()),
+            (Some(a), None) => Err((
+                vat("artefact"),
+                format!(
+                    "unknown artefact `{a}`: expected one declared by this step or an earlier one"
+                ),
+            )),
+            (None, Some(p)) => self.check_template(&vat("path"), p, artefacts, Field::Static),
+            _ => Err((
+                at.to_string(),
+                "expected exactly one of `artefact` or `path`".into(),
+            )),
+        }
     }
 
     fn check_template(
@@ -1263,6 +1508,65 @@ impl Pipeline {
                     pattern: pattern.clone(),
                     stream: *stream,
                 },
+                CheckConfig::Sql {
+                    query,
+                    database_url_env,
+                    database_url_default,
+                    search_path_env,
+                    search_path_default,
+                    min,
+                    max,
+                    equals,
+                    timeout_s,
+                } => CheckSpec::Sql {
+                    query: self.render_query(step, query, partition, attempt, &run_dir, &known)?,
+                    database_url_env: database_url_env.clone(),
+                    database_url_default: database_url_default.clone(),
+                    search_path_env: search_path_env.clone(),
+                    search_path_default: search_path_default.clone(),
+                    min: *min,
+                    max: *max,
+                    equals: equals.clone(),
+                    timeout_s: timeout_s.unwrap_or(30),
+                },
+                CheckConfig::JsonPath {
+                    artefact,
+                    path,
+                    field,
+                    min,
+                    max,
+                    equals,
+                } => CheckSpec::JsonPath {
+                    path: target(artefact, path)?,
+                    field: field.clone(),
+                    min: *min,
+                    max: *max,
+                    equals: equals.clone(),
+                },
+                CheckConfig::YamlPath {
+                    artefact,
+                    path,
+                    field,
+                    min,
+                    max,
+                    equals,
+                } => CheckSpec::YamlPath {
+                    path: target(artefact, path)?,
+                    field: field.clone(),
+                    min: *min,
+                    max: *max,
+                    equals: equals.clone(),
+                },
+                CheckConfig::ParquetRows {
+                    artefact,
+                    path,
+                    min,
+                    max,
+                } => CheckSpec::ParquetRows {
+                    path: target(artefact, path)?,
+                    min: *min,
+                    max: *max,
+                },
             };
             let name = v
                 .name
@@ -1296,6 +1600,39 @@ impl Pipeline {
             dynamic_artefacts,
             failures: FailuresConfig::layered(step.failures.as_ref(), &self.config.failures),
         })
+    }
+
+    /// Renders a `sql` check's query. Placeholders are substituted as written (quote them in
+    /// the query: `'{month}'`); a value that could break out of a literal or an identifier
+    /// (a quote, a backslash, a semicolon) is refused. Partition values cannot hold one.
+    fn render_query(
+        &self,
+        step: &StepConfig,
+        query: &str,
+        partition: &Partition,
+        attempt: u32,
+        run_dir: &Path,
+        known: &BTreeMap<String, String>,
+    ) -> Result<String, RenderError> {
+        let unsafe_value = std::cell::RefCell::new(None);
+        let rendered = template::render(query, |n| {
+            let v = self.lookup(n, partition, attempt, run_dir, known)?;
+            if v.contains(['\'', '"', '\\', ';', '\0']) {
+                unsafe_value.borrow_mut().get_or_insert(n.to_string());
+            }
+            Some(v)
+        })
+        .map_err(|source| RenderError::Template {
+            step: step.id.clone(),
+            source,
+        })?;
+        match unsafe_value.into_inner() {
+            Some(name) => Err(RenderError::UnsafeQueryValue {
+                step: step.id.clone(),
+                placeholder: name,
+            }),
+            None => Ok(rendered),
+        }
     }
 
     fn lookup(
@@ -1332,7 +1669,60 @@ fn default_check_name(c: &CheckConfig) -> String {
         CheckConfig::FileCount { glob, .. } => format!("file_count({glob})"),
         CheckConfig::LogRegexAbsent { pattern, .. } => format!("log_regex_absent({pattern})"),
         CheckConfig::LogRegexPresent { pattern, .. } => format!("log_regex_present({pattern})"),
+        CheckConfig::Sql { query, .. } => {
+            let q: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+            let short: String = q.chars().take(60).collect();
+            format!("sql({short})")
+        }
+        CheckConfig::JsonPath {
+            artefact,
+            path,
+            field,
+            ..
+        } => format!(
+            "json_path({}, {field})",
+            artefact.as_deref().or(path.as_deref()).unwrap_or("")
+        ),
+        CheckConfig::YamlPath {
+            artefact,
+            path,
+            field,
+            ..
+        } => format!(
+            "yaml_path({}, {field})",
+            artefact.as_deref().or(path.as_deref()).unwrap_or("")
+        ),
+        CheckConfig::ParquetRows { artefact, path, .. } => format!(
+            "parquet_rows({})",
+            artefact.as_deref().or(path.as_deref()).unwrap_or("")
+        ),
     }
+}
+
+/// Semantic checks of `min` / `max` / `equals`; the error is (JSON path, message).
+fn check_bounds(
+    vat: &dyn Fn(&str) -> String,
+    min: Option<f64>,
+    max: Option<f64>,
+    equals: Option<&serde_json::Value>,
+) -> Result<(), (String, String)> {
+    for (name, b) in [("min", min), ("max", max)] {
+        if b.is_some_and(|b| !b.is_finite()) {
+            return Err((vat(name), "expected a finite number".into()));
+        }
+    }
+    if let (Some(lo), Some(hi)) = (min, max)
+        && lo > hi
+    {
+        return Err((vat("min"), format!("expected min ≤ max, got {lo} > {hi}")));
+    }
+    if equals.is_some() && (min.is_some() || max.is_some()) {
+        return Err((
+            vat("equals"),
+            "expected either `equals` or `min`/`max`, not both".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn valid_ident(s: &str) -> bool {
@@ -1688,5 +2078,89 @@ mod tests {
             .to_string();
         assert!(!err.contains("did you mean"), "{err}");
         assert!(err.contains("defined: `source`"), "{err}");
+    }
+
+    fn one_step(validations: &str) -> String {
+        format!(
+            r#"{{"name": "g", "steps": [{{"id": "S", "command": "tool",
+                "artefacts": {{"m": "m.json"}}, "validations": {validations}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn data_gates_are_checked_and_rendered() {
+        let ok = one_step(
+            r#"[{"name": "rows", "kind": "row_count", "query": "SELECT count(*) FROM t WHERE m = '{month}'",
+                 "database_url_env": "DB_URL", "min": 1},
+                {"kind": "json_path", "artefact": "m", "field": "$.row_count", "min": 100},
+                {"kind": "parquet_rows", "path": "out.parquet", "max": 10}]"#,
+        );
+        let p = load(&ok).unwrap();
+        let spec = p
+            .render_step(0, &part(), Uuid::nil(), 1, Uuid::nil())
+            .unwrap();
+        assert_eq!(spec.validations.len(), 3);
+        match &spec.validations[0].check {
+            CheckSpec::Sql { query, .. } => {
+                assert_eq!(query, "SELECT count(*) FROM t WHERE m = '2024-03'")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(spec.validations[1].name, "json_path(m, $.row_count)");
+        for (bad, at, says) in [
+            (
+                r#"[{"kind": "sql", "query": "select 1", "database_url_env": "postgres://x"}]"#,
+                "steps[0].validations[0].database_url_env",
+                "name of an environment variable",
+            ),
+            (
+                r#"[{"kind": "sql", "query": "select 1", "database_url_env": "DB", "database_url_default": "postgres://u:secret@h/db"}]"#,
+                "steps[0].validations[0].database_url_default",
+                "may not hold a password",
+            ),
+            (
+                r#"[{"kind": "json_path", "artefact": "m", "field": "$.a[", "min": 1}]"#,
+                "steps[0].validations[0].field",
+                "unclosed",
+            ),
+            (
+                r#"[{"kind": "json_path", "artefact": "m", "field": "a", "min": 5, "max": 1}]"#,
+                "steps[0].validations[0].min",
+                "min ≤ max",
+            ),
+        ] {
+            let (path, msg) = invalid_at(&one_step(bad));
+            assert_eq!(path, at, "{msg}");
+            assert!(msg.contains(says), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_query_value_that_could_break_out_is_refused() {
+        let text = one_step(
+            r#"[{"kind": "sql", "query": "SELECT count(*) FROM t WHERE d = '{who}'", "database_url_env": "DB"}]"#,
+        )
+        .replace(r#""name": "g","#, r#""name": "g", "vars": {"who": "x' OR '1'='1"},"#);
+        let p = load(&text).unwrap();
+        let err = p
+            .render_step(0, &part(), Uuid::nil(), 1, Uuid::nil())
+            .unwrap_err();
+        assert!(matches!(err, RenderError::UnsafeQueryValue { .. }), "{err}");
+    }
+
+    #[test]
+    fn failures_sections_are_checked_and_layered() {
+        let text = r#"{"name": "f", "failures": {"rules": [{"pattern": "p", "class": "permanent"}]},
+            "steps": [{"id": "S", "command": "t",
+                       "failures": {"rules": [{"exit_codes": [3], "class": "transient"}], "builtin": false}}]}"#;
+        let p = load(text).unwrap();
+        let spec = p
+            .render_step(0, &part(), Uuid::nil(), 1, Uuid::nil())
+            .unwrap();
+        assert_eq!(spec.failures.rules.len(), 2);
+        assert_eq!(spec.failures.rules[0].exit_codes, vec![3]);
+        assert_eq!(spec.failures.builtin, Some(false));
+        let (path, msg) = invalid_at(&text.replace(r#""exit_codes": [3], "#, ""));
+        assert_eq!(path, "steps[0].failures.rules[0]", "{msg}");
     }
 }

@@ -201,6 +201,83 @@ pub enum CheckSpec {
         #[serde(default)]
         stream: LogStream,
     },
+    /// A scalar SQL query's result lies within bounds. The worker runs the query (the
+    /// validators do no network I/O) and the comparison is pure.
+    #[serde(alias = "row_count")]
+    Sql {
+        /// The query, placeholders rendered; its first column of its first row is the value.
+        query: String,
+        /// The environment variable holding the database URL (never written into a spec).
+        database_url_env: String,
+        /// The URL used when that variable is unset (refused if it holds a password).
+        #[serde(default)]
+        database_url_default: Option<String>,
+        /// An environment variable naming the schema to put on the `search_path` first.
+        #[serde(default)]
+        search_path_env: Option<String>,
+        /// The schema when that variable is unset.
+        #[serde(default)]
+        search_path_default: Option<String>,
+        /// Bounds on the value.
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper bound.
+        #[serde(default)]
+        max: Option<f64>,
+        /// The exact value expected (a number, or a string compared as text).
+        #[serde(default)]
+        equals: Option<serde_json::Value>,
+        /// Seconds the connection and query may take.
+        #[serde(default = "default_query_timeout")]
+        timeout_s: u64,
+    },
+    /// A field of a JSON artefact exists and, when bounds are given, satisfies them.
+    JsonPath {
+        /// Resolved path of the file.
+        path: String,
+        /// The field: `$.a.b[0].c`, `a.b`, or a JSON pointer `/a/b/0`.
+        field: String,
+        /// Lower bound on a number, or on the length of an array, object or string.
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper bound, likewise.
+        #[serde(default)]
+        max: Option<f64>,
+        /// The exact value expected.
+        #[serde(default)]
+        equals: Option<serde_json::Value>,
+    },
+    /// A field of a YAML artefact, as [`CheckSpec::JsonPath`].
+    YamlPath {
+        /// Resolved path of the file.
+        path: String,
+        /// The field.
+        field: String,
+        /// Lower bound.
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper bound.
+        #[serde(default)]
+        max: Option<f64>,
+        /// The exact value expected.
+        #[serde(default)]
+        equals: Option<serde_json::Value>,
+    },
+    /// A Parquet file's row count, read from its footer, lies within bounds.
+    ParquetRows {
+        /// Resolved path of the file.
+        path: String,
+        /// Fewest rows accepted.
+        #[serde(default)]
+        min: Option<u64>,
+        /// Most rows accepted.
+        #[serde(default)]
+        max: Option<u64>,
+    },
+}
+
+fn default_query_timeout() -> u64 {
+    30
 }
 
 impl CheckSpec {
@@ -212,6 +289,10 @@ impl CheckSpec {
             CheckSpec::FileCount { .. } => "file_count",
             CheckSpec::LogRegexAbsent { .. } => "log_regex_absent",
             CheckSpec::LogRegexPresent { .. } => "log_regex_present",
+            CheckSpec::Sql { .. } => "sql",
+            CheckSpec::JsonPath { .. } => "json_path",
+            CheckSpec::YamlPath { .. } => "yaml_path",
+            CheckSpec::ParquetRows { .. } => "parquet_rows",
         }
     }
 }
@@ -409,9 +490,14 @@ pub struct Check {
     pub severity: Severity,
     /// Whether it held.
     pub passed: bool,
-    /// The fact it saw (a path and its size, the first matching line and its number).
+    /// The fact it saw (a path and its size, the first matching line and its number, the
+    /// measured value and its bound).
     #[serde(default)]
     pub detail: String,
+    /// The number it measured, when it measures one (bytes, files, rows, a query's result, a
+    /// field's value or length): what `sibling_deviation` compares across partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
 }
 
 /// What the validators found. The seed's minimum is `{"status", "checks"}`.
@@ -683,6 +769,7 @@ mod tests {
             severity,
             passed,
             detail: String::new(),
+            value: None,
         };
         let warn_only = ValidationReport::from_checks(vec![check(Severity::Warn, false)]);
         assert_eq!(warn_only.status, ReportStatus::Pass);

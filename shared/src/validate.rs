@@ -28,21 +28,90 @@ pub struct Logs<'a> {
 }
 
 /// Runs every check in order; the status is derived with [`ValidationReport::from_checks`].
+/// A `sql` check fails here ("not measured"): use [`run_checks_measured`] with the values the
+/// worker's queries returned.
 pub fn run_checks(validations: &[Validation], logs: &Logs<'_>) -> ValidationReport {
-    ValidationReport::from_checks(validations.iter().map(|v| run_check(v, logs)).collect())
+    run_checks_measured(validations, logs, &[])
+}
+
+/// What a `sql` check's query returned, measured outside this pure module: the scalar as
+/// text (`None` for SQL NULL), or why it could not be measured.
+pub type Measured = Result<Option<String>, String>;
+
+/// Runs every check in order; `measured[i]` is the result of validation `i`'s query (for `sql`
+/// checks; other entries are ignored).
+pub fn run_checks_measured(
+    validations: &[Validation],
+    logs: &Logs<'_>,
+    measured: &[Option<Measured>],
+) -> ValidationReport {
+    ValidationReport::from_checks(
+        validations
+            .iter()
+            .enumerate()
+            .map(|(i, v)| run_check_measured(v, logs, measured.get(i).and_then(|m| m.as_ref())))
+            .collect(),
+    )
 }
 
 /// Runs one check.
 pub fn run_check(v: &Validation, logs: &Logs<'_>) -> Check {
+    run_check_measured(v, logs, None)
+}
+
+fn run_check_measured(v: &Validation, logs: &Logs<'_>, measured: Option<&Measured>) -> Check {
+    let mut value = None;
     let (passed, detail) = match &v.check {
-        CheckSpec::FileExists { path } => file_exists(Path::new(path)),
-        CheckSpec::FileSizeMin { path, min_bytes } => file_size_min(Path::new(path), *min_bytes),
-        CheckSpec::FileCount { glob, min, max } => file_count(glob, *min, *max),
+        CheckSpec::FileExists { path } => file_exists(Path::new(path), &mut value),
+        CheckSpec::FileSizeMin { path, min_bytes } => {
+            file_size_min(Path::new(path), *min_bytes, &mut value)
+        }
+        CheckSpec::FileCount { glob, min, max } => file_count(glob, *min, *max, &mut value),
         CheckSpec::LogRegexAbsent { pattern, stream } => {
             log_regex(pattern, *stream, logs, Expect::Absent)
         }
         CheckSpec::LogRegexPresent { pattern, stream } => {
             log_regex(pattern, *stream, logs, Expect::Present)
+        }
+        CheckSpec::Sql {
+            min, max, equals, ..
+        } => sql_result(measured, *min, *max, equals.as_ref(), &mut value),
+        CheckSpec::JsonPath {
+            path,
+            field,
+            min,
+            max,
+            equals,
+        } => document_field(
+            Format::Json,
+            Path::new(path),
+            field,
+            Bounds {
+                min: *min,
+                max: *max,
+                equals: equals.as_ref(),
+            },
+            &mut value,
+        ),
+        CheckSpec::YamlPath {
+            path,
+            field,
+            min,
+            max,
+            equals,
+        } => document_field(
+            Format::Yaml,
+            Path::new(path),
+            field,
+            Bounds {
+                min: *min,
+                max: *max,
+                equals: equals.as_ref(),
+            },
+            &mut value,
+        ),
+        CheckSpec::ParquetRows { path, min, max } => {
+            parquet_rows(Path::new(path), *min, *max, &mut value)
         }
     };
     Check {
@@ -51,6 +120,7 @@ pub fn run_check(v: &Validation, logs: &Logs<'_>) -> Check {
         severity: v.severity,
         passed,
         detail,
+        value,
     }
 }
 
@@ -103,20 +173,26 @@ fn not_a_file(path: &Path, fact: &PathFact) -> String {
     }
 }
 
-fn file_exists(path: &Path) -> (bool, String) {
+fn file_exists(path: &Path, value: &mut Option<f64>) -> (bool, String) {
     match inspect(path) {
-        PathFact::File { bytes } => (
-            true,
-            format!("`{}` is a file of {bytes} bytes", path.display()),
-        ),
+        PathFact::File { bytes } => {
+            *value = Some(bytes as f64);
+            (
+                true,
+                format!("`{}` is a file of {bytes} bytes", path.display()),
+            )
+        }
         other => (false, not_a_file(path, &other)),
     }
 }
 
-fn file_size_min(path: &Path, min_bytes: u64) -> (bool, String) {
+fn file_size_min(path: &Path, min_bytes: u64, value: &mut Option<f64>) -> (bool, String) {
     match inspect(path) {
         PathFact::File { bytes } => (
-            bytes >= min_bytes,
+            {
+                *value = Some(bytes as f64);
+                bytes >= min_bytes
+            },
             format!(
                 "`{}` is a file of {bytes} bytes (minimum {min_bytes})",
                 path.display()
@@ -129,7 +205,12 @@ fn file_size_min(path: &Path, min_bytes: u64) -> (bool, String) {
     }
 }
 
-fn file_count(pattern: &str, min: Option<u64>, max: Option<u64>) -> (bool, String) {
+fn file_count(
+    pattern: &str,
+    min: Option<u64>,
+    max: Option<u64>,
+    value: &mut Option<f64>,
+) -> (bool, String) {
     let entries = match glob::glob(pattern) {
         Ok(entries) => entries,
         Err(e) => return (false, format!("invalid glob `{pattern}`: {e}")),
@@ -150,6 +231,7 @@ fn file_count(pattern: &str, min: Option<u64>, max: Option<u64>) -> (bool, Strin
             Err(_) => unreadable += 1,
         }
     }
+    *value = Some(count as f64);
     let passed = min.is_none_or(|m| count >= m) && max.is_none_or(|m| count <= m);
     let bounds = match (min, max) {
         (Some(lo), Some(hi)) => format!("expected {lo} to {hi}"),
@@ -175,6 +257,339 @@ fn file_count(pattern: &str, min: Option<u64>, max: Option<u64>) -> (bool, Strin
         detail.push_str(&format!("; {unreadable} paths could not be read"));
     }
     (passed, detail)
+}
+
+/// Bounds on a measured value.
+#[derive(Debug, Clone, Copy)]
+struct Bounds<'a> {
+    min: Option<f64>,
+    max: Option<f64>,
+    equals: Option<&'a serde_json::Value>,
+}
+
+/// Formats a number without a spurious `.0`.
+fn num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+impl Bounds<'_> {
+    /// Whether `v` lies within the numeric bounds, and the bounds as words.
+    fn numeric(&self, v: f64) -> (bool, String) {
+        let passed = self.min.is_none_or(|m| v >= m) && self.max.is_none_or(|m| v <= m);
+        let words = match (self.min, self.max) {
+            (Some(lo), Some(hi)) => format!("expected {} to {}", num(lo), num(hi)),
+            (Some(lo), None) => format!("minimum {}", num(lo)),
+            (None, Some(hi)) => format!("maximum {}", num(hi)),
+            (None, None) => "no bounds".into(),
+        };
+        (passed, words)
+    }
+}
+
+/// Compares a `sql` check's scalar with its bounds.
+fn sql_result(
+    measured: Option<&Measured>,
+    min: Option<f64>,
+    max: Option<f64>,
+    equals: Option<&serde_json::Value>,
+    value: &mut Option<f64>,
+) -> (bool, String) {
+    let bounds = Bounds { min, max, equals };
+    let text = match measured {
+        None => {
+            return (
+                false,
+                "the query was not run: this worker does not run sql checks".into(),
+            );
+        }
+        Some(Err(e)) => return (false, format!("the query failed: {e}")),
+        Some(Ok(None)) => return (false, "the query returned NULL".into()),
+        Some(Ok(Some(t))) => t.trim(),
+    };
+    let number = text.parse::<f64>().ok().filter(|v| v.is_finite());
+    *value = number;
+    if let Some(want) = equals {
+        let (passed, shown) = equals_value(want, number, text);
+        return (
+            passed,
+            format!(
+                "the query returned {} (expected {shown})",
+                quote_value(text)
+            ),
+        );
+    }
+    match number {
+        Some(v) => {
+            let (passed, words) = bounds.numeric(v);
+            (passed, format!("the query returned {} ({words})", num(v)))
+        }
+        None if min.is_none() && max.is_none() => {
+            (true, format!("the query returned {}", quote_value(text)))
+        }
+        None => (
+            false,
+            format!(
+                "the query returned {}, not a number ({})",
+                quote_value(text),
+                bounds.numeric(0.0).1
+            ),
+        ),
+    }
+}
+
+fn quote_value(text: &str) -> String {
+    let shown: String = text.chars().take(QUOTED_LINE_CHARS).collect();
+    format!("`{shown}`")
+}
+
+/// Whether a scalar equals the expected JSON value (numbers numerically, the rest as text).
+fn equals_value(want: &serde_json::Value, number: Option<f64>, text: &str) -> (bool, String) {
+    match want {
+        serde_json::Value::Number(n) => {
+            let w = n.as_f64().unwrap_or(f64::NAN);
+            (number == Some(w), num(w))
+        }
+        serde_json::Value::String(s) => (text == s, format!("`{s}`")),
+        other => {
+            let want = other.to_string();
+            (text == want, format!("`{want}`"))
+        }
+    }
+}
+
+/// A path to a field of a JSON or YAML document: `$.a.b[0].c`, `a.b`, or a JSON pointer
+/// `/a/b/0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl FieldPath {
+    /// Parses a field path; the error says what was expected.
+    pub fn parse(s: &str) -> Result<FieldPath, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "invalid field `{s}`: {why}; expected `$.a.b[0]`, `a.b` or a JSON pointer `/a/b/0`"
+            ))
+        };
+        if let Some(pointer) = s.strip_prefix('/') {
+            let segs = pointer
+                .split('/')
+                .map(|p| {
+                    let p = p.replace("~1", "/").replace("~0", "~");
+                    match p.parse::<usize>() {
+                        Ok(i) if !p.starts_with('+') => Segment::Index(i),
+                        _ => Segment::Key(p),
+                    }
+                })
+                .collect();
+            return Ok(FieldPath(segs));
+        }
+        let rest = s.strip_prefix('$').unwrap_or(s);
+        let rest = rest.strip_prefix('.').unwrap_or(rest);
+        let mut segs = Vec::new();
+        let mut chars = rest.chars().peekable();
+        let mut key = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '.' => {
+                    if key.is_empty() && !matches!(segs.last(), Some(Segment::Index(_))) {
+                        return bad("an empty key");
+                    }
+                    if !key.is_empty() {
+                        segs.push(Segment::Key(std::mem::take(&mut key)));
+                    }
+                }
+                '[' => {
+                    if !key.is_empty() {
+                        segs.push(Segment::Key(std::mem::take(&mut key)));
+                    }
+                    let mut inner = String::new();
+                    loop {
+                        match chars.next() {
+                            Some(']') => break,
+                            Some(c) => inner.push(c),
+                            None => return bad("an unclosed `[`"),
+                        }
+                    }
+                    let inner = inner.trim();
+                    if let Some(q) = inner
+                        .strip_prefix('\'')
+                        .and_then(|i| i.strip_suffix('\''))
+                        .or_else(|| inner.strip_prefix('"').and_then(|i| i.strip_suffix('"')))
+                    {
+                        segs.push(Segment::Key(q.to_string()));
+                    } else {
+                        match inner.parse::<usize>() {
+                            Ok(i) => segs.push(Segment::Index(i)),
+                            Err(_) => return bad("an index that is not a number"),
+                        }
+                    }
+                }
+                c => key.push(c),
+            }
+        }
+        if !key.is_empty() {
+            segs.push(Segment::Key(key));
+        }
+        if segs.is_empty() && !(s == "$" || s.is_empty()) {
+            return bad("no field");
+        }
+        Ok(FieldPath(segs))
+    }
+
+    fn get<'v>(&self, mut v: &'v serde_json::Value) -> Option<&'v serde_json::Value> {
+        for seg in &self.0 {
+            v = match seg {
+                Segment::Key(k) => v.as_object()?.get(k)?,
+                Segment::Index(i) => v.as_array()?.get(*i)?,
+            };
+        }
+        Some(v)
+    }
+}
+
+/// Which parser reads a document.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Json,
+    Yaml,
+}
+
+/// The largest document a `json_path` / `yaml_path` check parses.
+const MAX_DOCUMENT_BYTES: u64 = 64 << 20;
+
+fn document_field(
+    format: Format,
+    path: &Path,
+    field: &str,
+    bounds: Bounds<'_>,
+    value: &mut Option<f64>,
+) -> (bool, String) {
+    let shown = path.display();
+    let fp = match FieldPath::parse(field) {
+        Ok(fp) => fp,
+        Err(e) => return (false, e),
+    };
+    match inspect(path) {
+        PathFact::File { bytes } if bytes > MAX_DOCUMENT_BYTES => {
+            return (
+                false,
+                format!(
+                    "`{shown}` is {bytes} bytes, more than a field check reads ({MAX_DOCUMENT_BYTES})"
+                ),
+            );
+        }
+        PathFact::File { .. } => {}
+        other => return (false, not_a_file(path, &other)),
+    }
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return (false, format!("cannot read `{shown}`: {e}")),
+    };
+    let doc: Result<serde_json::Value, String> = match format {
+        Format::Json => serde_json::from_str(&text).map_err(|e| e.to_string()),
+        Format::Yaml => serde_norway::from_str(&text).map_err(|e| e.to_string()),
+    };
+    let doc = match doc {
+        Ok(d) => d,
+        Err(e) => {
+            let what = match format {
+                Format::Json => "JSON",
+                Format::Yaml => "YAML",
+            };
+            return (false, format!("`{shown}` is not valid {what}: {e}"));
+        }
+    };
+    let Some(v) = fp.get(&doc) else {
+        return (false, format!("`{field}` is missing from `{shown}`"));
+    };
+    let (measure, what) = match v {
+        serde_json::Value::Number(n) => (n.as_f64(), format!("is {n}")),
+        serde_json::Value::Array(a) => (Some(a.len() as f64), format!("has {} elements", a.len())),
+        serde_json::Value::Object(o) => (Some(o.len() as f64), format!("has {} keys", o.len())),
+        serde_json::Value::String(s) => (
+            Some(s.chars().count() as f64),
+            format!("is {}", quote_value(s)),
+        ),
+        other => (None, format!("is {other}")),
+    };
+    *value = measure;
+    if let Some(want) = bounds.equals {
+        let passed =
+            v == want || matches!((v.as_f64(), want.as_f64()), (Some(a), Some(b)) if a == b);
+        return (
+            passed,
+            format!("`{field}` in `{shown}` {what} (expected {want})"),
+        );
+    }
+    if bounds.min.is_none() && bounds.max.is_none() {
+        return (true, format!("`{field}` in `{shown}` {what}"));
+    }
+    match measure {
+        Some(m) => {
+            let (passed, words) = bounds.numeric(m);
+            (passed, format!("`{field}` in `{shown}` {what} ({words})"))
+        }
+        None => (
+            false,
+            format!(
+                "`{field}` in `{shown}` {what}: not a number or a collection ({})",
+                bounds.numeric(0.0).1
+            ),
+        ),
+    }
+}
+
+/// Reads a Parquet file's row count from its footer (no column data is read).
+fn parquet_rows(
+    path: &Path,
+    min: Option<u64>,
+    max: Option<u64>,
+    value: &mut Option<f64>,
+) -> (bool, String) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let shown = path.display();
+    match inspect(path) {
+        PathFact::File { .. } => {}
+        other => return (false, not_a_file(path, &other)),
+    }
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return (false, format!("cannot read `{shown}`: {e}")),
+    };
+    let reader = match SerializedFileReader::new(file) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                false,
+                format!("`{shown}` is not a readable Parquet file: {e}"),
+            );
+        }
+    };
+    let rows = reader.metadata().file_metadata().num_rows();
+    let groups = reader.metadata().num_row_groups();
+    let rows = u64::try_from(rows).unwrap_or(0);
+    *value = Some(rows as f64);
+    let passed = min.is_none_or(|m| rows >= m) && max.is_none_or(|m| rows <= m);
+    let bounds = match (min, max) {
+        (Some(lo), Some(hi)) => format!("expected {lo} to {hi}"),
+        (Some(lo), None) => format!("minimum {lo}"),
+        (None, Some(hi)) => format!("maximum {hi}"),
+        (None, None) => "no bounds".to_string(),
+    };
+    (
+        passed,
+        format!("`{shown}` has {rows} rows in {groups} row groups ({bounds})"),
+    )
 }
 
 /// The first line that matched, and where.
@@ -723,6 +1138,197 @@ mod tests {
         assert_eq!(report.status, ReportStatus::Fail);
 
         assert_eq!(run_checks(&[], &f.logs()).status, ReportStatus::Pass);
+    }
+
+    #[test]
+    fn json_and_yaml_fields_report_the_value_and_the_bound() {
+        let f = Fixture::new();
+        let json = f.write(
+            "m.json",
+            br#"{"row_count": 1750, "sources": ["a", "b"], "status": "ok", "meta": {"cols": [{"name": "x"}]}}"#,
+        );
+        let yaml = f.write(
+            "m.yaml",
+            b"dataset: ae\nrow_count: 1\ncolumns:\n  - name: a\n",
+        );
+        let jp =
+            |field: &str, min: Option<f64>, max: Option<f64>, equals: Option<serde_json::Value>| {
+                CheckSpec::JsonPath {
+                    path: s(&json),
+                    field: field.into(),
+                    min,
+                    max,
+                    equals,
+                }
+            };
+        let c = f.check(jp("$.row_count", Some(100.0), None, None));
+        assert!(c.passed, "{}", c.detail);
+        assert_eq!(c.value, Some(1750.0));
+        assert!(c.detail.ends_with("is 1750 (minimum 100)"), "{}", c.detail);
+        let c = f.check(jp("row_count", None, Some(1000.0), None));
+        assert!(!c.passed);
+        assert!(c.detail.contains("is 1750 (maximum 1000)"), "{}", c.detail);
+        let c = f.check(jp("$.sources", Some(1.0), None, None));
+        assert!(c.passed, "{}", c.detail);
+        assert!(
+            c.detail.contains("has 2 elements (minimum 1)"),
+            "{}",
+            c.detail
+        );
+        let c = f.check(jp("$.status", None, None, Some(serde_json::json!("ok"))));
+        assert!(c.passed, "{}", c.detail);
+        let c = f.check(jp(
+            "/meta/cols/0/name",
+            None,
+            None,
+            Some(serde_json::json!("y")),
+        ));
+        assert!(!c.passed);
+        assert!(c.detail.contains("(expected \"y\")"), "{}", c.detail);
+        let c = f.check(jp("$.meta.cols[0].name", None, None, None));
+        assert!(c.passed, "{}", c.detail);
+        let c = f.check(jp("$.missing", None, None, None));
+        assert!(!c.passed);
+        assert!(
+            c.detail.starts_with("`$.missing` is missing from"),
+            "{}",
+            c.detail
+        );
+
+        let c = f.check(CheckSpec::YamlPath {
+            path: s(&yaml),
+            field: "$.row_count".into(),
+            min: Some(100.0),
+            max: None,
+            equals: None,
+        });
+        assert!(!c.passed);
+        assert_eq!(c.value, Some(1.0));
+        assert!(c.detail.ends_with("is 1 (minimum 100)"), "{}", c.detail);
+        let bad = f.write("bad.json", b"{not json");
+        let c = f.check(CheckSpec::JsonPath {
+            path: s(&bad),
+            field: "$.a".into(),
+            min: None,
+            max: None,
+            equals: None,
+        });
+        assert!(!c.passed);
+        assert!(c.detail.contains("is not valid JSON"), "{}", c.detail);
+    }
+
+    #[test]
+    fn field_paths_parse() {
+        assert!(FieldPath::parse("$.a.b[0]['c d']").is_ok());
+        assert!(FieldPath::parse("a..b").is_err());
+        assert!(FieldPath::parse("$.a[x]").is_err());
+        assert!(FieldPath::parse("$.a[0").is_err());
+    }
+
+    #[test]
+    fn sql_results_are_compared_purely() {
+        let f = Fixture::new();
+        let sql = |min: Option<f64>, equals: Option<serde_json::Value>| Validation {
+            name: "rows".into(),
+            severity: Severity::Error,
+            check: CheckSpec::Sql {
+                query: "select 1".into(),
+                database_url_env: "DB".into(),
+                database_url_default: None,
+                search_path_env: None,
+                search_path_default: None,
+                min,
+                max: None,
+                equals,
+                timeout_s: 30,
+            },
+        };
+        let one = |v: &Validation, m: Measured| {
+            run_checks_measured(std::slice::from_ref(v), &f.logs(), &[Some(m)]).checks[0].clone()
+        };
+        let c = one(&sql(Some(100.0), None), Ok(Some("1".into())));
+        assert!(!c.passed);
+        assert_eq!(c.detail, "the query returned 1 (minimum 100)");
+        assert_eq!(c.value, Some(1.0));
+        let c = one(&sql(Some(100.0), None), Ok(Some("1750".into())));
+        assert!(c.passed, "{}", c.detail);
+        let c = one(&sql(None, Some(serde_json::json!(3))), Ok(Some("3".into())));
+        assert!(c.passed, "{}", c.detail);
+        let c = one(&sql(Some(1.0), None), Ok(None));
+        assert!(!c.passed);
+        assert_eq!(c.detail, "the query returned NULL");
+        let c = one(
+            &sql(Some(1.0), None),
+            Err("relation \"x\" does not exist".into()),
+        );
+        assert!(
+            c.detail.starts_with("the query failed: relation"),
+            "{}",
+            c.detail
+        );
+        // Not measured at all (a worker that cannot run queries): it fails, never passes.
+        let c = run_checks(&[sql(Some(1.0), None)], &f.logs()).checks[0].clone();
+        assert!(!c.passed);
+        assert!(c.detail.contains("not run"), "{}", c.detail);
+    }
+
+    #[test]
+    fn parquet_rows_come_from_the_footer() {
+        use std::sync::Arc;
+
+        use parquet::data_type::Int64Type;
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+
+        let f = Fixture::new();
+        let path = f.path("rows.parquet");
+        let schema = Arc::new(parse_message_type("message m { REQUIRED INT64 n; }").unwrap());
+        let file = File::create(&path).unwrap();
+        let mut w =
+            SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build()))
+                .unwrap();
+        for chunk in [vec![1i64, 2, 3], vec![4, 5]] {
+            let mut rg = w.next_row_group().unwrap();
+            let mut col = rg.next_column().unwrap().unwrap();
+            col.typed::<Int64Type>()
+                .write_batch(&chunk, None, None)
+                .unwrap();
+            col.close().unwrap();
+            rg.close().unwrap();
+        }
+        w.close().unwrap();
+        let c = f.check(CheckSpec::ParquetRows {
+            path: s(&path),
+            min: Some(10),
+            max: None,
+        });
+        assert!(!c.passed);
+        assert_eq!(c.value, Some(5.0));
+        assert!(
+            c.detail
+                .ends_with("has 5 rows in 2 row groups (minimum 10)"),
+            "{}",
+            c.detail
+        );
+        let ok = f.check(CheckSpec::ParquetRows {
+            path: s(&path),
+            min: Some(1),
+            max: Some(5),
+        });
+        assert!(ok.passed, "{}", ok.detail);
+        let junk = f.write("junk.parquet", b"not parquet at all");
+        let c = f.check(CheckSpec::ParquetRows {
+            path: s(&junk),
+            min: None,
+            max: None,
+        });
+        assert!(!c.passed);
+        assert!(
+            c.detail.contains("is not a readable Parquet file"),
+            "{}",
+            c.detail
+        );
     }
 
     #[test]

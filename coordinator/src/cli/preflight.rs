@@ -122,6 +122,8 @@ fn describe(out: &mut String, spec: &StepSpec, program: Option<&Path>) -> std::f
             CheckSpec::FileCount { glob, .. } => glob.clone(),
             CheckSpec::LogRegexAbsent { pattern, .. }
             | CheckSpec::LogRegexPresent { pattern, .. } => pattern.clone(),
+            // Data gates and the rest: their kind and name say what they read.
+            _ => String::new(),
         };
         writeln!(
             out,

@@ -259,6 +259,7 @@ fn lost_outcome(
             severity: Severity::Error,
             passed: false,
             detail: reason,
+            value: None,
         }],
     };
     StepOutcome {

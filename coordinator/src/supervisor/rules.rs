@@ -243,6 +243,7 @@ mod tests {
             severity,
             passed,
             detail: "draft.yaml is 212 bytes".into(),
+            value: None,
         }
     }
 
@@ -379,6 +380,7 @@ mod tests {
             severity: Severity::Error,
             passed: false,
             detail: "the query returned 1 (minimum 100)".into(),
+            value: None,
         };
         let d = decide(&input(result(0, "loaded 1 rows"), vec![gate], 1, 3));
         assert_eq!(d.action, Action::Halt);

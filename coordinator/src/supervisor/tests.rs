@@ -41,6 +41,7 @@ fn check(passed: bool) -> Check {
         severity: Severity::Error,
         passed,
         detail: "draft.yaml is 212 bytes".into(),
+        value: None,
     }
 }
 

@@ -9,5 +9,6 @@ mod deploy;
 mod failures;
 mod faults;
 mod fleet;
+mod gates;
 mod local;
 mod toolchain;

@@ -558,3 +558,83 @@ async fn a_failure_is_classified_with_its_line_number_in_the_log_file() {
     let ok = run_step(&w.sh("echo fine", 30), &cfg, &CancellationToken::new()).await;
     assert!(ok.result.failure.is_none());
 }
+
+#[tokio::test]
+async fn sql_checks_run_their_query_and_never_report_the_url() {
+    let w = Workdir::new();
+    let url = "postgres://postgres@127.0.0.1:5432/postgres";
+    let sql = |name: &str, query: &str, env: &str, min: Option<f64>| Validation {
+        name: name.into(),
+        severity: Severity::Error,
+        check: CheckSpec::Sql {
+            query: query.into(),
+            database_url_env: env.into(),
+            database_url_default: None,
+            search_path_env: Some("WARPLINE_TEST_SCHEMA".into()),
+            search_path_default: None,
+            min,
+            max: None,
+            equals: None,
+            timeout_s: 10,
+        },
+    };
+    let mut spec = w.sh("true", 30);
+    spec.env = BTreeMap::from([
+        ("WARPLINE_TEST_DB".to_string(), url.to_string()),
+        (
+            "WARPLINE_TEST_SCHEMA".to_string(),
+            "gate_schema".to_string(),
+        ),
+    ]);
+    spec.validations = vec![
+        sql(
+            "few",
+            "SELECT count(*) FROM generate_series(1, 42)",
+            "WARPLINE_TEST_DB",
+            Some(100.0),
+        ),
+        sql(
+            "enough",
+            "SELECT count(*) FROM generate_series(1, 420)",
+            "WARPLINE_TEST_DB",
+            Some(100.0),
+        ),
+        sql(
+            "path",
+            "SELECT current_setting('search_path')",
+            "WARPLINE_TEST_DB",
+            None,
+        ),
+        sql("unset", "SELECT 1", "WARPLINE_TEST_NO_SUCH_VAR", None),
+        sql(
+            "broken",
+            "SELECT count(*) FROM no_such_table",
+            "WARPLINE_TEST_DB",
+            Some(1.0),
+        ),
+    ];
+    let outcome = run_step(&spec, &config(), &CancellationToken::new()).await;
+    let c = &outcome.report.checks;
+    assert!(!c[0].passed);
+    assert_eq!(c[0].detail, "the query returned 42 (minimum 100)");
+    assert_eq!(c[0].value, Some(42.0));
+    assert!(c[1].passed, "{}", c[1].detail);
+    assert_eq!(c[2].detail, "the query returned `gate_schema`");
+    assert!(!c[3].passed);
+    assert!(
+        c[3].detail
+            .contains("`WARPLINE_TEST_NO_SUCH_VAR` is not set"),
+        "{}",
+        c[3].detail
+    );
+    assert!(!c[4].passed);
+    assert!(
+        c[4].detail
+            .contains("relation \"no_such_table\" does not exist"),
+        "{}",
+        c[4].detail
+    );
+    assert_eq!(outcome.report.status, ReportStatus::Fail);
+    let json = serde_json::to_string(&outcome).unwrap();
+    assert!(!json.contains("127.0.0.1:5432"), "the URL leaked: {json}");
+}
