@@ -53,7 +53,7 @@ pub enum AmqpError {
         /// The parser's complaint.
         reason: String,
     },
-    /// The broker could not be reached (or refused the login) within the allowed attempts.
+    /// The broker could not be reached within the allowed attempts.
     #[error(
         "cannot connect to RabbitMQ at `{url}` after {attempts} attempt(s): {source}; is the broker running (`rabbitmq-server -detached`)?"
     )]
@@ -65,6 +65,16 @@ pub enum AmqpError {
         /// The last attempt's error.
         #[source]
         source: lapin::Error,
+    },
+    /// The broker refused the login or the virtual host; retrying will not help.
+    #[error(
+        "RabbitMQ at `{url}` refused the connection: {reason}; check the user, the password and the virtual host in the AMQP URL, and the user's permissions on that virtual host"
+    )]
+    Refused {
+        /// The URL, with any password replaced by `***`.
+        url: String,
+        /// The broker's words.
+        reason: String,
     },
     /// Opening a channel, or switching it to confirm mode, failed.
     #[error("cannot open a channel: {source}")]
@@ -131,7 +141,9 @@ impl AmqpError {
     /// is wrong and must be fixed first.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AmqpError::BadUrl { .. } | AmqpError::NotConfirming => false,
+            AmqpError::BadUrl { .. } | AmqpError::Refused { .. } | AmqpError::NotConfirming => {
+                false
+            }
             // An entity that exists with other arguments (PRECONDITION_FAILED), or that this
             // user may not touch (ACCESS_REFUSED), stays so until an operator acts; a lost
             // connection during a declare heals by reconnecting.
@@ -211,6 +223,10 @@ pub async fn connect(url: &str, name: &str, backoff: &Backoff) -> Result<Connect
                 tracing::info!(url = %shown, attempts, "connected to RabbitMQ");
                 return Ok(conn);
             }
+            Err(source) if let Some(reason) = refusal(&source) => {
+                // A wrong user, password or virtual host: retrying would only repeat it.
+                return Err(AmqpError::Refused { url: shown, reason });
+            }
             Err(source) => match delays.next() {
                 Some(delay) => {
                     tracing::warn!(url = %shown, attempts, error = %source, retry_in_ms = delay.as_millis() as u64, "cannot connect to RabbitMQ; retrying");
@@ -225,6 +241,24 @@ pub async fn connect(url: &str, name: &str, backoff: &Backoff) -> Result<Connect
                 }
             },
         }
+    }
+}
+
+/// The broker's reason when `e` is a refusal that no retry can fix: a login refused
+/// (`ACCESS_REFUSED`, a wrong user or password), a virtual host that does not exist or that
+/// the user may not use (`NOT_ALLOWED`), or credentials the client could not offer.
+pub fn refusal(e: &lapin::Error) -> Option<String> {
+    use lapin::protocol::AMQPHardError;
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                Some(amqp.get_message().to_string())
+            }
+            _ => None,
+        },
+        lapin::ErrorKind::AuthProviderError(reason) => Some(reason.clone()),
+        _ => None,
     }
 }
 

@@ -89,6 +89,9 @@ pub struct Fleet {
     pub database_url: String,
     /// The queue prefix of its coordinators and workers.
     pub prefix: String,
+    /// Extra environment for every process started after it is set (`OTEL_*`,
+    /// `WARPLINE_METRICS`, `WARPLINE_LOG_FORMAT`, ...).
+    pub env: Vec<(String, String)>,
     dir: tempfile::TempDir,
     procs: Vec<Proc>,
     /// Every command run, in order, for the failure report.
@@ -127,6 +130,7 @@ impl Fleet {
             amqp_url: amqp_url.to_string(),
             database_url: database_url.to_string(),
             prefix: format!("e2e.{name}.{pid}."),
+            env: Vec::new(),
             dir: tempfile::Builder::new()
                 .prefix(&format!("e2e-{name}-"))
                 .tempdir()
@@ -308,7 +312,8 @@ impl Fleet {
             .stderr(file)
             .env_remove("WARPLINE_SIGNING_KEY")
             .env_remove("WARPLINE_API_URL")
-            .env_remove("WARPLINE_ALLOW");
+            .env_remove("WARPLINE_ALLOW")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let command = describe(&cmd);
         self.commands
             .lock()
@@ -682,6 +687,35 @@ impl Drop for Fleet {
 /// `/readyz`'s status code (0 when nothing answers).
 pub fn readyz(c: &Coordinator) -> u16 {
     http_get_status(c.addr(), "/readyz")
+}
+
+/// A minimal HTTP/1.1 GET: (status code, body); `(0, "")` on a connection failure.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return (0, String::new());
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A minimal HTTP/1.1 GET returning the status code, 0 on a connection failure.

@@ -38,6 +38,9 @@ pub struct Cli {
     /// Fleet mode's settings.
     #[command(flatten)]
     pub consume: ConsumeArgs,
+    /// Log format (also for `exec`).
+    #[command(flatten)]
+    pub log: warpline_telemetry::LogArgs,
 }
 
 /// Settings of fleet mode (the default command).
@@ -89,6 +92,10 @@ pub struct ConsumeArgs {
     /// Bytes of stdout+stderr kept in each result's log tail.
     #[arg(long, default_value_t = DEFAULT_TAIL_BYTES)]
     pub tail_bytes: usize,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`, and `/healthz` and `/readyz` (ready
+    /// while connected to the broker), e.g. `0.0.0.0:9091`; off when unset.
+    #[arg(long, env = "WARPLINE_METRICS", value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The worker's subcommands.
@@ -146,8 +153,29 @@ pub async fn fleet(args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Re
         .ok()
         .filter(|k| !k.is_empty())
         .map(String::into_bytes);
+    let metrics_addr = args.metrics;
     let cfg = fleet_config(args, signing_key)?;
-    consumer::run(cfg, shutdown).await?;
+    // The metrics stay up while the worker drains, and stop once it has.
+    let metrics_stop = CancellationToken::new();
+    let server = match metrics_addr {
+        Some(addr) => {
+            let registry = crate::metrics::get().registry.clone();
+            // Ready while a broker session is up.
+            let ready = || crate::metrics::get().connected.get() > 0;
+            let (bound, task) =
+                warpline_telemetry::prom::serve(addr, registry, ready, metrics_stop.clone())
+                    .await?;
+            tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let ended = consumer::run(cfg, shutdown).await;
+    metrics_stop.cancel();
+    if let Some(task) = server {
+        let _ = task.await;
+    }
+    ended?;
     Ok(ExitCode::SUCCESS)
 }
 

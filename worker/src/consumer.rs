@@ -93,6 +93,17 @@ pub enum Refusal {
     Malformed(#[source] serde_json::Error),
 }
 
+impl Refusal {
+    /// The `reason` label of `warpline_worker_refused_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::Unsigned => "unsigned",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::Malformed(_) => "malformed",
+        }
+    }
+}
+
 /// Checks a delivery's signature (when `key` is set) and parses its StepSpec. The signature is
 /// checked first, so an unsigned body is never parsed.
 pub fn accept(
@@ -117,6 +128,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         running: Mutex::new(BTreeMap::new()),
         cfg,
     });
+    crate::metrics::get().slots.set(i64::from(worker.cfg.slots));
     tracing::info!(
         worker_id = worker.cfg.worker_id(),
         pool = %worker.cfg.pool,
@@ -141,7 +153,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         };
         session += 1;
         let started = Instant::now();
-        match worker.session(conn, session, &shutdown).await {
+        let connected = &crate::metrics::get().connected;
+        connected.set(1);
+        let ended = worker.session(conn, session, &shutdown).await;
+        connected.set(0);
+        match ended {
             Ok(()) => return Ok(()),
             Err(e)
                 if e.downcast_ref::<amqp::AmqpError>()
@@ -441,6 +457,10 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
         Ok(spec) => spec,
         Err(refusal) => {
             tracing::error!(reason = %refusal, "refusing the message: dead-lettering it");
+            crate::metrics::get()
+                .refused
+                .with_label_values(&[refusal.label()])
+                .inc();
             dead_letter(&ctx, &delivery, &refusal.to_string()).await;
             return;
         }
@@ -461,7 +481,10 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
             started_at: Utc::now(),
         },
     );
+    let metrics = crate::metrics::get();
+    metrics.busy.inc();
     let outcome = run_step(&spec, &cfg.exec, &ctx.steps_cancel).await;
+    metrics.busy.dec();
     worker
         .running
         .lock()
@@ -470,6 +493,7 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
 
     if ctx.steps_cancel.is_cancelled() && outcome.result.error.as_deref() == Some(CANCELLED_ERROR) {
         tracing::info!("step cancelled; requeueing its spec");
+        metrics.requeued.with_label_values(&["cancelled"]).inc();
         if let Err(e) = delivery.nack(requeue()).await {
             tracing::warn!(error = %e, "cannot requeue; the broker redelivers it when the channel closes");
         }
@@ -482,7 +506,11 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
         amqp::signature_headers(cfg.signing_key.as_deref(), &body),
     );
     let results = cfg.topology.results_queue();
-    match amqp::publish_confirmed(&ctx.publish, "", &results, &body, props).await {
+    let published = amqp::publish_confirmed(&ctx.publish, "", &results, &body, props).await;
+    if published.is_ok() {
+        metrics.finished(&outcome);
+    }
+    match published {
         Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
             Ok(_) => tracing::info!(
                 exit_code = outcome.result.exit_code,
@@ -496,6 +524,10 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
         },
         Err(e) => {
             tracing::error!(error = %e, "cannot publish the outcome; requeueing the spec instead of acking it");
+            metrics
+                .requeued
+                .with_label_values(&["publish_failed"])
+                .inc();
             let _ = delivery.nack(requeue()).await;
         }
     }

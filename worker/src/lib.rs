@@ -9,3 +9,4 @@
 
 pub mod cli;
 pub mod consumer;
+pub mod metrics;

@@ -30,6 +30,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format (every subcommand).
+    #[command(flatten)]
+    pub log: warpline_telemetry::LogArgs,
 }
 
 /// The subcommands.

@@ -22,7 +22,7 @@ use crate::api::{ApiPolicy, EngineHandle, ReadyFlag, metrics_router, protect, ro
 use crate::auth::Auth;
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
-use crate::fleet::metrics::StepLatency;
+use crate::fleet::metrics::{self, Metrics, MetricsObserver, StepLatency};
 use crate::fleet::pg::{self, LeaderLock, PgStore};
 use crate::progress::{Lines, Quiet};
 use crate::supervisor::AgentKind;
@@ -41,7 +41,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "WARPLINE_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/warpline"
+        default_value = "postgres://postgres@127.0.0.1:5432/warpline",
+        hide_env_values = true
     )]
     pub database_url: String,
     /// The schema holding Warpline's tables (one per fleet).
@@ -146,6 +147,15 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("cannot listen on `{}` for the HTTP API", args.http))?;
     let addr = listener.local_addr()?;
     let latency = Arc::new(StepLatency::new());
+    let prom = Arc::new(Metrics::new(&latency));
+    prom.watch_pools(args.pools.iter().cloned());
+    let sources = Arc::new(metrics::Sources {
+        db: db.clone(),
+        engine: EngineHandle::new(tx.clone()),
+        broker: metrics::Broker::new(args.fleet.amqp_url.clone(), args.fleet.topology()),
+    });
+    // `/metrics` needs no token, like `/healthz`: scrapers rarely carry one, and it names
+    // pipelines, steps and counts only (docs/OBSERVABILITY.md).
     let app = protect(
         router_with(
             EngineHandle::new(tx.clone()),
@@ -159,7 +169,8 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             auth.clone(),
         )),
         auth,
-    );
+    )
+    .merge(metrics::prometheus_router(prom.clone(), sources));
     let http_stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -180,6 +191,12 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let code = loop {
         let store = PgStore::open(db.clone(), &args.audit).await?;
         let recovered = store.recover().await?;
+        prom.know_pipelines(
+            recovered
+                .backfills
+                .iter()
+                .map(|(b, _)| (b.id, b.pipeline.clone())),
+        );
         let mut pools = args.pools.clone();
         for (_, p) in &recovered.backfills {
             for s in p.steps() {
@@ -188,6 +205,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 }
             }
         }
+        prom.watch_pools(pools.iter().cloned());
         let link_cfg = LinkConfig {
             url: args.fleet.amqp_url.clone(),
             topology: topology.clone(),
@@ -210,6 +228,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         } else {
             Box::new(Quiet)
         };
+        let observer = Box::new(MetricsObserver::new(prom.clone(), observer));
         let mut engine = Engine::new(
             EngineConfig {
                 exit_when_idle: false,
@@ -225,6 +244,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         tracing::info!(runs, unsent, "session started");
         let ticker = amqp::ticker(tx.clone(), link.failed.clone());
         ready.set(true);
+        prom.set_leader(true);
 
         // Whatever ends the session (a signal, the broker, the lock) becomes one Stop event.
         let watch = {
@@ -249,6 +269,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         let why = watch.await.unwrap_or("error");
         ended?;
         ready.set(false);
+        prom.set_leader(false);
         ticker.abort();
         link.close().await;
         match why {

@@ -228,7 +228,13 @@ impl Engine {
                     .backfills
                     .get_mut(&backfill_id)
                     .ok_or(OperatorError::UnknownBackfill(backfill_id))?;
-                b.rec.cancelling = false;
+                // A cancelled backfill stays cancelled: resuming its halted runs would quietly
+                // undo the cancel (and its summary would read finished instead of cancelled).
+                if b.rec.cancelling {
+                    return Err(OperatorError::Refused(format!(
+                        "backfill {backfill_id} was cancelled: retry-failed resumes the halted runs of a backfill that goes on; submit the pipeline again to run it"
+                    )));
+                }
                 // Resuming the halted runs is the operator's answer to a backfill escalation too.
                 let was_escalated = b.rec.escalated.take().is_some();
                 b.rec.halt_signatures.clear();

@@ -333,3 +333,25 @@ async fn status_and_audit_show_end_quietly_on_a_closed_pipe() {
     }
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_help_does_not_print_the_passwords_in_its_environment() {
+    let env = [
+        (
+            "WARPLINE_AMQP_URL",
+            "amqp://fleet:amqp-s3cret@broker:5672/%2f",
+        ),
+        (
+            "WARPLINE_DATABASE_URL",
+            "postgres://fleet:pg-s3cret@db:5432/warpline",
+        ),
+    ];
+    let out = warpline("http://unused.invalid", &["serve", "--help"], &env).await;
+    assert_eq!(out.status.code(), Some(0), "{}", context(&out));
+    let help = stdout(&out);
+    assert!(help.contains("WARPLINE_DATABASE_URL"), "{help}");
+    assert!(
+        !help.contains("s3cret"),
+        "`serve --help` printed a password from the environment:\n{help}"
+    );
+}

@@ -681,3 +681,47 @@ async fn serve_can_restrict_submits_to_pipelines_under_a_directory_or_pinned() {
     );
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_failed_on_a_cancelled_backfill_is_refused_and_it_stays_cancelled() {
+    let srv = Server::start().await;
+    // `a` halts at once (exit 2); `b` is still in FIRST when the backfill is cancelled, so it
+    // ends CANCELLED before LAST; `c` never starts.
+    let file = srv.pipeline(
+        "cancelled",
+        json!([
+            {"id": "ONLY", "command": "sh",
+             "args": ["-c", "case $(basename $PWD) in a) exit 2;; *) sleep 1;; esac"]},
+            {"id": "LAST", "command": "sh", "args": ["-c", "true"]},
+        ]),
+    );
+    let id = srv
+        .submit(&file, json!({"datasets": "a,b,c", "max_parallel": 1}))
+        .await;
+    srv.wait_for(&id, Duration::from_secs(30), |s| {
+        s["counts"]["HALTED"] == 1 && run_of(s, "b")["attempts"]["ONLY"] == 1
+    })
+    .await;
+    let (status, resp) = srv
+        .post(&format!("/v1/backfills/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let cancelled = srv.wait_finished(&id).await;
+    assert_eq!(cancelled["cancelling"], true, "{cancelled:#}");
+    assert_eq!(cancelled["counts"], json!({"HALTED": 1, "CANCELLED": 2}));
+
+    let (status, err) = srv
+        .post(&format!("/v1/backfills/{id}/retry-failed"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("cancelled"),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, after) = srv.get(&format!("/v1/backfills/{id}")).await;
+    assert_eq!(after["cancelling"], true, "still cancelled: {after:#}");
+    assert_eq!(after["counts"], cancelled["counts"], "nothing resumed");
+    assert_eq!(run_of(&after, "a")["attempts"], json!({"ONLY": 1}));
+    srv.stop().await;
+}

@@ -424,3 +424,72 @@ fn a_worker_cut_off_the_broker_loses_no_run() {
     drop(s);
     drop(ns);
 }
+
+#[test]
+fn a_wrong_broker_password_or_vhost_fails_fast_with_exit_2_and_says_why() {
+    // The shared broker is only asked, never stopped: a refused login changes nothing on it.
+    let mut fleet = Fleet::new("refused");
+    let bad = [
+        (
+            "password",
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2f",
+            "ACCESS_REFUSED",
+        ),
+        (
+            "vhost",
+            "amqp://guest:guest@127.0.0.1:5672/no-such-vhost",
+            "NOT_ALLOWED",
+        ),
+    ];
+    for (what, url, word) in bad {
+        let id = format!("w_{what}");
+        let mut cmd = std::process::Command::new(bin("warpline-worker"));
+        cmd.args(["--amqp-url", url, "--allow", "sh", "--worker-id", &id])
+            .env("RUST_LOG", "warn");
+        let started = Instant::now();
+        let out = cmd.output().expect("run the worker");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "worker with a wrong {what}:\n{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the worker took {:?} to give up on a wrong {what}",
+            started.elapsed()
+        );
+        assert!(
+            err.contains("refused the connection") && err.contains(word),
+            "worker with a wrong {what}:\n{err}"
+        );
+        assert!(
+            !err.contains("not-the-password"),
+            "the password was printed:\n{err}"
+        );
+        assert!(!err.contains("retrying"), "a refusal was retried:\n{err}");
+
+        let name = format!("serve_{what}");
+        fleet.amqp_url = url.to_string();
+        let c = fleet.serve(&name);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = fleet.exited(&c.name) {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve with a wrong {what} did not exit within 15 s:\n{}",
+                fleet.log(&c.name)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let log = fleet.log(&c.name);
+        assert_eq!(status.code(), Some(2), "serve with a wrong {what}:\n{log}");
+        assert!(
+            log.contains("refused the connection") && log.contains(word),
+            "serve with a wrong {what}:\n{log}"
+        );
+    }
+    fleet.amqp_url = warpline_tests::fleet::AMQP_URL.to_string();
+}

@@ -11,4 +11,5 @@ mod faults;
 mod fleet;
 mod gates;
 mod local;
+mod observability;
 mod toolchain;
