@@ -1015,6 +1015,7 @@ mod tests {
         Partition {
             month: Some(m.into()),
             dataset: Some(d.into()),
+            ..Partition::default()
         }
     }
 

@@ -340,6 +340,7 @@ mod tests {
         let partition = Partition {
             month: Some("2024-01".into()),
             dataset: Some("a".into()),
+            ..Partition::default()
         };
         names.learn(&record(created, AuditEvent::RunCreated { partition }));
         let finished = |id| {

@@ -10,16 +10,27 @@
 //! never hangs on a stray grandchild. Finally it runs the deterministic validators on the
 //! outcome and returns a [`StepOutcome`].
 //!
+//! Before anything else it resolves what only a worker can ([`deferred`]: secrets from
+//! its environment or secrets directory, earlier steps' dynamic artefacts), then checks the
+//! command against the allowlist ([`allow`]: an entry may pin an interpreter's script)
+//! after resolving it (an explicit path, or a name in the tools directories then `PATH`). The
+//! resolved program and its sha256 go into the [`StepResult`]; secret values are redacted from
+//! everything it reports.
+//!
 //! Every way an attempt can end becomes a [`StepOutcome`]: the executor itself never fails. What
 //! went wrong before the tool could run is in `StepResult.error`, with `exit_code` `-1` (refused
 //! or not started), `127` (command not found) or `126` (not executable), and a failing report.
 
-use std::collections::{BTreeSet, VecDeque};
+pub mod allow;
+pub mod deferred;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::Utc;
 use nix::sys::signal::{Signal, killpg};
@@ -28,12 +39,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warpline_shared::classify::{self, AttemptLog};
+use warpline_shared::config::ARTEFACTS_FILE_ENV;
 use warpline_shared::contracts::{
     Check, CheckSpec, ReportStatus, SCHEMA_VERSION, Severity, StepOutcome, StepResult, StepSpec,
     ValidationReport,
 };
 use warpline_shared::paths::confined;
 use warpline_shared::validate::{self, Logs};
+
+use crate::allow::{AllowEntry, ResolveError, lexical_absolute, resolve_command};
+use crate::deferred::{Prepared, redact};
 
 /// The default bound on [`StepResult::log_tail`]: 64 KiB.
 pub const DEFAULT_TAIL_BYTES: usize = 64 * 1024;
@@ -52,10 +67,15 @@ pub const CANCELLED_ERROR: &str = "cancelled: worker shutting down";
 pub struct ExecConfig {
     /// Names this worker in every [`StepResult`].
     pub worker_id: String,
-    /// Commands this worker may run: exact match on StepSpec.command.
+    /// What this worker may run: allowlist entries ([`AllowEntry`]), each a program
+    /// optionally followed by the argument prefix it is pinned to. Relative paths in an entry
+    /// are taken from `/`: command-line entries are made absolute by [`allow::parse_allowlist`].
     pub allowlist: BTreeSet<String>,
-    /// Directories searched for a bare command name before $PATH (e.g. the directory holding the running binary).
-    pub search_dirs: Vec<PathBuf>,
+    /// Directories the operator configured (`--tools-dir`), searched for a bare command name
+    /// before `$PATH`. Empty by default: nothing is looked for beside the running binary.
+    pub tools_dirs: Vec<PathBuf>,
+    /// Where `{secret:NAME}` references are read from (`--secrets-dir`): the file `NAME`.
+    pub secrets_dir: Option<PathBuf>,
     /// Bytes of stdout+stderr kept in StepResult.log_tail (default 64 KiB).
     pub tail_bytes: usize,
     /// Between SIGTERM and SIGKILL on timeout/cancel (default 5 s).
@@ -68,7 +88,8 @@ impl ExecConfig {
         ExecConfig {
             worker_id: worker_id.into(),
             allowlist: allowlist.into_iter().collect(),
-            search_dirs: Vec::new(),
+            tools_dirs: Vec::new(),
+            secrets_dir: None,
             tail_bytes: DEFAULT_TAIL_BYTES,
             kill_grace: DEFAULT_KILL_GRACE,
         }
@@ -79,13 +100,19 @@ impl ExecConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecRefusal {
     /// The command is not on the allowlist.
-    #[error("command `{command}` is not on this worker's allowlist (allowed: {allowed})")]
+    #[error("command `{command}` is not on this worker's allowlist (allowed: {allowed}){hint}")]
     NotAllowed {
-        /// The refused command.
+        /// The refused command (with its first arguments when an entry pins the program).
         command: String,
         /// The allowlist, comma-separated (or `nothing`).
         allowed: String,
+        /// Why a pinned entry for the same program did not match, or nothing.
+        hint: String,
     },
+    /// A reference only the worker resolves could not be (an unset variable, a missing secret
+    /// file, an earlier step's missing record).
+    #[error("cannot resolve {0}")]
+    Unresolved(String),
     /// A path of the spec lies outside its `workdir`.
     #[error(
         "{field} `{path}` is not under workdir `{workdir}`; every path of a step must stay inside it"
@@ -176,13 +203,75 @@ pub async fn run_step(
     cancel: &CancellationToken,
 ) -> StepOutcome {
     let mut result = base_result(spec, cfg);
-    if let Err(refusal) = check_allowed(spec, cfg).and_then(|()| check_paths(spec)) {
-        tracing::warn!(error = %refusal, "refused step");
-        return not_run(result, refusal.to_string(), "step refused");
+    let prepared = match deferred::prepare(spec, cfg.secrets_dir.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            let refusal = SpecRefusal::Unresolved(e);
+            tracing::warn!(error = %refusal, "refused step");
+            return not_run(result, refusal.to_string(), "step refused");
+        }
+    };
+    let outcome = run_prepared(&prepared, cfg, cancel, &mut result).await;
+    redacted(outcome, &prepared.secrets)
+}
+
+/// Redacts the secret values of an attempt from what it reports.
+fn redacted(mut outcome: StepOutcome, secrets: &[String]) -> StepOutcome {
+    if secrets.is_empty() {
+        return outcome;
     }
+    outcome.result.log_tail = redact(&outcome.result.log_tail, secrets);
+    outcome.result.error = outcome.result.error.map(|e| redact(&e, secrets));
+    for c in &mut outcome.report.checks {
+        c.detail = redact(&c.detail, secrets);
+    }
+    if let Some(line) = outcome
+        .result
+        .failure
+        .as_mut()
+        .and_then(|f| f.line.as_mut())
+    {
+        line.text = redact(&line.text, secrets);
+    }
+    outcome
+}
+
+async fn run_prepared(
+    prepared: &Prepared,
+    cfg: &ExecConfig,
+    cancel: &CancellationToken,
+    result: &mut StepResult,
+) -> StepOutcome {
+    let spec = &prepared.spec;
+    let program = match check_allowed(spec, cfg).and_then(|p| check_paths(spec).map(|()| p)) {
+        Ok(p) => p,
+        Err(refusal) => {
+            tracing::warn!(error = %refusal, "refused step");
+            return not_run(result.clone(), refusal.to_string(), "step refused");
+        }
+    };
+    let program = match program {
+        Ok(p) => p,
+        Err(e) => {
+            let e = SpawnError::from(e);
+            tracing::warn!(error = %e, "could not start tool");
+            result.exit_code = e.exit_code();
+            return not_run(result.clone(), e.to_string(), "step did not start");
+        }
+    };
+    result.program = Some(program.display().to_string());
+    // Hashed beside the tool's run, off the runtime's threads: a large binary takes a while.
+    let hashing = {
+        let program = program.clone();
+        tokio::task::spawn_blocking(move || program_sha256(&program))
+    };
 
     if cancel.is_cancelled() {
-        return not_run(result, CANCELLED_ERROR.to_string(), "step did not start");
+        return not_run(
+            result.clone(),
+            CANCELLED_ERROR.to_string(),
+            "step did not start",
+        );
     }
 
     let log_dir = PathBuf::from(&spec.log_dir);
@@ -193,7 +282,8 @@ pub async fn run_step(
 
     let started = Instant::now();
     result.started_at = Some(Utc::now());
-    let ran = run_tool(spec, cfg, cancel, &stdout_path, &stderr_path).await;
+    let ran = run_tool(spec, &program, cfg, cancel, &stdout_path, &stderr_path).await;
+    result.program_sha256 = hashing.await.ok().flatten();
     result.finished_at = Some(Utc::now());
     result.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
@@ -202,7 +292,7 @@ pub async fn run_step(
         Err(e) => {
             tracing::warn!(error = %e, "could not start tool");
             result.exit_code = e.exit_code();
-            return not_run(result, e.to_string(), "step did not start");
+            return not_run(result.clone(), e.to_string(), "step did not start");
         }
     };
 
@@ -227,26 +317,49 @@ pub async fn run_step(
     );
 
     let measured = measure_queries(spec).await;
-    let validations = spec.validations.clone();
-    let report = tokio::task::spawn_blocking(move || {
+    let spec = spec.clone();
+    let earlier = prepared.earlier.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let finished = deferred::finish(
+            &spec,
+            &Prepared {
+                spec: spec.clone(),
+                secrets: Vec::new(),
+                earlier,
+            },
+        );
         let logs = Logs {
             stdout: &stdout_path,
             stderr: &stderr_path,
         };
-        validate::run_checks_measured(&validations, &logs, &measured)
+        // Keep each kept check's measured value beside it.
+        let mut measured = measured;
+        let measured: Vec<_> = finished
+            .kept
+            .iter()
+            .map(|&i| measured.get_mut(i).and_then(Option::take))
+            .collect();
+        let report = validate::run_checks_measured(&finished.validations, &logs, &measured);
+        let mut checks = finished.failed;
+        checks.extend(report.checks);
+        (finished.artefacts, ValidationReport::from_checks(checks))
     })
-    .await
-    .unwrap_or_else(|e| {
-        ValidationReport::from_checks(vec![executor_check(
+    .await;
+    let report = match checked {
+        Ok((artefacts, report)) => {
+            result.artefacts.extend(artefacts);
+            report
+        }
+        Err(e) => ValidationReport::from_checks(vec![executor_check(
             "validators",
             format!("the validators panicked: {e}"),
-        )])
-    });
+        )]),
+    };
     if !result.succeeded() || report.status == ReportStatus::Fail {
         let (stdout, stdout_first_line) = ran.stdout.text_from_line();
         let (stderr, stderr_first_line) = ran.stderr.text_from_line();
         let fact = classify::classify(
-            &spec.failures,
+            &prepared.spec.failures,
             &AttemptLog {
                 exit_code: result.exit_code,
                 signal: result.signal,
@@ -262,9 +375,29 @@ pub async fn run_step(
     }
     StepOutcome {
         schema_version: SCHEMA_VERSION,
-        result,
+        result: result.clone(),
         report,
     }
+}
+
+/// The sha256 of the program file, cached by path, size and modification time (hashing a
+/// large interpreter on every attempt would cost more than running a short step).
+fn program_sha256(program: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    type Key = (PathBuf, u64, Option<SystemTime>);
+    static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    let meta = std::fs::metadata(program).ok()?;
+    let key = (program.to_path_buf(), meta.len(), meta.modified().ok());
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(h) = cache.lock().ok()?.get(&key) {
+        return Some(h.clone());
+    }
+    let mut file = std::fs::File::open(program).ok()?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).ok()?;
+    let hex = hex::encode(hasher.finalize());
+    cache.lock().ok()?.insert(key, hex.clone());
+    Some(hex)
 }
 
 /// Runs the query of every `sql` check (one connection each, bounded by the check's
@@ -427,22 +560,70 @@ fn executor_check(name: &str, detail: String) -> Check {
     }
 }
 
-fn check_allowed(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> {
-    if cfg.allowlist.contains(&spec.command) {
-        return Ok(());
+/// Checks the spec's command and arguments against the allowlist. `Ok` holds the command's
+/// resolution: the program to run, or why it cannot be found (reported as exit 127 by the
+/// caller, since the command is allowed).
+pub fn check_allowed(
+    spec: &StepSpec,
+    cfg: &ExecConfig,
+) -> Result<Result<PathBuf, ResolveError>, SpecRefusal> {
+    let resolved = resolve_command(&spec.command, &cfg.tools_dirs);
+    let program = resolved.as_ref().ok().map(PathBuf::as_path);
+    let cwd = lexical_absolute(
+        &std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        Path::new(&spec.cwd),
+    );
+    let entries: Vec<AllowEntry> = cfg
+        .allowlist
+        .iter()
+        .filter_map(|e| AllowEntry::parse(e, Path::new("/")).ok())
+        .collect();
+    if entries
+        .iter()
+        .any(|e| e.allows(&spec.command, program, &spec.args, &cwd, &cfg.tools_dirs))
+    {
+        return Ok(resolved);
     }
-    let allowed = if cfg.allowlist.is_empty() {
+    let allowed = if entries.is_empty() {
         "nothing".to_string()
     } else {
-        cfg.allowlist
+        entries
             .iter()
-            .map(String::as_str)
+            .map(|e| format!("`{}`", e.text))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Entries for this program whose pinned arguments did not match.
+    let pinned: Vec<&AllowEntry> = entries
+        .iter()
+        .filter(|e| {
+            !e.prefix.is_empty()
+                && e.allows(&spec.command, program, &e.prefix, &cwd, &cfg.tools_dirs)
+        })
+        .collect();
+    let mut command = spec.command.clone();
+    let mut hint = String::new();
+    if !pinned.is_empty() {
+        let shown: Vec<&str> = spec.args.iter().take(2).map(String::as_str).collect();
+        command = format!("{command} {}", shown.join(" "));
+        hint = format!(
+            "; `{}` is allowed only with the arguments its entry pins ({}), not `{}`",
+            spec.command,
+            pinned
+                .iter()
+                .map(|e| format!("`{}`", e.prefix.join(" ")))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            shown.join(" ")
+        );
+        if matches!(shown.first(), Some(&("-c" | "-e" | "-m" | "--eval" | "-"))) {
+            hint.push_str(": inline code is never allowed through a pinned interpreter");
+        }
+    }
     Err(SpecRefusal::NotAllowed {
-        command: spec.command.clone(),
+        command,
         allowed,
+        hint,
     })
 }
 
@@ -494,7 +675,27 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
     for (name, path) in &spec.artefacts {
         confined(format!("artefacts.{name}"), path)?;
     }
+    for (name, d) in &spec.dynamic_artefacts {
+        under_root(format!("dynamic_artefacts.{name}.record"), &d.record)?;
+        if let Some(g) = &d.glob {
+            let field = format!("dynamic_artefacts.{name}.glob");
+            if dotdot_after_wildcard(Path::new(g)) {
+                return Err(SpecRefusal::AmbiguousGlob {
+                    field,
+                    path: g.clone(),
+                });
+            }
+            under_root(field, g)?;
+        }
+        if let Some(f) = &d.file {
+            under_root(format!("dynamic_artefacts.{name}.file"), f)?;
+        }
+    }
     for (i, v) in spec.validations.iter().enumerate() {
+        // A path that targets a dynamic artefact is checked once it is resolved.
+        if spec.deferred.contains(&format!("validations[{i}].path")) {
+            continue;
+        }
         match &v.check {
             CheckSpec::FileExists { path }
             | CheckSpec::FileSizeMin { path, .. }
@@ -539,65 +740,15 @@ fn dotdot_after_wildcard(glob: &Path) -> bool {
     false
 }
 
-/// Finds the program for `command`: a path when it has a `/`, else the first executable of that
-/// name in `search_dirs` then `$PATH`.
-fn resolve_command(command: &str, search_dirs: &[PathBuf]) -> Result<PathBuf, SpawnError> {
-    if command.is_empty() {
-        return Err(SpawnError::NotFound {
-            command: String::new(),
-            looked_in: "nowhere: the command is empty".into(),
-        });
-    }
-    if command.contains('/') {
-        let path = std::path::absolute(command).map_err(|source| SpawnError::Other {
-            command: command.to_string(),
-            source,
-        })?;
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(SpawnError::NotFound {
-                command: command.to_string(),
-                looked_in: format!("`{}`", path.display()),
-            })
-        };
-    }
-    let path_var = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = search_dirs
-        .iter()
-        .cloned()
-        .chain(std::env::split_paths(&path_var))
-        .collect();
-    let mut not_executable = None;
-    for dir in &dirs {
-        let candidate = dir.join(command);
-        if candidate.is_file() {
-            if is_executable(&candidate) {
-                return Ok(candidate);
+impl From<ResolveError> for SpawnError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::NotFound { command, looked_in } => {
+                SpawnError::NotFound { command, looked_in }
             }
-            not_executable.get_or_insert(candidate);
+            ResolveError::Io { command, source } => SpawnError::Other { command, source },
         }
     }
-    // A file that exists but is not executable is still the answer, as in a shell: starting it
-    // then fails with "permission denied" (exit 126) rather than "not found".
-    not_executable.ok_or_else(|| SpawnError::NotFound {
-        command: command.to_string(),
-        looked_in: if dirs.is_empty() {
-            "no directory: the search dirs and $PATH are empty".into()
-        } else {
-            dirs.iter()
-                .map(|d| format!("`{}`", d.display()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
-    })
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 /// Sends `SIGKILL` to the tool's process group if the attempt is dropped before it ends (the
@@ -622,12 +773,13 @@ impl Drop for GroupGuard {
 
 async fn run_tool(
     spec: &StepSpec,
+    program: &Path,
     cfg: &ExecConfig,
     cancel: &CancellationToken,
     stdout_path: &Path,
     stderr_path: &Path,
 ) -> Result<Ran, SpawnError> {
-    let program = resolve_command(&spec.command, &cfg.search_dirs)?;
+    let program = program.to_path_buf();
     let prepare = |what, path: &Path| {
         let path = path.to_path_buf();
         move |source| SpawnError::Prepare { what, path, source }
@@ -648,10 +800,18 @@ async fn run_tool(
         .map_err(prepare("stderr log", stderr_path))?;
 
     let mut command = tokio::process::Command::new(&program);
+    command.args(&spec.args).current_dir(cwd).envs(&spec.env);
+    // A tool that decides its artefacts' names reports them here.
+    if let Some(file) = spec
+        .dynamic_artefacts
+        .values()
+        .filter(|d| d.step_id == spec.step_id)
+        .find_map(|d| d.file.as_ref())
+    {
+        let _ = tokio::fs::remove_file(file).await;
+        command.env(ARTEFACTS_FILE_ENV, file);
+    }
     command
-        .args(&spec.args)
-        .current_dir(cwd)
-        .envs(&spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1112,28 +1272,5 @@ mod tests {
         assert_eq!(exit_code_of(ExitStatus::from_raw(3 << 8)), (3, None));
         assert_eq!(exit_code_of(ExitStatus::from_raw(9)), (137, Some(9)));
         assert_eq!(exit_code_of(ExitStatus::from_raw(15)), (143, Some(15)));
-    }
-
-    #[test]
-    fn resolve_prefers_search_dirs_and_reports_where_it_looked() {
-        let dir = tempfile::tempdir().unwrap();
-        let tool = dir.path().join("sh");
-        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(
-            resolve_command("sh", &[dir.path().to_path_buf()]).unwrap(),
-            tool
-        );
-
-        let err =
-            resolve_command("warpline-no-such-tool", &[dir.path().to_path_buf()]).unwrap_err();
-        assert_eq!(err.exit_code(), 127);
-        let msg = err.to_string();
-        assert!(
-            msg.starts_with("command `warpline-no-such-tool` not found (looked in `"),
-            "{msg}"
-        );
-        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     }
 }

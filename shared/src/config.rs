@@ -18,9 +18,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::classify::FailuresConfig;
-use crate::contracts::{CheckSpec, LogStream, SCHEMA_VERSION, Severity, StepSpec, Validation};
+use crate::contracts::{
+    CheckSpec, DynamicArtefact, LogStream, SCHEMA_VERSION, Severity, StepSpec, Validation,
+};
 use crate::partition::Partition;
-use crate::template::{self, TemplateError};
+use crate::template::{self, Rendered, TemplateError};
 
 /// Placeholders every template may use.
 pub const BUILTIN_PLACEHOLDERS: [&str; 7] = [
@@ -319,7 +321,9 @@ pub struct StepConfig {
     /// What the step does.
     #[serde(default)]
     pub description: String,
-    /// The program: a bare name looked up on the worker, or a path.
+    /// The program: a bare name looked up on the worker (its `--tools-dir`, then `PATH`), or a
+    /// path (a relative one is taken from the config's directory). May use placeholders, e.g.
+    /// `{python}` for a virtualenv's interpreter.
     pub command: String,
     /// argv after the program; each element may use placeholders.
     #[serde(default)]
@@ -336,9 +340,12 @@ pub struct StepConfig {
     /// Attempts allowed, the first included.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    /// Named outputs (name → path template); later steps may use `{artefacts.NAME}`.
+    /// Named outputs; later steps may use `{artefacts.NAME}`. Each is a path template, or
+    /// `{"glob": "..."}` (found after the step ran; must match exactly one file) or
+    /// `{"reported": true}` (read from the JSON file the tool writes at
+    /// `$WARPLINE_ARTEFACTS_FILE`).
     #[serde(default)]
-    pub artefacts: BTreeMap<String, String>,
+    pub artefacts: BTreeMap<String, ArtefactConfig>,
     /// Checks on the outcome.
     #[serde(default)]
     pub validations: Vec<ValidationConfig>,
@@ -352,6 +359,32 @@ pub struct StepConfig {
     #[serde(default)]
     pub failures: Option<FailuresConfig>,
 }
+
+/// One artefact as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ArtefactConfig {
+    /// A path template, relative to the run's directory.
+    Path(String),
+    /// A path the step decides.
+    Dynamic(DynamicArtefactConfig),
+}
+
+/// An artefact whose path is known only once its step ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicArtefactConfig {
+    /// A glob template (relative to the run's directory) that must match exactly one file.
+    #[serde(default)]
+    pub glob: Option<String>,
+    /// The tool reports the path in the JSON file named by `$WARPLINE_ARTEFACTS_FILE`
+    /// (`{"NAME": "path"}`; relative paths are taken from the run's directory).
+    #[serde(default)]
+    pub reported: bool,
+}
+
+/// The file in which the worker tells a tool where to report its artefacts.
+pub const ARTEFACTS_FILE_ENV: &str = "WARPLINE_ARTEFACTS_FILE";
 
 /// One check as written: a target by artefact name or by path template.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -603,6 +636,18 @@ pub enum RenderError {
         /// The workdir.
         workdir: String,
     },
+    /// The rendered command cannot name a program.
+    #[error(
+        "step `{step}`: command `{command}` (rendered from `{template}`) is not a program name or path"
+    )]
+    Command {
+        /// The step.
+        step: String,
+        /// The command as written.
+        template: String,
+        /// As rendered.
+        command: String,
+    },
     /// A value substituted into a `sql` check's query holds a quote, backslash or semicolon.
     #[error(
         "step `{step}`: the value of `{{{placeholder}}}` in a sql check's query holds a quote, backslash or semicolon; such values cannot be placed in a query safely"
@@ -636,6 +681,20 @@ pub struct Pipeline {
     pub config_dir: PathBuf,
     /// Absolute, normalised workdir.
     pub workdir: PathBuf,
+    /// Per-partition variables the backfill's partitions define (a partitions file's extra
+    /// columns), usable as placeholders.
+    pub partition_vars: BTreeSet<String>,
+}
+
+/// Where a template appears, which decides what it may refer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    /// A path the coordinator confines (artefacts, `cwd`, check targets, `run_dir`) or the
+    /// command: everything must be known before the step is sent.
+    Static,
+    /// An argument or an environment value: may also hold `{env:…}`, `{secret:…}` and dynamic
+    /// artefacts, resolved by the worker.
+    Deferrable,
 }
 
 pub use crate::paths::normalize;
@@ -656,8 +715,31 @@ impl Pipeline {
         Pipeline::from_json(file, &text)
     }
 
+    /// [`Pipeline::load`] for partitions that define their own variables (a partitions file's
+    /// extra columns), which templates may then use.
+    pub fn load_with_partition_vars(
+        file: impl AsRef<Path>,
+        partition_vars: BTreeSet<String>,
+    ) -> Result<Pipeline, ConfigError> {
+        let file = file.as_ref();
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.display().to_string(),
+            source,
+        })?;
+        Pipeline::from_json_with_partition_vars(file, &text, partition_vars)
+    }
+
     /// Parses and checks pipeline JSON as if read from `file`.
     pub fn from_json(file: &Path, text: &str) -> Result<Pipeline, ConfigError> {
+        Pipeline::from_json_with_partition_vars(file, text, BTreeSet::new())
+    }
+
+    /// [`Pipeline::from_json`] with per-partition variables.
+    pub fn from_json_with_partition_vars(
+        file: &Path,
+        text: &str,
+        partition_vars: BTreeSet<String>,
+    ) -> Result<Pipeline, ConfigError> {
         let invalid = |path: String, message: String| ConfigError::Invalid {
             file: file.display().to_string(),
             path,
@@ -683,6 +765,12 @@ impl Pipeline {
             file: file.to_path_buf(),
             config_dir,
             workdir,
+            partition_vars: BTreeSet::new(),
+        };
+        pipeline.check_partition_var_names(&partition_vars)?;
+        let pipeline = Pipeline {
+            partition_vars,
+            ..pipeline
         };
         pipeline
             .check()
@@ -690,11 +778,60 @@ impl Pipeline {
         Ok(pipeline)
     }
 
-    /// Replaces or adds operator variables (`--var name=value`).
+    /// Replaces operator variables (`--var name=value`). A name the pipeline's `vars` do not
+    /// define is refused (with the closest defined name), so a typo is never silently ignored.
     pub fn set_vars(&mut self, vars: &[(String, String)]) -> Result<(), ConfigError> {
         for (k, v) in vars {
+            if !self.config.vars.contains_key(k) {
+                let known: Vec<&String> = self.config.vars.keys().collect();
+                let hint = known
+                    .iter()
+                    .map(|n| (strsim::jaro_winkler(n, k), n))
+                    .filter(|(score, _)| *score >= 0.8)
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, n)| format!(" did you mean `{n}`?"))
+                    .unwrap_or_default();
+                let defined = if known.is_empty() {
+                    "the pipeline defines no variables".to_string()
+                } else {
+                    format!(
+                        "defined: {}",
+                        known
+                            .iter()
+                            .map(|n| format!("`{n}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                return Err(ConfigError::Invalid {
+                    file: self.file.display().to_string(),
+                    path: format!("vars.{k}"),
+                    message: format!(
+                        "unknown variable `{k}` in --var:{hint} ({defined}; declare it in `vars` to set it)"
+                    ),
+                });
+            }
             self.config.vars.insert(k.clone(), v.clone());
         }
+        self.recheck()
+    }
+
+    fn check_partition_var_names(&self, names: &BTreeSet<String>) -> Result<(), ConfigError> {
+        for n in names {
+            if BUILTIN_PLACEHOLDERS.contains(&n.as_str()) || !valid_ident(n) {
+                return Err(ConfigError::Invalid {
+                    file: self.file.display().to_string(),
+                    path: format!("partitions.{n}"),
+                    message: format!(
+                        "`{n}` cannot be a per-partition variable: expected a name of letters, digits and `_` that is not a built-in placeholder"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn recheck(&self) -> Result<(), ConfigError> {
         self.check()
             .map_err(|(path, message)| ConfigError::Invalid {
                 file: self.file.display().to_string(),
@@ -718,13 +855,39 @@ impl Pipeline {
         self.config.steps.iter().position(|s| s.id == id)
     }
 
-    /// Every command the pipeline runs (a worker's allowlist in local mode).
-    pub fn commands(&self) -> BTreeSet<String> {
-        self.config
-            .steps
-            .iter()
-            .map(|s| s.command.clone())
-            .collect()
+    /// Step `index`'s command for a partition: rendered, and a relative path (one with a `/`)
+    /// taken from the config's directory. A bare name stays a name, looked up by the worker.
+    pub fn render_command(
+        &self,
+        index: usize,
+        partition: &Partition,
+    ) -> Result<String, RenderError> {
+        let step = &self.config.steps[index];
+        let run_dir = self.run_dir(partition)?;
+        let rendered = template::render(&step.command, |n| {
+            self.lookup(n, partition, 0, &run_dir, &BTreeMap::new())
+        })
+        .map_err(|source| RenderError::Template {
+            step: step.id.clone(),
+            source,
+        })?;
+        let bad = rendered.trim().is_empty() || rendered.starts_with('-');
+        if bad {
+            return Err(RenderError::Command {
+                step: step.id.clone(),
+                template: step.command.clone(),
+                command: rendered,
+            });
+        }
+        Ok(
+            if rendered.contains('/') && !Path::new(&rendered).is_absolute() {
+                normalize(&self.config_dir.join(&rendered))
+                    .display()
+                    .to_string()
+            } else {
+                rendered
+            },
+        )
     }
 
     /// Semantic checks; the error is (JSON path, message).
@@ -774,7 +937,7 @@ impl Pipeline {
                 }
             }
         }
-        self.check_template("run_dir", &c.run_dir, &BTreeSet::new())?;
+        self.check_template("run_dir", &c.run_dir, &BTreeSet::new(), Field::Static)?;
         if !template::placeholders(&c.run_dir)
             .unwrap_or_default()
             .contains(&"partition")
@@ -785,10 +948,13 @@ impl Pipeline {
             );
         }
         for (k, v) in &c.env {
-            self.check_template(&format!("env.{k}"), v, &BTreeSet::new())?;
+            self.check_template(&format!("env.{k}"), v, &BTreeSet::new(), Field::Deferrable)?;
         }
         let mut seen_ids = BTreeSet::new();
+        // Every artefact so far, and those whose paths are known before their step runs.
         let mut artefacts: BTreeSet<String> = BTreeSet::new();
+        let mut static_artefacts: BTreeSet<String> = BTreeSet::new();
+        let mut dynamic: BTreeSet<String> = BTreeSet::new();
         for (i, s) in c.steps.iter().enumerate() {
             let at = |f: &str| format!("steps[{i}].{f}");
             if !valid_step_id(&s.id) {
@@ -809,6 +975,7 @@ impl Pipeline {
             if s.command.trim().is_empty() || s.command.starts_with('-') {
                 return err(&at("command"), "expected a program name or path".into());
             }
+            self.check_template(&at("command"), &s.command, &artefacts, Field::Static)?;
             if s.timeout_s == 0 {
                 return err(
                     &at("timeout_s"),
@@ -837,24 +1004,54 @@ impl Pipeline {
                     ),
                 );
             }
-            for (name, path) in &s.artefacts {
+            for (name, artefact) in &s.artefacts {
+                let aat = at(&format!("artefacts.{name}"));
                 if !valid_ident(name) {
                     return err(
-                        &at(&format!("artefacts.{name}")),
+                        &aat,
                         "expected an artefact name of letters, digits and `_`".into(),
                     );
                 }
-                self.check_template(&at(&format!("artefacts.{name}")), path, &artefacts)?;
+                match artefact {
+                    ArtefactConfig::Path(path) => {
+                        self.check_template(&aat, path, &static_artefacts, Field::Static)?
+                    }
+                    ArtefactConfig::Dynamic(DynamicArtefactConfig { glob, reported }) => {
+                        match (glob, reported) {
+                            (Some(g), false) => self.check_template(
+                                &format!("{aat}.glob"),
+                                g,
+                                &static_artefacts,
+                                Field::Static,
+                            )?,
+                            (None, true) => {}
+                            _ => {
+                                return err(
+                                    &aat,
+                                    "expected a path, `{\"glob\": \"...\"}` or `{\"reported\": true}`"
+                                        .into(),
+                                );
+                            }
+                        }
+                        dynamic.insert(name.clone());
+                    }
+                }
             }
             artefacts.extend(s.artefacts.keys().cloned());
+            static_artefacts.extend(
+                s.artefacts
+                    .iter()
+                    .filter(|(_, a)| matches!(a, ArtefactConfig::Path(_)))
+                    .map(|(n, _)| n.clone()),
+            );
             for (j, a) in s.args.iter().enumerate() {
-                self.check_template(&at(&format!("args[{j}]")), a, &artefacts)?;
+                self.check_template(&at(&format!("args[{j}]")), a, &artefacts, Field::Deferrable)?;
             }
             for (k, v) in &s.env {
-                self.check_template(&at(&format!("env.{k}")), v, &artefacts)?;
+                self.check_template(&at(&format!("env.{k}")), v, &artefacts, Field::Deferrable)?;
             }
             if let Some(cwd) = &s.cwd {
-                self.check_template(&at("cwd"), cwd, &artefacts)?;
+                self.check_template(&at("cwd"), cwd, &static_artefacts, Field::Static)?;
             }
             for (j, v) in s.validations.iter().enumerate() {
                 let vat = |f: &str| at(&format!("validations[{j}].{f}"));
@@ -871,7 +1068,9 @@ impl Pipeline {
                                 );
                             }
                         }
-                        (None, Some(p)) => self.check_template(&vat("path"), p, &artefacts)?,
+                        (None, Some(p)) => {
+                            self.check_template(&vat("path"), p, &static_artefacts, Field::Static)?
+                        }
                         _ => {
                             return err(
                                 &at(&format!("validations[{j}]")),
@@ -880,7 +1079,7 @@ impl Pipeline {
                         }
                     },
                     CheckConfig::FileCount { glob, min, max } => {
-                        self.check_template(&vat("glob"), glob, &artefacts)?;
+                        self.check_template(&vat("glob"), glob, &static_artefacts, Field::Static)?;
                         if let (Some(lo), Some(hi)) = (min, max)
                             && lo > hi
                         {
@@ -910,7 +1109,12 @@ impl Pipeline {
                         if query.trim().is_empty() {
                             return err(&vat("query"), "expected a SQL query".into());
                         }
-                        self.check_template(&vat("query"), query, &artefacts)?;
+                        self.check_template(
+                            &vat("query"),
+                            query,
+                            &static_artefacts,
+                            Field::Static,
+                        )?;
                         if !valid_env_name(database_url_env) {
                             return err(
                                 &vat("database_url_env"),
@@ -1057,7 +1261,7 @@ impl Pipeline {
                     "unknown artefact `{a}`: expected one declared by this step or an earlier one"
                 ),
             )),
-            (None, Some(p)) => self.check_template(&vat("path"), p, artefacts),
+            (None, Some(p)) => self.check_template(&vat("path"), p, artefacts, Field::Static),
             _ => Err((
                 at.to_string(),
                 "expected exactly one of `artefact` or `path`".into(),
@@ -1070,17 +1274,48 @@ impl Pipeline {
         path: &str,
         text: &str,
         artefacts: &BTreeSet<String>,
+        field: Field,
     ) -> Result<(), (String, String)> {
-        let names = template::placeholders(text).map_err(|e| (path.to_string(), e.to_string()))?;
-        for n in names {
+        let parsed =
+            template::parse_placeholders(text).map_err(|e| (path.to_string(), e.to_string()))?;
+        for p in parsed {
+            let n = p.name;
+            if p.deferred().is_some() {
+                if field == Field::Static {
+                    return Err((
+                        path.to_string(),
+                        format!(
+                            "`{{{n}}}` is resolved by the worker, so it may appear only in a step's `args` and `env` (and the pipeline's `env`), not in a command or a path"
+                        ),
+                    ));
+                }
+                continue;
+            }
             let known = BUILTIN_PLACEHOLDERS.contains(&n)
                 || self.config.vars.contains_key(n)
+                || self.partition_vars.contains(n)
                 || n.strip_prefix("artefacts.")
                     .is_some_and(|a| artefacts.contains(a));
             if !known {
+                let dynamic_here = field == Field::Static
+                    && n.strip_prefix("artefacts.").is_some_and(|a| {
+                        self.config
+                            .steps
+                            .iter()
+                            .any(|s| matches!(s.artefacts.get(a), Some(ArtefactConfig::Dynamic(_))))
+                    });
+                if dynamic_here {
+                    return Err((
+                        path.to_string(),
+                        format!(
+                            "`{{{n}}}` is a dynamic artefact (known only once its step ran): use it in `args`, `env` or a check's `artefact`, not in a command or a path"
+                        ),
+                    ));
+                }
                 let mut all: Vec<String> =
                     BUILTIN_PLACEHOLDERS.iter().map(|s| s.to_string()).collect();
                 all.extend(self.config.vars.keys().cloned());
+                all.extend(self.partition_vars.iter().cloned());
                 all.extend(artefacts.iter().map(|a| format!("artefacts.{a}")));
                 return Err((
                     path.to_string(),
@@ -1101,7 +1336,11 @@ impl Pipeline {
         };
         for s in &self.config.steps {
             let mut texts: Vec<&String> = s.args.iter().collect();
-            texts.extend(s.artefacts.values());
+            texts.push(&s.command);
+            texts.extend(s.artefacts.values().filter_map(|a| match a {
+                ArtefactConfig::Path(p) => Some(p),
+                ArtefactConfig::Dynamic(d) => d.glob.as_ref(),
+            }));
             texts.extend(s.env.values());
             texts.extend(s.cwd.iter());
             for t in texts {
@@ -1148,6 +1387,7 @@ impl Pipeline {
             "workdir" => Some(self.workdir.display().to_string()),
             "config_dir" => Some(self.config_dir.display().to_string()),
             "run_dir" => run_dir.map(|d| d.display().to_string()),
+            var if partition.vars.contains_key(var) => partition.vars.get(var).cloned(),
             var => self.config.vars.get(var).map(|v| {
                 template::render(v, |n| match n {
                     "workdir" => Some(self.workdir.display().to_string()),
@@ -1180,7 +1420,17 @@ impl Pipeline {
         }
     }
 
+    /// The record in which a step's worker writes the dynamic artefacts it resolved.
+    pub fn artefact_record(run_dir: &Path, step_id: &str) -> PathBuf {
+        run_dir
+            .join(".warpline")
+            .join(format!("{step_id}.artefacts.json"))
+    }
+
     /// Renders attempt `attempt` of step `index` for a run into a [`StepSpec`].
+    ///
+    /// References only the worker can resolve (`{env:…}`, `{secret:…}`, dynamic artefacts)
+    /// stay in the fields named by [`StepSpec::deferred`].
     pub fn render_step(
         &self,
         index: usize,
@@ -1191,7 +1441,12 @@ impl Pipeline {
     ) -> Result<StepSpec, RenderError> {
         let step = &self.config.steps[index];
         let run_dir = self.run_dir(partition)?;
+        let log_dir = run_dir
+            .join("logs")
+            .join(run_id.to_string())
+            .join(format!("{}-{attempt}", step.id));
         let mut artefacts: BTreeMap<String, String> = BTreeMap::new();
+        let mut dynamic_artefacts: BTreeMap<String, DynamicArtefact> = BTreeMap::new();
         // Artefacts of earlier steps are visible to later ones as `{artefacts.NAME}`.
         let mut known: BTreeMap<String, String> = BTreeMap::new();
         let terr = |source| RenderError::Template {
@@ -1199,44 +1454,97 @@ impl Pipeline {
             source,
         };
         for (i, s) in self.config.steps[..=index].iter().enumerate() {
-            for (name, t) in &s.artefacts {
-                let rendered =
-                    template::render(t, |n| self.lookup(n, partition, attempt, &run_dir, &known))
-                        .map_err(terr)?;
-                let path = self.confine(&s.id, normalize(&run_dir.join(rendered)))?;
-                let path = path.display().to_string();
-                if i == index {
-                    artefacts.insert(name.clone(), path.clone());
+            for (name, a) in &s.artefacts {
+                let render_path = |t: &str| -> Result<String, RenderError> {
+                    let rendered = template::render(t, |n| {
+                        self.lookup(n, partition, attempt, &run_dir, &known)
+                    })
+                    .map_err(terr)?;
+                    let path = self.confine(&s.id, normalize(&run_dir.join(rendered)))?;
+                    Ok(path.display().to_string())
+                };
+                match a {
+                    ArtefactConfig::Path(t) => {
+                        let path = render_path(t)?;
+                        if i == index {
+                            artefacts.insert(name.clone(), path.clone());
+                        }
+                        known.insert(name.clone(), path);
+                    }
+                    ArtefactConfig::Dynamic(d) => {
+                        let glob = d.glob.as_deref().map(render_path).transpose()?;
+                        // The tool's report is per attempt; only this step's attempt reads it.
+                        let file = d
+                            .reported
+                            .then(|| log_dir.join("artefacts.json").display().to_string());
+                        dynamic_artefacts.insert(
+                            name.clone(),
+                            DynamicArtefact {
+                                step_id: s.id.clone(),
+                                glob,
+                                file,
+                                record: Self::artefact_record(&run_dir, &s.id)
+                                    .display()
+                                    .to_string(),
+                            },
+                        );
+                    }
                 }
-                known.insert(name.clone(), path);
             }
         }
+        let is_dynamic = |n: &str| {
+            n.strip_prefix("artefacts.")
+                .is_some_and(|a| dynamic_artefacts.contains_key(a))
+        };
         let render = |t: &str| {
             template::render(t, |n| self.lookup(n, partition, attempt, &run_dir, &known))
                 .map_err(terr)
+        };
+        let mut deferred = Vec::new();
+        let mut render_deferred = |field: String, t: &str| -> Result<String, RenderError> {
+            let r = template::render_deferred(
+                t,
+                |n| self.lookup(n, partition, attempt, &run_dir, &known),
+                is_dynamic,
+            )
+            .map_err(terr)?;
+            Ok(match r {
+                Rendered::Text(s) => s,
+                Rendered::Deferred(s) => {
+                    deferred.push(field);
+                    s
+                }
+            })
         };
         let path_of = |t: &str| -> Result<String, RenderError> {
             let p = normalize(&run_dir.join(render(t)?));
             Ok(self.confine(&step.id, p)?.display().to_string())
         };
-        let args = step
-            .args
-            .iter()
-            .map(|a| render(a))
-            .collect::<Result<Vec<_>, _>>()?;
+        let command = self.render_command(index, partition)?;
+        let mut args = Vec::with_capacity(step.args.len());
+        for (i, a) in step.args.iter().enumerate() {
+            args.push(render_deferred(format!("args[{i}]"), a)?);
+        }
         let mut env = BTreeMap::new();
         for (k, v) in self.config.env.iter().chain(&step.env) {
-            env.insert(k.clone(), render(v)?);
+            env.insert(k.clone(), v.clone());
+        }
+        for (k, v) in env.iter_mut() {
+            *v = render_deferred(format!("env.{k}"), v)?;
         }
         let cwd = match &step.cwd {
             Some(c) => path_of(c)?,
             None => run_dir.display().to_string(),
         };
         let mut validations = Vec::with_capacity(step.validations.len());
-        for v in &step.validations {
-            let target =
+        for (j, v) in step.validations.iter().enumerate() {
+            let mut target =
                 |artefact: &Option<String>, path: &Option<String>| -> Result<String, RenderError> {
                     match (artefact, path) {
+                        (Some(a), _) if dynamic_artefacts.contains_key(a) => {
+                            deferred.push(format!("validations[{j}].path"));
+                            Ok(format!("{{artefacts.{a}}}"))
+                        }
                         (Some(a), _) => Ok(known.get(a).cloned().unwrap_or_default()),
                         (None, Some(p)) => path_of(p),
                         (None, None) => Ok(String::new()),
@@ -1336,29 +1644,26 @@ impl Pipeline {
                 check,
             });
         }
-        let log_dir = run_dir
-            .join("logs")
-            .join(format!("{}-{attempt}", step.id))
-            .display()
-            .to_string();
         Ok(StepSpec {
             schema_version: SCHEMA_VERSION,
             run_id,
             step_id: step.id.clone(),
             attempt,
             attempt_id,
-            command: step.command.clone(),
+            command,
             args,
             env,
             cwd,
             timeout_s: step.timeout_s,
             artefacts,
             validations,
-            log_dir,
+            log_dir: log_dir.display().to_string(),
             workdir: self.workdir.display().to_string(),
             input_roots: vec![self.config_dir.display().to_string()],
             pool: step.pool.clone(),
             trace: BTreeMap::new(),
+            deferred,
+            dynamic_artefacts,
             failures: FailuresConfig::layered(step.failures.as_ref(), &self.config.failures),
         })
     }
@@ -1562,6 +1867,7 @@ mod tests {
         Partition {
             month: Some("2024-03".into()),
             dataset: Some("sales".into()),
+            ..Partition::default()
         }
     }
 
@@ -1573,7 +1879,11 @@ mod tests {
         let spec = p.render_step(1, &part(), run, 2, Uuid::now_v7()).unwrap();
         assert_eq!(spec.args, ["/tmp/cfg/work/runs/sales_2024-03/raw.csv", "2"]);
         assert_eq!(spec.cwd, "/tmp/cfg/work/runs/sales_2024-03");
-        assert_eq!(spec.log_dir, "/tmp/cfg/work/runs/sales_2024-03/logs/LOAD-2");
+        // Attempt logs are per run, so a later backfill never overwrites an earlier one's.
+        assert_eq!(
+            spec.log_dir,
+            format!("/tmp/cfg/work/runs/sales_2024-03/logs/{run}/LOAD-2")
+        );
         let first = p.render_step(0, &part(), run, 1, Uuid::now_v7()).unwrap();
         assert_eq!(first.args[1], "file:///tmp/cfg/data/sales/2024-03.csv");
         assert_eq!(
@@ -1650,7 +1960,7 @@ mod tests {
         let p = load(GOOD).unwrap();
         let months_only = [Partition {
             month: Some("2024-01".into()),
-            dataset: None,
+            ..Partition::default()
         }];
         let err = p.check_partitions(&months_only).unwrap_err();
         assert!(err.to_string().contains("--datasets"), "{err}");
@@ -1706,6 +2016,152 @@ mod tests {
         assert_eq!(r.backoff(3).as_millis(), 200);
         assert_eq!(r.backoff(4).as_millis(), 300);
         assert_eq!(r.backoff(40).as_millis(), 300);
+    }
+
+    const TOOLCHAIN: &str = r#"{
+      "name": "toolchain",
+      "workdir": "work",
+      "vars": {"python": "{config_dir}/venv/bin/python", "source_base": "http://x"},
+      "env": {"PGPASSWORD": "{secret:pg_password}"},
+      "steps": [
+        {"id": "EXTRACT", "command": "{python}",
+         "args": ["scripts/get.py", "{url}", "{month:%B-%Y|lower}", "--token={env:API_TOKEN}"],
+         "artefacts": {"raw": {"glob": "out/*.csv"}, "meta": {"reported": true}, "log": "get.log"},
+         "validations": [{"kind": "file_size_min", "artefact": "raw", "min_bytes": 10}]},
+        {"id": "LOAD", "command": "bin/load",
+         "args": ["{artefacts.raw}", "{artefacts.log}", "{{literal}}"],
+         "env": {"META": "{artefacts.meta}"}}
+      ]
+    }"#;
+
+    #[test]
+    fn commands_are_templated_and_secrets_and_dynamic_artefacts_are_deferred() {
+        // Without its partitions file, the pipeline's `{url}` is unknown.
+        let err = load(TOOLCHAIN).unwrap_err().to_string();
+        assert!(err.contains("unknown placeholder `{url}`"), "{err}");
+        let file = Path::new("/tmp/cfg/pipeline.json");
+        let urls = BTreeSet::from(["url".to_string()]);
+        let p = Pipeline::from_json_with_partition_vars(file, TOOLCHAIN, urls).unwrap();
+        let bad = BTreeSet::from(["month".to_string()]);
+        assert!(Pipeline::from_json_with_partition_vars(file, TOOLCHAIN, bad).is_err());
+        let part = Partition {
+            month: Some("2024-01".into()),
+            vars: BTreeMap::from([("url".to_string(), "http://x/january.csv".to_string())]),
+            ..Partition::default()
+        };
+        p.check_partitions(std::slice::from_ref(&part)).unwrap();
+        let run = Uuid::now_v7();
+        let s = p.render_step(0, &part, run, 1, Uuid::now_v7()).unwrap();
+        assert_eq!(s.command, "/tmp/cfg/venv/bin/python");
+        assert_eq!(
+            s.args,
+            [
+                "scripts/get.py",
+                "http://x/january.csv",
+                "january-2024",
+                "--token={env:API_TOKEN}"
+            ]
+        );
+        assert_eq!(s.env["PGPASSWORD"], "{secret:pg_password}");
+        assert_eq!(
+            s.deferred,
+            ["args[3]", "env.PGPASSWORD", "validations[0].path"]
+        );
+        assert_eq!(
+            s.validations[0].check,
+            CheckSpec::FileSizeMin {
+                path: "{artefacts.raw}".into(),
+                min_bytes: 10
+            }
+        );
+        let raw = &s.dynamic_artefacts["raw"];
+        assert_eq!(
+            raw.glob.as_deref(),
+            Some("/tmp/cfg/work/runs/2024-01/out/*.csv")
+        );
+        assert_eq!(
+            raw.record,
+            "/tmp/cfg/work/runs/2024-01/.warpline/EXTRACT.artefacts.json"
+        );
+        assert!(
+            s.dynamic_artefacts["meta"]
+                .file
+                .as_deref()
+                .unwrap()
+                .ends_with("EXTRACT-1/artefacts.json")
+        );
+        assert_eq!(s.artefacts.keys().collect::<Vec<_>>(), ["log"]);
+        let l = p.render_step(1, &part, run, 1, Uuid::now_v7()).unwrap();
+        // A relative command path is the config directory's.
+        assert_eq!(l.command, "/tmp/cfg/bin/load");
+        assert_eq!(
+            l.args,
+            [
+                "{artefacts.raw}",
+                "/tmp/cfg/work/runs/2024-01/get.log",
+                "{literal}"
+            ]
+        );
+        assert_eq!(l.deferred, ["args[0]", "env.META", "env.PGPASSWORD"]);
+        assert!(l.artefacts.is_empty());
+        // Another partition's value.
+        let other = Partition {
+            month: Some("2024-02".into()),
+            vars: BTreeMap::from([("url".to_string(), "http://x/feb.csv".to_string())]),
+            ..Partition::default()
+        };
+        let s = p.render_step(0, &other, run, 1, Uuid::now_v7()).unwrap();
+        assert_eq!(s.args[1..3], ["http://x/feb.csv", "february-2024"]);
+    }
+
+    #[test]
+    fn secrets_and_dynamic_artefacts_stay_out_of_commands_and_paths() {
+        let (path, msg) =
+            invalid_at(&GOOD.replace(r#""command": "fetch""#, r#""command": "{env:X}""#));
+        assert_eq!(path, "steps[0].command");
+        assert!(msg.contains("resolved by the worker"), "{msg}");
+        let (path, _) =
+            invalid_at(&GOOD.replace(r#""raw": "raw.csv""#, r#""raw": "{secret:x}.csv""#));
+        assert_eq!(path, "steps[0].artefacts.raw");
+        let dynamic = GOOD.replace(r#""raw": "raw.csv""#, r#""raw": {"glob": "*.csv"}"#);
+        let p = load(&dynamic).unwrap();
+        assert!(
+            p.render_step(1, &part(), Uuid::now_v7(), 1, Uuid::now_v7())
+                .is_ok()
+        );
+        let (path, msg) = invalid_at(&dynamic.replace(
+            r#""max_attempts": 2"#,
+            r#""max_attempts": 2, "cwd": "{artefacts.raw}""#,
+        ));
+        assert_eq!(path, "steps[1].cwd");
+        assert!(msg.contains("dynamic artefact"), "{msg}");
+        let (path, _) = invalid_at(&GOOD.replace(
+            r#""raw": "raw.csv""#,
+            r#""raw": {"glob": "a", "reported": true}"#,
+        ));
+        assert_eq!(path, "steps[0].artefacts.raw");
+        let (path, msg) = invalid_at(&GOOD.replace("{month}.csv", "{month:%Q}.csv"));
+        assert_eq!(path, "steps[0].args[1]");
+        assert!(msg.contains("strftime"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_vars_are_refused_with_a_suggestion() {
+        let mut p = load(GOOD).unwrap();
+        p.set_vars(&[("source".into(), "file:///x".into())])
+            .unwrap();
+        let err = p
+            .set_vars(&[("sorce".into(), "file:///x".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variable `sorce`"), "{err}");
+        assert!(err.contains("did you mean `source`?"), "{err}");
+        let err = p
+            .set_vars(&[("zzz".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("did you mean"), "{err}");
+        assert!(err.contains("defined: `source`"), "{err}");
     }
 
     fn one_step(validations: &str) -> String {

@@ -84,6 +84,35 @@ pub struct StepSpec {
     /// built-in table follows them. The worker classifies a failed attempt with them.
     #[serde(default)]
     pub failures: FailuresConfig,
+    /// Fields that still hold references only the worker resolves (`args[2]`, `env.DB_URL`,
+    /// `validations[0].path`): `{env:NAME}`, `{secret:NAME}` and `{artefacts.NAME}` of a dynamic
+    /// artefact. Each such field is a template (other braces escaped as `{{` and `}}`); every
+    /// other field is plain text. Secrets are never resolved by the coordinator, so they never
+    /// travel in a StepSpec or land in the audit log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<String>,
+    /// Artefacts whose paths are known only once a step ran (by glob, or from a JSON file the
+    /// tool writes), of this step (resolved after the tool exits) and of earlier steps (read
+    /// from the record their worker left).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dynamic_artefacts: BTreeMap<String, DynamicArtefact>,
+}
+
+/// An artefact whose path the step decides: found by glob, or reported by the tool in a JSON
+/// file (`{"NAME": "path", ...}`). The worker that ran the step writes what it resolved to
+/// `record`, from which later steps' workers read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DynamicArtefact {
+    /// The step that produces it.
+    pub step_id: String,
+    /// An absolute glob that must match exactly one file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glob: Option<String>,
+    /// The absolute path of the JSON file in which the tool reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The absolute path of the producing step's resolution record (JSON name → path).
+    pub record: String,
 }
 
 /// The default worker pool name.
@@ -320,9 +349,16 @@ pub struct StepResult {
     /// Full standard error.
     #[serde(default)]
     pub stderr_path: Option<String>,
-    /// The last bytes of standard output and standard error (bounded by the worker).
+    /// The last bytes of standard output and standard error (bounded by the worker; secret
+    /// values the worker resolved are redacted).
     #[serde(default)]
     pub log_tail: String,
+    /// The absolute path the command resolved to (what was executed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    /// The sha256 of the executed program file, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_sha256: Option<String>,
     /// How the failure classification rules read a failed attempt (see
     /// [`crate::classify`]): its class, the rule that decided, and the line that explains it.
     /// Absent when the attempt succeeded, or from a worker that predates classification.
@@ -420,6 +456,8 @@ impl StepResult {
             stdout_path: None,
             stderr_path: None,
             log_tail: String::new(),
+            program: None,
+            program_sha256: None,
             failure: None,
         }
     }

@@ -1,6 +1,12 @@
-//! Partitions: the months and datasets a backfill covers, parsed from the CLI and validated so
-//! that a partition value can never become an option (`-x`) or a path (`../x`).
+//! Partitions: the months and datasets a backfill covers, parsed from the CLI (or a partitions
+//! file) and validated so that a partition value can never become an option (`-x`) or a path
+//! (`../x`).
+//!
+//! A partitions file ([`parse_partitions_file`]) is CSV with a header row or a JSON array of
+//! objects: one partition per row, `month` and/or `dataset` naming it, every other column a
+//! per-partition variable (`{url}`) that overrides the pipeline's `vars` of the same name.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use schemars::JsonSchema;
@@ -17,6 +23,10 @@ pub struct Partition {
     /// A dataset name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
+    /// Per-partition variables from a partitions file (name → value); they override the
+    /// pipeline's `vars` of the same name. Not part of the key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
 }
 
 /// A refused partition value.
@@ -42,6 +52,16 @@ pub enum PartitionError {
     /// The same value twice.
     #[error("dataset `{0}` is listed twice")]
     Duplicate(String),
+    /// A partitions file that cannot be used.
+    #[error("partitions file `{file}`{}: {message}", match .row { Some(r) => format!(", row {r}"), None => String::new() })]
+    File {
+        /// The file.
+        file: String,
+        /// 1-based data row (after the CSV header), when one is at fault.
+        row: Option<usize>,
+        /// What is wrong and what is expected.
+        message: String,
+    },
 }
 
 impl Partition {
@@ -156,15 +176,15 @@ pub fn expand(
         (Some(ds), None) => ds
             .into_iter()
             .map(|d| Partition {
-                month: None,
                 dataset: Some(d),
+                ..Partition::default()
             })
             .collect(),
         (None, Some(ms)) => ms
             .into_iter()
             .map(|m| Partition {
                 month: Some(m),
-                dataset: None,
+                ..Partition::default()
             })
             .collect(),
         (Some(ds), Some(ms)) => ds
@@ -173,6 +193,7 @@ pub fn expand(
                 ms.iter().map(move |m| Partition {
                     month: Some(m.clone()),
                     dataset: Some(d.clone()),
+                    vars: BTreeMap::new(),
                 })
             })
             .collect(),
@@ -181,6 +202,166 @@ pub fn expand(
         return Err(PartitionError::Empty);
     }
     Ok(parts)
+}
+
+/// The format of a partitions file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionsFormat {
+    /// CSV with a header row.
+    Csv,
+    /// A JSON array of objects with string values.
+    Json,
+}
+
+impl PartitionsFormat {
+    /// The format a file name implies: `.json` is JSON, anything else CSV.
+    pub fn of(file: &str) -> PartitionsFormat {
+        if file.to_ascii_lowercase().ends_with(".json") {
+            PartitionsFormat::Json
+        } else {
+            PartitionsFormat::Csv
+        }
+    }
+}
+
+/// Parses a partitions file's text (`file` names it in errors): every row becomes a partition
+/// keyed by its `month` and/or `dataset` (checked like `--months` and `--datasets`), the other
+/// columns its variables. Every row has the same columns; no key appears twice.
+pub fn parse_partitions_file(
+    file: &str,
+    text: &str,
+    format: PartitionsFormat,
+) -> Result<Vec<Partition>, PartitionError> {
+    let err = |row: Option<usize>, message: String| PartitionError::File {
+        file: file.to_string(),
+        row,
+        message,
+    };
+    let rows: Vec<BTreeMap<String, String>> = match format {
+        PartitionsFormat::Csv => {
+            let mut reader = csv::ReaderBuilder::new()
+                .trim(csv::Trim::All)
+                .from_reader(text.as_bytes());
+            let header: Vec<String> = reader
+                .headers()
+                .map_err(|e| err(None, format!("cannot read the header row: {e}")))?
+                .iter()
+                .map(str::to_string)
+                .collect();
+            let mut rows = Vec::new();
+            for (i, record) in reader.records().enumerate() {
+                let record = record.map_err(|e| err(Some(i + 1), e.to_string()))?;
+                rows.push(
+                    header
+                        .iter()
+                        .cloned()
+                        .zip(record.iter().map(str::to_string))
+                        .collect(),
+                );
+            }
+            rows
+        }
+        PartitionsFormat::Json => {
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| err(None, format!("not JSON: {e}")))?;
+            let array = value.as_array().ok_or_else(|| {
+                err(
+                    None,
+                    "expected a JSON array of objects, e.g. [{\"month\": \"2024-01\", \"url\": \"...\"}]"
+                        .into(),
+                )
+            })?;
+            let mut rows = Vec::new();
+            for (i, row) in array.iter().enumerate() {
+                let object = row
+                    .as_object()
+                    .ok_or_else(|| err(Some(i + 1), "expected an object".into()))?;
+                let mut out = BTreeMap::new();
+                for (k, v) in object {
+                    let v = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Number(n) => n.to_string(),
+                        serde_json::Value::Bool(b) => b.to_string(),
+                        _ => {
+                            return Err(err(
+                                Some(i + 1),
+                                format!("`{k}`: expected a string, number or boolean"),
+                            ));
+                        }
+                    };
+                    out.insert(k.clone(), v);
+                }
+                rows.push(out);
+            }
+            rows
+        }
+    };
+    let Some(first) = rows.first() else {
+        return Err(err(None, "no rows: expected one row per partition".into()));
+    };
+    let columns: BTreeSet<&String> = first.keys().collect();
+    if !columns.iter().any(|c| *c == "month" || *c == "dataset") {
+        return Err(err(
+            None,
+            "expected a `month` and/or a `dataset` column naming each partition".into(),
+        ));
+    }
+    for c in &columns {
+        let ok = !c.is_empty()
+            && c.as_bytes()[0].is_ascii_alphabetic()
+            && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(err(
+                None,
+                format!("column `{c}`: expected a name of letters, digits and `_`"),
+            ));
+        }
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    let mut seen = BTreeSet::new();
+    for (i, mut row) in rows.clone().into_iter().enumerate() {
+        let at = Some(i + 1);
+        let these: BTreeSet<&String> = rows[i].keys().collect();
+        if these != columns {
+            return Err(err(
+                at,
+                format!(
+                    "expected the columns {}, as in the first row",
+                    columns
+                        .iter()
+                        .map(|c| format!("`{c}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let month = row.remove("month");
+        let dataset = row.remove("dataset");
+        if let Some(m) = &month {
+            parse_month(m).map_err(|e| err(at, e.to_string()))?;
+        }
+        if let Some(d) = &dataset {
+            check_dataset(d).map_err(|e| err(at, e.to_string()))?;
+        }
+        let p = Partition {
+            month,
+            dataset,
+            vars: row,
+        };
+        if !seen.insert(p.key()) {
+            return Err(err(at, format!("partition `{}` is listed twice", p.key())));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// The per-partition variable names of a set of partitions.
+pub fn var_names(partitions: &[Partition]) -> BTreeSet<String> {
+    partitions
+        .iter()
+        .flat_map(|p| p.vars.keys().cloned())
+        .collect()
 }
 
 #[cfg(test)]
@@ -228,5 +409,45 @@ mod tests {
         let keys: Vec<_> = p.iter().map(Partition::key).collect();
         assert_eq!(keys, ["x_2024-01", "x_2024-02", "y_2024-01", "y_2024-02"]);
         assert_eq!(expand(None, None), Err(PartitionError::Empty));
+    }
+
+    #[test]
+    fn partitions_file_csv_and_json() {
+        let csv = "month,url\n2024-01, https://x/january-2024.csv\n2024-02,\"https://x/a,b.csv\"\n";
+        let p = parse_partitions_file("p.csv", csv, PartitionsFormat::Csv).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].key(), "2024-01");
+        assert_eq!(p[0].vars["url"], "https://x/january-2024.csv");
+        assert_eq!(p[1].vars["url"], "https://x/a,b.csv");
+        let json = r#"[{"dataset": "ae", "month": "2024-01", "rows": 3}]"#;
+        let p = parse_partitions_file("p.json", json, PartitionsFormat::of("p.json")).unwrap();
+        assert_eq!(p[0].key(), "ae_2024-01");
+        assert_eq!(p[0].vars["rows"], "3");
+        assert_eq!(var_names(&p), BTreeSet::from(["rows".to_string()]));
+    }
+
+    #[test]
+    fn bad_partitions_files_name_the_row() {
+        let e = |text: &str| {
+            parse_partitions_file("p.csv", text, PartitionsFormat::Csv)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(e("month\n2024-13\n").contains("row 1: invalid month `2024-13`"));
+        assert!(
+            e("month\n2024-01\n2024-01\n").contains("row 2: partition `2024-01` is listed twice")
+        );
+        assert!(e("url\nx\n").contains("`month` and/or a `dataset`"));
+        assert!(e("dataset,my-col\na,b\n").contains("column `my-col`"));
+        assert!(e("dataset\n../etc\n").contains("invalid dataset"));
+        assert!(e("month\n").contains("no rows"));
+        let json = r#"[{"month": "2024-01", "url": "a"}, {"month": "2024-02"}]"#;
+        let msg = parse_partitions_file("p.json", json, PartitionsFormat::Json)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("row 2: expected the columns `month`, `url`"),
+            "{msg}"
+        );
     }
 }

@@ -31,6 +31,15 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The directory holding the workspace's binaries (and the DataWarp tools): what a test
+/// passes as `--tools-dir` / `WARPLINE_TOOLS_DIR` when its steps run those tools by name.
+pub fn bin_dir() -> PathBuf {
+    bin("warpline")
+        .parent()
+        .expect("a binary has a directory")
+        .to_path_buf()
+}
+
 /// A binary built by the workspace (`cargo build --workspace --bins`), beside this test's
 /// own target directory.
 pub fn bin(name: &str) -> PathBuf {

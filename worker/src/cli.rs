@@ -18,6 +18,7 @@ use warpline_shared::contracts::{ReportStatus, StepSpec};
 
 use crate::consumer::{self, WorkerConfig};
 use warpline_amqp::{Backoff, FleetArgs};
+use warpline_executor::allow::{parse_allowlist as allowlist, tools_dirs};
 use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
 /// Warpline's worker: runs pipeline steps and reports what they did.
@@ -54,14 +55,28 @@ pub struct ConsumeArgs {
     /// Steps run at once (and the broker prefetch).
     #[arg(long, env = "WARPLINE_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub slots: u16,
-    /// Commands this worker may run, comma-separated (required).
+    /// What this worker may run, comma-separated (required): a program, optionally followed
+    /// by the arguments it is pinned to, e.g. `load-batch,/opt/venv/bin/python
+    /// /opt/tc/url_to_manifest.py`. Relative paths are taken from the current directory.
     #[arg(
         long,
         env = "WARPLINE_ALLOW",
         value_delimiter = ',',
-        value_name = "CMD,..."
+        value_name = "ENTRY,..."
     )]
     pub allow: Vec<String>,
+    /// Directories searched for a bare command name before `PATH` (repeatable; the variable
+    /// takes a `:`-separated list). Nothing else is searched: not the worker's own directory.
+    #[arg(
+        long = "tools-dir",
+        env = "WARPLINE_TOOLS_DIR",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub tools_dirs: Vec<PathBuf>,
+    /// Where `{secret:NAME}` references are read from: the file `NAME` in this directory.
+    #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
     /// Names this worker in heartbeats and results [default: <hostname>-<pid>].
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -97,10 +112,21 @@ pub enum Command {
 pub struct ExecArgs {
     /// The StepSpec file (JSON).
     pub spec: PathBuf,
-    /// Commands this run may start, comma-separated. Without it, only the spec's own command is
-    /// allowed: running a spec file by hand is the operator's own choice.
-    #[arg(long, value_delimiter = ',', value_name = "CMD,...")]
+    /// Allowlist entries, comma-separated (as for fleet mode). Without it, only the spec's own
+    /// command is allowed: running a spec file by hand is the operator's own choice.
+    #[arg(long, value_delimiter = ',', value_name = "ENTRY,...")]
     pub allow: Vec<String>,
+    /// Directories searched for a bare command name before `PATH`.
+    #[arg(
+        long = "tools-dir",
+        env = "WARPLINE_TOOLS_DIR",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub tools_dirs: Vec<PathBuf>,
+    /// Where `{secret:NAME}` references are read from.
+    #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
     /// Names this worker in the result.
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -155,15 +181,10 @@ pub fn fleet_config(
     args: ConsumeArgs,
     signing_key: Option<Vec<u8>>,
 ) -> anyhow::Result<WorkerConfig> {
-    let allowlist: BTreeSet<String> = args
-        .allow
-        .into_iter()
-        .map(|c| c.trim().to_string())
-        .filter(|c| !c.is_empty())
-        .collect();
+    let allowlist = allowlist(&args.allow)?;
     anyhow::ensure!(
         !allowlist.is_empty(),
-        "no commands allowed: pass --allow CMD,... (or set WARPLINE_ALLOW) naming the tools this worker may run, e.g. `--allow url_to_manifest,enrich_manifest,load-batch,export_to_parquet`"
+        "no commands allowed: pass --allow ENTRY,... (or set WARPLINE_ALLOW) naming the tools this worker may run, e.g. `--allow url_to_manifest,enrich_manifest,load-batch,export_to_parquet`"
     );
     anyhow::ensure!(!args.pool.is_empty(), "--pool must not be empty");
     let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
@@ -191,7 +212,8 @@ pub fn fleet_config(
         exec: ExecConfig {
             worker_id,
             allowlist,
-            search_dirs: binary_dir().into_iter().collect(),
+            tools_dirs: tools_dirs(args.tools_dirs)?,
+            secrets_dir: args.secrets_dir,
             tail_bytes: args.tail_bytes,
             kill_grace: secs("kill-grace-s", args.kill_grace_s)?,
         },
@@ -224,7 +246,7 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
         tracing::info!(command = %spec.command, "no --allow given; allowing the spec's own command");
         BTreeSet::from([spec.command.clone()])
     } else {
-        args.allow.into_iter().filter(|c| !c.is_empty()).collect()
+        allowlist(&args.allow)?
     };
     let kill_grace = Duration::try_from_secs_f64(args.kill_grace_s)
         .context("--kill-grace-s must be a non-negative number of seconds")?;
@@ -233,7 +255,8 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
             .worker_id
             .unwrap_or_else(|| format!("exec-{}", std::process::id())),
         allowlist,
-        search_dirs: binary_dir().into_iter().collect(),
+        tools_dirs: tools_dirs(args.tools_dirs)?,
+        secrets_dir: args.secrets_dir,
         tail_bytes: args.tail_bytes,
         kill_grace,
     };
@@ -249,10 +272,4 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
             ExitCode::FAILURE
         },
     )
-}
-
-/// The directory holding the running binary, where sibling tools are looked for first.
-fn binary_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    exe.parent().map(PathBuf::from)
 }

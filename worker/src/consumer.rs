@@ -598,6 +598,8 @@ mod tests {
             input_roots: Vec::new(),
             pool: "default".into(),
             trace: BTreeMap::new(),
+            deferred: Vec::new(),
+            dynamic_artefacts: BTreeMap::new(),
             failures: Default::default(),
         };
         serde_json::to_vec(&spec).unwrap()

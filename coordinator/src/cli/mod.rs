@@ -8,6 +8,7 @@ mod agent;
 mod audit;
 mod client;
 mod ops;
+mod preflight;
 mod report;
 mod run;
 pub mod serve;
@@ -320,6 +321,31 @@ pub struct RunArgs {
     /// How to show progress on standard error.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
+    /// The partitions from a file instead of --months/--datasets: CSV with a header row, or a
+    /// JSON array of objects (`.json`); a `month` and/or `dataset` column names each
+    /// partition, every other column is a per-partition variable.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["months", "datasets"])]
+    pub partitions_file: Option<PathBuf>,
+    /// Directories searched for a bare command name before `PATH` (repeatable; the variable
+    /// takes a `:`-separated list). Nothing is looked for beside `warpline` itself.
+    #[arg(
+        long = "tools-dir",
+        env = "WARPLINE_TOOLS_DIR",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub tools_dirs: Vec<PathBuf>,
+    /// Where `{secret:NAME}` references are read from: the file `NAME` in this directory.
+    #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// What the steps may run, comma-separated (default: each step's own command): a program,
+    /// optionally followed by the arguments it is pinned to, e.g. `python3 scripts/x.py`.
+    #[arg(long, value_delimiter = ',', value_name = "ENTRY,...")]
+    pub allow: Vec<String>,
+    /// Check and render everything, print each step's argv, environment (secrets as
+    /// references), artefacts and checks for the first partitions, and run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Serve the web dashboard for this backfill on ADDR (e.g. 127.0.0.1:8081) while it runs.
     #[arg(long, value_name = "ADDR")]
     pub ui: Option<std::net::SocketAddr>,

@@ -1,5 +1,11 @@
 //! `warpline run`: a whole backfill in one process (local mode).
+//!
+//! Before anything runs, every step of every partition is rendered and checked as a worker
+//! would check it ([`super::preflight`]): its command resolves (an explicit path, or a name in
+//! the `--tools-dir` directories then `PATH`) and is allowed, its secrets resolve. `--dry-run`
+//! stops there and prints what would run.
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +19,7 @@ use uuid::Uuid;
 use warpline_executor::ExecConfig;
 use warpline_shared::config::Pipeline;
 use warpline_shared::machine::RunStatus;
-use warpline_shared::partition;
+use warpline_shared::partition::{self, Partition, PartitionsFormat};
 
 use super::{ProgressMode, RunArgs};
 use crate::api::{EngineHandle, protect};
@@ -37,19 +43,65 @@ pub(crate) fn parse_vars(vars: &[String]) -> anyhow::Result<Vec<(String, String)
         .collect()
 }
 
+/// Reads a partitions file (CSV, or JSON when it ends in `.json`).
+fn read_partitions(file: &std::path::Path) -> anyhow::Result<Vec<Partition>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the partitions file `{}`", file.display()))?;
+    let name = file.display().to_string();
+    Ok(partition::parse_partitions_file(
+        &name,
+        &text,
+        PartitionsFormat::of(&name),
+    )?)
+}
+
 /// `warpline run`: a whole backfill in one process.
 pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let mut pipeline = Pipeline::load(&args.pipeline)?;
+    let partitions = match &args.partitions_file {
+        Some(file) => read_partitions(file)?,
+        None => partition::expand(
+            args.partitions.months.as_deref(),
+            args.partitions.datasets.as_deref(),
+        )?,
+    };
+    let mut pipeline =
+        Pipeline::load_with_partition_vars(&args.pipeline, partition::var_names(&partitions))?;
     pipeline.set_vars(&parse_vars(&args.vars)?)?;
     if let Some(dir) = &args.workdir {
         pipeline.set_workdir(dir);
     }
-    let partitions = partition::expand(
-        args.partitions.months.as_deref(),
-        args.partitions.datasets.as_deref(),
-    )?;
     pipeline.check_partitions(&partitions)?;
     let pipeline = Arc::new(pipeline);
+
+    let mut exec = ExecConfig::new("local", Vec::<String>::new());
+    exec.tools_dirs = warpline_executor::allow::tools_dirs(args.tools_dirs.clone())?;
+    exec.secrets_dir = args.secrets_dir.clone();
+    exec.allowlist = if args.allow.is_empty() {
+        // The pipeline is the operator's own: each step may run its own command.
+        let mut own = BTreeSet::new();
+        for p in &partitions {
+            for i in 0..pipeline.steps().len() {
+                own.insert(pipeline.render_command(i, p)?);
+            }
+        }
+        own
+    } else {
+        warpline_executor::allow::parse_allowlist(&args.allow)?
+    };
+    let (problems, programs) = super::preflight::preflight(&pipeline, &partitions, &exec);
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "preflight failed, nothing was run:\n  - {}",
+            problems.join("\n  - ")
+        );
+    }
+    if args.dry_run {
+        print!(
+            "{}",
+            super::preflight::dry_run(&pipeline, &partitions, &programs)?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     // The agent is set up before anything runs, so a missing API key stops the backfill here.
     let overrides = AgentOverrides {
         kind: args.agent.map(Into::into),
@@ -74,14 +126,6 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
 
     let workers = args.workers as usize;
     let max_parallel = args.max_parallel.map(|m| m as usize).unwrap_or(workers * 2);
-    let mut exec = ExecConfig::new("local", pipeline.commands());
-    // The DataWarp tools are built beside `warpline`: look there before $PATH.
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-    {
-        exec.search_dirs.push(dir);
-    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     // The dashboard, on request: the same pages as `serve`'s, over this process's loop.
     let dashboard = match args.ui {

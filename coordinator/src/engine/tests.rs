@@ -115,8 +115,8 @@ impl Harness {
             partitions: parts
                 .iter()
                 .map(|d| Partition {
-                    month: None,
                     dataset: Some(d.to_string()),
+                    ..Partition::default()
                 })
                 .collect(),
             max_parallel: parts.len().max(1),
@@ -249,8 +249,8 @@ fn backfill(dir: &std::path::Path) -> BackfillRequest {
         id: Uuid::now_v7(),
         pipeline: Arc::new(pipeline),
         partitions: vec![Partition {
-            month: None,
             dataset: Some("a".into()),
+            ..Partition::default()
         }],
         max_parallel: 1,
         priority: 0,

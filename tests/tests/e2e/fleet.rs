@@ -69,7 +69,15 @@ fn datawarp_backfill_runs_across_three_workers_and_its_log_verifies() {
     let tables = unique("e2e_fleet_dw");
     let _tables = SchemaGuard(tables.clone());
     for id in ["w1", "w2", "w3"] {
-        fleet.worker_with_env(id, 2, &DATAWARP_TOOLS, &[("DATAWARP_SCHEMA", &tables)]);
+        fleet.worker_with_env(
+            id,
+            2,
+            &DATAWARP_TOOLS,
+            &[
+                ("DATAWARP_SCHEMA", &tables),
+                ("WARPLINE_TOOLS_DIR", bin_dir().to_str().unwrap()),
+            ],
+        );
     }
     let work = fleet.dir().join("work");
     let out = fleet.cli(

@@ -18,9 +18,13 @@ const PIPELINE: &str = "examples/datawarp/pipeline.json";
 /// Runs the DataWarp example in its own workdir and schema.
 fn datawarp(work: &Path, schema: &str, extra: &[&str]) -> Finished {
     let audit = work.join("audit.jsonl");
+    // The tools are found only where the operator says: here, the workspace's build.
+    let tools = bin_dir();
     let mut args = vec![
         "run",
         PIPELINE,
+        "--tools-dir",
+        tools.to_str().unwrap(),
         "--workers",
         "4",
         "--json",

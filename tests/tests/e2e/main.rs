@@ -12,3 +12,4 @@ mod fleet;
 mod gates;
 mod local;
 mod observability;
+mod toolchain;

@@ -51,7 +51,7 @@ fn exec_honours_allow() {
     let outcome: StepOutcome = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         outcome.result.error.as_deref(),
-        Some("command `sh` is not on this worker's allowlist (allowed: bash, python3)")
+        Some("command `sh` is not on this worker's allowlist (allowed: `bash`, `python3`)")
     );
 }
 

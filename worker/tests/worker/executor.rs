@@ -272,7 +272,7 @@ async fn a_command_off_the_allowlist_is_refused_without_spawning() {
     assert_eq!(r.exit_code, -1);
     assert_eq!(
         r.error.as_deref(),
-        Some("command `touch` is not on this worker's allowlist (allowed: echo, head, sh)")
+        Some("command `touch` is not on this worker's allowlist (allowed: `echo`, `head`, `sh`)")
     );
     assert!(!r.succeeded());
     assert_eq!(r.started_at, None);
@@ -414,7 +414,7 @@ async fn spawn_failures_are_reported_like_a_shell() {
     let tools = w.root().join("bin");
     std::fs::create_dir(&tools).unwrap();
     std::fs::write(tools.join("not-executable"), "#!/bin/sh\necho hi\n").unwrap();
-    cfg.search_dirs = vec![tools.clone()];
+    cfg.tools_dirs = vec![tools.clone()];
 
     let outcome = run_step(
         &w.spec("warpline-no-such-tool", &[], 30),

@@ -3,5 +3,6 @@
 
 mod amqp;
 mod cli;
+mod deferred;
 mod executor;
 mod support;

@@ -53,6 +53,8 @@ impl Workdir {
             input_roots: Vec::new(),
             pool: "default".into(),
             trace: BTreeMap::new(),
+            deferred: Vec::new(),
+            dynamic_artefacts: BTreeMap::new(),
             failures: Default::default(),
         }
     }
@@ -67,7 +69,8 @@ pub fn config() -> ExecConfig {
     ExecConfig {
         worker_id: "test-worker".into(),
         allowlist: BTreeSet::from(["sh".into(), "head".into(), "echo".into()]),
-        search_dirs: Vec::new(),
+        tools_dirs: Vec::new(),
+        secrets_dir: None,
         tail_bytes: 64 * 1024,
         kill_grace: Duration::from_secs(1),
     }
