@@ -191,6 +191,7 @@ mod tests {
         Partition {
             month: Some(month.into()),
             dataset: Some(dataset.into()),
+            vars: Default::default(),
         }
     }
 
