@@ -15,9 +15,13 @@ const DATASETS: &str = "ae_attendances,rtt_waiting_times,gp_appointments";
 
 fn datawarp(work: &Path, schema: &str, extra: &[&str]) -> (Finished, Value) {
     let audit = work.join("audit.jsonl");
+    // The tools are found only where the operator says: here, the workspace's build.
+    let tools = bin_dir();
     let mut args = vec![
         "run",
         PIPELINE,
+        "--tools-dir",
+        tools.to_str().unwrap(),
         "--workers",
         "4",
         "--json",
