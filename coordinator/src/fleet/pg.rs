@@ -270,6 +270,56 @@ pub struct Fenced {
     pub ours: i64,
 }
 
+/// Bumps the leader epoch once the advisory lock is ours. A deposed leader paused inside a
+/// turn holds the epoch row `FOR SHARE` and would block the bump for as long as it stays
+/// paused, so every second the bump waits, the backends blocking it are terminated: their turn
+/// rolls back, and a resumed old leader finds its epoch stale (fencing).
+async fn take_epoch(
+    client: &tokio_postgres::Client,
+    url: &str,
+    schema: &str,
+) -> anyhow::Result<tokio_postgres::Row> {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let sql = format!(
+        "UPDATE \"{schema}\".leader SET epoch = epoch + 1, since = now() WHERE id = 1 RETURNING epoch"
+    );
+    let bump = client.query_one(&sql, &[]);
+    tokio::pin!(bump);
+    let mut admin: Option<tokio_postgres::Client> = None;
+    loop {
+        tokio::select! {
+            row = &mut bump => return row.context("cannot take the next leader epoch"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                if admin.is_none()
+                    && let Ok((c, conn)) = tokio_postgres::connect(url, NoTls).await
+                {
+                    tokio::spawn(conn);
+                    admin = Some(c);
+                }
+                if let Some(c) = &admin {
+                    match c
+                        .query(
+                            "SELECT pg_terminate_backend(b) FROM unnest(pg_blocking_pids($1)) AS b",
+                            &[&pid],
+                        )
+                        .await
+                    {
+                        Ok(rows) if !rows.is_empty() => tracing::warn!(
+                            terminated = rows.len(),
+                            "the leader epoch was held by a deposed leader's turn: terminated it"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot look for what blocks the leader epoch"),
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl LeaderLock {
     /// Waits until this process holds the lock, polling every `poll` (a standby waits here),
     /// then takes the next leader epoch. While PostgreSQL is unreachable (a restart, an
@@ -320,15 +370,7 @@ impl LeaderLock {
                 .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
                 .await?;
             if row.get::<_, bool>(0) {
-                let row = client
-                    .query_one(
-                        &format!(
-                            "UPDATE \"{schema}\".leader SET epoch = epoch + 1, since = now() WHERE id = 1 RETURNING epoch"
-                        ),
-                        &[],
-                    )
-                    .await
-                    .context("cannot take the next leader epoch")?;
+                let row = take_epoch(&client, url, schema).await?;
                 return Ok(LeaderLock {
                     client,
                     lost,
