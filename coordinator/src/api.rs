@@ -945,6 +945,12 @@ pub struct WorkerInfo {
     pub running: usize,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
+    /// What it may run: its allowlist entries as resolved on it (`entry`, `program`, `pinned`
+    /// arguments, and `resolved`, the absolute path the program resolves to there, absent when
+    /// it does not). Absent from a worker that predates advertising.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub allow: Option<Vec<warpline_shared::fleet::AllowedCommand>>,
 }
 
 /// Declares the bearer scheme every route but the health checks requires.

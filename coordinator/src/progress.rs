@@ -139,6 +139,14 @@ pub fn describe(part: &str, r: &AuditRecord) -> Option<String> {
         } => {
             format!("{part} {step_id}#{attempt} LOST: {reason}")
         }
+        AuditEvent::StepHandedBack {
+            step_id,
+            attempt,
+            worker_id,
+            reason,
+            next,
+            ..
+        } => format!("{part} {step_id}#{attempt} handed back by {worker_id} ({reason}); {next}"),
         AuditEvent::StaleResult {
             step_id, reason, ..
         } => format!("{part} stale result for {step_id} ignored: {reason}"),

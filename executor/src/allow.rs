@@ -16,6 +16,8 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
+use warpline_shared::fleet::AllowedCommand;
+
 /// Programs that run whatever code their arguments hold; an entry for one of them without a
 /// pinned script allows arbitrary code and is warned about.
 const INTERPRETERS: [&str; 19] = [
@@ -146,14 +148,7 @@ impl AllowEntry {
                 (Some(p), Some(mine)) => lexical_absolute(Path::new("/"), p) == mine,
                 _ => false,
             };
-        program_matches
-            && self.prefix.len() <= args.len()
-            && self.prefix.iter().zip(args).all(|(want, got)| {
-                want == got
-                    || (want.contains('/')
-                        && got.contains('/')
-                        && lexical_absolute(cwd, Path::new(got)) == Path::new(want))
-            })
+        program_matches && prefix_matches(&self.prefix, args, cwd)
     }
 
     fn resolved(&self, tools_dirs: &[PathBuf]) -> Option<PathBuf> {
@@ -163,6 +158,61 @@ impl AllowEntry {
             resolve_command(&self.program, tools_dirs).ok()
         }
     }
+}
+
+/// True when `args` start with `prefix`: a token with a `/` compared as an absolute path (the
+/// argument made absolute against `cwd`), any other token as is.
+fn prefix_matches(prefix: &[String], args: &[String], cwd: &Path) -> bool {
+    prefix.len() <= args.len()
+        && prefix.iter().zip(args).all(|(want, got)| {
+            want == got
+                || (want.contains('/')
+                    && got.contains('/')
+                    && lexical_absolute(cwd, Path::new(got)) == Path::new(want))
+        })
+}
+
+/// What a worker advertises in its heartbeats: each allowlist entry with the program it
+/// resolves to on this worker (its tools dirs, then `PATH`), looked up afresh each time, so a
+/// tool installed later shows up.
+pub fn advertise(allowlist: &BTreeSet<String>, tools_dirs: &[PathBuf]) -> Vec<AllowedCommand> {
+    allowlist
+        .iter()
+        .filter_map(|e| AllowEntry::parse(e, Path::new("/")).ok())
+        .map(|e| AllowedCommand {
+            entry: e.to_text(),
+            resolved: e.resolved(tools_dirs).map(|p| p.display().to_string()),
+            program: e.program,
+            pinned: e.prefix,
+        })
+        .collect()
+}
+
+/// True when a worker that advertises `entries` may run `command` with `args` in `cwd`, as far
+/// as the coordinator can tell without the worker's filesystem: an entry that resolves on that
+/// worker names the command (the same bare name, its resolved path, or, for a bare command
+/// and an entry given as a path, the same file name) and its pinned arguments match. The
+/// worker's own check ([`crate::check_allowed`]) stays the authority: a step this wrongly
+/// allows is handed back, never run.
+pub fn advertised_allows(
+    entries: &[AllowedCommand],
+    command: &str,
+    args: &[String],
+    cwd: &Path,
+) -> bool {
+    entries.iter().any(|e| {
+        let Some(resolved) = e.resolved.as_deref() else {
+            return false;
+        };
+        let program_matches = e.program == command
+            || if command.contains('/') {
+                lexical_absolute(Path::new("/"), Path::new(command)) == Path::new(resolved)
+            } else {
+                e.program.contains('/')
+                    && Path::new(resolved).file_name() == Some(std::ffi::OsStr::new(command))
+            };
+        program_matches && prefix_matches(&e.pinned, args, cwd)
+    })
 }
 
 /// True when `program`'s file name is a known interpreter (`python3.12` counts as `python3`).
@@ -332,6 +382,62 @@ mod tests {
         assert!(!by_name.allows("other", Some(&other), &[], Path::new("/"), &tools));
         let by_path = AllowEntry::parse(&cmd, Path::new("/")).unwrap();
         assert!(by_path.allows(&cmd, Some(&tool), &[], Path::new("/"), &[]));
+    }
+
+    #[test]
+    fn an_advertised_allowlist_allows_what_the_worker_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("load-batch");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tools = [dir.path().to_path_buf()];
+        let list: BTreeSet<String> = [
+            "load-batch".to_string(),
+            "python3 /opt/tc/export.py".to_string(),
+            "missing-tool".to_string(),
+        ]
+        .into();
+        let ad = advertise(&list, &tools);
+        assert_eq!(ad.len(), 3);
+        let load = ad.iter().find(|a| a.program == "load-batch").unwrap();
+        assert_eq!(load.resolved.as_deref(), Some(tool.to_str().unwrap()));
+        let missing = ad.iter().find(|a| a.program == "missing-tool").unwrap();
+        assert_eq!(missing.resolved, None);
+        let cwd = Path::new("/w/runs/2024-01");
+        assert!(advertised_allows(&ad, "load-batch", &args(&["--x"]), cwd));
+        // A command given as a path matches the entry that resolves to it.
+        assert!(advertised_allows(&ad, tool.to_str().unwrap(), &[], cwd));
+        // Allowed but not resolvable on the worker: it would hand the step back.
+        assert!(!advertised_allows(&ad, "missing-tool", &[], cwd));
+        assert!(!advertised_allows(&ad, "url_to_manifest", &[], cwd));
+        // The pinned script is required when python3 resolves at all on this machine.
+        if ad
+            .iter()
+            .any(|a| a.program == "python3" && a.resolved.is_some())
+        {
+            assert!(advertised_allows(
+                &ad,
+                "python3",
+                &args(&["/opt/tc/export.py", "--month", "2024-01"]),
+                cwd
+            ));
+            assert!(!advertised_allows(
+                &ad,
+                "python3",
+                &args(&["-c", "print(1)"]),
+                cwd
+            ));
+        }
+        assert!(!advertised_allows(&[], "load-batch", &[], cwd));
+        // An entry given as a path serves a bare command of the same file name.
+        let by_path: BTreeSet<String> = [tool.display().to_string()].into();
+        assert!(advertised_allows(
+            &advertise(&by_path, &[]),
+            "load-batch",
+            &[],
+            cwd
+        ));
     }
 
     #[test]

@@ -560,6 +560,29 @@ fn executor_check(name: &str, detail: String) -> Check {
     }
 }
 
+/// Why this worker may not run `spec` at all, so that it should hand the step back for another
+/// worker rather than fail it: its command is not on the allowlist, or is allowed but does not
+/// resolve here. `None` for anything else, including problems every worker would have (an
+/// unresolved secret, a path outside the workdir): [`run_step`] reports those as failures.
+/// Secret values resolved for the check are redacted from the reason.
+pub fn unrunnable(spec: &StepSpec, cfg: &ExecConfig) -> Option<String> {
+    let prepared = deferred::prepare(spec, cfg.secrets_dir.as_deref()).ok()?;
+    let reason = match check_allowed(&prepared.spec, cfg) {
+        Err(refusal @ SpecRefusal::NotAllowed { .. }) => refusal.to_string(),
+        Ok(Err(missing @ ResolveError::NotFound { .. })) => missing.to_string(),
+        Err(_) | Ok(Ok(_)) | Ok(Err(ResolveError::Io { .. })) => return None,
+    };
+    Some(redact(&reason, &prepared.secrets))
+}
+
+/// The outcome a worker publishes for a step it hands back without running it (see
+/// [`unrunnable`]): `refused`, the reason in `error`, and a failing report.
+pub fn handed_back(spec: &StepSpec, cfg: &ExecConfig, reason: String) -> StepOutcome {
+    let mut outcome = not_run(base_result(spec, cfg), reason, "step refused");
+    outcome.result.refused = true;
+    outcome
+}
+
 /// Checks the spec's command and arguments against the allowlist. `Ok` holds the command's
 /// resolution: the program to run, or why it cannot be found (reported as exit 127 by the
 /// caller, since the command is allowed).
@@ -1258,6 +1281,57 @@ mod tests {
             tail,
             format!("[... 190 bytes of stdout omitted ...]\n{}", "é".repeat(5))
         );
+    }
+
+    fn spec(command: &str, args: &[&str]) -> StepSpec {
+        StepSpec {
+            schema_version: SCHEMA_VERSION,
+            run_id: Default::default(),
+            step_id: "EXTRACT".into(),
+            attempt: 1,
+            attempt_id: Default::default(),
+            command: command.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: Default::default(),
+            cwd: "/w/runs/2024-01".into(),
+            timeout_s: 5,
+            artefacts: Default::default(),
+            validations: Vec::new(),
+            log_dir: "/w/logs".into(),
+            workdir: "/w".into(),
+            input_roots: Vec::new(),
+            pool: "default".into(),
+            trace: Default::default(),
+            deferred: Vec::new(),
+            dynamic_artefacts: Default::default(),
+            failures: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_worker_hands_back_only_what_it_may_not_run() {
+        let cfg = ExecConfig::new("w1", ["sh -c true".to_string(), "no-such-tool-xyz".into()]);
+        // Allowed and resolvable: run it (even if it then fails for another reason).
+        assert_eq!(unrunnable(&spec("sh", &["-c", "true"]), &cfg), None);
+        // Not on the allowlist: hand it back.
+        let not_allowed = unrunnable(&spec("load-batch", &[]), &cfg).unwrap();
+        assert!(
+            not_allowed.contains("`load-batch` is not on this worker's allowlist"),
+            "{not_allowed}"
+        );
+        // A pinned entry's arguments do not match: hand it back.
+        assert!(unrunnable(&spec("sh", &["-c", "rm -rf /"]), &cfg).is_some());
+        // Allowed, but the command does not resolve on this worker: hand it back.
+        let missing = unrunnable(&spec("no-such-tool-xyz", &[]), &cfg).unwrap();
+        assert!(missing.contains("not found"), "{missing}");
+        // A path outside the workdir is every worker's problem: not handed back.
+        let mut escapes = spec("sh", &["-c", "true"]);
+        escapes.cwd = "/elsewhere".into();
+        assert_eq!(unrunnable(&escapes, &cfg), None);
+        let out = handed_back(&spec("load-batch", &[]), &cfg, not_allowed.clone());
+        assert!(out.result.refused);
+        assert_eq!(out.result.error.as_deref(), Some(not_allowed.as_str()));
+        assert_eq!(out.report.status, ReportStatus::Fail);
     }
 
     #[test]

@@ -154,6 +154,29 @@ pub enum AuditEvent {
         /// Why it was declared lost.
         reason: String,
     },
+    /// A worker refused an attempt it may not run (the command is not on its allowlist, or
+    /// does not resolve on it) and handed it back: the coordinator withdraws the attempt
+    /// without counting it and dispatches the step again for another worker, or, once the
+    /// hand-backs are exhausted, escalates the run.
+    StepHandedBack {
+        /// The step.
+        step_id: String,
+        /// Attempt number (unchanged by the hand-back).
+        attempt: u32,
+        /// The attempt the worker refused.
+        attempt_id: Uuid,
+        /// The refusing worker.
+        worker_id: String,
+        /// Its reason, as the worker gave it.
+        reason: String,
+        /// Hand-backs of this step so far in this run (this one included).
+        hand_backs: u32,
+        /// What follows: `redispatch` (after `delay_ms`) or `escalate`.
+        next: String,
+        /// The wait before the step is dispatched again.
+        #[serde(default)]
+        delay_ms: u64,
+    },
     /// The supervisor's decision, with its source.
     Decision {
         /// The step decided on.
@@ -273,6 +296,7 @@ impl AuditEvent {
             AuditEvent::StepResult { .. } => "step_result",
             AuditEvent::StaleResult { .. } => "stale_result",
             AuditEvent::AttemptLost { .. } => "attempt_lost",
+            AuditEvent::StepHandedBack { .. } => "step_handed_back",
             AuditEvent::Decision { .. } => "decision",
             AuditEvent::GuardOverride { .. } => "guard_override",
             AuditEvent::Escalated { .. } => "escalated",

@@ -364,6 +364,12 @@ pub struct StepResult {
     /// Absent when the attempt succeeded, or from a worker that predates classification.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureFact>,
+    /// The worker did not run the step because it may not: the command is not on its
+    /// allowlist, or does not resolve on it (`error` says which). It hands the step back for
+    /// another worker of the pool; the coordinator re-dispatches it and does not count it as
+    /// an attempt. Absent (false) for every attempt that was run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 /// What kind of failure an attempt had, by the failure classification rules.
@@ -459,6 +465,7 @@ impl StepResult {
             program: None,
             program_sha256: None,
             failure: None,
+            refused: false,
         }
     }
 

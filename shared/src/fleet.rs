@@ -98,6 +98,29 @@ pub struct Heartbeat {
     /// Set on the last heartbeat of a worker shutting down.
     #[serde(default)]
     pub stopping: bool,
+    /// What this worker may run: its allowlist entries as resolved on it. Absent from a
+    /// worker that predates advertising (the coordinator then assumes it may run anything
+    /// its pool is sent); a fleet worker always has an explicit allowlist, so there is no
+    /// "allows everything" entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<AllowedCommand>>,
+}
+
+/// One allowlist entry as a worker advertises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AllowedCommand {
+    /// The entry as the worker holds it (relative paths made absolute), e.g.
+    /// `/opt/venv/bin/python /opt/tc/url_to_manifest.py`.
+    pub entry: String,
+    /// Its program: a bare name or an absolute path.
+    pub program: String,
+    /// The arguments every allowed invocation must start with.
+    #[serde(default)]
+    pub pinned: Vec<String>,
+    /// The absolute path the program resolves to on this worker (its `--tools-dir` then
+    /// `PATH`), or absent when it does not resolve there: the entry is allowed but unusable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
 }
 
 impl Heartbeat {
@@ -118,6 +141,7 @@ impl Heartbeat {
             sent_at: Utc::now(),
             interval_s,
             stopping: false,
+            allow: None,
         }
     }
 }

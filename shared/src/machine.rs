@@ -601,8 +601,9 @@ impl Machine {
         Ok((from, self.state))
     }
 
-    /// Withdraws the outstanding attempt `attempt_id` before it was ever dispatched (its
-    /// StepSpec could not be made): it is no longer awaited and does not count as used.
+    /// Withdraws the outstanding attempt `attempt_id` that never ran (its StepSpec could not
+    /// be made, or a worker that may not run it handed it back): it is no longer awaited and
+    /// does not count as used.
     pub fn abandon(&mut self, attempt_id: Uuid) -> Result<Attempt, MachineError> {
         match self.outstanding {
             Some(a) if a.attempt_id == attempt_id => {

@@ -13,6 +13,12 @@
 //! reconnects with capped, jittered exponential backoff. Stale duplicate outcomes are harmless:
 //! the coordinator ignores a result whose `attempt_id` is not outstanding.
 //!
+//! A StepSpec this worker may not run (its command is not on the allowlist, or does not
+//! resolve here) is not failed: the worker publishes a `refused` outcome, a hand-back the
+//! coordinator answers by dispatching the step again for another worker of the pool, and acks
+//! the spec only after that publish was confirmed, as for any outcome. Heartbeats advertise the
+//! allowlist as resolved here, so the coordinator and `submit` know who can run what.
+//!
 //! On shutdown the worker cancels its consumer, requeues what was prefetched but not started,
 //! lets running steps finish for up to `drain` and publishes their outcomes, then cancels the
 //! rest (the executor kills their process groups) and requeues them, sends a last heartbeat with
@@ -42,7 +48,8 @@ use warpline_shared::fleet::{
 };
 
 use warpline_amqp::{self as amqp, Backoff};
-use warpline_executor::{CANCELLED_ERROR, ExecConfig, run_step};
+use warpline_executor::allow::advertise;
+use warpline_executor::{CANCELLED_ERROR, ExecConfig, handed_back, run_step, unrunnable};
 
 /// How a fleet worker runs: loaded once from the command line and passed to [`run`].
 #[derive(Debug, Clone)]
@@ -399,6 +406,7 @@ impl Worker {
             cfg.heartbeat.as_secs(),
         );
         beat.stopping = stopping;
+        beat.allow = Some(advertise(&cfg.exec.allowlist, &cfg.exec.tools_dirs));
         let body = serde_json::to_vec(&beat).expect("a heartbeat serialises");
         let props = amqp::json_properties(
             &Uuid::now_v7().to_string(),
@@ -470,26 +478,36 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
     span.record("step", spec.step_id.as_str());
     span.record("attempt", spec.attempt);
     span.record("attempt_id", tracing::field::display(spec.attempt_id));
-    tracing::info!(command = %spec.command, "running step");
-
-    worker.running.lock().expect("running map poisoned").insert(
-        spec.attempt_id,
-        RunningAttempt {
-            run_id: spec.run_id,
-            attempt_id: spec.attempt_id,
-            step_id: spec.step_id.clone(),
-            started_at: Utc::now(),
-        },
-    );
     let metrics = crate::metrics::get();
-    metrics.busy.inc();
-    let outcome = run_step(&spec, &cfg.exec, &ctx.steps_cancel).await;
-    metrics.busy.dec();
-    worker
-        .running
-        .lock()
-        .expect("running map poisoned")
-        .remove(&spec.attempt_id);
+    // A step this worker may not run (not allowed here, or its command does not resolve here)
+    // is handed back through the results queue, like any outcome, so the coordinator can give
+    // it to another worker; it is never failed here, and never requeued to the broker, where
+    // it would count against the queue's delivery limit and end dead-lettered.
+    let outcome = if let Some(reason) = unrunnable(&spec, &cfg.exec) {
+        tracing::warn!(command = %spec.command, %reason, "this worker may not run the step: handing it back");
+        metrics.requeued.with_label_values(&["not_runnable"]).inc();
+        handed_back(&spec, &cfg.exec, reason)
+    } else {
+        tracing::info!(command = %spec.command, "running step");
+        worker.running.lock().expect("running map poisoned").insert(
+            spec.attempt_id,
+            RunningAttempt {
+                run_id: spec.run_id,
+                attempt_id: spec.attempt_id,
+                step_id: spec.step_id.clone(),
+                started_at: Utc::now(),
+            },
+        );
+        metrics.busy.inc();
+        let outcome = run_step(&spec, &cfg.exec, &ctx.steps_cancel).await;
+        metrics.busy.dec();
+        worker
+            .running
+            .lock()
+            .expect("running map poisoned")
+            .remove(&spec.attempt_id);
+        outcome
+    };
 
     if ctx.steps_cancel.is_cancelled() && outcome.result.error.as_deref() == Some(CANCELLED_ERROR) {
         tracing::info!("step cancelled; requeueing its spec");
@@ -507,7 +525,7 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
     );
     let results = cfg.topology.results_queue();
     let published = amqp::publish_confirmed(&ctx.publish, "", &results, &body, props).await;
-    if published.is_ok() {
+    if published.is_ok() && !outcome.result.refused {
         metrics.finished(&outcome);
     }
     match published {

@@ -68,7 +68,7 @@ impl WorkerMetrics {
         );
         let requeued = counter(
             "warpline_worker_requeued_total",
-            "StepSpecs handed back to the broker, by reason (`cancelled`, `publish_failed`).",
+            "StepSpecs handed back, by reason: to the broker (`cancelled`, `publish_failed`), or to the coordinator as a refused outcome this worker may not run (`not_runnable`).",
             &["reason"],
         );
         let duration = HistogramVec::new(

@@ -13,6 +13,7 @@
 //! Local mode and fleet mode run this same loop; only the [`Transport`] (channels or RabbitMQ)
 //! and the [`Store`] (a JSONL file, or PostgreSQL beside it) differ.
 
+mod handback;
 mod liveness;
 mod operator;
 mod outcome;

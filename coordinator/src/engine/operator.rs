@@ -117,6 +117,9 @@ pub struct WorkerInfo {
     pub running: usize,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
+    /// Its allowlist as resolved on it (absent from a worker that predates advertising).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<warpline_shared::fleet::AllowedCommand>>,
 }
 
 /// Why the engine refused an operator's command. The HTTP API maps the variants to status
@@ -383,6 +386,7 @@ impl Engine {
                         slots: hb.slots,
                         running: hb.running.len(),
                         last_seen_ms: at.elapsed().as_millis() as u64,
+                        allow: hb.allow.clone(),
                     })
                     .collect();
                 list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));

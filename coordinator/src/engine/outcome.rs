@@ -45,6 +45,10 @@ impl Engine {
             );
             return;
         };
+        // A worker that may not run the step hands it back: not an attempt, not judged.
+        if outcome.result.refused {
+            return self.on_hand_back(run_id, attempt_id, outcome);
+        }
         // Backfill-level gates join the report before the state machine judges it, and only
         // for the attempt it awaits (a stale duplicate must not count as a sibling).
         if let Some(step) = run
@@ -117,6 +121,7 @@ impl Engine {
             }
             Receipt::Accepted(a) => {
                 run.dispatched_at = None;
+                run.hand_backs.clear();
                 let mut audited = outcome.clone();
                 bound_tail(&mut audited.result.log_tail, AUDIT_TAIL_BYTES);
                 self.record_run(run_id, AuditEvent::StepResult { outcome: audited });

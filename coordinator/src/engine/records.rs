@@ -54,6 +54,10 @@ pub struct RunRecord {
     pub dispatched_at: Option<DateTime<Utc>>,
     /// When the run reached a final state.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Workers that handed the current step back since its last attempt that ran (see
+    /// [`crate::fleet::capability`]); cleared when an attempt of it reports.
+    #[serde(default)]
+    pub hand_backs: Vec<crate::fleet::capability::HandBack>,
 }
 
 /// One backfill, as stored.

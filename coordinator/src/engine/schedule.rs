@@ -70,6 +70,7 @@ impl Engine {
                     warnings: Vec::new(),
                     dispatched_at: None,
                     finished_at: None,
+                    hand_backs: Vec::new(),
                 },
             );
             rec.runs.push(run_id);

@@ -585,3 +585,158 @@ async fn a_result_that_skips_the_steps_checks_is_rejected() {
     );
     assert_eq!(h.summary(id).runs[0].state, RunStatus::Complete);
 }
+
+/// A heartbeat of a worker of pool `default` whose allowlist is `allow`, each entry resolving.
+fn advertising(worker: &str, allow: &[&str]) -> Event {
+    let mut hb =
+        warpline_shared::fleet::Heartbeat::new(worker.into(), "default".into(), 2, vec![], 5);
+    hb.allow = Some(
+        allow
+            .iter()
+            .map(|p| warpline_shared::fleet::AllowedCommand {
+                entry: p.to_string(),
+                program: p.to_string(),
+                pinned: Vec::new(),
+                resolved: Some(format!("/usr/bin/{p}")),
+            })
+            .collect(),
+    );
+    Event::Heartbeat(Box::new(hb))
+}
+
+/// The refused outcome `worker` hands back for `spec`.
+fn refused(spec: &StepSpec, worker: &str) -> Event {
+    let Event::Outcome(mut o, ack) = outcome(spec, -1) else {
+        unreachable!("outcome makes an Outcome")
+    };
+    o.result.refused = true;
+    o.result.worker_id = worker.into();
+    o.result.error = Some(format!(
+        "command `{}` is not on this worker's allowlist (allowed: `url_to_manifest`)",
+        spec.command
+    ));
+    Event::Outcome(o, ack)
+}
+
+/// A worker that may not run a step hands it back: the attempt is withdrawn without counting,
+/// audited, and dispatched again after a delay for another worker; a duplicate of the refusal
+/// is stale; the capable worker's result completes the run with one attempt used.
+#[tokio::test(start_paused = true)]
+async fn a_refused_attempt_is_handed_back_and_dispatched_again_without_counting() {
+    let mut h = Harness::new();
+    h.turn([
+        advertising("narrow", &["url_to_manifest"]),
+        advertising("wide", &["true"]),
+    ])
+    .await;
+    let req = h.backfill(
+        serde_json::json!([{"id": "A", "command": "true", "max_attempts": 1}]),
+        &["a"],
+    );
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a1 = first.dispatched[0].clone();
+
+    let back = h.turn([refused(&a1, "narrow")]).await;
+    assert_eq!(back.kinds(), ["step_handed_back"]);
+    let AuditEvent::StepHandedBack {
+        worker_id,
+        hand_backs,
+        next,
+        delay_ms,
+        ..
+    } = &back.records[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (worker_id.as_str(), *hand_backs, next.as_str(), *delay_ms),
+        ("narrow", 1, "redispatch", 1000)
+    );
+    assert!(
+        back.dispatched.is_empty(),
+        "the re-dispatch waits its delay"
+    );
+    assert!(
+        back.timers
+            .iter()
+            .any(|(d, e)| *d == Duration::from_secs(1) && e.starts_with("Ready"))
+    );
+    // The broker redelivered the refusal: stale, nothing changes.
+    assert_eq!(
+        h.turn([refused(&a1, "narrow")]).await.kinds(),
+        ["stale_result"]
+    );
+
+    let ready = h.next_event().await;
+    let again = h.turn([ready]).await;
+    assert_eq!(again.kinds(), ["step_dispatched"]);
+    let a1b = again.dispatched[0].clone();
+    assert_eq!(a1b.attempt, 1, "a hand-back is not an attempt");
+    assert_ne!(a1b.attempt_id, a1.attempt_id);
+
+    let done = h.turn([outcome(&a1b, 0)]).await;
+    assert!(done.kinds().contains(&"run_finished"), "{:?}", done.kinds());
+    let s = h.summary(id);
+    assert_eq!(s.runs[0].state, RunStatus::Complete);
+    assert_eq!(s.runs[0].attempts.get("A"), Some(&1), "{:?}", s.runs[0]);
+}
+
+/// When no live worker may run a step, a few hand-backs (surviving a coordinator restart in
+/// between) escalate the run, naming the step, the command and the refusing workers; nothing
+/// halts and nothing loops.
+#[tokio::test(start_paused = true)]
+async fn a_step_no_live_worker_may_run_escalates_after_bounded_hand_backs() {
+    let mut h = Harness::new();
+    h.turn([advertising("narrow", &["url_to_manifest"])]).await;
+    let req = h.backfill(
+        serde_json::json!([{"id": "LOAD", "command": "load-batch"}]),
+        &["a"],
+    );
+    let id = req.id;
+    let mut spec = h
+        .turn([Event::Submit(Box::new(req), None)])
+        .await
+        .dispatched[0]
+        .clone();
+    let limit = crate::fleet::capability::MAX_HAND_BACKS_UNRUNNABLE;
+    for n in 1..limit {
+        let back = h.turn([refused(&spec, "narrow")]).await;
+        assert_eq!(back.kinds(), ["step_handed_back"], "hand-back {n}");
+        let next = if n == 2 {
+            // The coordinator restarts while the run waits: the next session begins it.
+            let restored = h.restart().await;
+            h.turn([advertising("narrow", &["url_to_manifest"])]).await;
+            restored
+        } else {
+            let ready = h.next_event().await;
+            h.turn([ready]).await
+        };
+        assert_eq!(next.kinds(), ["step_dispatched"], "after hand-back {n}");
+        spec = next.dispatched[0].clone();
+        assert_eq!(spec.attempt, 1);
+    }
+    let last = h.turn([refused(&spec, "narrow")]).await;
+    assert_eq!(
+        last.kinds(),
+        [
+            "step_handed_back",
+            "step_result",
+            "decision",
+            "transition",
+            "escalated"
+        ]
+    );
+    assert!(last.dispatched.is_empty() && !last.timers.iter().any(|(_, e)| e.starts_with("Ready")));
+    let s = h.summary(id);
+    assert_eq!(s.runs[0].state, RunStatus::Escalated, "{:?}", s.runs[0]);
+    let reason = s.runs[0].reason.clone().unwrap_or_default();
+    for needle in [
+        "no live worker of pool `default` may run it",
+        "step `LOAD`",
+        "command `load-batch`",
+        "`narrow`",
+    ] {
+        assert!(reason.contains(needle), "{needle} missing from {reason}");
+    }
+}

@@ -497,6 +497,17 @@ impl Metrics {
                     .with_label_values(&[p.as_str(), step_id, "lost"])
                     .inc();
             }
+            AuditEvent::StepHandedBack {
+                step_id,
+                attempt_id,
+                ..
+            } => {
+                seen.dispatched.remove(attempt_id);
+                let p = pipeline(&seen);
+                self.steps
+                    .with_label_values(&[p.as_str(), step_id, "handed_back"])
+                    .inc();
+            }
             AuditEvent::StaleResult { step_id, .. } => {
                 self.stale.with_label_values(&[step_id]).inc();
             }

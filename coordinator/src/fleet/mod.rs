@@ -1,6 +1,8 @@
 //! Fleet mode: the coordinator's PostgreSQL store ([`pg`]), its RabbitMQ transport
-//! ([`amqp`]) and the overhead per step it measures ([`metrics`]).
+//! ([`amqp`]), the overhead per step it measures ([`metrics`]) and what its workers can run
+//! ([`capability`]: advertised allowlists, hand-backs, the submit check).
 
 pub mod amqp;
+pub mod capability;
 pub mod metrics;
 pub mod pg;

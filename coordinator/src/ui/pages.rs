@@ -822,6 +822,13 @@ fn story_line(r: &AuditRecord) -> String {
         AuditEvent::AttemptLost {
             step_id, reason, ..
         } => format!("{step_id} lost: {reason}"),
+        AuditEvent::StepHandedBack {
+            step_id,
+            worker_id,
+            reason,
+            next,
+            ..
+        } => format!("{step_id} handed back by {worker_id}: {reason}; {next}"),
         AuditEvent::Decision {
             step_id,
             agent,
