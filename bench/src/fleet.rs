@@ -96,7 +96,9 @@ impl Fleet {
                 .build()?,
         };
         let serve = Command::new(services.bin_dir.join("warpline"))
-            .args(["serve", "--agent", "rules"])
+            // `warn`: the submit scenario runs without workers, and the others must not race
+            // the workers' first heartbeats.
+            .args(["serve", "--agent", "rules", "--fleet-check", "warn"])
             .arg("--amqp-url")
             .arg(&services.amqp_url)
             .arg("--database-url")

@@ -113,6 +113,29 @@ pub struct ApiPolicy {
         value_name = "HEX"
     )]
     pub pipeline_sha256: Vec<String>,
+    /// What to do with a submit some step of which no live worker may run, by the pools and
+    /// allowlists the workers advertise: `refuse` it (409, unless the submit says
+    /// `allow_unrunnable`), accept it with `warn`ings, or check nothing (`off`). `warn` suits a
+    /// fleet that scales from zero workers. (Off without `serve`: in-process workers send no
+    /// heartbeats.)
+    #[arg(
+        long,
+        env = "WARPLINE_FLEET_CHECK",
+        value_enum,
+        default_value_t = FleetCheck::Refuse
+    )]
+    pub fleet_check: FleetCheck,
+}
+
+/// `serve --fleet-check`: the submit check against the live workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FleetCheck {
+    /// Refuse the submit unless it says `allow_unrunnable`.
+    Refuse,
+    /// Accept it; the problems are the answer's warnings.
+    Warn,
+    /// Check nothing.
+    Off,
 }
 
 impl Default for ApiPolicy {
@@ -122,6 +145,7 @@ impl Default for ApiPolicy {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             pipeline_dirs: Vec::new(),
             pipeline_sha256: Vec::new(),
+            fleet_check: FleetCheck::Off,
         }
     }
 }
@@ -244,6 +268,12 @@ pub struct SubmitRequest {
     /// Datasets: `a,b,c`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datasets: Option<String>,
+    /// The partitions themselves instead of `months`/`datasets` (what `submit
+    /// --partitions-file` sends): objects with a `month` and/or `dataset` and per-partition
+    /// `vars`, checked like the flags; no key twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub partitions: Option<Vec<Partition>>,
     /// Pipeline variables (`--var NAME=VALUE`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vars: BTreeMap<String, String>,
@@ -263,6 +293,12 @@ pub struct SubmitRequest {
     /// with the same id returns the first one's answer instead of creating a second backfill.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Accept the backfill even when no live worker may run some step (say, a fleet that
+    /// scales from zero workers): the problems become `warnings` in the answer instead of a
+    /// 409. Its steps wait in their pool's queue for a capable worker; a worker that may not
+    /// run one hands it back, and after a few hand-backs the run escalates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unrunnable: bool,
 }
 
 /// The order in which a backfill's runs start.
@@ -285,6 +321,10 @@ pub struct SubmitResponse {
     pub backfill_id: Uuid,
     /// How many runs it has (one per partition).
     pub runs: usize,
+    /// What the submit check found but `allow_unrunnable` let through (steps no live worker
+    /// may run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `POST /v1/runs/{id}/resolve`: an operator's answer to an escalation.
@@ -497,6 +537,14 @@ struct SubmissionsInner {
 }
 
 impl Submissions {
+    fn seen(&self, id: &str) -> bool {
+        self.inner
+            .lock()
+            .expect("submissions lock")
+            .by_id
+            .contains_key(id)
+    }
+
     fn forget(&self, id: &str) {
         let mut inner = self.inner.lock().expect("submissions lock");
         inner.by_id.remove(id);
@@ -616,6 +664,11 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
         )));
     }
     policy.admit(file, &req.pipeline)?;
+    if req.partitions.is_some() && (req.months.is_some() || req.datasets.is_some()) {
+        return Err(bad(
+            "give either `partitions` or `months`/`datasets`, not both".into(),
+        ));
+    }
     // Counted before they are expanded, so a huge range costs nothing.
     let count = |months: Option<&str>, datasets: Option<&str>| match (months, datasets) {
         (None, None) => Ok(1),
@@ -623,16 +676,25 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
             .map(|p| p.len())
             .map_err(|e| bad(e.to_string())),
     };
-    let wanted =
-        count(req.months.as_deref(), None)?.saturating_mul(count(None, req.datasets.as_deref())?);
+    let wanted = match &req.partitions {
+        Some(p) => p.len(),
+        None => count(req.months.as_deref(), None)?
+            .saturating_mul(count(None, req.datasets.as_deref())?),
+    };
     if wanted > policy.max_partitions {
         return Err(ApiError::TooLarge(format!(
             "the backfill would have {wanted} partitions; this coordinator accepts at most {} per backfill (`serve --max-partitions`): split it into smaller submits",
             policy.max_partitions
         )));
     }
+    let given = req.partitions.map(check_given_partitions).transpose()?;
+    let partition_vars = given
+        .as_deref()
+        .map(partition::var_names)
+        .unwrap_or_default();
     let text = serde_json::to_string(&req.pipeline).expect("a JSON value serialises");
-    let mut pipeline = Pipeline::from_json(file, &text).map_err(|e| bad(e.to_string()))?;
+    let mut pipeline = Pipeline::from_json_with_partition_vars(file, &text, partition_vars)
+        .map_err(|e| bad(e.to_string()))?;
     let vars: Vec<(String, String)> = req.vars.into_iter().collect();
     pipeline.set_vars(&vars).map_err(|e| bad(e.to_string()))?;
     if let Some(dir) = &req.workdir {
@@ -644,8 +706,11 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
         policy.admit_workdir(Path::new(dir))?;
         pipeline.set_workdir(Path::new(dir));
     }
-    let mut partitions = partition::expand(req.months.as_deref(), req.datasets.as_deref())
-        .map_err(|e| bad(e.to_string()))?;
+    let mut partitions = match given {
+        Some(p) => p,
+        None => partition::expand(req.months.as_deref(), req.datasets.as_deref())
+            .map_err(|e| bad(e.to_string()))?,
+    };
     pipeline
         .check_partitions(&partitions)
         .map_err(|e| bad(format!("pipeline `{}`: {e}", req.pipeline_file)))?;
@@ -663,6 +728,106 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
     })
 }
 
+/// Checks partitions given as such (`submit --partitions-file`) as the file's parser checks
+/// its rows: each has a month and/or a dataset, valid like `--months` and `--datasets`, with the
+/// same keys as the others, and no key appears twice.
+fn check_given_partitions(partitions: Vec<Partition>) -> Result<Vec<Partition>, ApiError> {
+    let bad = |i: usize, m: String| ApiError::BadRequest(format!("`partitions[{i}]`: {m}"));
+    if partitions.is_empty() {
+        return Err(ApiError::BadRequest(
+            "`partitions` is empty: give at least one".into(),
+        ));
+    }
+    let shape = |p: &Partition| (p.month.is_some(), p.dataset.is_some());
+    let first = shape(&partitions[0]);
+    let mut keys = std::collections::HashSet::new();
+    for (i, p) in partitions.iter().enumerate() {
+        if p.month.is_none() && p.dataset.is_none() {
+            return Err(bad(i, "needs a `month` and/or a `dataset`".into()));
+        }
+        if shape(p) != first {
+            return Err(bad(
+                i,
+                "every partition must have the same keys (`month`, `dataset`) as the first".into(),
+            ));
+        }
+        if let Some(m) = &p.month {
+            partition::parse_month(m).map_err(|e| bad(i, e.to_string()))?;
+        }
+        if let Some(d) = &p.dataset {
+            partition::check_dataset(d).map_err(|e| bad(i, e.to_string()))?;
+        }
+        if !keys.insert(p.key()) {
+            return Err(bad(i, format!("partition `{}` is listed twice", p.key())));
+        }
+    }
+    Ok(partitions)
+}
+
+/// Partitions whose steps the submit check renders: the commands rarely depend on the
+/// partition, and when they do (a per-partition variable) the first few show it.
+const CHECKED_PARTITIONS: usize = 8;
+
+/// The submit check (fleet mode): the steps of `backfill` no live worker may run, by the
+/// workers' advertised pools and allowlists, as messages. Empty when every step has a capable
+/// live worker.
+async fn unrunnable_steps(
+    st: &AppState,
+    backfill: &BackfillRequest,
+) -> Result<Vec<String>, ApiError> {
+    let workers: Vec<WorkerInfo> =
+        typed::<Vec<WorkerInfo>>(st.engine.command(OperatorCommand::Workers).await?)?.0;
+    let live: Vec<warpline_shared::fleet::Heartbeat> = workers
+        .into_iter()
+        .map(|w| {
+            let mut hb =
+                warpline_shared::fleet::Heartbeat::new(w.worker_id, w.pool, w.slots, Vec::new(), 0);
+            hb.allow = w.allow;
+            hb
+        })
+        .collect();
+    let pipeline = &backfill.pipeline;
+    let specs: Vec<warpline_shared::contracts::StepSpec> = backfill
+        .partitions
+        .iter()
+        .take(CHECKED_PARTITIONS)
+        .flat_map(|p| {
+            (0..pipeline.steps().len())
+                .filter_map(|i| pipeline.render_step(i, p, Uuid::nil(), 1, Uuid::nil()).ok())
+        })
+        .collect();
+    let found = crate::fleet::capability::unrunnable(&specs, &live);
+    let mut out: Vec<String> = Vec::new();
+    if live.is_empty() && !found.is_empty() {
+        out.push(
+            "no live worker at all: none heartbeated in the last three heartbeat intervals (a coordinator that just started hears from its workers within one interval)"
+                .into(),
+        );
+    }
+    out.extend(found.iter().map(ToString::to_string));
+    Ok(out)
+}
+
+/// Refuses (409) a backfill some step of which no live worker may run, unless
+/// `allow_unrunnable` or `--fleet-check warn`, when the problems become the answer's warnings.
+async fn fleet_check(
+    st: &AppState,
+    backfill: &BackfillRequest,
+    allow_unrunnable: bool,
+) -> Result<Vec<String>, ApiError> {
+    if st.policy.fleet_check == FleetCheck::Off {
+        return Ok(Vec::new());
+    }
+    let problems = unrunnable_steps(st, backfill).await?;
+    if problems.is_empty() || allow_unrunnable || st.policy.fleet_check == FleetCheck::Warn {
+        return Ok(problems);
+    }
+    Err(ApiError::Conflict(format!(
+        "no live worker may run this backfill: {}; start workers whose pool and --allow cover these commands, or submit with `allow_unrunnable` (`warpline submit --allow-unrunnable`) to queue it anyway (a fleet that scales from zero workers): a worker that may not run a step hands it back, and the run escalates after a few hand-backs",
+        problems.join("; ")
+    )))
+}
+
 /// Puts partitions in start order. `Desc` is a stable sort by month, newest first, so datasets
 /// keep their given order within a month.
 pub fn order_partitions(partitions: &mut [Partition], order: PartitionOrder) {
@@ -671,19 +836,25 @@ pub fn order_partitions(partitions: &mut [Partition], order: PartitionOrder) {
     }
 }
 
-#[utoipa::path(post, path = "/v1/backfills", tag = "backfills", request_body = SubmitRequest, responses((status = 201, body = SubmitResponse), (status = 400, description = "a bad config or partitions: the message names the file and JSON path", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, description = "a viewer's token, or a pipeline file or workdir `serve` does not allow", body = ErrorBody), (status = 409, description = "the same `request_id` with another body", body = ErrorBody), (status = 413, description = "the body or the backfill is bigger than `serve` accepts", body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/backfills", tag = "backfills", request_body = SubmitRequest, responses((status = 201, body = SubmitResponse), (status = 400, description = "a bad config or partitions: the message names the file and JSON path", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, description = "a viewer's token, or a pipeline file or workdir `serve` does not allow", body = ErrorBody), (status = 409, description = "the same `request_id` with another body, or (fleet mode) a step no live worker may run, unless `allow_unrunnable`", body = ErrorBody), (status = 413, description = "the body or the backfill is bigger than `serve` accepts", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn submit(
     State(st): State<AppState>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
     let Json(mut req) = body?;
     let Some(request_id) = req.request_id.take() else {
+        let allow_unrunnable = req.allow_unrunnable;
         let backfill = build_backfill(req, &st.policy)?;
+        let warnings = fleet_check(&st, &backfill, allow_unrunnable).await?;
         let runs = backfill.partitions.len();
         let backfill_id = st.engine.submit(backfill).await?;
         return Ok((
             StatusCode::CREATED,
-            Json(SubmitResponse { backfill_id, runs }),
+            Json(SubmitResponse {
+                backfill_id,
+                runs,
+                warnings,
+            }),
         ));
     };
     if request_id.trim().is_empty() || request_id.len() > 200 {
@@ -694,7 +865,23 @@ async fn submit(
     let digest = hex::encode(Sha256::digest(
         serde_json::to_vec(&req).expect("a request serialises"),
     ));
-    let mut pending = remembered_or_started(&st, request_id.clone(), digest, req)?;
+    // A submit seen before gets its answer whatever the fleet looks like now; a new one is
+    // checked against the live workers first.
+    let seen = st.submits.seen(&request_id);
+    let checked = if seen {
+        None
+    } else {
+        let allow_unrunnable = req.allow_unrunnable;
+        let backfill = build_backfill(req.clone(), &st.policy)?;
+        Some(fleet_check(&st, &backfill, allow_unrunnable).await?)
+    };
+    let mut pending = remembered_or_started(
+        &st,
+        request_id.clone(),
+        digest,
+        req,
+        checked.unwrap_or_default(),
+    )?;
     let answer = tokio::time::timeout(st.engine.timeout, pending.wait_for(Option::is_some)).await;
     match answer {
         Ok(Ok(answer)) => {
@@ -716,6 +903,7 @@ fn remembered_or_started(
     request_id: String,
     digest: String,
     req: SubmitRequest,
+    warnings: Vec<String>,
 ) -> Result<Pending, ApiError> {
     let mut inner = st.submits.inner.lock().expect("submissions lock");
     if let Some((seen, pending)) = inner.by_id.get(&request_id) {
@@ -742,7 +930,11 @@ fn remembered_or_started(
         let answer = engine
             .submit_to_the_end(backfill)
             .await
-            .map(|backfill_id| SubmitResponse { backfill_id, runs });
+            .map(|backfill_id| SubmitResponse {
+                backfill_id,
+                runs,
+                warnings,
+            });
         if answer.is_err() {
             // Not applied: the same id may be tried again from scratch.
             submits.forget(&request_id);
@@ -1126,6 +1318,59 @@ mod tests {
     }
 
     #[test]
+    fn partitions_given_as_such_are_checked_like_a_partitions_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.json");
+        let row = |d: &str, url: &str| Partition {
+            dataset: Some(d.into()),
+            vars: BTreeMap::from([("url".to_string(), url.to_string())]),
+            ..Partition::default()
+        };
+        let req = |partitions: Vec<Partition>, months: Option<&str>| SubmitRequest {
+            pipeline_file: file.display().to_string(),
+            pipeline: serde_json::json!({"name": "p", "steps": [
+                {"id": "GET", "command": "curl", "args": ["{url}"]}
+            ]}),
+            months: months.map(str::to_string),
+            datasets: None,
+            partitions: Some(partitions),
+            vars: BTreeMap::new(),
+            workdir: None,
+            max_parallel: None,
+            priority: 0,
+            order: PartitionOrder::Asc,
+            request_id: None,
+            allow_unrunnable: false,
+        };
+        let policy = ApiPolicy::default();
+        let ok = build_backfill(
+            req(vec![row("a", "https://x/a"), row("b", "https://x/b")], None),
+            &policy,
+        )
+        .unwrap();
+        assert_eq!(ok.partitions.len(), 2);
+        let spec = ok
+            .pipeline
+            .render_step(0, &ok.partitions[1], Uuid::nil(), 1, Uuid::nil())
+            .unwrap();
+        assert_eq!(spec.args, ["https://x/b"]);
+        let refused = |r: SubmitRequest| match build_backfill(r, &policy) {
+            Err(ApiError::BadRequest(m)) => m,
+            other => panic!("not refused: {:?}", other.map(|b| b.partitions)),
+        };
+        let twice = refused(req(vec![row("a", "u"), row("a", "v")], None));
+        assert!(
+            twice.contains("`partitions[1]`") && twice.contains("twice"),
+            "{twice}"
+        );
+        let both = refused(req(vec![row("a", "u")], Some("2024-01")));
+        assert!(both.contains("not both"), "{both}");
+        let bad = refused(req(vec![row("../etc", "u")], None));
+        assert!(bad.contains("invalid dataset"), "{bad}");
+        assert!(refused(req(Vec::new(), None)).contains("empty"));
+    }
+
+    #[test]
     fn a_relative_pipeline_file_is_refused() {
         let req = SubmitRequest {
             pipeline_file: "p.json".into(),
@@ -1138,6 +1383,8 @@ mod tests {
             priority: 0,
             order: PartitionOrder::Asc,
             request_id: None,
+            partitions: None,
+            allow_unrunnable: false,
         };
         let err = build_backfill(req, &ApiPolicy::default()).unwrap_err();
         assert!(

@@ -129,6 +129,21 @@ pub struct SubmitArgs {
     /// got no answer (a timeout, a 503) returns that one's backfill instead of a second one.
     #[arg(long, value_name = "ID")]
     pub request_id: Option<String>,
+    /// The partitions from a file instead of --months/--datasets (as for `run`): CSV with a
+    /// header row, or a JSON array of objects (`.json`); a `month` and/or `dataset` column
+    /// names each partition, every other column is a per-partition variable.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["months", "datasets"])]
+    pub partitions_file: Option<PathBuf>,
+    /// Submit even when no live worker may run some step (the coordinator refuses such a
+    /// backfill otherwise): for a fleet that scales from zero workers, or workers still
+    /// starting. The problems are printed as warnings.
+    #[arg(long)]
+    pub allow_unrunnable: bool,
+    /// Check and render the backfill here, print each step's argv, environment (secrets as
+    /// references) artefacts and checks for the first partitions, and which live workers may
+    /// run each step; submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// The coordinator.
     #[command(flatten)]
     pub api: ApiArgs,

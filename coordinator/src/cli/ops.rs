@@ -15,10 +15,14 @@ use warpline_shared::machine::RunStatus;
 
 use super::client::Client;
 use super::report::{counts_line, duration, passed_per_step};
-use super::run::parse_vars;
+use super::run::{parse_vars, read_partitions};
 use super::{BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs};
 use crate::api::{ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse};
 use crate::engine::{BackfillAction, Escalation, RunSummary, Summary};
+use crate::fleet::capability;
+use warpline_shared::config::Pipeline;
+use warpline_shared::fleet::Heartbeat;
+use warpline_shared::partition::{self, Partition};
 
 /// A backfill just submitted with `--wait`: the caller follows it.
 pub struct Submitted {
@@ -44,11 +48,23 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<Submitted>> {
         .map(std::path::absolute)
         .transpose()
         .context("invalid --workdir")?;
+    let partitions = args
+        .partitions_file
+        .as_deref()
+        .map(read_partitions)
+        .transpose()?;
+    if args.dry_run {
+        let text = dry_run(&args, &file, &text, partitions, workdir.as_deref(), &client).await?;
+        print!("{text}");
+        return Ok(None);
+    }
     let req = SubmitRequest {
         pipeline_file: file.display().to_string(),
         pipeline,
         months: args.partitions.months,
         datasets: args.partitions.datasets,
+        partitions,
+        allow_unrunnable: args.allow_unrunnable,
         vars: parse_vars(&args.vars)?
             .into_iter()
             .collect::<BTreeMap<_, _>>(),
@@ -73,6 +89,9 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<Submitted>> {
         Err(e) => return Err(e.into()),
     };
     let id = answer.backfill_id.to_string();
+    for w in &answer.warnings {
+        eprintln!("warpline: warning: {w}");
+    }
     eprintln!(
         "warpline: submitted backfill {id}: {} runs of `{}` to {}",
         answer.runs,
@@ -91,6 +110,81 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<Submitted>> {
         println!("{id}");
     }
     Ok(Some(Submitted { client, id }))
+}
+
+/// `submit --dry-run`: what the coordinator would be sent, rendered here as it would render
+/// it (each step's argv, environment with secret references as written, artefacts and checks
+/// for the first partitions), and which live workers may run each step by what they
+/// advertise (when the coordinator answers). Nothing is submitted.
+async fn dry_run(
+    args: &SubmitArgs,
+    file: &std::path::Path,
+    text: &str,
+    partitions: Option<Vec<Partition>>,
+    workdir: Option<&std::path::Path>,
+    client: &Client,
+) -> anyhow::Result<String> {
+    let partitions = match partitions {
+        Some(p) => p,
+        None => partition::expand(
+            args.partitions.months.as_deref(),
+            args.partitions.datasets.as_deref(),
+        )?,
+    };
+    let mut pipeline =
+        Pipeline::from_json_with_partition_vars(file, text, partition::var_names(&partitions))?;
+    pipeline.set_vars(&parse_vars(&args.vars)?)?;
+    if let Some(dir) = workdir {
+        pipeline.set_workdir(dir);
+    }
+    pipeline.check_partitions(&partitions)?;
+    let programs = vec![None; pipeline.steps().len()];
+    let mut out = super::preflight::dry_run(&pipeline, &partitions, &programs)?;
+    out.push_str(
+        "
+workers (programs resolve on them, not here):
+",
+    );
+    match client
+        .get::<Vec<crate::api::WorkerInfo>>("/v1/workers")
+        .await
+    {
+        Ok(workers) => {
+            let live: Vec<Heartbeat> = workers
+                .into_iter()
+                .map(|w| {
+                    let mut hb = Heartbeat::new(w.worker_id, w.pool, w.slots, Vec::new(), 0);
+                    hb.allow = w.allow;
+                    hb
+                })
+                .collect();
+            for (index, step) in pipeline.steps().iter().enumerate() {
+                let Some(spec) = partitions.first().and_then(|p| {
+                    pipeline
+                        .render_step(index, p, Uuid::nil(), 1, Uuid::nil())
+                        .ok()
+                }) else {
+                    continue;
+                };
+                let may: Vec<&str> = live
+                    .iter()
+                    .filter(|hb| capability::may_run(hb, &spec))
+                    .map(|hb| hb.worker_id.as_str())
+                    .collect();
+                let line = if may.is_empty() {
+                    format!(
+                        "  {}: no live worker of pool `{}` may run `{}`: submit refuses it without --allow-unrunnable\n",
+                        step.id, spec.pool, spec.command
+                    )
+                } else {
+                    format!("  {}: {} (pool `{}`)\n", step.id, may.join(", "), spec.pool)
+                };
+                out.push_str(&line);
+            }
+        }
+        Err(e) => out.push_str(&format!("  not checked: {e}\n")),
+    }
+    Ok(out)
 }
 
 /// `warpline status`.

@@ -44,7 +44,7 @@ pub(crate) fn parse_vars(vars: &[String]) -> anyhow::Result<Vec<(String, String)
 }
 
 /// Reads a partitions file (CSV, or JSON when it ends in `.json`).
-fn read_partitions(file: &std::path::Path) -> anyhow::Result<Vec<Partition>> {
+pub(super) fn read_partitions(file: &std::path::Path) -> anyhow::Result<Vec<Partition>> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read the partitions file `{}`", file.display()))?;
     let name = file.display().to_string();

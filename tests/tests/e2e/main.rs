@@ -10,6 +10,7 @@ mod failures;
 mod faults;
 mod fleet;
 mod gates;
+mod handback;
 mod local;
 mod observability;
 mod toolchain;
