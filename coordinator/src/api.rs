@@ -18,6 +18,7 @@
 //! | `POST /v1/runs/{id}/resolve` ([`ResolveRequest`]) | `Resolve` | 200 [`ResolveResponse`] |
 //! | `POST /v1/backfills/{id}/resolve` ([`ResolveBackfillRequest`]) | `ResolveBackfill` | 200 [`ResolveBackfillResponse`] |
 //! | `GET /v1/workers` | — | the workers heard from recently (heartbeats) |
+//! | `GET /v1/fleet` | `Workers` | 200 [`FleetView`]: workers and pools, with queue depths |
 //! | `GET /v1/metrics` ([`metrics_router`], fleet mode) | — | 200 [`LatencySnapshot`] |
 //! | `GET /v1/openapi.json` | — | 200 this API's OpenAPI 3 document ([`ApiDoc`]) |
 //! | `GET /healthz` | — | 200 while the process lives |
@@ -125,6 +126,10 @@ pub struct ApiPolicy {
         default_value_t = FleetCheck::Refuse
     )]
     pub fleet_check: FleetCheck,
+    /// Where the pools' queue depths are read (fleet mode; set by `serve`), and the pools
+    /// always shown (`serve --pool`) besides the workers' own.
+    #[arg(skip)]
+    pub queues: Option<(Arc<crate::fleet::metrics::Broker>, Vec<String>)>,
 }
 
 /// `serve --fleet-check`: the submit check against the live workers.
@@ -146,6 +151,7 @@ impl Default for ApiPolicy {
             pipeline_dirs: Vec::new(),
             pipeline_sha256: Vec::new(),
             fleet_check: FleetCheck::Off,
+            queues: None,
         }
     }
 }
@@ -573,6 +579,7 @@ pub fn router_with(handle: EngineHandle, ready: ReadyFlag, policy: ApiPolicy) ->
         .route("/v1/runs/{id}/resolve", post(resolve))
         .route("/v1/backfills/{id}/resolve", post(resolve_backfill))
         .route("/v1/workers", get(workers))
+        .route("/v1/fleet", get(fleet))
         .route("/v1/openapi.json", get(openapi_json))
         .with_state(AppState {
             engine: handle,
@@ -954,7 +961,18 @@ async fn list(State(st): State<AppState>) -> Answer {
 async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Answer {
     let backfill_id = Some(parse_id("backfill", &id)?);
     let cmd = OperatorCommand::Status { backfill_id };
-    st.engine.command(cmd).await.map(Json)
+    let mut summary = st.engine.command(cmd).await?;
+    // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it.
+    if st.policy.queues.is_some()
+        && let Some(obj) = summary.as_object_mut()
+    {
+        let view = fleet_view(&st).await?;
+        obj.insert(
+            "fleet".into(),
+            serde_json::to_value(view).expect("a fleet view serialises"),
+        );
+    }
+    Ok(Json(summary))
 }
 
 #[utoipa::path(post, path = "/v1/backfills/{id}/cancel", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, description = "cancelling: nothing new starts, running steps finish", body = Summary), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -1083,6 +1101,82 @@ async fn workers(State(st): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, Ap
     typed(st.engine.command(OperatorCommand::Workers).await?)
 }
 
+/// The workers heard from recently and, per pool, how many, their slots busy and free and the
+/// StepSpecs waiting in its queue (fleet mode).
+#[utoipa::path(get, path = "/v1/fleet", tag = "fleet", responses((status = 200, body = FleetView), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn fleet(State(st): State<AppState>) -> Result<Json<FleetView>, ApiError> {
+    fleet_view(&st).await.map(Json)
+}
+
+/// Builds the [`FleetView`]: the loop's workers, and the queue depths read from the broker
+/// (absent when it does not answer in time, or outside fleet mode).
+async fn fleet_view(st: &AppState) -> Result<FleetView, ApiError> {
+    let workers = typed::<Vec<WorkerInfo>>(st.engine.command(OperatorCommand::Workers).await?)?.0;
+    Ok(build_fleet_view(workers, st.policy.queues.as_ref()).await)
+}
+
+/// [`fleet_view`] from a list of workers.
+pub async fn build_fleet_view(
+    workers: Vec<WorkerInfo>,
+    queues: Option<&(Arc<crate::fleet::metrics::Broker>, Vec<String>)>,
+) -> FleetView {
+    let mut pools: BTreeMap<String, PoolView> = BTreeMap::new();
+    let watched = queues.map(|(_, p)| p.clone()).unwrap_or_default();
+    for name in watched.iter().chain(workers.iter().map(|w| &w.pool)) {
+        pools.entry(name.clone()).or_insert_with(|| PoolView {
+            pool: name.clone(),
+            ..PoolView::default()
+        });
+    }
+    for w in &workers {
+        let p = pools
+            .get_mut(&w.pool)
+            .expect("every worker's pool was added");
+        p.workers += 1;
+        p.slots += w.slots;
+        p.busy += u32::try_from(w.running).unwrap_or(u32::MAX);
+    }
+    if let Some((broker, _)) = queues {
+        let names: Vec<String> = pools.keys().cloned().collect();
+        if let Some(depths) = broker.queued(&names).await {
+            for (pool, n) in depths {
+                if let Some(p) = pools.get_mut(&pool) {
+                    p.queued = Some(n);
+                }
+            }
+        }
+    }
+    FleetView {
+        workers,
+        pools: pools.into_values().collect(),
+    }
+}
+
+/// `GET /v1/fleet` (and `fleet` in a backfill's status in fleet mode).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FleetView {
+    /// The workers heard from recently, with their allowlists.
+    pub workers: Vec<WorkerInfo>,
+    /// Per pool: the pools of the workers and those `serve --pool` names.
+    pub pools: Vec<PoolView>,
+}
+
+/// One pool of a [`FleetView`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct PoolView {
+    /// The pool.
+    pub pool: String,
+    /// Live workers consuming it.
+    pub workers: u32,
+    /// Their slots.
+    pub slots: u32,
+    /// Slots running a step.
+    pub busy: u32,
+    /// StepSpecs ready in its queue, not yet delivered (absent when the broker did not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
+}
+
 /// The engine's answer read through its documented type, so `/v1/openapi.json` cannot drift
 /// from what is served.
 fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<Json<T>, ApiError> {
@@ -1177,12 +1271,13 @@ impl Modify for BearerAuth {
     ),
     paths(
         healthz, readyz, submit, list, status, cancel, retry_failed, escalations, resolve,
-        resolve_backfill, workers, metrics, openapi_json
+        resolve_backfill, workers, fleet, metrics, openapi_json
     ),
     components(schemas(
         SubmitRequest, SubmitResponse, PartitionOrder, ResolveRequest, ResolveResponse,
         ResolveBackfillRequest, ResolveBackfillResponse, RetryFailedResponse, ErrorBody,
-        Summary, RunSummary, Escalation, BackfillAction, WorkerInfo, LatencySnapshot, Percentiles
+        Summary, RunSummary, Escalation, BackfillAction, WorkerInfo, FleetView, PoolView,
+        LatencySnapshot, Percentiles
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

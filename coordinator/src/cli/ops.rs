@@ -230,14 +230,35 @@ fn render_workers(workers: &[serde_json::Value]) -> String {
                     "{:.1} s ago",
                     w["last_seen_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
                 ),
+                allowed(&w["allow"]),
             ]
         })
         .collect();
     format!(
         "\nworkers: {} live\n{}",
         workers.len(),
-        table(&["WORKER", "POOL", "BUSY", "LAST HEARD"], &rows)
+        table(&["WORKER", "POOL", "BUSY", "LAST HEARD", "ALLOWED"], &rows)
     )
+}
+
+/// A worker's advertised allowlist on one line: each entry, marked `(missing)` when its
+/// program does not resolve on that worker.
+fn allowed(allow: &serde_json::Value) -> String {
+    let Some(entries) = allow.as_array() else {
+        return "(not advertised)".into();
+    };
+    entries
+        .iter()
+        .map(|e| {
+            let text = e["entry"].as_str().unwrap_or("?");
+            if e["resolved"].is_string() {
+                text.to_string()
+            } else {
+                format!("{text} (missing)")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `warpline escalations`.

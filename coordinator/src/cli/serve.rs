@@ -295,6 +295,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let latency = Arc::new(StepLatency::new());
     let prom = Arc::new(Metrics::new(&latency));
     prom.watch_pools(args.pools.iter().cloned());
+    let queues = Arc::new(metrics::Broker::new(
+        args.fleet.amqp_url.clone(),
+        args.fleet.topology(),
+    ));
     let sources = Arc::new(metrics::Sources {
         db: db.clone(),
         engine: EngineHandle::new(tx.clone()),
@@ -306,13 +310,17 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         router_with(
             EngineHandle::new(tx.clone()),
             ready.clone(),
-            args.api.clone(),
+            ApiPolicy {
+                queues: Some((queues.clone(), args.pools.clone())),
+                ..args.api.clone()
+            },
         )
         .merge(metrics_router(latency.clone()))
-        .merge(ui::router(
+        .merge(ui::router_with(
             EngineHandle::new(tx.clone()),
             ui::Records::Pg(db.clone()),
             auth.clone(),
+            Some((queues.clone(), args.pools.clone())),
         )),
         auth,
     )

@@ -25,7 +25,7 @@
 //! 3 significant digits, 1 µs to 10 min); so is the map of results awaiting their next
 //! StepSpec, which forgets entries older than [`FORGET_AFTER`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -676,6 +676,15 @@ pub struct Broker {
     channel: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
 }
 
+impl std::fmt::Debug for Broker {
+    // Not the URL: it holds the broker's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("prefix", &self.topology.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What one scrape read from the broker.
 pub struct Depths {
     /// (queue, pool, ready messages); the results queue has an empty pool.
@@ -692,6 +701,24 @@ impl Broker {
             topology,
             channel: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Ready messages in each pool's steps queue (the fleet view of the API and the
+    /// dashboard), or `None` when the broker does not answer within 3 s or a queue is not
+    /// declared yet.
+    pub async fn queued(&self, pools: &[String]) -> Option<BTreeMap<String, u64>> {
+        let depths = tokio::time::timeout(Duration::from_secs(3), self.depths(pools))
+            .await
+            .ok()?
+            .ok()?;
+        Some(
+            depths
+                .queues
+                .into_iter()
+                .filter(|(_, pool, _)| !pool.is_empty())
+                .map(|(_, pool, n)| (pool, u64::try_from(n).unwrap_or(0)))
+                .collect(),
+        )
     }
 
     async fn depths(&self, pools: &[String]) -> anyhow::Result<Depths> {

@@ -59,10 +59,25 @@ struct UiState {
     engine: EngineHandle,
     records: Records,
     auth: Arc<Auth>,
+    /// Where the fleet page reads queue depths (fleet mode), and the pools always shown.
+    queues: Option<Queues>,
 }
+
+/// A broker to read queue depths from, and the pools (`serve --pool`) always shown.
+pub type Queues = (Arc<crate::fleet::metrics::Broker>, Vec<String>);
 
 /// The dashboard's routes. Put it behind [`crate::api::protect`] with the same `auth`.
 pub fn router(engine: EngineHandle, records: Records, auth: Arc<Auth>) -> Router {
+    router_with(engine, records, auth, None)
+}
+
+/// [`router`] whose fleet page shows each pool's queue depth, read from `queues`.
+pub fn router_with(
+    engine: EngineHandle,
+    records: Records,
+    auth: Arc<Auth>,
+    queues: Option<Queues>,
+) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/backfills/{id}", get(backfill))
@@ -83,6 +98,7 @@ pub fn router(engine: EngineHandle, records: Records, auth: Arc<Auth>) -> Router
             engine,
             records,
             auth,
+            queues,
         })
 }
 
@@ -373,8 +389,10 @@ async fn escalations(State(st): State<UiState>, req: Req) -> Response {
 async fn fleet(State(st): State<UiState>, req: Req) -> Response {
     match st.engine.command(OperatorCommand::Workers).await {
         Ok(v) => {
-            let workers: Vec<serde_json::Value> = v.as_array().cloned().unwrap_or_default();
-            page("Fleet", &req, &pages::fleet(&workers), true)
+            let workers: Vec<crate::api::WorkerInfo> =
+                serde_json::from_value(v).unwrap_or_default();
+            let view = crate::api::build_fleet_view(workers, st.queues.as_ref()).await;
+            page("Fleet", &req, &pages::fleet(&view), true)
         }
         Err(e) => fail(&req, e),
     }

@@ -464,41 +464,62 @@ pub fn escalations(ctx: &Ctx, list: &[Escalation], all: &[Summary]) -> String {
     h
 }
 
-/// `/fleet`: the workers heard from recently, and per pool.
-pub fn fleet(workers: &[serde_json::Value]) -> String {
+/// `/fleet`: per pool its workers, slots busy and free and queue depth; per worker its pool,
+/// slots, last heartbeat and allowlist as resolved on it.
+pub fn fleet(view: &crate::api::FleetView) -> String {
     let mut h = String::from("<h1>Fleet</h1>");
-    if workers.is_empty() {
+    if view.workers.is_empty() {
         h.push_str("<p class=\"muted\">No worker heard from in the last three heartbeat intervals (local mode's in-process workers send none).</p>");
+    }
+    if !view.pools.is_empty() {
+        h.push_str("<h2>Pools</h2><table id=\"pools\"><thead><tr><th>Pool</th><th class=\"num\">Workers</th><th class=\"num\">Slots busy</th><th class=\"num\">Slots free</th><th class=\"num\">Queued</th></tr></thead><tbody>");
+        for p in &view.pools {
+            let queued = p
+                .queued
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into());
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                esc(&p.pool),
+                p.workers,
+                p.busy,
+                p.slots.saturating_sub(p.busy),
+                esc(&queued)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    if view.workers.is_empty() {
         return h;
     }
-    let mut pools: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
-    for w in workers {
-        let p = pools
-            .entry(w["pool"].as_str().unwrap_or("?").to_string())
-            .or_default();
-        p.0 += 1;
-        p.1 += w["slots"].as_u64().unwrap_or(0);
-        p.2 += w["running"].as_u64().unwrap_or(0);
-    }
-    h.push_str("<h2>Pools</h2><table id=\"pools\"><thead><tr><th>Pool</th><th class=\"num\">Workers</th><th class=\"num\">Slots busy</th><th class=\"num\">Slots free</th></tr></thead><tbody>");
-    for (pool, (n, slots, busy)) in &pools {
+    h.push_str("<h2>Workers</h2><table id=\"workers\"><thead><tr><th>Worker</th><th>Pool</th><th class=\"num\">Busy / slots</th><th class=\"num\">Last heartbeat</th><th>Allowed (as resolved on it)</th></tr></thead><tbody>");
+    for w in &view.workers {
+        let allow = match &w.allow {
+            None => "<span class=\"muted\">not advertised</span>".to_string(),
+            Some(entries) => entries
+                .iter()
+                .map(|e| match &e.resolved {
+                    Some(path) => format!(
+                        "<div class=\"mono\">{} <span class=\"muted\">→ {}</span></div>",
+                        esc(&e.entry),
+                        esc(path)
+                    ),
+                    None => format!(
+                        "<div class=\"mono\">{} <span class=\"muted\">(not found on this worker)</span></div>",
+                        esc(&e.entry)
+                    ),
+                })
+                .collect(),
+        };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td class=\"num\">{n}</td><td class=\"num\">{busy}</td><td class=\"num\">{}</td></tr>",
-            esc(pool),
-            slots.saturating_sub(*busy)
-        );
-    }
-    h.push_str("</tbody></table><h2>Workers</h2><table id=\"workers\"><thead><tr><th>Worker</th><th>Pool</th><th class=\"num\">Busy / slots</th><th class=\"num\">Last heartbeat</th></tr></thead><tbody>");
-    for w in workers {
-        let _ = write!(
-            h,
-            "<tr><td class=\"mono\">{}</td><td>{}</td><td class=\"num\">{} / {}</td><td class=\"num\">{:.1} s ago</td></tr>",
-            esc(w["worker_id"].as_str().unwrap_or("?")),
-            esc(w["pool"].as_str().unwrap_or("?")),
-            w["running"].as_u64().unwrap_or(0),
-            w["slots"].as_u64().unwrap_or(0),
-            w["last_seen_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+            "<tr><td class=\"mono\">{}</td><td>{}</td><td class=\"num\">{} / {}</td><td class=\"num\">{:.1} s ago</td><td>{allow}</td></tr>",
+            esc(&w.worker_id),
+            esc(&w.pool),
+            w.running,
+            w.slots,
+            w.last_seen_ms as f64 / 1000.0
         );
     }
     h.push_str("</tbody></table>");
@@ -968,4 +989,65 @@ pub fn error(message: &str) -> String {
         "<h1>That did not work</h1><div class=\"flash error\">{}</div><p><a href=\"/\">Back to the backfills</a></p>",
         esc(message)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{FleetView, PoolView, WorkerInfo};
+    use warpline_shared::fleet::AllowedCommand;
+
+    #[test]
+    fn the_fleet_page_shows_pools_with_queue_depth_and_each_workers_resolved_allowlist() {
+        let entry = |e: &str, resolved: Option<&str>| AllowedCommand {
+            entry: e.into(),
+            program: e.split(' ').next().unwrap().into(),
+            pinned: Vec::new(),
+            resolved: resolved.map(str::to_string),
+        };
+        let view = FleetView {
+            workers: vec![WorkerInfo {
+                worker_id: "w<1>".into(),
+                pool: "etl".into(),
+                slots: 4,
+                running: 1,
+                last_seen_ms: 1500,
+                allow: Some(vec![
+                    entry("load-batch", Some("/opt/bin/load-batch")),
+                    entry("url_to_manifest", None),
+                ]),
+            }],
+            pools: vec![
+                PoolView {
+                    pool: "etl".into(),
+                    workers: 1,
+                    slots: 4,
+                    busy: 1,
+                    queued: Some(7),
+                },
+                PoolView {
+                    pool: "gpu".into(),
+                    ..PoolView::default()
+                },
+            ],
+        };
+        let h = fleet(&view);
+        assert!(h.contains("<td>etl</td><td class=\"num\">1</td><td class=\"num\">1</td><td class=\"num\">3</td><td class=\"num\">7</td>"), "{h}");
+        // A watched pool with no worker, and a depth the broker did not give.
+        assert!(h.contains("<td>gpu</td><td class=\"num\">0</td><td class=\"num\">0</td><td class=\"num\">0</td><td class=\"num\">?</td>"), "{h}");
+        assert!(h.contains("w&lt;1&gt;"), "escaped: {h}");
+        assert!(
+            h.contains("load-batch <span class=\"muted\">→ /opt/bin/load-batch</span>"),
+            "{h}"
+        );
+        assert!(
+            h.contains("url_to_manifest <span class=\"muted\">(not found on this worker)</span>"),
+            "{h}"
+        );
+        let empty = fleet(&FleetView {
+            workers: Vec::new(),
+            pools: Vec::new(),
+        });
+        assert!(empty.contains("No worker heard from"), "{empty}");
+    }
 }

@@ -46,7 +46,8 @@ fn wait_workers(c: &Coordinator, ids: &[&str]) -> Vec<Value> {
 /// Two workers consume one pool; only `wide` may run the step's command (`sh`), `narrow` may
 /// run only `true`. Every run completes on `wide` with one attempt; `narrow`'s refusals are
 /// audited as hand-backs and halt nothing. The workers' allowlists are served as resolved on
-/// them, and `status --json` shows them per pool.
+/// them (`/v1/workers`, the dashboard's fleet page, `status --json`), with the pool's slots and
+/// queue depth.
 #[test]
 fn a_step_only_one_worker_may_run_completes_and_the_other_hands_it_back() {
     let mut fleet = Fleet::new("handback");
@@ -69,10 +70,43 @@ fn a_step_only_one_worker_may_run_completes_and_the_other_hands_it_back() {
         "the entry as resolved on the worker: {narrow}"
     );
 
+    // The fleet view: the pool with both workers, its slots and its queue's depth.
+    let (code, body) = http_get(c.addr(), "/v1/fleet");
+    assert_eq!(code, 200, "{body}");
+    let view: Value = serde_json::from_str(&body).unwrap();
+    let pool = &view["pools"][0];
+    assert_eq!(
+        (&pool["pool"], &pool["workers"], &pool["slots"]),
+        (&json!("default"), &json!(2), &json!(4)),
+        "{view:#}"
+    );
+    assert!(
+        pool["queued"].is_u64(),
+        "the queue depth from the broker: {view:#}"
+    );
+    // And the dashboard's fleet page, with each worker's allowlist as resolved on it.
+    let (code, page) = http_get(c.addr(), "/fleet");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains(">Queued</th>"), "{page}");
+    assert!(
+        page.contains("true <span class=\"muted\">→ /"),
+        "narrow's allowlist on the fleet page: {page}"
+    );
+
     let pipeline = fleet.pipeline("handback", json!([sh("WORK", "sleep 0.2")]));
     let datasets = "a,b,c,d,e,f";
     let id = fleet.submit(&c, &pipeline, &["--datasets", datasets]);
     let summary = fleet.wait_finished(&c, &id, LIMIT);
+    // `status --json` carries the fleet the backfill ran on: workers with their allowlists.
+    let wide = summary["fleet"]["workers"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["worker_id"] == "wide"))
+        .unwrap_or_else(|| panic!("no fleet in status --json: {summary:#}"));
+    assert_eq!(wide["allow"][0]["entry"], "sh", "{wide}");
+    assert!(
+        summary["fleet"]["pools"][0]["queued"].is_u64(),
+        "{summary:#}"
+    );
     let runs = summary["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 6, "{summary:#}");
     for r in runs {
