@@ -14,7 +14,9 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+pub use warpline_shared::paths::lexical_absolute;
 
 use warpline_shared::fleet::AllowedCommand;
 
@@ -45,9 +47,11 @@ pub enum AllowError {
     /// It starts with an option.
     #[error("allowlist entry `{0}` starts with `-`: it must start with a program name or path")]
     Option(String),
-    /// A `--tools-dir` that cannot be used.
-    #[error("--tools-dir `{}` {reason}", dir.display())]
-    ToolsDir {
+    /// A `--tools-dir` or `--path-root` that cannot be used.
+    #[error("--{flag} `{}` {reason}", dir.display())]
+    Dir {
+        /// The option that named it.
+        flag: &'static str,
         /// The directory.
         dir: PathBuf,
         /// What is wrong with it.
@@ -81,16 +85,27 @@ pub fn parse_allowlist(entries: &[String]) -> Result<BTreeSet<String>, AllowErro
 
 /// Makes `--tools-dir` directories absolute and checks they exist.
 pub fn tools_dirs(dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>, AllowError> {
+    existing_dirs("tools-dir", dirs)
+}
+
+/// Makes `--path-root` directories absolute and checks they exist.
+pub fn path_roots(dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>, AllowError> {
+    existing_dirs("path-root", dirs)
+}
+
+fn existing_dirs(flag: &'static str, dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>, AllowError> {
     dirs.into_iter()
         .filter(|d| !d.as_os_str().is_empty())
         .map(|d| {
             if !d.is_dir() {
-                return Err(AllowError::ToolsDir {
+                return Err(AllowError::Dir {
+                    flag,
                     dir: d,
                     reason: "is not a directory".into(),
                 });
             }
-            std::path::absolute(&d).map_err(|e| AllowError::ToolsDir {
+            std::path::absolute(&d).map_err(|e| AllowError::Dir {
+                flag,
                 dir: d.clone(),
                 reason: format!("cannot be made absolute: {e}"),
             })
@@ -308,28 +323,6 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Makes `path` absolute against `base` and removes `.` and `..` without touching the
-/// filesystem (`..` at the root stays at the root).
-pub fn lexical_absolute(base: &Path, path: &Path) -> PathBuf {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    };
-    let mut out = PathBuf::new();
-    for component in joined.components() {
-        match component {
-            Component::Prefix(_) | Component::RootDir => out.push(component.as_os_str()),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(name) => out.push(name),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,14 +338,14 @@ mod tests {
         assert_eq!(e.program, "python3");
         assert_eq!(e.prefix, ["/opt/tc/scripts/url_to_manifest.py"]);
         assert_eq!(e.to_text(), "python3 /opt/tc/scripts/url_to_manifest.py");
-        let cwd = Path::new("/work/runs/2024-01");
+        let cwd = Path::new("/srv/w/runs/2024-01");
         let ok = |a: &[&str]| e.allows("python3", None, &args(a), cwd, &[]);
         assert!(ok(&[
             "/opt/tc/scripts/url_to_manifest.py",
             "--month",
             "2024-01"
         ]));
-        assert!(ok(&["../../../opt/tc/scripts/url_to_manifest.py"]));
+        assert!(ok(&["../../../../opt/tc/scripts/url_to_manifest.py"]));
         assert!(!ok(&["-c", "import os"]));
         assert!(!ok(&["/opt/tc/scripts/other.py"]));
         assert!(!ok(&[]));

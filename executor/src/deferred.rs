@@ -285,7 +285,7 @@ pub fn finish(spec: &StepSpec, prepared: &Prepared) -> Finished {
         match found {
             Ok(p) => {
                 let abs = lexical_absolute(&run_dir, Path::new(&p));
-                if abs.starts_with(lexical_absolute(Path::new("/"), root)) {
+                if warpline_shared::paths::confined(Path::new("/"), &abs, &[root]) {
                     artefacts.insert(name.clone(), abs.display().to_string());
                 } else {
                     failed.push(fail(

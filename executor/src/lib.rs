@@ -80,6 +80,13 @@ pub struct ExecConfig {
     pub tail_bytes: usize,
     /// Between SIGTERM and SIGKILL on timeout/cancel (default 5 s).
     pub kill_grace: Duration,
+    /// Whether literal paths in a step's arguments must stay under its workdir, its input
+    /// roots, the tools dirs or [`ExecConfig::path_roots`] ([`check_args`]). On for fleet
+    /// workers (a pipeline arrives over the network); off for `warpline run`, whose pipeline is
+    /// the operator's own file, unless asked for.
+    pub confine_args: bool,
+    /// More directories argument paths may name (`--path-root`), e.g. a shared data mount.
+    pub path_roots: Vec<PathBuf>,
 }
 
 impl ExecConfig {
@@ -92,6 +99,8 @@ impl ExecConfig {
             secrets_dir: None,
             tail_bytes: DEFAULT_TAIL_BYTES,
             kill_grace: DEFAULT_KILL_GRACE,
+            confine_args: true,
+            path_roots: Vec::new(),
         }
     }
 }
@@ -124,6 +133,22 @@ pub enum SpecRefusal {
         path: String,
         /// The spec's workdir as given.
         workdir: String,
+    },
+    /// A literal path in the arguments lies outside every directory the step may name.
+    #[error(
+        "args[{index}] `{arg}` names `{path}`, which is not under the step's workdir `{workdir}`, its input roots, the tools dirs or a --path-root ({roots}); arguments of a step may not point its tool elsewhere (start the worker with `--path-root DIR` to allow a directory, or `--unconfined-args` to allow any path)"
+    )]
+    ArgEscapes {
+        /// The argument's position.
+        index: usize,
+        /// The argument as given.
+        arg: String,
+        /// The path it names (after `--flag=`, `file://` and `%` decoding).
+        path: String,
+        /// The spec's workdir as given.
+        workdir: String,
+        /// Every other root it could have been under, comma-separated.
+        roots: String,
     },
     /// The glob's `..` follows a wildcard, so where it leads cannot be decided without the filesystem.
     #[error("{field} `{path}` has `..` after a wildcard; write the glob without it")]
@@ -243,7 +268,10 @@ async fn run_prepared(
     result: &mut StepResult,
 ) -> StepOutcome {
     let spec = &prepared.spec;
-    let program = match check_allowed(spec, cfg).and_then(|p| check_paths(spec).map(|()| p)) {
+    let program = match check_allowed(spec, cfg)
+        .and_then(|p| check_paths(spec).map(|()| p))
+        .and_then(|p| check_args(spec, cfg).map(|()| p))
+    {
         Ok(p) => p,
         Err(refusal) => {
             tracing::warn!(error = %refusal, "refused step");
@@ -648,6 +676,108 @@ pub fn check_allowed(
         allowed,
         hint,
     })
+}
+
+/// Devices a tool may always be pointed at (`--out /dev/stdout`).
+const DEVICE_PATHS: [&str; 4] = ["/dev/null", "/dev/stdin", "/dev/stdout", "/dev/stderr"];
+
+/// The path an argument names, if it names one: an absolute path, a relative one that climbs
+/// with `..`, or a `file://` URL (percent-decoded), alone or as the value of `--flag=VALUE`.
+/// Anything else (`2024-01`, `https://…`, `out/x.csv`) is not a path that could leave the run.
+fn arg_path(arg: &str) -> Option<String> {
+    let value = match arg.strip_prefix('-') {
+        Some(_) => arg.split_once('=')?.1,
+        None => arg,
+    };
+    if let Some(rest) = value.strip_prefix("file:") {
+        // file:///p, file://localhost/p and file:/p; another host is not a local path and is
+        // kept as written, so it fails the check below.
+        let rest = rest
+            .strip_prefix("//localhost")
+            .or_else(|| rest.strip_prefix("//").filter(|r| r.starts_with('/')))
+            .unwrap_or(rest);
+        let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+        return Some(percent_decode(rest));
+    }
+    let climbs = Path::new(value)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir);
+    (value.starts_with('/') || climbs).then(|| value.to_string())
+}
+
+/// `%2e` → `.`: a `file://` URL is checked as the path it opens, not as written.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// With [`ExecConfig::confine_args`], checks that every literal path among the arguments
+/// ([`arg_path`]) stays under the step's workdir, its input roots, the tools dirs or a
+/// `--path-root`, so a submitted pipeline (or a submitted `--var`) cannot point an allowed tool
+/// at `/etc` or another run. A relative path is taken from the step's `cwd`, where the tool
+/// starts; an argument an allowlist entry pins (an interpreter's script) is the operator's own
+/// and always passes; arguments the worker resolves itself (secrets) are not paths it checks.
+pub fn check_args(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> {
+    if !cfg.confine_args {
+        return Ok(());
+    }
+    let here = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let cwd = lexical_absolute(&here, Path::new(&spec.cwd));
+    let mut roots: Vec<PathBuf> = std::iter::once(&spec.workdir)
+        .chain(spec.input_roots.iter())
+        .filter(|r| !r.is_empty())
+        .map(|r| lexical_absolute(&here, Path::new(r)))
+        .collect();
+    roots.extend(cfg.tools_dirs.iter().chain(&cfg.path_roots).cloned());
+    let pinned: BTreeSet<String> = cfg
+        .allowlist
+        .iter()
+        .filter_map(|e| AllowEntry::parse(e, Path::new("/")).ok())
+        .flat_map(|e| e.prefix)
+        .collect();
+    for (index, arg) in spec.args.iter().enumerate() {
+        if spec.deferred.contains(&format!("args[{index}]")) {
+            continue;
+        }
+        let Some(path) = arg_path(arg) else { continue };
+        let abs = lexical_absolute(&cwd, Path::new(&path));
+        if DEVICE_PATHS.iter().any(|d| abs == Path::new(d))
+            || pinned.contains(&abs.display().to_string())
+            || confined(&cwd, &abs, &roots)
+        {
+            continue;
+        }
+        return Err(SpecRefusal::ArgEscapes {
+            index,
+            arg: arg.clone(),
+            path: abs.display().to_string(),
+            workdir: spec.workdir.clone(),
+            roots: roots
+                .iter()
+                .skip(1)
+                .map(|r| format!("`{}`", r.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that every path of the spec lies lexically under its workdir (or, for inputs, an input

@@ -18,7 +18,7 @@ use warpline_shared::contracts::{ReportStatus, StepSpec};
 
 use crate::consumer::{self, WorkerConfig};
 use warpline_amqp::{Backoff, FleetArgs};
-use warpline_executor::allow::{parse_allowlist as allowlist, tools_dirs};
+use warpline_executor::allow::{parse_allowlist as allowlist, path_roots, tools_dirs};
 use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
 /// Warpline's worker: runs pipeline steps and reports what they did.
@@ -77,6 +77,20 @@ pub struct ConsumeArgs {
     /// Where `{secret:NAME}` references are read from: the file `NAME` in this directory.
     #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// More directories a step's arguments may name by path (repeatable; the variable takes a
+    /// `:`-separated list). Literal paths in arguments (absolute, climbing with `..`, or
+    /// `file://` URLs) must otherwise stay under the step's workdir, its pipeline's directory
+    /// and the tools dirs, so a submitted pipeline cannot point an allowed tool elsewhere.
+    #[arg(
+        long = "path-root",
+        env = "WARPLINE_PATH_ROOTS",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub path_roots: Vec<PathBuf>,
+    /// Let a step's arguments name any path (see --path-root).
+    #[arg(long, env = "WARPLINE_UNCONFINED_ARGS")]
+    pub unconfined_args: bool,
     /// Names this worker in heartbeats and results [default: <hostname>-<pid>].
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -127,6 +141,20 @@ pub struct ExecArgs {
     /// Where `{secret:NAME}` references are read from.
     #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// More directories a step's arguments may name by path (repeatable; the variable takes a
+    /// `:`-separated list). Literal paths in arguments (absolute, climbing with `..`, or
+    /// `file://` URLs) must otherwise stay under the step's workdir, its pipeline's directory
+    /// and the tools dirs, so a submitted pipeline cannot point an allowed tool elsewhere.
+    #[arg(
+        long = "path-root",
+        env = "WARPLINE_PATH_ROOTS",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
+    pub path_roots: Vec<PathBuf>,
+    /// Let a step's arguments name any path (see --path-root).
+    #[arg(long, env = "WARPLINE_UNCONFINED_ARGS")]
+    pub unconfined_args: bool,
     /// Names this worker in the result.
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -216,6 +244,8 @@ pub fn fleet_config(
             secrets_dir: args.secrets_dir,
             tail_bytes: args.tail_bytes,
             kill_grace: secs("kill-grace-s", args.kill_grace_s)?,
+            confine_args: !args.unconfined_args,
+            path_roots: path_roots(args.path_roots)?,
         },
         backoff: Backoff::default(),
     })
@@ -259,6 +289,8 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
         secrets_dir: args.secrets_dir,
         tail_bytes: args.tail_bytes,
         kill_grace,
+        confine_args: !args.unconfined_args,
+        path_roots: path_roots(args.path_roots)?,
     };
     let outcome = run_step(&spec, &cfg, &shutdown).await;
     println!(

@@ -51,6 +51,9 @@ pub fn preflight(
                 Ok(Err(e)) => note(format!("step `{}`: {e}", spec.step_id)),
                 Err(refusal) => note(format!("step `{}`: {refusal}", spec.step_id)),
             }
+            if let Err(refusal) = warpline_executor::check_args(&spec, exec) {
+                note(format!("step `{}`: {refusal}", spec.step_id));
+            }
             if let Err(e) = check_secrets(&spec, exec.secrets_dir.as_deref()) {
                 note(e);
             }

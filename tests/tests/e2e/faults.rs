@@ -57,8 +57,9 @@ impl Scene {
         }
     }
 
-    /// The environment of a worker's tools: the staging schema in the private cluster, and the
-    /// workspace's binaries on `PATH` for the `sh` wrapper.
+    /// The environment of a worker and its tools: the staging schema in the private cluster, the
+    /// workspace's binaries on `PATH` for the `sh` wrapper, and the example's data in the
+    /// repository as a `--path-root` the steps may read (as an operator allows a shared mount).
     fn tool_env(&self, db_host: &str) -> Vec<(String, String)> {
         let bins = bin("warpline-worker")
             .parent()
@@ -73,6 +74,13 @@ impl Scene {
                 format!("postgres://postgres@{db_host}:{}/datawarp", self.db.port),
             ),
             ("PATH".into(), path),
+            (
+                "WARPLINE_PATH_ROOTS".into(),
+                repo_root()
+                    .join("examples/datawarp/data")
+                    .display()
+                    .to_string(),
+            ),
         ]
     }
 

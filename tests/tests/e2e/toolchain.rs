@@ -293,6 +293,24 @@ fn preflight_refuses_inline_code_through_the_pinned_interpreter_before_anything_
     );
     assert!(!tc.root().join("work/runs").exists(), "something ran");
 
+    // Under --confine-args, an argument naming a file outside the run is refused up front;
+    // the real pipeline (its script under the config's directory, an http URL) passes.
+    let nosy = tc.write_pipeline(
+        "nosy.json",
+        &["{config_dir}/scripts/fetch.py", "file:///etc/hostname", "x"],
+    );
+    let run = tc.run(&nosy, &["--confine-args"]);
+    run.expect_code(2);
+    assert!(
+        run.stderr()
+            .contains("args[1] `file:///etc/hostname` names `/etc/hostname`, which is not under"),
+        "{}",
+        run.context()
+    );
+    assert!(!tc.root().join("work/runs").exists(), "something ran");
+    let run = tc.run(&tc.path("pipeline.json"), &["--confine-args", "--dry-run"]);
+    run.expect_code(0);
+
     // A mistyped --var is refused with the name it meant.
     let pipeline = tc.path("pipeline.json");
     let run = tc.run(&pipeline, &["--var", "pyhton=/usr/bin/python3"]);

@@ -405,6 +405,95 @@ async fn paths_outside_the_workdir_are_refused() {
     );
 }
 
+/// A submitted pipeline (or a submitted `--var`) cannot point an allowed tool at a file outside
+/// the run: `head` reading a secret beside the workdir is refused before anything spawns, in
+/// every spelling of the path, and the worker's `--path-root` or `--unconfined-args` lets it.
+#[tokio::test]
+async fn argument_paths_outside_the_run_are_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "s3cr3t").unwrap();
+    let w = Workdir::new();
+    std::fs::create_dir_all(w.root().join("run")).unwrap();
+    let secret_s = secret.display().to_string();
+    // From the run's cwd (`<workdir>/run`), climb out of the workdir to the secret.
+    let climbs = format!(
+        "{}{}",
+        "../".repeat(w.root().components().count()),
+        secret_s.trim_start_matches('/')
+    );
+    // Written under the workdir, decoded outside it: `%2e%2e` is `..` once the URL is opened.
+    let dotted = format!("file://{}/run/%2e%2e/%2E%2E{secret_s}", w.root().display());
+    let flag = format!("--file={secret_s}");
+    let url = format!("file://{secret_s}");
+    let cases = [
+        (vec!["-c", "10", secret_s.as_str()], 2, secret_s.clone()),
+        (vec!["-c", "10", climbs.as_str()], 2, secret_s.clone()),
+        (vec!["-c", "10", flag.as_str()], 2, secret_s.clone()),
+        (vec!["-c", "10", url.as_str()], 2, secret_s.clone()),
+        (vec!["-c", "10", dotted.as_str()], 2, String::new()),
+    ];
+    for (args, index, path) in &cases {
+        let spec = w.spec("head", args, 30);
+        let r = run_step(&spec, &config(), &CancellationToken::new())
+            .await
+            .result;
+        let err = r.error.clone().unwrap_or_default();
+        assert_eq!(r.exit_code, -1, "{args:?} must be refused: {r:?}");
+        assert!(r.started_at.is_none(), "{args:?} spawned: {r:?}");
+        assert!(
+            err.starts_with(&format!("args[{index}]")) && err.contains("--path-root"),
+            "{args:?}: {err}"
+        );
+        if !path.is_empty() {
+            assert!(err.contains(&format!("names `{path}`")), "{args:?}: {err}");
+        }
+    }
+
+    // Paths inside the run, devices, and words that are not paths all run.
+    std::fs::write(w.root().join("run/in.txt"), "inside").unwrap();
+    let inside = w.root().join("run/in.txt").display().to_string();
+    for args in [
+        vec!["-c", "3", inside.as_str()],
+        vec!["-c", "3", "in.txt"],
+        vec!["-c", "0", "/dev/null"],
+        vec!["-c", "3", "../run/in.txt"],
+    ] {
+        let r = run_step(
+            &w.spec("head", &args, 30),
+            &config(),
+            &CancellationToken::new(),
+        )
+        .await
+        .result;
+        assert_eq!(r.exit_code, 0, "{args:?} must run: {r:?}");
+    }
+
+    // The operator widens or lifts the confinement.
+    let mut cfg = config();
+    cfg.path_roots = vec![outside.path().to_path_buf()];
+    let spec = w.spec("head", &["-c", "6", &secret_s], 30);
+    let out = run_step(&spec, &cfg, &CancellationToken::new()).await;
+    assert_eq!(out.result.exit_code, 0, "{:?}", out.result);
+    let mut cfg = config();
+    cfg.confine_args = false;
+    let out = run_step(&spec, &cfg, &CancellationToken::new()).await;
+    assert_eq!(out.result.exit_code, 0, "{:?}", out.result);
+
+    // The script an allowlist entry pins is the operator's own, wherever it lives.
+    let script = outside.path().join("tool.sh");
+    std::fs::write(&script, "echo pinned\n").unwrap();
+    let mut cfg = config();
+    cfg.allowlist = [format!("sh {}", script.display())].into();
+    let out = run_step(
+        &w.spec("sh", &[&script.display().to_string()], 30),
+        &cfg,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(out.result.exit_code, 0, "{:?}", out.result);
+}
+
 #[tokio::test]
 async fn spawn_failures_are_reported_like_a_shell() {
     let w = Workdir::new();

@@ -73,6 +73,8 @@ pub fn config() -> ExecConfig {
         secrets_dir: None,
         tail_bytes: 64 * 1024,
         kill_grace: Duration::from_secs(1),
+        confine_args: true,
+        path_roots: Vec::new(),
     }
 }
 
