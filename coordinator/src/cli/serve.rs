@@ -326,11 +326,14 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     )
     .merge(metrics::prometheus_router(prom.clone(), sources));
     let http_stop = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await
-    });
+    let http = watch_http(
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+        }),
+        shutdown.clone(),
+    );
     eprintln!("warpline serve: API on http://{addr}");
     eprintln!("warpline serve: dashboard on http://{addr}/");
 
@@ -410,6 +413,74 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         }
     };
     shutdown.cancel();
-    let _ = http.await;
-    Ok(code)
+    match http.await {
+        Ok(Some(why)) => Err(anyhow::anyhow!(
+            "the HTTP server stopped: {why}; the coordinator stopped with it (a leader without its API cannot be steered or probed)"
+        )),
+        Ok(None) => Ok(code),
+        Err(e) => Err(anyhow::anyhow!("the HTTP server's watcher failed: {e}")),
+    }
+}
+
+/// Watches the HTTP server's task: if it ends before `shutdown` (an error, a panic, or an
+/// unexpected return), says so and cancels `shutdown`, so `serve` stops with an error instead
+/// of leading on without its API, readiness probe or dashboard; a process supervisor then
+/// restarts it. Resolves to why it stopped early, or `None` after a normal shutdown.
+fn watch_http<E: std::fmt::Display + Send + 'static>(
+    http: tokio::task::JoinHandle<Result<(), E>>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Option<String>> {
+    tokio::spawn(async move {
+        let ended = http.await;
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        let why = match ended {
+            Ok(Ok(())) => "it returned although no shutdown was asked for".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("its task failed: {e}"),
+        };
+        eprintln!("warpline serve: the HTTP server stopped: {why}; stopping");
+        shutdown.cancel();
+        Some(why)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_http_server_that_stops_early_stops_serve() {
+        let shutdown = CancellationToken::new();
+        let failed = watch_http(
+            tokio::spawn(async { Err::<(), _>(std::io::Error::other("accept: EMFILE")) }),
+            shutdown.clone(),
+        );
+        assert_eq!(failed.await.unwrap().as_deref(), Some("accept: EMFILE"));
+        assert!(shutdown.is_cancelled(), "serve was not told to stop");
+
+        let shutdown = CancellationToken::new();
+        let panicked = watch_http(
+            tokio::spawn(async { panic!("handler bug") as Result<(), std::io::Error> }),
+            shutdown.clone(),
+        );
+        assert!(panicked.await.unwrap().unwrap().contains("panicked"));
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_server_stopped_by_shutdown_is_not_an_error() {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let watched = watch_http(
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            }),
+            shutdown.clone(),
+        );
+        shutdown.cancel();
+        assert_eq!(watched.await.unwrap(), None);
+    }
 }
