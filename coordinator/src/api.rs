@@ -33,8 +33,10 @@
 //!
 //! A submit may carry a `request_id`: the first submit with an id is applied once, and every
 //! later submit with the same id and body gets that submit's answer instead of a second
-//! backfill, also when the first answer was a 503 because the loop was slow ([`Submissions`];
-//! held in memory by the leader, the last [`REMEMBERED_SUBMITS`]). A submit without an id that
+//! backfill, also when the first answer was a 503 because the loop was slow. The engine keeps
+//! the id and the body's digest in the backfill's stored record and answers a repeat with that
+//! backfill (or a 409 for another body), across restarts and failovers; [`Submissions`] (in
+//! memory, the last [`REMEMBERED_SUBMITS`]) joins a repeat to a submit still in flight. A submit without an id that
 //! times out is dropped by the loop if it has not started it yet. The request and response types are
 //! public so the CLI in this crate uses the very types the server parses; client and server
 //! ship in the same binary, so they change together.
@@ -65,7 +67,7 @@ use warpline_shared::partition::{self, Partition};
 use crate::auth::{self, Auth, Identity};
 use crate::engine::{
     BackfillAction, BackfillRequest, Escalation, Event, OperatorAnswer, OperatorCommand,
-    OperatorError, RunSummary, Summary,
+    OperatorError, RunSummary, SubmitKey, Summary,
 };
 use crate::fleet::metrics::Percentiles;
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
@@ -428,7 +430,9 @@ impl EngineHandle {
     pub async fn submit(&self, req: BackfillRequest) -> Result<Uuid, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Submit(Box::new(req), Some(tx)))?;
-        self.wait(rx).await
+        self.wait(rx)
+            .await?
+            .map_err(|c| ApiError::Conflict(c.to_string()))
     }
 
     /// Hands a backfill to the loop and waits for as long as it takes (the loop drops a submit
@@ -436,7 +440,9 @@ impl EngineHandle {
     async fn submit_to_the_end(&self, req: BackfillRequest) -> Result<Uuid, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Submit(Box::new(req), Some(tx)))?;
-        rx.await.map_err(|_| stopped())
+        rx.await
+            .map_err(|_| stopped())?
+            .map_err(|c| ApiError::Conflict(c.to_string()))
     }
 
     /// Sends an operator command and waits for the loop's answer.
@@ -732,6 +738,7 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
         partitions,
         max_parallel,
         priority: req.priority,
+        request: None,
     })
 }
 
@@ -921,7 +928,11 @@ fn remembered_or_started(
         }
         return Ok(pending.clone());
     }
-    let backfill = build_backfill(req, &st.policy)?;
+    let mut backfill = build_backfill(req, &st.policy)?;
+    backfill.request = Some(SubmitKey {
+        id: request_id.clone(),
+        digest: digest.clone(),
+    });
     let runs = backfill.partitions.len();
     let (tx, rx) = watch::channel(None);
     inner.by_id.insert(request_id.clone(), (digest, rx.clone()));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 use warpline_coordinator::engine::{
-    BackfillRequest, Engine, EngineConfig, Event, Observer, Store, Transport,
+    BackfillRequest, Engine, EngineConfig, Event, Observer, Store, SubmitKey, Transport,
 };
 use warpline_coordinator::fleet::pg::{self, Fenced, LeaderLock, PgStore};
 use warpline_coordinator::progress::Quiet;
@@ -79,6 +79,10 @@ async fn turns_commit_and_recover() {
         partitions: partition::expand(Some("2024-01..2024-03"), None).unwrap(),
         max_parallel: 2,
         priority: 5,
+        request: Some(SubmitKey {
+            id: "job-7".into(),
+            digest: "d".into(),
+        }),
     });
     let loop_ = tokio::spawn(async move { engine.run(&mut rx).await.map(|_| ()) });
     // Two runs start (max_parallel 2); their StepSpecs are dispatched after the commit.
@@ -123,6 +127,12 @@ async fn turns_commit_and_recover() {
     let rec = store.recover().await.unwrap();
     assert_eq!(rec.backfills.len(), 1);
     assert_eq!(rec.backfills[0].0.priority, 5);
+    let key = rec.backfills[0]
+        .0
+        .request
+        .as_ref()
+        .expect("the request id is stored");
+    assert_eq!((key.id.as_str(), key.digest.as_str()), ("job-7", "d"));
     assert_eq!(rec.runs.len(), 3);
     assert!(rec.unsent.is_empty());
     pg::mark_sent(&pool, &[a.attempt_id]).await.unwrap();

@@ -174,6 +174,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         partitions,
         max_parallel,
         priority: 0,
+        request: None,
     });
 
     // A signal becomes one event: the loop cancels every unfinished run and ends.

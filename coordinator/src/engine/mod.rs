@@ -30,7 +30,10 @@ pub use operator::{
 };
 pub use outcome::bound_tail;
 pub use ports::{Ack, Event, Observer, Store, StoreFuture, Transport};
-pub use records::{BackfillRecord, BackfillRequest, EngineConfig, PipelineSource, RunRecord};
+pub use records::{
+    BackfillRecord, BackfillRequest, EngineConfig, PipelineSource, RunRecord, SubmitConflict,
+    SubmitKey,
+};
 pub use summary::{RunSummary, Summary};
 
 use ports::Effect;
@@ -186,9 +189,12 @@ impl Engine {
                 );
             }
             Event::Submit(req, reply) => {
-                let id = self.submit(*req);
+                let answer = match self.submitted_before(&req) {
+                    Some(known) => known,
+                    None => Ok(self.submit(*req)),
+                };
                 if let Some(reply) = reply {
-                    self.effects.push(Effect::Submitted(reply, id));
+                    self.effects.push(Effect::Submitted(reply, answer));
                 }
             }
             Event::Operator(cmd, reply) => {

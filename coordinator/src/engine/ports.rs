@@ -11,7 +11,9 @@ use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::contracts::{StepOutcome, StepSpec};
 use warpline_shared::fleet::Heartbeat;
 
-use super::{BackfillRecord, BackfillRequest, OperatorCommand, OperatorReply, RunRecord};
+use super::{
+    BackfillRecord, BackfillRequest, OperatorCommand, OperatorReply, RunRecord, SubmitConflict,
+};
 use crate::supervisor::{AgentReply, DecisionInput};
 
 /// Acknowledges a consumed message once the turn that applied it is durable.
@@ -45,7 +47,11 @@ pub enum Event {
         attempt_id: Uuid,
     },
     /// A new backfill.
-    Submit(Box<BackfillRequest>, Option<oneshot::Sender<Uuid>>),
+    /// Answered with the backfill's id: a new one, or the one a request id already names.
+    Submit(
+        Box<BackfillRequest>,
+        Option<oneshot::Sender<Result<Uuid, SubmitConflict>>>,
+    ),
     /// An operator's command, answered once the turn is durable.
     Operator(OperatorCommand, oneshot::Sender<OperatorReply>),
     /// A worker's heartbeat (fleet mode).
@@ -154,5 +160,8 @@ pub(super) enum Effect {
     },
     Ack(Ack),
     Reply(oneshot::Sender<OperatorReply>, OperatorReply),
-    Submitted(oneshot::Sender<Uuid>, Uuid),
+    Submitted(
+        oneshot::Sender<Result<Uuid, SubmitConflict>>,
+        Result<Uuid, SubmitConflict>,
+    ),
 }

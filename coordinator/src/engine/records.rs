@@ -26,6 +26,32 @@ pub struct BackfillRequest {
     pub max_parallel: usize,
     /// Higher first when slots are scarce.
     pub priority: i32,
+    /// The client's request id and the digest of what it asked, when it gave one: a second
+    /// submit with the same id gets this backfill back instead of a new one.
+    pub request: Option<SubmitKey>,
+}
+
+/// A submit's idempotency key: the client's `request_id` and the sha256 of its request body
+/// (without the id). Kept in the backfill's record, so it holds across restarts and failovers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitKey {
+    /// The client's request id.
+    pub id: String,
+    /// sha256 (hex) of the request it named.
+    pub digest: String,
+}
+
+/// Why a submit was not applied: its request id already names a backfill submitted with a
+/// different request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "request_id `{request_id}` was already used for a different submit (backfill {backfill_id}): use a new id for a new backfill"
+)]
+pub struct SubmitConflict {
+    /// The request id.
+    pub request_id: String,
+    /// The backfill it names.
+    pub backfill_id: Uuid,
 }
 
 /// One run, as stored.
@@ -90,6 +116,9 @@ pub struct BackfillRecord {
     /// Values the runs that passed a step measured, for `sibling_deviation` gates.
     #[serde(default)]
     pub siblings: crate::gates::Siblings,
+    /// The submit's idempotency key, when the client gave a request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<SubmitKey>,
 }
 
 /// A pipeline as submitted: its file, its config (variables applied) and its workdir.

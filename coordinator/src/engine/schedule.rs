@@ -15,9 +15,33 @@ use warpline_shared::machine::{Applied, Machine, Next, RunState, RunStatus, Step
 
 use super::{
     Backfill, BackfillRecord, BackfillRequest, Effect, Engine, Event, PipelineSource, RunRecord,
+    SubmitConflict,
 };
 
 impl Engine {
+    /// The answer to a submit whose request id names a backfill already: that backfill when
+    /// it asked the same, a conflict when it asked something else; `None` for a new request.
+    pub fn submitted_before(&self, req: &BackfillRequest) -> Option<Result<Uuid, SubmitConflict>> {
+        let key = req.request.as_ref()?;
+        let (id, b) = self
+            .backfills
+            .iter()
+            .find(|(_, b)| b.rec.request.as_ref().is_some_and(|k| k.id == key.id))?;
+        let same = b
+            .rec
+            .request
+            .as_ref()
+            .is_some_and(|k| k.digest == key.digest);
+        Some(if same {
+            Ok(*id)
+        } else {
+            Err(SubmitConflict {
+                request_id: key.id.clone(),
+                backfill_id: *id,
+            })
+        })
+    }
+
     /// Accepts a backfill: one run per partition, started as slots free up.
     pub fn submit(&mut self, req: BackfillRequest) -> Uuid {
         let id = req.id;
@@ -53,6 +77,7 @@ impl Engine {
             escalated: None,
             halt_signatures: BTreeMap::new(),
             siblings: Default::default(),
+            request: req.request.clone(),
         };
         for p in req.partitions {
             let run_id = Uuid::now_v7();

@@ -121,6 +121,7 @@ impl Harness {
                 .collect(),
             max_parallel: parts.len().max(1),
             priority: 0,
+            request: None,
         }
     }
 
@@ -254,6 +255,7 @@ fn backfill(dir: &std::path::Path) -> BackfillRequest {
         }],
         max_parallel: 1,
         priority: 0,
+        request: None,
     }
 }
 
@@ -739,4 +741,60 @@ async fn a_step_no_live_worker_may_run_escalates_after_bounded_hand_backs() {
     ] {
         assert!(reason.contains(needle), "{needle} missing from {reason}");
     }
+}
+
+/// A submit that names a request id is applied once: the same request again (a client retrying
+/// after a 503, also after the coordinator restarted or failed over) gets the same backfill,
+/// and the id reused for another request is refused. The key lives in the stored record.
+#[tokio::test(start_paused = true)]
+async fn a_request_id_is_applied_once_across_restarts() {
+    let mut h = Harness::new();
+    let keyed = |h: &Harness, digest: &str| {
+        let mut req = h.backfill(serde_json::json!([{"id": "A", "command": "true"}]), &["a"]);
+        req.request = Some(SubmitKey {
+            id: "nightly-2024-05".into(),
+            digest: digest.into(),
+        });
+        req
+    };
+    let submit = |req: BackfillRequest| {
+        let (tx, rx) = oneshot::channel();
+        (Event::Submit(Box::new(req), Some(tx)), rx)
+    };
+    let (event, answer) = submit(keyed(&h, "d1"));
+    let first = h.turn([event]).await;
+    let id = answer.await.unwrap().expect("a new request is applied");
+    assert_eq!(first.kinds()[0], "backfill_created");
+
+    // The key survives the store's JSON, as PostgreSQL keeps the record.
+    let stored: BackfillRecord =
+        serde_json::from_value(serde_json::to_value(&h.engine.backfills[&id].rec).unwrap())
+            .unwrap();
+    assert_eq!(stored.request, h.engine.backfills[&id].rec.request);
+    h.restart().await;
+
+    let (event, answer) = submit(keyed(&h, "d1"));
+    let again = h.turn([event]).await;
+    assert_eq!(
+        answer.await.unwrap(),
+        Ok(id),
+        "the same request gets its backfill"
+    );
+    assert!(
+        !again.kinds().contains(&"backfill_created"),
+        "{:?}",
+        again.kinds()
+    );
+    assert_eq!(h.engine.backfills.len(), 1);
+
+    let (event, answer) = submit(keyed(&h, "d2"));
+    let other = h.turn([event]).await;
+    let conflict = answer
+        .await
+        .unwrap()
+        .expect_err("another request under the same id");
+    assert_eq!(conflict.backfill_id, id);
+    assert!(conflict.to_string().contains("use a new id"), "{conflict}");
+    assert!(other.records.is_empty(), "{:?}", other.kinds());
+    assert_eq!(h.engine.backfills.len(), 1);
 }

@@ -615,3 +615,43 @@ fn fleet_wait(limit: Duration, what: &str, done: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A client that resends a submit (its answer was lost, or it timed out) with the same
+/// `--request-id` gets the first backfill back, also from a coordinator that restarted in
+/// between: the id is kept with the backfill in PostgreSQL, not only in the leader's memory.
+#[test]
+fn a_request_id_names_one_backfill_across_a_coordinator_restart() {
+    let mut fleet = Fleet::new("request_id");
+    let c = fleet.serve("first");
+    fleet.wait_ready(&c, LIMIT);
+    let pipeline = fleet.pipeline("once", json!([sh("A", "true")]));
+    let args = ["--datasets", "a,b", "--request-id", "nightly-42"];
+    let first = fleet.submit(&c, &pipeline, &args);
+    fleet.kill("first");
+    let second = fleet.serve_on("second", c.addr());
+    fleet.wait_ready(&second, LIMIT);
+
+    let again = fleet.submit(&second, &pipeline, &args);
+    assert_eq!(again, first, "the same request made a second backfill");
+    let other = fleet.cli(
+        &second,
+        &[
+            "submit",
+            &pipeline,
+            "--datasets",
+            "c",
+            "--request-id",
+            "nightly-42",
+        ],
+    );
+    assert_ne!(other.code(), 0, "{}", other.context());
+    assert!(
+        other
+            .stderr()
+            .contains("already used for a different submit"),
+        "{}",
+        other.context()
+    );
+    let created = count_events(&fleet.audit(), "backfill_created");
+    assert_eq!(created, 1, "one backfill for one request id");
+}
