@@ -45,7 +45,7 @@ use warpline_shared::contracts::{
     ValidationReport,
 };
 use warpline_shared::paths::confined;
-use warpline_shared::validate::{self, Logs};
+use warpline_shared::validate::{self, DB_UNREACHABLE, Logs};
 
 use crate::allow::{AllowEntry, ResolveError, lexical_absolute, resolve_command};
 use crate::deferred::{Prepared, redact};
@@ -470,7 +470,7 @@ async fn measure_queries(spec: &StepSpec) -> Vec<Option<validate::Measured>> {
                 .await
             {
                 Ok(m) => m,
-                Err(_) => Err(format!("no answer within {timeout_s} s")),
+                Err(_) => Err(format!("{DB_UNREACHABLE}: no answer within {timeout_s} s")),
             };
         tracing::info!(check = %v.name, ok = measured.is_ok(), "sql check measured");
         out.push(Some(measured));
@@ -485,17 +485,35 @@ async fn scalar_query(
     search_path: Option<&str>,
     query: &str,
 ) -> Result<Option<String>, String> {
-    let describe = |e: tokio_postgres::Error| match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => e.to_string(),
+    // Connection-class errors (08…), the server shutting down or out of resources (57P…,
+    // 53…) and a closed connection mean the data was never looked at.
+    let describe = |e: tokio_postgres::Error| {
+        let unreachable = e.is_closed()
+            || e.code().is_some_and(|c| {
+                let c = c.code();
+                c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+            });
+        let text = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.severity(), db.message()),
+            None => e.to_string(),
+        };
+        if unreachable {
+            format!("{DB_UNREACHABLE}: {text}")
+        } else {
+            text
+        }
     };
     let config: tokio_postgres::Config = url
         .parse()
         .map_err(|_| "the database URL is not a valid PostgreSQL URL".to_string())?;
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("cannot connect to the database: {}", describe(e)))?;
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        let text = describe(e);
+        let text = text
+            .strip_prefix(DB_UNREACHABLE)
+            .and_then(|t| t.strip_prefix(": "))
+            .unwrap_or(&text);
+        format!("{DB_UNREACHABLE} (cannot connect): {text}")
+    })?;
     let conn = tokio::spawn(connection);
     let result = async {
         if let Some(schema) = search_path {

@@ -38,6 +38,22 @@ pub fn run_checks(validations: &[Validation], logs: &Logs<'_>) -> ValidationRepo
 /// text (`None` for SQL NULL), or why it could not be measured.
 pub type Measured = Result<Option<String>, String>;
 
+/// How a measurement error starts when the query never reached a working database (no
+/// connection, no answer in time, the server shutting down): the check then says
+/// [`NOT_MEASURED`], since nothing was learnt about the data.
+pub const DB_UNREACHABLE: &str = "the database could not be reached";
+
+/// How the detail of a check starts when it could not measure anything (its database was
+/// unreachable, or the worker does not run such checks): a verdict on the attempt, not on the
+/// data, so a retry may well pass ([`measured_nothing`]).
+pub const NOT_MEASURED: &str = "the query was not run";
+
+/// True when a failed check measured nothing ([`NOT_MEASURED`]): the supervisor must not read
+/// it as bad data.
+pub fn measured_nothing(kind: &str, detail: &str) -> bool {
+    kind == "sql" && detail.starts_with(NOT_MEASURED)
+}
+
 /// Runs every check in order; `measured[i]` is the result of validation `i`'s query (for `sql`
 /// checks; other entries are ignored).
 pub fn run_checks_measured(
@@ -303,8 +319,11 @@ fn sql_result(
         None => {
             return (
                 false,
-                "the query was not run: this worker does not run sql checks".into(),
+                format!("{NOT_MEASURED}: this worker does not run sql checks"),
             );
+        }
+        Some(Err(e)) if e.starts_with(DB_UNREACHABLE) => {
+            return (false, format!("{NOT_MEASURED}: {e}"));
         }
         Some(Err(e)) => return (false, format!("the query failed: {e}")),
         Some(Ok(None)) => return (false, "the query returned NULL".into()),

@@ -18,6 +18,7 @@ use warpline_shared::classify::{self, AttemptLog, FailuresConfig};
 use warpline_shared::contracts::{
     Action, FailureClass, FailureFact, Severity, StepResult, SupervisorDecision,
 };
+use warpline_shared::validate::measured_nothing;
 
 use super::{Agent, AgentReply, DecisionFuture, DecisionInput, timed};
 
@@ -115,6 +116,12 @@ fn read(input: &DecisionInput) -> Reading {
             "exit code 0 but checks failed: {list}{line} ({}: {})",
             fact.class, fact.rule
         )),
+        // A gate that could not measure (its database was down) says nothing about the data.
+        _ if failed.iter().any(|c| measured_nothing(&c.kind, &c.detail)) => {
+            Reading::Transient(format!(
+                "exit code 0 but checks could not measure the data: {list}; a fresh attempt measures again"
+            ))
+        }
         _ if !failed.is_empty()
             && failed
                 .iter()
@@ -390,6 +397,43 @@ mod tests {
             "{}",
             d.reason
         );
+    }
+
+    /// The fault suite found it: a PostgreSQL restart while INGEST's `rows loaded` gate ran
+    /// halted a healthy run as bad data. A gate that could not reach its database measured
+    /// nothing; the attempt is retried, and a real verdict still halts.
+    #[test]
+    fn a_gate_that_could_not_reach_its_database_is_retried_not_halted() {
+        let gate = |detail: &str| Check {
+            name: "rows loaded".into(),
+            kind: "sql".into(),
+            severity: Severity::Error,
+            passed: false,
+            detail: detail.into(),
+            value: None,
+        };
+        let down = format!(
+            "{}: {}: the database system is shutting down",
+            warpline_shared::validate::NOT_MEASURED,
+            warpline_shared::validate::DB_UNREACHABLE
+        );
+        let d = decide(&input(
+            result(0, "loaded 1750 rows"),
+            vec![gate(&down)],
+            1,
+            3,
+        ));
+        assert_eq!(d.action, Action::Retry, "{}", d.reason);
+        assert!(d.reason.contains("could not measure"), "{}", d.reason);
+        let d = decide(&input(
+            result(0, "loaded 1750 rows"),
+            vec![gate(
+                "the query failed: ERROR: relation \"x\" does not exist",
+            )],
+            1,
+            3,
+        ));
+        assert_eq!(d.action, Action::Halt, "{}", d.reason);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use warpline_executor::{CANCELLED_ERROR, EXECUTOR_CHECK_KIND, run_step};
 use warpline_shared::contracts::{
     CheckSpec, LogStream, ReportStatus, Severity, StepSpec, Validation,
 };
+use warpline_shared::validate;
 
 use crate::support::{Workdir, config, pid_gone, read_pid, wait_gone};
 
@@ -671,6 +672,10 @@ async fn sql_checks_run_their_query_and_never_report_the_url() {
     spec.env = BTreeMap::from([
         ("WARPLINE_TEST_DB".to_string(), url.to_string()),
         (
+            "WARPLINE_TEST_DOWN_DB".to_string(),
+            "postgres://postgres@127.0.0.1:1/postgres".to_string(),
+        ),
+        (
             "WARPLINE_TEST_SCHEMA".to_string(),
             "gate_schema".to_string(),
         ),
@@ -701,6 +706,7 @@ async fn sql_checks_run_their_query_and_never_report_the_url() {
             "WARPLINE_TEST_DB",
             Some(1.0),
         ),
+        sql("down", "SELECT 1", "WARPLINE_TEST_DOWN_DB", Some(1.0)),
     ];
     let outcome = run_step(&spec, &config(), &CancellationToken::new()).await;
     let c = &outcome.report.checks;
@@ -722,6 +728,16 @@ async fn sql_checks_run_their_query_and_never_report_the_url() {
             .contains("relation \"no_such_table\" does not exist"),
         "{}",
         c[4].detail
+    );
+    // A query that reached the database and failed is a verdict; one that never reached it
+    // measured nothing (the supervisor retries it rather than halting on bad data).
+    assert!(!validate::measured_nothing(&c[4].kind, &c[4].detail));
+    assert!(!c[5].passed);
+    assert!(
+        validate::measured_nothing(&c[5].kind, &c[5].detail)
+            && c[5].detail.contains("(cannot connect)"),
+        "{}",
+        c[5].detail
     );
     assert_eq!(outcome.report.status, ReportStatus::Fail);
     let json = serde_json::to_string(&outcome).unwrap();
