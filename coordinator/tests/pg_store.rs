@@ -214,3 +214,56 @@ async fn a_deposed_leader_cannot_commit_a_turn() {
     drop((a, b, b_lock));
     drop_schema(&pool, &schema).await;
 }
+
+/// A leader paused in the middle of a turn holds the epoch row `FOR SHARE` (its turn checks the
+/// epoch there); once it is deposed, the next leader's epoch bump would wait on that row lock
+/// for as long as the pause lasts. The new leader terminates the backend that blocks it and
+/// takes the epoch within seconds, whatever the pause.
+#[tokio::test]
+async fn a_new_leader_is_not_blocked_by_a_deposed_leaders_open_turn() {
+    let schema = format!("pgstuck_{}", std::process::id());
+    let pool = pool(&schema).await;
+    let poll = std::time::Duration::from_millis(50);
+    let a_lock = LeaderLock::acquire(URL, &schema, poll).await.unwrap();
+
+    // A's turn, paused between its epoch check and its commit.
+    let (stuck, conn) = tokio_postgres::connect(URL, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let stuck_conn = tokio::spawn(conn);
+    stuck
+        .batch_execute(&format!(
+            "BEGIN; SELECT epoch FROM \"{schema}\".leader WHERE id = 1 FOR SHARE"
+        ))
+        .await
+        .unwrap();
+
+    // A is deposed: its lock's backend goes away, the turn's connection stays open.
+    let c = pool.get().await.unwrap();
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%leader SET epoch%'",
+        &[&format!("\"{schema}\"")],
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), a_lock.lost.cancelled())
+        .await
+        .expect("the deposed lock notices its connection is gone");
+
+    let b_lock = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        LeaderLock::acquire(URL, &schema, poll),
+    )
+    .await
+    .expect("the new leader took the epoch although the old turn held its row")
+    .unwrap();
+    assert_eq!(b_lock.epoch, a_lock.epoch + 1);
+    assert!(
+        stuck.batch_execute("COMMIT").await.is_err(),
+        "the deposed turn's backend was not terminated"
+    );
+    let _ = stuck_conn.await;
+    drop(b_lock);
+    drop_schema(&pool, &schema).await;
+}
