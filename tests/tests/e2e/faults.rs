@@ -330,11 +330,23 @@ fn wait_for(limit: Duration, what: &str, done: impl Fn() -> bool) {
     }
 }
 
-const MONTHS: [&str; 2] = ["2024-01", "2024-02"];
+/// The months of a fault test's backfill: 2024-01..2024-02 (6 runs), or the range in
+/// `WARPLINE_FAULT_MONTHS` (e.g. `2024-01..2024-12`: the 36-run DataWarp backfill) for a longer
+/// trial by hand with the same faults and assertions.
+fn months() -> Vec<&'static str> {
+    let range =
+        std::env::var("WARPLINE_FAULT_MONTHS").unwrap_or_else(|_| "2024-01..2024-02".into());
+    warpline_shared::partition::expand(Some(&range), None)
+        .expect("WARPLINE_FAULT_MONTHS is a month range like 2024-01..2024-12")
+        .into_iter()
+        .map(|p| &*Box::leak(p.month.expect("a month").into_boxed_str()))
+        .collect()
+}
 const DATASETS: [&str; 3] = ["ae_attendances", "rtt_waiting_times", "gp_appointments"];
 
 fn months_arg() -> String {
-    format!("{}..{}", MONTHS[0], MONTHS[MONTHS.len() - 1])
+    let m = months();
+    format!("{}..{}", m[0], m[m.len() - 1])
 }
 
 fn datasets_arg() -> String {
@@ -358,7 +370,7 @@ fn a_broker_restart_mid_backfill_loses_no_run() {
         s.fleet.exited("coordinator").is_none(),
         "the coordinator exited"
     );
-    s.assert_intact(&summary, &MONTHS, &DATASETS);
+    s.assert_intact(&summary, &months(), &DATASETS);
 }
 
 #[test]
@@ -429,7 +441,7 @@ fn a_worker_cut_off_the_broker_loses_no_run() {
     std::thread::sleep(Duration::from_secs(8));
     ns.mend();
     let summary = s.wait_finished(&c, &id, LIMIT);
-    s.assert_intact(&summary, &MONTHS, &DATASETS);
+    s.assert_intact(&summary, &months(), &DATASETS);
     drop(s);
     drop(ns);
 }
@@ -526,7 +538,7 @@ fn a_broker_restart_while_runs_wait_out_a_backoff_loses_no_run() {
         s.fleet.exited("coordinator").is_none(),
         "the coordinator exited"
     );
-    let tally = s.assert_intact(&summary, &MONTHS, &DATASETS);
+    let tally = s.assert_intact(&summary, &months(), &DATASETS);
     for r in summary["runs"].as_array().unwrap() {
         assert_eq!(
             r["attempts"]["ENRICH"], 2,
@@ -560,7 +572,7 @@ fn a_database_restart_and_a_20_s_outage_mid_backfill_lose_no_run() {
         s.fleet.exited("coordinator").is_none(),
         "the coordinator exited on a database outage"
     );
-    s.assert_intact(&summary, &MONTHS, &DATASETS);
+    s.assert_intact(&summary, &months(), &DATASETS);
 }
 
 #[test]
@@ -618,5 +630,5 @@ fn a_leader_paused_past_its_lock_commits_nothing_and_the_standby_finishes() {
         audit_after.starts_with(&audit_before),
         "the audit log was rewritten"
     );
-    s.assert_intact(&summary, &MONTHS, &DATASETS);
+    s.assert_intact(&summary, &months(), &DATASETS);
 }
