@@ -344,6 +344,30 @@ fn months() -> Vec<&'static str> {
 }
 const DATASETS: [&str; 3] = ["ae_attendances", "rtt_waiting_times", "gp_appointments"];
 
+/// Milliseconds since midnight UTC, as event lines stamp them.
+fn ms_of_day_now() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    (now.as_millis() % 86_400_000) as u64
+}
+
+/// The time of an event line (`HH:MM:SS.mmm …`), in milliseconds since midnight.
+fn event_ms_of_day(line: &str) -> Option<u64> {
+    let stamp = line.get(..12)?;
+    let b = stamp.as_bytes();
+    if b[2] != b':' || b[5] != b':' || b[8] != b'.' || line.len() <= 13 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| stamp.get(r)?.parse::<u64>().ok();
+    Some(((n(0..2)? * 60 + n(3..5)?) * 60 + n(6..8)?) * 1000 + n(9..12)?)
+}
+
+/// Whether `t` is after `since` within a test's span (a few minutes, maybe across midnight).
+fn later_in_the_day(t: u64, since: u64) -> bool {
+    (t + 86_400_000 - since) % 86_400_000 < 43_200_000 && t != since
+}
+
 fn months_arg() -> String {
     let m = months();
     format!("{}..{}", m[0], m[m.len() - 1])
@@ -592,13 +616,16 @@ fn a_leader_paused_past_its_lock_commits_nothing_and_the_standby_finishes() {
     s.fleet.signal("a", Signal::SIGSTOP);
     let killed = s.db.terminate_lock_holders();
     assert!(killed >= 1, "a's lock connection was found");
+    // A is deposed from here on. Event lines carry the time A decided them; a turn A committed
+    // just before the stop may be printed only after it wakes, so they are told apart by that
+    // time, not by their position in the log.
+    let deposed_at = ms_of_day_now();
     s.fleet.wait_ready(&b, LIMIT);
     // B leads while A's results and heartbeats queue up for it; then A wakes.
     wait_for(LIMIT, "2 results under b", || {
         s.fleet.log("b").matches(" COMPLETE").count() >= 1 || results_so_far(&s.fleet) >= 8
     });
     let audit_before = std::fs::read_to_string(s.fleet.audit()).unwrap_or_default();
-    let a_lines_before = s.fleet.log("a").lines().count();
     s.fleet.signal("a", Signal::SIGCONT);
     let summary = s.wait_finished(&b, &id, LIMIT);
     assert!(
@@ -607,21 +634,12 @@ fn a_leader_paused_past_its_lock_commits_nothing_and_the_standby_finishes() {
         s.fleet.log("b")
     );
     // Whatever A did once resumed, it decided nothing: not one event line (`HH:MM:SS.mmm run
-    // ...`, from `--log-events`) after the pause.
-    let event_line = |l: &str| {
-        let b = l.as_bytes();
-        b.len() > 13
-            && b[2] == b':'
-            && b[5] == b':'
-            && b[8] == b'.'
-            && b[..12].iter().filter(|c| c.is_ascii_digit()).count() == 9
-    };
+    // ...`, from `--log-events`) stamped after it was deposed.
     let a_after: Vec<String> = s
         .fleet
         .log("a")
         .lines()
-        .skip(a_lines_before)
-        .filter(|l| event_line(l))
+        .filter(|l| event_ms_of_day(l).is_some_and(|t| later_in_the_day(t, deposed_at)))
         .map(str::to_string)
         .collect();
     assert!(a_after.is_empty(), "the deposed leader acted: {a_after:#?}");
