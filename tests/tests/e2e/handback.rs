@@ -271,3 +271,64 @@ fn a_backfill_no_live_worker_may_run_is_refused_and_overridden_its_runs_escalate
         AuditEvent::Decision { agent, .. } if agent == "hand-back"
     )));
 }
+
+/// `submit --partitions-file`: the client parses the CSV as `run` does and sends the rows; each
+/// row's extra column is a per-partition variable the worker's step sees rendered. With
+/// signing on: the signed heartbeats carry the allowlist the submit check reads.
+#[test]
+fn submit_takes_partitions_from_a_file_with_per_partition_values() {
+    let mut fleet = Fleet::new("partitions_file");
+    fleet.env.push((
+        "WARPLINE_SIGNING_KEY".into(),
+        "e2e-signing-key-for-partitions-file".into(),
+    ));
+    let c = fleet.serve_with(
+        "coordinator",
+        "127.0.0.1:0",
+        &["--fleet-check", "refuse"],
+        &[],
+    );
+    fleet.wait_ready(&c, LIMIT);
+    fleet.worker("w1", 2, &["sh"]);
+    wait_workers(&c, &["w1"]);
+    let pipeline = fleet.pipeline("slugs", json!([sh("GET", "printf %s '{url}' > got.txt")]));
+    let rows = fleet.dir().join("rows.csv");
+    std::fs::write(
+        &rows,
+        "dataset,url\nae,https://example.org/ae/january-2024\nrtt,https://example.org/rtt/february-2024\n",
+    )
+    .unwrap();
+    let bad = fleet.dir().join("bad.csv");
+    std::fs::write(&bad, "dataset,url\nae,x\nae,y\n").unwrap();
+    let refused = fleet.cli(
+        &c,
+        &[
+            "submit",
+            &pipeline,
+            "--partitions-file",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(refused.code(), 2, "{}", refused.context());
+    assert!(refused.stderr().contains("row 2"), "{}", refused.context());
+
+    let id = fleet.submit(
+        &c,
+        &pipeline,
+        &["--partitions-file", rows.to_str().unwrap()],
+    );
+    let summary = fleet.wait_finished(&c, &id, LIMIT);
+    assert_eq!(summary["counts"]["COMPLETE"], 2, "{summary:#}");
+    for (dataset, url) in [
+        ("ae", "https://example.org/ae/january-2024"),
+        ("rtt", "https://example.org/rtt/february-2024"),
+    ] {
+        let got = fleet.dir().join("work/runs").join(dataset).join("got.txt");
+        assert_eq!(
+            std::fs::read_to_string(&got).unwrap_or_default(),
+            url,
+            "{}",
+            got.display()
+        );
+    }
+}
