@@ -415,6 +415,29 @@ pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// Adds a W3C trace context (`traceparent`, `tracestate`, as the telemetry crate injects it)
+/// to a message's headers. Headers, not the body: the body's signature does not cover them, so
+/// the trace context of a message never changes what was signed.
+pub fn add_trace_headers(
+    headers: &mut FieldTable,
+    carrier: &std::collections::BTreeMap<String, String>,
+) {
+    for (k, v) in carrier {
+        headers.insert(k.as_str().into(), long_string(v));
+    }
+}
+
+/// The W3C trace context a message carries in its headers (empty when it carries none).
+pub fn trace_headers(
+    properties: &BasicProperties,
+    names: &[&str],
+) -> std::collections::BTreeMap<String, String> {
+    names
+        .iter()
+        .filter_map(|n| header_str(properties, n).map(|v| ((*n).to_string(), v)))
+        .collect()
+}
+
 /// A header value holding text.
 pub fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))

@@ -9,6 +9,8 @@
 //! - [`audit_log`]: the append-only, hash-chained JSONL writer.
 //! - [`local`]: in-process workers over channels (`warpline run`).
 //! - [`progress`]: progress bars and line logs, fed by committed audit records.
+//! - [`spans`]: the coordinator's OpenTelemetry spans of a run's trace (publish, results,
+//!   decisions, the run's root).
 //! - [`api`]: the HTTP API over the event loop (fleet mode), used by the operator commands.
 //! - [`auth`]: bearer tokens and roles (viewer, operator) for the API and the dashboard.
 //! - [`ui`]: the web dashboard (server-rendered pages over the same event loop).
@@ -24,5 +26,6 @@ pub mod fleet;
 pub mod gates;
 pub mod local;
 pub mod progress;
+pub mod spans;
 pub mod supervisor;
 pub mod ui;

@@ -3,7 +3,9 @@
 //! The workers are tokio tasks running the same executor and validators as a fleet worker.
 //! StepSpecs go out over a bounded channel whose capacity covers every run's one outstanding
 //! attempt, so [`LocalFleet::dispatch`](crate::engine::Transport::dispatch) never waits; outcomes
-//! come back as [`Event::Outcome`] on the engine's own channel.
+//! come back as [`Event::Outcome`] on the engine's own channel. When tracing is on, the same
+//! spans as fleet mode's are emitted (`publish steps` with its context in `StepSpec.trace`,
+//! `process steps` and its children, `publish results`, `process results`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use warpline_executor::{ExecConfig, run_step};
-use warpline_shared::contracts::StepSpec;
+use warpline_shared::contracts::{StepOutcome, StepSpec};
+use warpline_telemetry::trace;
 
 use crate::engine::{Event, Transport};
 
@@ -52,11 +55,10 @@ impl LocalFleet {
                             spec = async { rx.lock().await.recv().await } => spec,
                         };
                         let Some(spec) = spec else { break };
+                        let process = trace_process(&spec, &cfg.worker_id);
                         let outcome = run_step(&spec, &cfg, &cancel).await;
-                        if events
-                            .send(Event::Outcome(Box::new(outcome), None))
-                            .is_err()
-                        {
+                        let ack = trace_result(process, &outcome);
+                        if events.send(Event::Outcome(Box::new(outcome), ack)).is_err() {
                             break;
                         }
                     }
@@ -98,9 +100,59 @@ impl LocalStopper {
 }
 
 impl Transport for LocalFleet {
-    fn dispatch(&mut self, spec: StepSpec) -> anyhow::Result<()> {
-        self.tx
-            .try_send(spec)
-            .map_err(|e| anyhow!("local work queue refused a step ({e}): it is sized for every run's outstanding attempt, so this is a bug"))
+    fn dispatch(&mut self, mut spec: StepSpec) -> anyhow::Result<()> {
+        // The same `publish steps` span as fleet mode's, its context in `StepSpec.trace`.
+        let span = crate::spans::publish(&spec, LOCAL, LOCAL_QUEUE, &spec.pool, 0);
+        if let Some(cx) = &span {
+            spec.trace = trace::inject(cx);
+        }
+        let sent = self.tx.try_send(spec);
+        if let Some(cx) = &span {
+            trace::end(cx, trace::Status::Ok, Vec::new());
+        }
+        sent.map_err(|e| anyhow!("local work queue refused a step ({e}): it is sized for every run's outstanding attempt, so this is a bug"))
     }
+}
+
+/// `messaging.system` of local mode's spans: the channel between the loop and its workers.
+const LOCAL: &str = "warpline.local";
+/// The channel's name in those spans.
+const LOCAL_QUEUE: &str = "local";
+
+/// The local worker's `process steps` span, continuing `StepSpec.trace`.
+fn trace_process(spec: &StepSpec, worker_id: &str) -> Option<trace::Context> {
+    if !trace::enabled() {
+        return None;
+    }
+    let parent = trace::extract(&spec.trace);
+    let from = trace::Delivery {
+        system: LOCAL,
+        exchange: LOCAL_QUEUE,
+        routing_key: &spec.pool,
+        queue: LOCAL_QUEUE,
+        delivery_tag: None,
+        body_size: 0,
+        worker_id,
+    };
+    trace::process_step(&parent, spec, &from)
+}
+
+/// After the step: its `run` and `validate` children, `publish results`, and the loop's
+/// `process results`, which ends (as fleet mode's does) when the turn that applied the result
+/// has committed.
+fn trace_result(
+    process: Option<trace::Context>,
+    outcome: &StepOutcome,
+) -> Option<crate::engine::Ack> {
+    let process = process?;
+    trace::step_children(&process, outcome, std::time::SystemTime::now());
+    let publish = trace::publish_result(&process, outcome, LOCAL, LOCAL_QUEUE, 0);
+    let span = publish.as_ref().and_then(|p| {
+        crate::spans::process_result(&trace::inject(p), outcome, LOCAL, LOCAL_QUEUE, 0)
+    });
+    if let Some(p) = &publish {
+        trace::end(p, trace::Status::Ok, Vec::new());
+    }
+    trace::end_process(&process, outcome);
+    Some(crate::spans::ending_on_ack(span, Box::new(|| {})))
 }

@@ -4,8 +4,8 @@
 //! `GET /metrics` ([`prom`]).
 //!
 //! Traces are off unless `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
-//! is set: then no OpenTelemetry layer is installed, [`trace::enabled`] is false and every span
-//! helper returns at once, so tracing costs nothing measurable when off. `docs/OBSERVABILITY.md`
+//! is set: then no exporter is built, [`trace::enabled`] is false and every span helper returns
+//! at once (one relaxed atomic load), so tracing costs nothing measurable when off. `docs/OBSERVABILITY.md`
 //! has the span tree, the metrics and the variables.
 
 pub mod prom;
@@ -14,7 +14,7 @@ pub mod trace;
 use std::io::IsTerminal;
 
 use anyhow::Context as _;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -26,7 +26,8 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object per line: `timestamp`, `level`, `target`, `fields`, and `spans` with the
-    /// run, step and attempt ids and the trace id of the spans the event happened in.
+    /// run, step and attempt ids (and, when tracing is on, the `trace_id`) of the spans the
+    /// event happened in.
     Json,
 }
 
@@ -94,21 +95,14 @@ pub fn init(
             .with_filter(filter)
             .boxed(),
     };
-    let otel = trace::setup(service).context("cannot set up OpenTelemetry tracing")?;
-    let tracing_on = otel.is_some();
-    let otel_layer = otel.map(|tracer| {
-        // Only Warpline's own spans are exported, whatever the log filter says.
-        let targets = Targets::new()
-            .with_target("warpline_worker", LevelFilter::INFO)
-            .with_target("warpline_coordinator", LevelFilter::INFO)
-            .with_target("warpline_telemetry", LevelFilter::INFO);
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_filter(targets)
-    });
+    // Spans are built with the OpenTelemetry API in `trace` (their parents come from message
+    // headers and audit records, not from tracing's span stack), so no tracing layer bridges
+    // log spans into the export: log spans stay logs, and only the run's spans leave.
+    let tracing_on = trace::setup(service)
+        .context("cannot set up OpenTelemetry tracing")?
+        .is_some();
     tracing_subscriber::registry()
         .with(fmt)
-        .with(otel_layer)
         .try_init()
         .context("a logger is already installed")?;
     Ok(Telemetry { tracing_on })

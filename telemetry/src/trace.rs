@@ -27,10 +27,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, bail};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
     TracerProvider as _,
 };
-use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, SdkTracerProvider,
@@ -38,8 +37,16 @@ use opentelemetry_sdk::trace::{
 };
 use uuid::Uuid;
 
-pub use opentelemetry::trace::{Span as _, Status};
+pub use opentelemetry::trace::{Span as _, SpanKind, Status};
+pub use opentelemetry::{Context, KeyValue};
 pub use opentelemetry_sdk::trace::Span;
+
+/// The logical destination names in span names (`publish steps`, `process results`): the same
+/// in fleet and local mode and whatever the queue prefix, so a trace reads the same in both and
+/// span names stay few. The real exchange, routing key and queue are attributes.
+pub const STEPS: &str = "steps";
+/// See [`STEPS`].
+pub const RESULTS: &str = "results";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static STATE: OnceLock<State> = OnceLock::new();
@@ -275,7 +282,20 @@ pub fn record_past(
     attributes: Vec<KeyValue>,
     status: Status,
 ) {
-    let Some(tracer) = tracer() else { return };
+    record_past_in(name, kind, parent, start, end, attributes, status);
+}
+
+/// [`record_past`], returning the context that holds the (ended) span, to parent children.
+pub fn record_past_in(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    kind: SpanKind,
+    parent: &Context,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+    status: Status,
+) -> Option<Context> {
+    let tracer = tracer()?;
     let mut span = tracer
         .span_builder(name)
         .with_kind(kind)
@@ -284,6 +304,7 @@ pub fn record_past(
         .start_with_context(tracer, parent);
     span.set_status(status);
     span.end_with_timestamp(end);
+    Some(parent.with_span(span))
 }
 
 /// Emits a run's root span (`run`) when the run ends: trace id and span id are the run's, so
@@ -358,6 +379,254 @@ impl Extractor for Carrier {
 
 /// The W3C header names this crate writes and reads.
 pub const PROPAGATION_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// Starts a span of `kind` under `parent` and returns the context holding it (the parent of
+/// its children, and what [`inject`] propagates); `None` when tracing is off. End it with
+/// [`end`].
+pub fn start_in(
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    kind: SpanKind,
+    parent: &Context,
+    attributes: Vec<KeyValue>,
+) -> Option<Context> {
+    start(name, kind, parent, attributes).map(|span| parent.with_span(span))
+}
+
+/// Ends the span `cx` holds, with `status` and extra attributes known only at the end.
+pub fn end(cx: &Context, status: Status, attributes: Vec<KeyValue>) {
+    let span = cx.span();
+    span.set_attributes(attributes);
+    span.set_status(status);
+    span.end();
+}
+
+/// The attributes the messaging semantic conventions give a RabbitMQ operation: `operation` is
+/// `messaging.operation.name` (`publish`, `process`), `op_type` `messaging.operation.type`
+/// (`send`, `process`), `exchange` `messaging.destination.name` (empty for the default
+/// exchange).
+pub fn rabbitmq_attributes(
+    operation: &'static str,
+    op_type: &'static str,
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    body_size: usize,
+) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("messaging.system", "rabbitmq"),
+        KeyValue::new("messaging.operation.name", operation),
+        KeyValue::new("messaging.operation.type", op_type),
+        KeyValue::new("messaging.destination.name", exchange.to_string()),
+        KeyValue::new(
+            "messaging.rabbitmq.destination.routing_key",
+            routing_key.to_string(),
+        ),
+        KeyValue::new("messaging.message.id", message_id.to_string()),
+        KeyValue::new(
+            "messaging.message.body.size",
+            i64::try_from(body_size).unwrap_or(i64::MAX),
+        ),
+    ]
+}
+
+/// The attributes naming an attempt (`warpline.run.id`, `warpline.step.id`, `warpline.attempt`,
+/// `warpline.attempt.id`).
+pub fn attempt_attributes(spec: &warpline_shared::contracts::StepSpec) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("warpline.run.id", spec.run_id.to_string()),
+        KeyValue::new("warpline.step.id", spec.step_id.clone()),
+        KeyValue::new("warpline.attempt", i64::from(spec.attempt)),
+        KeyValue::new("warpline.attempt.id", spec.attempt_id.to_string()),
+    ]
+}
+
+/// Where a StepSpec was taken from, for the worker's `process steps` span.
+pub struct Delivery<'a> {
+    /// `messaging.system`: `rabbitmq`, or `warpline.local` for local mode's channel.
+    pub system: &'static str,
+    /// The exchange it was published to.
+    pub exchange: &'a str,
+    /// Its routing key.
+    pub routing_key: &'a str,
+    /// The queue it was consumed from.
+    pub queue: &'a str,
+    /// The broker's delivery tag (fleet mode).
+    pub delivery_tag: Option<u64>,
+    /// The body's size in bytes.
+    pub body_size: usize,
+    /// The worker (or local worker task).
+    pub worker_id: &'a str,
+}
+
+/// Starts a worker's `process steps` span (CONSUMER) for `spec`, continuing `parent` (the
+/// coordinator's `publish steps`, extracted from the message). `None` when tracing is off.
+pub fn process_step(
+    parent: &Context,
+    spec: &warpline_shared::contracts::StepSpec,
+    from: &Delivery<'_>,
+) -> Option<Context> {
+    if !enabled() {
+        return None;
+    }
+    let mut attributes = rabbitmq_attributes(
+        "process",
+        "process",
+        from.exchange,
+        from.routing_key,
+        &spec.attempt_id.to_string(),
+        from.body_size,
+    );
+    attributes[0] = KeyValue::new("messaging.system", from.system);
+    attributes.push(KeyValue::new(
+        "messaging.destination.subscription.name",
+        from.queue.to_string(),
+    ));
+    if let Some(tag) = from.delivery_tag {
+        attributes.push(KeyValue::new(
+            "messaging.rabbitmq.message.delivery_tag",
+            i64::try_from(tag).unwrap_or(i64::MAX),
+        ));
+    }
+    attributes.extend(attempt_attributes(spec));
+    attributes.push(KeyValue::new(
+        "warpline.worker.id",
+        from.worker_id.to_string(),
+    ));
+    attributes.push(KeyValue::new("warpline.command", spec.command.clone()));
+    start_in(
+        format!("process {STEPS}"),
+        SpanKind::Consumer,
+        parent,
+        attributes,
+    )
+}
+
+/// Starts the worker's `publish results` span (PRODUCER) under its `process steps` span;
+/// its context goes in the result message's headers.
+pub fn publish_result(
+    process: &Context,
+    outcome: &warpline_shared::contracts::StepOutcome,
+    system: &'static str,
+    routing_key: &str,
+    body_size: usize,
+) -> Option<Context> {
+    if !enabled() {
+        return None;
+    }
+    let message_id = outcome
+        .result
+        .attempt_id
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut attributes =
+        rabbitmq_attributes("publish", "send", "", routing_key, &message_id, body_size);
+    attributes[0] = KeyValue::new("messaging.system", system);
+    attributes.push(KeyValue::new(
+        "warpline.outcome",
+        crate::outcome_label(outcome),
+    ));
+    start_in(
+        format!("publish {RESULTS}"),
+        SpanKind::Producer,
+        process,
+        attributes,
+    )
+}
+
+/// Ends the `process steps` span with the attempt's outcome.
+pub fn end_process(process: &Context, outcome: &warpline_shared::contracts::StepOutcome) {
+    end(
+        process,
+        Status::Ok,
+        vec![
+            KeyValue::new("warpline.outcome", crate::outcome_label(outcome)),
+            KeyValue::new("process.exit.code", i64::from(outcome.result.exit_code)),
+        ],
+    );
+}
+
+/// Emits the two children of a worker's `process` span that the executor's own timestamps
+/// bound: `run {step}` (the tool, from `started_at` to `finished_at` of the result) and
+/// `validate {step}` (dynamic artefacts, `sql` measurements, the validators and the failure
+/// classification: from the tool's end until `checked`, when the executor returned). An
+/// attempt refused before its tool started has neither (its result has no `started_at`).
+pub fn step_children(
+    process: &Context,
+    outcome: &warpline_shared::contracts::StepOutcome,
+    checked: SystemTime,
+) {
+    if !enabled() {
+        return;
+    }
+    let r = &outcome.result;
+    let (Some(started), Some(finished)) = (r.started_at, r.finished_at) else {
+        return;
+    };
+    let (started, finished) = (SystemTime::from(started), SystemTime::from(finished));
+    let mut attributes = vec![
+        KeyValue::new("process.exit.code", i64::from(r.exit_code)),
+        KeyValue::new("warpline.step.timed_out", r.timed_out),
+        KeyValue::new("warpline.outcome", crate::outcome_label(outcome)),
+    ];
+    if let Some(program) = &r.program {
+        attributes.push(KeyValue::new("process.executable.path", program.clone()));
+    }
+    if let Some(signal) = r.signal {
+        attributes.push(KeyValue::new("warpline.step.signal", i64::from(signal)));
+    }
+    let ran_ok = r.exit_code == 0 && !r.timed_out;
+    record_past(
+        format!("run {}", r.step_id),
+        SpanKind::Internal,
+        process,
+        started,
+        finished,
+        attributes,
+        if ran_ok {
+            Status::Ok
+        } else {
+            Status::error(match &r.error {
+                Some(e) => e.clone(),
+                None if r.timed_out => "timed out".to_string(),
+                None => format!("exit code {}", r.exit_code),
+            })
+        },
+    );
+    let checks = &outcome.report.checks;
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.name.as_str())
+        .collect();
+    let mut attributes = vec![
+        KeyValue::new("warpline.checks.total", checks.len() as i64),
+        KeyValue::new("warpline.checks.failed", failed.len() as i64),
+        KeyValue::new(
+            "warpline.report.status",
+            format!("{:?}", outcome.report.status).to_lowercase(),
+        ),
+    ];
+    if !failed.is_empty() {
+        attributes.push(KeyValue::new(
+            "warpline.checks.failed_names",
+            failed.join(","),
+        ));
+    }
+    let report_ok = outcome.report.status != warpline_shared::contracts::ReportStatus::Fail;
+    record_past(
+        format!("validate {}", r.step_id),
+        SpanKind::Internal,
+        process,
+        finished,
+        checked.max(finished),
+        attributes,
+        if report_ok {
+            Status::Ok
+        } else {
+            Status::error("an error check failed")
+        },
+    );
+}
 
 #[cfg(test)]
 mod tests {

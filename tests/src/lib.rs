@@ -10,6 +10,7 @@
 pub mod browser;
 pub mod faults;
 pub mod fleet;
+pub mod otlp;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

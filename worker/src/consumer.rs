@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use chrono::Utc;
@@ -50,6 +50,7 @@ use warpline_shared::fleet::{
 use warpline_amqp::{self as amqp, Backoff};
 use warpline_executor::allow::advertise;
 use warpline_executor::{CANCELLED_ERROR, ExecConfig, handed_back, run_step, unrunnable};
+use warpline_telemetry::trace;
 
 /// How a fleet worker runs: loaded once from the command line and passed to [`run`].
 #[derive(Debug, Clone)]
@@ -452,6 +453,7 @@ async fn heartbeat_loop(worker: Arc<Worker>, channel: Channel, stop: Cancellatio
         step = tracing::field::Empty,
         attempt = tracing::field::Empty,
         attempt_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     )
 )]
 async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSemaphorePermit) {
@@ -478,6 +480,10 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
     span.record("step", spec.step_id.as_str());
     span.record("attempt", spec.attempt);
     span.record("attempt_id", tracing::field::display(spec.attempt_id));
+    let process = process_span(&delivery, &spec, cfg);
+    if let Some(id) = process.as_ref().and_then(trace::trace_id_of) {
+        span.record("trace_id", id);
+    }
     let metrics = crate::metrics::get();
     // A step this worker may not run (not allowed here, or its command does not resolve here)
     // is handed back through the results queue, like any outcome, so the coordinator can give
@@ -509,8 +515,19 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
         outcome
     };
 
+    if let Some(p) = &process {
+        trace::step_children(p, &outcome, SystemTime::now());
+    }
+
     if ctx.steps_cancel.is_cancelled() && outcome.result.error.as_deref() == Some(CANCELLED_ERROR) {
         tracing::info!("step cancelled; requeueing its spec");
+        if let Some(p) = &process {
+            trace::end(
+                p,
+                trace::Status::error("cancelled; the spec was requeued"),
+                Vec::new(),
+            );
+        }
         metrics.requeued.with_label_values(&["cancelled"]).inc();
         if let Err(e) = delivery.nack(requeue()).await {
             tracing::warn!(error = %e, "cannot requeue; the broker redelivers it when the channel closes");
@@ -519,12 +536,26 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
     }
 
     let body = serde_json::to_vec(&outcome).expect("a StepOutcome serialises");
-    let props = amqp::json_properties(
-        &spec.attempt_id.to_string(),
-        amqp::signature_headers(cfg.signing_key.as_deref(), &body),
-    );
     let results = cfg.topology.results_queue();
+    let mut headers = amqp::signature_headers(cfg.signing_key.as_deref(), &body);
+    let publish_span = process
+        .as_ref()
+        .and_then(|p| trace::publish_result(p, &outcome, "rabbitmq", &results, body.len()));
+    if let Some(cx) = &publish_span {
+        amqp::add_trace_headers(&mut headers, &trace::inject(cx));
+    }
+    let props = amqp::json_properties(&spec.attempt_id.to_string(), headers);
     let published = amqp::publish_confirmed(&ctx.publish, "", &results, &body, props).await;
+    if let Some(cx) = &publish_span {
+        let status = match &published {
+            Ok(()) => trace::Status::Ok,
+            Err(e) => trace::Status::error(e.to_string()),
+        };
+        trace::end(cx, status, Vec::new());
+    }
+    if let Some(p) = &process {
+        trace::end_process(p, &outcome);
+    }
     if published.is_ok() && !outcome.result.refused {
         metrics.finished(&outcome);
     }
@@ -549,6 +580,33 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
             let _ = delivery.nack(requeue()).await;
         }
     }
+}
+
+/// The `process steps` span of a delivery, continuing the coordinator's `publish steps` from
+/// the message's headers (or, for a spec published by other means, from `StepSpec.trace`).
+fn process_span(
+    delivery: &Delivery,
+    spec: &StepSpec,
+    cfg: &WorkerConfig,
+) -> Option<trace::Context> {
+    if !trace::enabled() {
+        return None;
+    }
+    let mut carrier = amqp::trace_headers(&delivery.properties, &trace::PROPAGATION_HEADERS);
+    if carrier.is_empty() {
+        carrier = spec.trace.clone();
+    }
+    let queue = cfg.topology.steps_queue(&cfg.pool);
+    let from = trace::Delivery {
+        system: "rabbitmq",
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        queue: &queue,
+        delivery_tag: Some(delivery.delivery_tag),
+        body_size: delivery.data.len(),
+        worker_id: cfg.worker_id(),
+    };
+    trace::process_step(&trace::extract(&carrier), spec, &from)
 }
 
 /// Sends a refused message to the dead-letter exchange with the reason in

@@ -149,6 +149,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         ProgressMode::Lines => Box::new(Lines::stderr()),
         _ => Box::new(Quiet),
     };
+    let observer = crate::spans::TraceObserver::wrap(observer);
     eprintln!(
         "warpline: backfill {backfill_id}: {} runs of `{}` on {workers} workers; audit log {}",
         partitions.len(),

@@ -203,7 +203,10 @@ impl Session<'_> {
             } else {
                 Box::new(Quiet)
             };
-            let observer = Box::new(MetricsObserver::new(self.prom.clone(), observer));
+            let observer = crate::spans::TraceObserver::wrap(Box::new(MetricsObserver::new(
+                self.prom.clone(),
+                observer,
+            )));
             let mut engine = Engine::new(
                 EngineConfig {
                     exit_when_idle: false,

@@ -10,6 +10,9 @@
 //!   or wrongly signed message is copied to the dead-letter exchange with the reason and acked:
 //!   it never stops the coordinator.
 //! - The heartbeat consumer feeds [`Event::Heartbeat`] from an exclusive queue on the fanout.
+//! - When tracing is on, each StepSpec's `publish steps` span (ended at its confirm) puts its
+//!   W3C context in the message headers, and each result opens a `process results` span from
+//!   the worker's context in its headers, ended by its ack ([`crate::spans`]).
 //! - All three note what [`StepLatency`] measures: a result taken off the queue, its run's next
 //!   StepSpec handed to the publisher, and that StepSpec confirmed.
 //!
@@ -36,6 +39,7 @@ use warpline_shared::contracts::{StepOutcome, StepSpec};
 use warpline_shared::fleet::{
     DEAD_REASON_HEADER, Heartbeat, SIGNATURE_HEADER, Topology, verify_signature,
 };
+use warpline_telemetry::trace;
 
 use crate::engine::{Event, Transport};
 use crate::fleet::metrics::StepLatency;
@@ -204,10 +208,12 @@ async fn publisher(
                 declared.insert(spec.pool.clone());
             }
             let body = serde_json::to_vec(spec).expect("StepSpecs serialise");
-            let props = amqp::json_properties(
-                &spec.attempt_id.to_string(),
-                amqp::signature_headers(key.as_deref(), &body),
-            );
+            let mut headers = amqp::signature_headers(key.as_deref(), &body);
+            let span = crate::spans::publish(spec, "rabbitmq", &exchange, &spec.pool, body.len());
+            if let Some(cx) = &span {
+                amqp::add_trace_headers(&mut headers, &trace::inject(cx));
+            }
+            let props = amqp::json_properties(&spec.attempt_id.to_string(), headers);
             let confirm = channel
                 .basic_publish(
                     exchange.as_str().into(),
@@ -221,11 +227,26 @@ async fn publisher(
                 )
                 .await
                 .with_context(|| format!("cannot publish a StepSpec to `{exchange}`"))?;
-            confirms.push((spec.run_id, spec.attempt_id, spec.pool.clone(), confirm));
+            confirms.push((
+                spec.run_id,
+                spec.attempt_id,
+                spec.pool.clone(),
+                confirm,
+                span,
+            ));
         }
         let mut sent: Vec<Uuid> = Vec::with_capacity(confirms.len());
-        for (run_id, attempt_id, pool, confirm) in confirms {
-            match confirm.await.context("lost a publisher confirm")? {
+        for (run_id, attempt_id, pool, confirm, span) in confirms {
+            let confirmation = confirm.await.context("lost a publisher confirm")?;
+            if let Some(cx) = &span {
+                let status = match &confirmation {
+                    Confirmation::Ack(None) => trace::Status::Ok,
+                    Confirmation::Ack(Some(_)) => trace::Status::error("unroutable"),
+                    _ => trace::Status::error("refused by the broker"),
+                };
+                trace::end(cx, status, Vec::new());
+            }
+            match confirmation {
                 Confirmation::Ack(None) => {
                     latency.confirmed(run_id);
                     sent.push(attempt_id);
@@ -312,6 +333,19 @@ async fn results_consumer(
                 if let Some(run_id) = outcome.result.run_id {
                     latency.result_received(run_id);
                 }
+                let span = if trace::enabled() {
+                    let carrier =
+                        amqp::trace_headers(&delivery.properties, &trace::PROPAGATION_HEADERS);
+                    crate::spans::process_result(
+                        &carrier,
+                        &outcome,
+                        "rabbitmq",
+                        &queue,
+                        delivery.data.len(),
+                    )
+                } else {
+                    None
+                };
                 let acker = delivery.acker.clone();
                 let ack: crate::engine::Ack = Box::new(move || {
                     tokio::spawn(async move {
@@ -320,6 +354,7 @@ async fn results_consumer(
                         }
                     });
                 });
+                let ack = crate::spans::ending_on_ack(span, ack);
                 if events
                     .send(Event::Outcome(Box::new(outcome), Some(ack)))
                     .is_err()

@@ -14,3 +14,4 @@ mod handback;
 mod local;
 mod observability;
 mod toolchain;
+mod traces;
