@@ -351,6 +351,7 @@ mod tests {
             audit: String::new(),
             audit_head: String::new(),
             warnings: 0,
+            llm: Default::default(),
             runs,
         }
     }

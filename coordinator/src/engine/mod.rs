@@ -31,8 +31,8 @@ pub use operator::{
 pub use outcome::bound_tail;
 pub use ports::{Ack, Event, Observer, Store, StoreFuture, Transport};
 pub use records::{
-    BackfillRecord, BackfillRequest, EngineConfig, PipelineSource, RunRecord, SubmitConflict,
-    SubmitKey,
+    BackfillRecord, BackfillRequest, EngineConfig, LlmUsage, PipelineSource, RunRecord,
+    SubmitConflict, SubmitKey,
 };
 pub use summary::{RunSummary, Summary};
 

@@ -293,6 +293,19 @@ impl Engine {
             Some(why) => why.clone(),
             None => reply.decision.reason.clone(),
         };
+        if reply.model.is_some() || reply.requests.is_some() {
+            let bid = self.runs.get(&run_id).map(|r| r.backfill_id);
+            if let Some(b) = bid.and_then(|bid| self.backfills.get_mut(&bid)) {
+                let u = &mut b.rec.llm;
+                u.decisions += 1;
+                u.requests += u64::from(reply.requests.unwrap_or(1));
+                if let Some(t) = &reply.tokens {
+                    u.input_tokens += t.input;
+                    u.output_tokens += t.output;
+                }
+                self.dirty_backfills.insert(b.rec.id);
+            }
+        }
         self.record_run(
             run_id,
             AuditEvent::Decision {

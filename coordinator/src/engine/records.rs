@@ -119,6 +119,22 @@ pub struct BackfillRecord {
     /// The submit's idempotency key, when the client gave a request id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<SubmitKey>,
+    /// What the backfill's decisions cost in LLM calls and tokens.
+    #[serde(default)]
+    pub llm: LlmUsage,
+}
+
+/// LLM use of a backfill's decisions: what an operator pays for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LlmUsage {
+    /// Decisions an LLM made (a fallback to the rules after it failed counts too: it was asked).
+    pub decisions: u64,
+    /// HTTP requests to the model, retries included.
+    pub requests: u64,
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Reply tokens.
+    pub output_tokens: u64,
 }
 
 /// A pipeline as submitted: its file, its config (variables applied) and its workdir.

@@ -78,6 +78,7 @@ impl Engine {
             halt_signatures: BTreeMap::new(),
             siblings: Default::default(),
             request: req.request.clone(),
+            llm: Default::default(),
         };
         for p in req.partitions {
             let run_id = Uuid::now_v7();

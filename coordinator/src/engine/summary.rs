@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::Engine;
+use super::{Engine, LlmUsage};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::contracts::SCHEMA_VERSION;
@@ -77,6 +77,9 @@ pub struct Summary {
     /// Failed `warn` checks over every run.
     #[serde(default)]
     pub warnings: usize,
+    /// LLM calls and tokens its decisions used.
+    #[serde(default)]
+    pub llm: LlmUsage,
     /// Every run.
     pub runs: Vec<RunSummary>,
 }
@@ -172,6 +175,7 @@ impl Engine {
             audit,
             audit_head,
             warnings: runs.iter().map(|r| r.warnings.len()).sum(),
+            llm: b.rec.llm,
             runs,
         }
     }

@@ -15,6 +15,8 @@ pub enum Cell {
     Retrying,
     /// Passed; the run went past it.
     Passed,
+    /// Passed, with failed `warn` checks.
+    Warned,
     /// The run halted here.
     Halted,
     /// The run is parked here for an operator.
@@ -31,6 +33,7 @@ impl Cell {
             Cell::Running => "running",
             Cell::Retrying => "retrying",
             Cell::Passed => "passed",
+            Cell::Warned => "passed-warn",
             Cell::Halted => "halted",
             Cell::Escalated => "escalated",
             Cell::Cancelled => "cancelled",
@@ -38,11 +41,12 @@ impl Cell {
     }
 
     /// Every state, in legend order.
-    pub const ALL: [Cell; 7] = [
+    pub const ALL: [Cell; 8] = [
         Cell::Pending,
         Cell::Running,
         Cell::Retrying,
         Cell::Passed,
+        Cell::Warned,
         Cell::Halted,
         Cell::Escalated,
         Cell::Cancelled,
@@ -84,6 +88,18 @@ pub fn cells(run: &RunSummary, steps: &[String]) -> Vec<(Cell, u32)> {
                     }
                 }
                 (_, None) => Cell::Pending,
+            };
+            // Warnings are kept as `STEP: check (detail)`.
+            let warned = || {
+                run.warnings.iter().any(|w| {
+                    w.strip_prefix(s.as_str())
+                        .is_some_and(|r| r.starts_with(": "))
+                })
+            };
+            let cell = if cell == Cell::Passed && warned() {
+                Cell::Warned
+            } else {
+                cell
             };
             (cell, n)
         })
@@ -262,6 +278,18 @@ mod tests {
             names(cells(&run("INIT", None, &[]), &s)),
             [("pending", 0), ("pending", 0), ("pending", 0)]
         );
+        // A step that passed with failed `warn` checks has a colour of its own.
+        let mut warned = run(
+            "COMPLETE",
+            None,
+            &[("fetch", 1), ("load", 1), ("export", 1)],
+        );
+        warned.warnings = vec!["load: rows like the other months (12% below)".into()];
+        assert_eq!(
+            names(cells(&warned, &s)),
+            [("passed", 1), ("passed-warn", 1), ("passed", 1)]
+        );
+        assert_eq!(parse_cell("passed-warn"), Some(Cell::Warned));
     }
 
     #[test]
@@ -294,6 +322,7 @@ mod tests {
             audit: String::new(),
             audit_head: String::new(),
             warnings: 0,
+            llm: Default::default(),
             runs,
         };
         let all = page(&summary, &Filter::default());

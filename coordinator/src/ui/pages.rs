@@ -211,6 +211,7 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
     h.push_str(
         "<table id=\"backfills\"><thead><tr><th>Backfill</th><th>Pipeline</th><th>State</th><th>Progress</th>\
 <th>Runs by state</th><th class=\"num\">Runs/min</th><th class=\"num\">ETA</th><th class=\"num\">Steps run</th>\
+<th class=\"num\">Warnings</th><th class=\"num\">LLM calls</th><th class=\"num\">LLM tokens (in + out)</th>\
 <th class=\"num\">Elapsed</th><th>Actions</th></tr></thead><tbody>",
     );
     for s in all.iter().rev() {
@@ -219,7 +220,8 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
             h,
             "<tr data-backfill=\"{id}\"><td><a class=\"mono\" href=\"/backfills/{id}\">{}</a></td><td>{}</td><td>{}</td>\
 <td>{}<span class=\"muted\">{}/{} final</span></td><td>{}</td><td class=\"num\">{:.1}</td><td class=\"num\">{}</td>\
-<td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+<td class=\"num\">{}</td><td class=\"num warnings\">{}</td><td class=\"num llm\">{}</td><td class=\"num\">{}</td>\
+<td class=\"num\">{}</td><td>{}</td></tr>",
             short(&id),
             esc(&s.pipeline),
             state_word(s),
@@ -230,6 +232,13 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
             s.runs_per_minute,
             s.eta_s.map(dur).unwrap_or_else(|| "–".into()),
             s.steps_executed,
+            s.warnings,
+            s.llm.requests,
+            if s.llm.requests == 0 {
+                "–".to_string()
+            } else {
+                format!("{} + {}", s.llm.input_tokens, s.llm.output_tokens)
+            },
             dur(s.wall_ms / 1000),
             actions(ctx, s),
         );

@@ -135,6 +135,17 @@ fn gemini_saying_proceed_cannot_pass_a_failed_check() {
         (Some(2), Some(1))
     );
     assert_eq!(agent["tokens_in"], 812 * 2);
+    // The backfill's own account, kept with it (the dashboard's backfills list shows it).
+    assert_eq!(
+        (
+            summary["llm"]["decisions"].as_u64(),
+            summary["llm"]["requests"].as_u64(),
+            summary["llm"]["input_tokens"].as_u64()
+        ),
+        (Some(2), Some(2), Some(812 * 2)),
+        "{:#}",
+        summary["llm"]
+    );
 
     let records = audit_records(&audit);
     let ok = decisions_of(&records, &summary, "ok");
