@@ -1,13 +1,14 @@
 //! Warpline's telemetry, set up once per binary by [`init`]: logs (text or JSON lines, filtered
 //! by `WARPLINE_LOG`), OpenTelemetry traces exported over OTLP when the standard `OTEL_*`
 //! variables ask for it ([`trace`]), and the Prometheus text exposition served at
-//! `GET /metrics` ([`prom`]).
+//! `GET /metrics` ([`prom`]); and [`dist`], the completions and man pages every binary offers.
 //!
 //! Traces are off unless `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
 //! is set: then no exporter is built, [`trace::enabled`] is false and every span helper returns
 //! at once (one relaxed atomic load), so tracing costs nothing measurable when off. `docs/OBSERVABILITY.md`
 //! has the span tree, the metrics and the variables.
 
+pub mod dist;
 pub mod prom;
 pub mod trace;
 

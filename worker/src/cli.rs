@@ -27,7 +27,7 @@ use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 #[derive(Debug, Parser)]
 #[command(
     name = "warpline-worker",
-    version,
+    version = env!("WARPLINE_LONG_VERSION"),
     about,
     args_conflicts_with_subcommands = true
 )]
@@ -119,6 +119,9 @@ pub enum Command {
     ///
     /// Exits 0 when the tool succeeded and every error-severity check passed, 1 otherwise.
     Exec(ExecArgs),
+    /// Shell completions and man pages.
+    #[command(flatten)]
+    Dist(warpline_telemetry::dist::DistCommand),
 }
 
 /// Arguments of `warpline-worker exec`.
@@ -170,6 +173,13 @@ pub struct ExecArgs {
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Exec(args)) => exec(args, shutdown).await,
+        Some(Command::Dist(dist)) => {
+            dist.run(
+                <Cli as clap::CommandFactory>::command(),
+                &mut std::io::stdout(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
         None => fleet(cli.consume, shutdown).await,
     }
 }

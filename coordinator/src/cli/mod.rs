@@ -25,7 +25,12 @@ use crate::supervisor::AgentKind;
 
 /// Warpline: supervised backfills of command-line pipelines.
 #[derive(Debug, Parser)]
-#[command(name = "warpline", version, about, long_about = None)]
+#[command(
+    name = "warpline",
+    version = env!("WARPLINE_LONG_VERSION"),
+    about,
+    long_about = None
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -62,6 +67,9 @@ pub enum Command {
     Cancel(BackfillArgs),
     /// Resume every HALTED run of a backfill at the step that failed.
     RetryFailed(BackfillArgs),
+    /// Shell completions and man pages.
+    #[command(flatten)]
+    Dist(warpline_telemetry::dist::DistCommand),
 }
 
 /// Where the coordinator's HTTP API is, and the token to show it.
@@ -430,6 +438,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
         Command::Resolve(args) => ops::resolve(args).await,
         Command::Cancel(args) => ops::cancel(args).await,
         Command::RetryFailed(args) => ops::retry_failed(args).await,
+        Command::Dist(dist) => {
+            dist.run(
+                <Cli as clap::CommandFactory>::command(),
+                &mut std::io::stdout(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

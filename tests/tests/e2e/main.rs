@@ -6,6 +6,7 @@ mod agent;
 mod auth;
 mod dashboard;
 mod deploy;
+mod distribution;
 mod failures;
 mod faults;
 mod fleet;
