@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -172,7 +171,6 @@ pub(super) struct Backfill {
     pub(super) pipeline: Arc<Pipeline>,
     /// Runs started and not yet final or parked.
     pub(super) active: usize,
-    pub(super) started: Instant,
 }
 
 /// Engine settings.

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use tracing::warn;
@@ -109,7 +109,6 @@ impl Engine {
                 rec,
                 pipeline: req.pipeline,
                 active: 0,
-                started: Instant::now(),
             },
         );
         self.order.push(id);
@@ -146,7 +145,6 @@ impl Engine {
                     rec,
                     pipeline,
                     active,
-                    started: Instant::now(),
                 },
             );
             self.order.push(id);

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{Engine, LlmUsage};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::contracts::SCHEMA_VERSION;
@@ -56,13 +57,21 @@ pub struct Summary {
     pub in_step: BTreeMap<String, usize>,
     /// Attempts executed (results received, losses included).
     pub steps_executed: u64,
-    /// Final runs per minute since the backfill started.
+    /// Final runs per minute between the submit and the last run's end (or now), from the
+    /// coordinator's stored timestamps: the same for every client, and across restarts.
     pub runs_per_minute: f64,
     /// Estimated seconds to finish at that rate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<u64>,
-    /// Wall time so far.
+    /// Wall time from the submit to the last run's end (or, while it runs, to now).
     pub wall_ms: u64,
+    /// When the backfill was submitted.
+    #[schema(value_type = String, format = DateTime)]
+    pub submitted_at: DateTime<Utc>,
+    /// When its last run ended, once it is finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<DateTime<Utc>>,
     /// True once every run is final (or parked for an operator).
     pub finished: bool,
     /// Cancel requested.
@@ -144,7 +153,23 @@ impl Engine {
             })
             .sum();
         let finals = runs.iter().filter(|r| r.state.is_final()).count();
-        let elapsed = b.started.elapsed();
+        let finished = b.rec.pending.is_empty()
+            && runs
+                .iter()
+                .all(|r| r.state.is_final() || r.state == RunStatus::Escalated);
+        let submitted_at = b.rec.created_at;
+        let finished_at = finished
+            .then(|| {
+                b.rec
+                    .runs
+                    .iter()
+                    .filter_map(|id| self.runs[id].finished_at)
+                    .max()
+            })
+            .flatten();
+        let elapsed = (finished_at.unwrap_or_else(Utc::now) - submitted_at)
+            .to_std()
+            .unwrap_or_default();
         let minutes = elapsed.as_secs_f64() / 60.0;
         let rate = if minutes > 0.0 {
             finals as f64 / minutes
@@ -153,10 +178,6 @@ impl Engine {
         };
         let left = runs.len() - finals;
         let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
-        let finished = b.rec.pending.is_empty()
-            && runs
-                .iter()
-                .all(|r| r.state.is_final() || r.state == RunStatus::Escalated);
         let (audit, audit_head) = self.store.audit_location();
         Summary {
             schema_version: SCHEMA_VERSION,
@@ -169,6 +190,8 @@ impl Engine {
             runs_per_minute: (rate * 10.0).round() / 10.0,
             eta_s,
             wall_ms: elapsed.as_millis() as u64,
+            submitted_at,
+            finished_at,
             finished,
             cancelling: b.rec.cancelling,
             escalated: b.rec.escalated.clone(),

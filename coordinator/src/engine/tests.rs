@@ -798,3 +798,59 @@ async fn a_request_id_is_applied_once_across_restarts() {
     assert!(other.records.is_empty(), "{:?}", other.kinds());
     assert_eq!(h.engine.backfills.len(), 1);
 }
+
+/// Rate, elapsed time and ETA come from the stored submit and finish times, so a restarted
+/// coordinator (or a client that attached late) reports the same figures, and a finished
+/// backfill's elapsed time stops growing.
+#[tokio::test(start_paused = true)]
+async fn rates_come_from_stored_timestamps_across_a_restart() {
+    let mut h = Harness::new();
+    let mut req = h.backfill(
+        serde_json::json!([{"id": "A", "command": "true"}]),
+        &["a", "b"],
+    );
+    req.max_parallel = 1;
+    let id = req.id;
+    let first = h.turn([Event::Submit(Box::new(req), None)]).await;
+    let a = first.dispatched[0].clone();
+    let next = h.turn([outcome(&a, 0)]).await;
+    let b = next.dispatched[0].clone();
+    // As if it had been submitted ten minutes ago: one of two runs done in ten minutes.
+    let ten_minutes_ago = chrono::Utc::now() - chrono::Duration::minutes(10);
+    h.engine.backfills.get_mut(&id).unwrap().rec.created_at = ten_minutes_ago;
+
+    h.restart().await;
+    let s = h.summary(id);
+    assert_eq!(s.submitted_at, ten_minutes_ago);
+    assert!(
+        s.wall_ms >= 600_000,
+        "elapsed restarted from the restore: {}",
+        s.wall_ms
+    );
+    assert!(
+        (0.09..=0.11).contains(&s.runs_per_minute),
+        "1 run in 10 min, not since the restore: {}",
+        s.runs_per_minute
+    );
+    let eta = s.eta_s.expect("one run left");
+    assert!(
+        (540..=660).contains(&eta),
+        "ETA for the last run at that rate: {eta}"
+    );
+    assert!(s.finished_at.is_none());
+
+    h.turn([outcome(&b, 0)]).await;
+    let done = h.summary(id);
+    let finished_at = done.finished_at.expect("finished");
+    assert_eq!(
+        done.wall_ms,
+        (finished_at - ten_minutes_ago).num_milliseconds() as u64,
+        "elapsed ends at the last run's end"
+    );
+    assert_eq!(done.eta_s, None);
+    assert_eq!(
+        h.summary(id).wall_ms,
+        done.wall_ms,
+        "a finished backfill's clock stops"
+    );
+}

@@ -316,6 +316,8 @@ mod tests {
             runs_per_minute: 0.0,
             eta_s: None,
             wall_ms: 0,
+            submitted_at: chrono::Utc::now(),
+            finished_at: None,
             finished: false,
             cancelling: false,
             escalated: None,

@@ -106,6 +106,11 @@ fn dur(secs: u64) -> String {
     }
 }
 
+/// A coordinator timestamp as `2026-12-02 16:40:05Z` (UTC, to the second).
+fn stamp(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%SZ").to_string()
+}
+
 fn short(id: &Uuid) -> String {
     id.to_string()[..8].to_string()
 }
@@ -212,7 +217,7 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
         "<table id=\"backfills\"><thead><tr><th>Backfill</th><th>Pipeline</th><th>State</th><th>Progress</th>\
 <th>Runs by state</th><th class=\"num\">Runs/min</th><th class=\"num\">ETA</th><th class=\"num\">Steps run</th>\
 <th class=\"num\">Warnings</th><th class=\"num\">LLM calls</th><th class=\"num\">LLM tokens (in + out)</th>\
-<th class=\"num\">Elapsed</th><th>Actions</th></tr></thead><tbody>",
+<th>Submitted</th><th>Finished</th><th class=\"num\">Elapsed</th><th>Actions</th></tr></thead><tbody>",
     );
     for s in all.iter().rev() {
         let id = s.backfill_id;
@@ -221,7 +226,7 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
             "<tr data-backfill=\"{id}\"><td><a class=\"mono\" href=\"/backfills/{id}\">{}</a></td><td>{}</td><td>{}</td>\
 <td>{}<span class=\"muted\">{}/{} final</span></td><td>{}</td><td class=\"num\">{:.1}</td><td class=\"num\">{}</td>\
 <td class=\"num\">{}</td><td class=\"num warnings\">{}</td><td class=\"num llm\">{}</td><td class=\"num\">{}</td>\
-<td class=\"num\">{}</td><td>{}</td></tr>",
+<td class=\"mono\">{}</td><td class=\"mono\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
             short(&id),
             esc(&s.pipeline),
             state_word(s),
@@ -239,6 +244,11 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
             } else {
                 format!("{} + {}", s.llm.input_tokens, s.llm.output_tokens)
             },
+            stamp(&s.submitted_at),
+            s.finished_at
+                .as_ref()
+                .map(stamp)
+                .unwrap_or_else(|| "–".into()),
             dur(s.wall_ms / 1000),
             actions(ctx, s),
         );
