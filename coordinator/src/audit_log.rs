@@ -5,9 +5,16 @@
 //! armed). A crash can therefore lose a turn that was never acted on, but never leave an action
 //! missing from the log. Opening an existing log verifies it first and continues its chain, so
 //! one file may hold many backfills.
+//!
+//! Lines are written at their own offset (`pwrite`), not appended: a line's bytes and place in
+//! the file follow from the chain before it. In fleet mode a deposed leader may wake after its
+//! successor copied that leader's last committed turn from PostgreSQL into the same file; its
+//! late write then puts the same bytes where they already are, instead of appending them a
+//! second time.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Write};
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -19,6 +26,8 @@ use warpline_shared::audit::{self, AuditEvent, AuditRecord, GENESIS};
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    /// Where the next line goes: the length of the lines written so far.
+    end: u64,
     /// The last written line's number.
     seq: u64,
     /// The last written line's hash.
@@ -52,36 +61,29 @@ impl AuditLog {
         } else {
             (0, GENESIS.to_string())
         };
-        // A complete last line whose end of line was lost gets it back before anything is
-        // appended (a torn one does not verify above).
-        if seq > 0 {
-            use std::io::{Read, Seek, SeekFrom, Write};
-            let mut f = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("cannot open the audit log `{}`", path.display()))?;
-            let mut last = [0u8; 1];
-            f.seek(SeekFrom::End(-1))?;
-            f.read_exact(&mut last)?;
-            if last[0] != b'\n' {
-                f.write_all(b"\n")?;
-                f.sync_data()?;
-            }
-        }
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
             .open(&path)
-            .with_context(|| {
-                format!(
-                    "cannot open the audit log `{}` for appending",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("cannot open the audit log `{}`", path.display()))?;
+        let mut end = file.metadata()?.len();
+        // A complete last line whose end of line was lost gets it back before anything is
+        // written after it (a torn one does not verify above).
+        if seq > 0 {
+            let mut last = [0u8; 1];
+            file.read_exact_at(&mut last, end - 1)?;
+            if last[0] != b'\n' {
+                file.write_all_at(b"\n", end)?;
+                file.sync_data()?;
+                end += 1;
+            }
+        }
         Ok(AuditLog {
             path,
             file,
+            end,
             seq,
             staged_seq: seq,
             staged_head: head.clone(),
@@ -139,19 +141,59 @@ impl AuditLog {
         (record, line)
     }
 
-    /// Writes and syncs the staged records. Call before acting on them.
+    /// Writes and syncs the staged records, right after the lines written before them. Call
+    /// before acting on them.
     pub fn commit(&mut self) -> anyhow::Result<()> {
         if self.staged.is_empty() {
             return Ok(());
         }
         self.file
-            .write_all(&self.staged)
+            .write_all_at(&self.staged, self.end)
             .and_then(|_| self.file.sync_data())
             .with_context(|| format!("cannot write the audit log `{}`", self.path.display()))?;
+        self.end += self.staged.len() as u64;
         self.staged.clear();
         self.seq = self.staged_seq;
         self.head = self.staged_head.clone();
         Ok(())
+    }
+
+    /// Writes lines sealed elsewhere (the database's, for the seqs this file lacks) after the
+    /// last line, as [`AuditLog::commit`] writes its own, and continues the chain from them;
+    /// returns how many it added. Lines the file already holds are skipped (a deposed leader
+    /// may have written its last turn since the caller looked). Nothing may be staged.
+    pub fn catch_up<'a>(
+        &mut self,
+        lines: impl IntoIterator<Item = &'a str>,
+    ) -> anyhow::Result<u64> {
+        assert!(self.staged.is_empty(), "catch_up with records staged");
+        let mut added = 0;
+        for line in lines {
+            let (rec, hash) = audit::parse_line(line).map_err(|e| {
+                anyhow::anyhow!("audit line {} to copy does not verify ({e})", self.seq + 1)
+            })?;
+            if rec.seq <= self.seq {
+                continue;
+            }
+            if rec.seq != self.seq + 1 || rec.prev_hash != self.head {
+                bail!(
+                    "audit line {} to copy does not continue the chain of `{}` (line {}, head {})",
+                    rec.seq,
+                    self.path.display(),
+                    self.seq,
+                    self.head
+                );
+            }
+            self.staged.extend_from_slice(line.as_bytes());
+            self.staged.push(b'\n');
+            self.seq = rec.seq;
+            self.head = hash;
+            added += 1;
+        }
+        self.staged_seq = self.seq;
+        self.staged_head = self.head.clone();
+        self.commit()?;
+        Ok(added)
     }
 }
 

@@ -267,3 +267,86 @@ async fn a_new_leader_is_not_blocked_by_a_deposed_leaders_open_turn() {
     drop(b_lock);
     drop_schema(&pool, &schema).await;
 }
+
+/// A leader paused between its turn's two writes (the database committed, the audit file not
+/// yet written) is deposed; its successor catches the shared file up from the database and
+/// appends its own turn; then the old leader resumes and writes the file half of its turn. The
+/// file must still hold every line once, in order: the resumed write lands where the
+/// successor already wrote the same bytes. Before, it was appended again, so the file held a
+/// result twice (read as an attempt "applied twice") and no longer verified.
+#[tokio::test]
+async fn a_deposed_leaders_late_file_write_leaves_the_shared_audit_file_intact() {
+    let schema = format!("pglate_{}", std::process::id());
+    let pool = pool(&schema).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.jsonl");
+    let poll = std::time::Duration::from_millis(50);
+    let note = |why: &str| AuditEvent::BackfillResolution {
+        operator: "test".into(),
+        action: "continue".into(),
+        reason: why.into(),
+    };
+    let a_lock = LeaderLock::acquire(URL, &schema, poll).await.unwrap();
+    let mut a = PgStore::open(pool.clone(), &audit_path)
+        .await
+        .unwrap()
+        .fenced(a_lock.epoch);
+    a.record(None, None, note("a, mirrored"));
+    a.commit().await.unwrap();
+    // A's next turn reaches the database; A is stopped before it writes the file.
+    a.record(None, None, note("a, committed, then paused"));
+    a.commit_database().await.unwrap();
+
+    let c = pool.get().await.unwrap();
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%leader SET epoch%'",
+        &[&format!("\"{schema}\"")],
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), a_lock.lost.cancelled())
+        .await
+        .expect("the deposed lock notices its connection is gone");
+    let b_lock = LeaderLock::acquire(URL, &schema, poll).await.unwrap();
+    let mut b = PgStore::open(pool.clone(), &audit_path)
+        .await
+        .unwrap()
+        .fenced(b_lock.epoch);
+    b.record(None, None, note("b, the new leader"));
+    b.commit().await.unwrap();
+    let before = std::fs::read_to_string(&audit_path).unwrap();
+    assert_eq!(before.lines().count(), 3, "{before}");
+
+    // A resumes: the file half of its committed turn, then its next turn, which is fenced.
+    a.commit_mirror().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&audit_path).unwrap(),
+        before,
+        "the deposed leader's late write changed the file"
+    );
+    a.record(None, None, note("a, deposed"));
+    let err = a.commit().await.unwrap_err();
+    assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+
+    b.record(None, None, note("b, again"));
+    b.commit().await.unwrap();
+    let text = std::fs::read_to_string(&audit_path).unwrap();
+    let v =
+        warpline_shared::audit::verify(text.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let rows: Vec<String> = c
+        .query("SELECT line FROM audit_events ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(v.lines, 4);
+    assert_eq!(
+        text,
+        rows.join("\n") + "\n",
+        "the file mirrors the database"
+    );
+    drop((a, b, b_lock));
+    drop_schema(&pool, &schema).await;
+}

@@ -9,7 +9,9 @@
 //! file get the same lines, and only then does the engine act (the transactional outbox). A
 //! crash between the two writes is repaired at the next start, which appends the lines the file
 //! lacks from the database; so the file never holds a line the database does not, and nothing
-//! acted on is missing from either.
+//! acted on is missing from either. Both writers put a line at its own offset: a deposed leader
+//! paused between its commit and its file write, whose successor has since copied that turn
+//! from the database, rewrites the same bytes in place when it wakes (its next turn is fenced).
 //!
 //! All tables live in one schema (`--database-schema`, default `warpline`), so that tests and
 //! separate fleets can share a server. Migrations are embedded and versioned.
@@ -509,28 +511,14 @@ impl PgStore {
                 audit_path.display()
             );
         }
-        if file_lines < db_lines {
-            use std::io::Write;
-            if let Some(dir) = audit_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(audit_path)?;
-            for row in &rows[file_lines as usize..] {
-                let line: String = row.get(1);
-                f.write_all(line.as_bytes())?;
-                f.write_all(b"\n")?;
-            }
-            f.sync_data()?;
-            tracing::info!(
-                added = db_lines - file_lines,
-                "audit file caught up with the database"
-            );
-        }
         drop(client);
-        let audit = AuditLog::open(audit_path)?;
+        // Written where the lines belong, as every turn's are: a deposed leader that wakes
+        // and writes its last committed turn meanwhile puts the same bytes in the same place.
+        let mut audit = AuditLog::open(audit_path)?;
+        let added = audit.catch_up(rows[file_lines as usize..].iter().map(|r| r.get(1)))?;
+        if added > 0 {
+            tracing::info!(added, "audit file caught up with the database");
+        }
         Ok(PgStore {
             pool,
             audit,
@@ -583,6 +571,19 @@ impl PgStore {
             runs,
             unsent,
         })
+    }
+
+    /// The first of a turn's two writes ([`Store::commit`] makes both): the transaction that
+    /// holds the turn, refused with [`Fenced`] once another coordinator leads. Separate so that
+    /// a test can put a pause between the two, as a SIGSTOP may.
+    pub async fn commit_database(&mut self) -> anyhow::Result<()> {
+        self.write().await
+    }
+
+    /// The second of a turn's two writes: its committed lines into the JSONL file, at the
+    /// offsets they occupy in the database's chain (see [`AuditLog::commit`]).
+    pub fn commit_mirror(&mut self) -> anyhow::Result<()> {
+        self.audit.commit()
     }
 
     /// A handle for marking outbox rows sent (used by the publisher).
@@ -933,8 +934,8 @@ impl Store for PgStore {
 
     fn commit(&mut self) -> StoreFuture<'_> {
         Box::pin(async move {
-            self.write().await?;
-            self.audit.commit()
+            self.commit_database().await?;
+            self.commit_mirror()
         })
     }
 

@@ -188,6 +188,19 @@ impl Scene {
         );
 
         let records = self.fleet.audit_records();
+        // A line written twice (a deposed leader's late write) would otherwise read as an
+        // attempt applied twice: the file's own order is judged first.
+        let misplaced: Vec<(usize, u64)> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| r.seq != *i as u64 + 1)
+            .map(|(i, r)| (i + 1, r.seq))
+            .take(5)
+            .collect();
+        assert!(
+            misplaced.is_empty(),
+            "audit lines out of place (line, seq): {misplaced:?}"
+        );
         let tally = tally(&records);
         assert!(
             tally.applied_twice.is_empty(),
