@@ -55,7 +55,8 @@ use warpline_telemetry::trace;
 /// How a fleet worker runs: loaded once from the command line and passed to [`run`].
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The broker (`amqp://user:pass@host:5672/%2f`).
+    /// The broker (`amqp://user:pass@host:5672/%2f`), with the AMQP heartbeat to ask for
+    /// ([`warpline_amqp::FleetArgs::connection_url`]).
     pub amqp_url: String,
     /// The fleet's exchange and queue names.
     pub topology: Topology,

@@ -178,7 +178,7 @@ impl Session<'_> {
         }
         self.prom.watch_pools(pools.iter().cloned());
         let link_cfg = LinkConfig {
-            url: args.fleet.amqp_url.clone(),
+            url: args.fleet.connection_url(),
             topology: self.topology.clone(),
             pools,
             signing_key: self.signing_key.clone(),
@@ -299,13 +299,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let prom = Arc::new(Metrics::new(&latency));
     prom.watch_pools(args.pools.iter().cloned());
     let queues = Arc::new(metrics::Broker::new(
-        args.fleet.amqp_url.clone(),
+        args.fleet.connection_url(),
         args.fleet.topology(),
     ));
     let sources = Arc::new(metrics::Sources {
         db: db.clone(),
         engine: EngineHandle::new(tx.clone()),
-        broker: metrics::Broker::new(args.fleet.amqp_url.clone(), args.fleet.topology()),
+        broker: metrics::Broker::new(args.fleet.connection_url(), args.fleet.topology()),
     });
     // `/metrics` needs no token, like `/healthz`: scrapers rarely carry one, and it names
     // pipelines, steps and counts only (docs/OBSERVABILITY.md).

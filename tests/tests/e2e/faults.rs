@@ -663,3 +663,61 @@ fn a_leader_paused_past_its_lock_commits_nothing_and_the_standby_finishes() {
     );
     s.assert_intact(&summary, &months(), &DATASETS);
 }
+
+/// The longest any accepted result waited between its tool's end and the coordinator's record
+/// of it, over the results finished after `since`.
+fn longest_result_wait(records: &[AuditRecord], since: chrono::DateTime<chrono::Utc>) -> Duration {
+    records
+        .iter()
+        .filter_map(|r| match &r.event {
+            AuditEvent::StepResult { outcome } => outcome
+                .result
+                .finished_at
+                .filter(|f| *f >= since)
+                .map(|f| (r.ts - f).to_std().unwrap_or_default()),
+            _ => None,
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_leader_stopped_for_good_hands_its_unacked_results_to_the_successor_within_seconds() {
+    let mut s = Scene::new("stopped_leader");
+    let a = s.fleet.serve("a");
+    s.fleet.wait_ready(&a, LIMIT);
+    let b = s.fleet.serve("b");
+    s.fleet.wait_log("b", "waiting as a standby");
+    s.worker("w1", 3);
+    s.worker("w2", 3);
+    let pipeline = s.pipeline(200, false);
+    let id = s.submit(&a, &pipeline, &months_arg(), &datasets_arg());
+    wait_results(&mut s.fleet, "a", 4);
+    // A stays stopped: its AMQP connection stays open, and the results the broker delivered
+    // to it (up to its prefetch) stay unacked on it until the broker gives up on the
+    // connection: after the AMQP heartbeat timeout (`--amqp-heartbeat-s`), not RabbitMQ's
+    // 60 s default.
+    s.fleet
+        .note("SIGSTOP a (for good); terminate a's lock backend; b takes over");
+    s.fleet.signal("a", Signal::SIGSTOP);
+    let stopped = chrono::Utc::now();
+    let started = Instant::now();
+    assert!(
+        s.db.terminate_lock_holders() >= 1,
+        "a's lock connection was found"
+    );
+    s.fleet.wait_ready(&b, LIMIT);
+    let took_over = started.elapsed();
+    let summary = s.wait_finished(&b, &id, LIMIT);
+    let finished = started.elapsed();
+    s.assert_intact(&summary, &months(), &DATASETS);
+    let wait = longest_result_wait(&s.fleet.audit_records(), stopped);
+    eprintln!(
+        "stopped leader: b ready {took_over:?} after the stop, backfill finished {finished:?} after it; \
+         the longest a result waited for a coordinator: {wait:?}"
+    );
+    assert!(
+        wait < Duration::from_secs(45),
+        "a result waited {wait:?} for the successor (the stopped leader held it)"
+    );
+}
