@@ -57,6 +57,11 @@ pub enum AllowError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Both `--confine-args` and `--unconfined-args` were given.
+    #[error(
+        "give one of --confine-args and --unconfined-args (or WARPLINE_CONFINE_ARGS and WARPLINE_UNCONFINED_ARGS), not both"
+    )]
+    ConfinementFlags,
     /// The current directory, against which relative entries are taken, cannot be read.
     #[error("cannot read the current directory for relative --allow entries: {0}")]
     Cwd(String),

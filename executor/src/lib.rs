@@ -23,6 +23,7 @@
 
 pub mod allow;
 pub mod deferred;
+pub mod settings;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -90,6 +91,15 @@ pub struct ExecConfig {
 }
 
 impl ExecConfig {
+    /// The allowlist's entries, parsed: once per step, for both [`check_allowed`] and
+    /// [`check_args`] (and once for a whole preflight). Entries that do not parse allow nothing.
+    pub fn allow_entries(&self) -> Vec<AllowEntry> {
+        self.allowlist
+            .iter()
+            .filter_map(|e| AllowEntry::parse(e, Path::new("/")).ok())
+            .collect()
+    }
+
     /// A config with the default tail size and kill grace, and no extra search directories.
     pub fn new(worker_id: impl Into<String>, allowlist: impl IntoIterator<Item = String>) -> Self {
         ExecConfig {
@@ -268,9 +278,10 @@ async fn run_prepared(
     result: &mut StepResult,
 ) -> StepOutcome {
     let spec = &prepared.spec;
-    let program = match check_allowed(spec, cfg)
+    let entries = cfg.allow_entries();
+    let program = match check_allowed(spec, cfg, &entries)
         .and_then(|p| check_paths(spec).map(|()| p))
-        .and_then(|p| check_args(spec, cfg).map(|()| p))
+        .and_then(|p| check_args(spec, cfg, &entries).map(|()| p))
     {
         Ok(p) => p,
         Err(refusal) => {
@@ -613,7 +624,7 @@ fn executor_check(name: &str, detail: String) -> Check {
 /// Secret values resolved for the check are redacted from the reason.
 pub fn unrunnable(spec: &StepSpec, cfg: &ExecConfig) -> Option<String> {
     let prepared = deferred::prepare(spec, cfg.secrets_dir.as_deref()).ok()?;
-    let reason = match check_allowed(&prepared.spec, cfg) {
+    let reason = match check_allowed(&prepared.spec, cfg, &cfg.allow_entries()) {
         Err(refusal @ SpecRefusal::NotAllowed { .. }) => refusal.to_string(),
         Ok(Err(missing @ ResolveError::NotFound { .. })) => missing.to_string(),
         Err(_) | Ok(Ok(_)) | Ok(Err(ResolveError::Io { .. })) => return None,
@@ -629,12 +640,14 @@ pub fn handed_back(spec: &StepSpec, cfg: &ExecConfig, reason: String) -> StepOut
     outcome
 }
 
-/// Checks the spec's command and arguments against the allowlist. `Ok` holds the command's
-/// resolution: the program to run, or why it cannot be found (reported as exit 127 by the
-/// caller, since the command is allowed).
+/// Checks the spec's command and arguments against the allowlist, `cfg`'s entries as
+/// [`ExecConfig::allow_entries`] parsed them. `Ok` holds the command's resolution: the program
+/// to run, or why it cannot be found (reported as exit 127 by the caller, since the command is
+/// allowed).
 pub fn check_allowed(
     spec: &StepSpec,
     cfg: &ExecConfig,
+    entries: &[AllowEntry],
 ) -> Result<Result<PathBuf, ResolveError>, SpecRefusal> {
     let resolved = resolve_command(&spec.command, &cfg.tools_dirs);
     let program = resolved.as_ref().ok().map(PathBuf::as_path);
@@ -642,11 +655,6 @@ pub fn check_allowed(
         &std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         Path::new(&spec.cwd),
     );
-    let entries: Vec<AllowEntry> = cfg
-        .allowlist
-        .iter()
-        .filter_map(|e| AllowEntry::parse(e, Path::new("/")).ok())
-        .collect();
     if entries
         .iter()
         .any(|e| e.allows(&spec.command, program, &spec.args, &cwd, &cfg.tools_dirs))
@@ -700,13 +708,34 @@ pub fn check_allowed(
 const DEVICE_PATHS: [&str; 4] = ["/dev/null", "/dev/stdin", "/dev/stdout", "/dev/stderr"];
 
 /// The path an argument names, if it names one: an absolute path, a relative one that climbs
-/// with `..`, or a `file://` URL (percent-decoded), alone or as the value of `--flag=VALUE`.
-/// Anything else (`2024-01`, `https://…`, `out/x.csv`) is not a path that could leave the run.
+/// with `..`, or a `file://` URL (percent-decoded), alone or as an option's value: `--flag=VALUE`,
+/// a short option glued to it (`-oVALUE`, `-o/abs`), or a `name=VALUE` operand (`if=/p`).
+/// Anything else (`2024-01`, `https://…`, `out/x.csv`, `-n2`) is not a path that could leave
+/// the run.
 fn arg_path(arg: &str) -> Option<String> {
-    let value = match arg.strip_prefix('-') {
-        Some(_) => arg.split_once('=')?.1,
-        None => arg,
-    };
+    if let Some(long) = arg.strip_prefix("--") {
+        return path_value(long.split_once('=')?.1);
+    }
+    if let Some(short) = arg.strip_prefix('-') {
+        // `-o=/p`, `-o/p`: what follows the option letter (or its `=`).
+        let value = match short.split_once('=') {
+            Some((_, v)) => v,
+            None => short.get(short.chars().next()?.len_utf8()..)?,
+        };
+        return path_value(value);
+    }
+    path_value(arg).or_else(|| {
+        let (name, value) = arg.split_once('=')?;
+        let plain = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if plain { path_value(value) } else { None }
+    })
+}
+
+/// [`arg_path`]'s test of one value.
+fn path_value(value: &str) -> Option<String> {
     if let Some(rest) = value.strip_prefix("file:") {
         // file:///p, file://localhost/p and file:/p; another host is not a local path and is
         // kept as written, so it fails the check below.
@@ -752,7 +781,17 @@ fn percent_decode(s: &str) -> String {
 /// at `/etc` or another run. A relative path is taken from the step's `cwd`, where the tool
 /// starts; an argument an allowlist entry pins (an interpreter's script) is the operator's own
 /// and always passes; arguments the worker resolves itself (secrets) are not paths it checks.
-pub fn check_args(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> {
+/// `entries` are `cfg`'s, parsed ([`ExecConfig::allow_entries`]).
+///
+/// A refusal fails the step (the run halts), it is not handed back to another worker: which
+/// paths a step names is the pipeline's doing, and every worker of a pool is expected to
+/// share its `--path-root`s (as they share the data mount those name), so another worker would
+/// refuse it alike; the coordinator does not know workers' path roots to route by them.
+pub fn check_args(
+    spec: &StepSpec,
+    cfg: &ExecConfig,
+    entries: &[AllowEntry],
+) -> Result<(), SpecRefusal> {
     if !cfg.confine_args {
         return Ok(());
     }
@@ -764,11 +803,9 @@ pub fn check_args(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> 
         .map(|r| lexical_absolute(&here, Path::new(r)))
         .collect();
     roots.extend(cfg.tools_dirs.iter().chain(&cfg.path_roots).cloned());
-    let pinned: BTreeSet<String> = cfg
-        .allowlist
+    let pinned: BTreeSet<&str> = entries
         .iter()
-        .filter_map(|e| AllowEntry::parse(e, Path::new("/")).ok())
-        .flat_map(|e| e.prefix)
+        .flat_map(|e| e.prefix.iter().map(String::as_str))
         .collect();
     for (index, arg) in spec.args.iter().enumerate() {
         if spec.deferred.contains(&format!("args[{index}]")) {
@@ -777,7 +814,7 @@ pub fn check_args(spec: &StepSpec, cfg: &ExecConfig) -> Result<(), SpecRefusal> 
         let Some(path) = arg_path(arg) else { continue };
         let abs = lexical_absolute(&cwd, Path::new(&path));
         if DEVICE_PATHS.iter().any(|d| abs == Path::new(d))
-            || pinned.contains(&abs.display().to_string())
+            || pinned.contains(abs.display().to_string().as_str())
             || confined(&cwd, &abs, &roots)
         {
             continue;
@@ -1349,6 +1386,39 @@ fn lossy_within(raw: &[u8], budget: usize) -> (String, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_argument_names_a_path_alone_or_as_any_options_value() {
+        for (arg, path) in [
+            ("/etc/passwd", "/etc/passwd"),
+            ("../x", "../x"),
+            ("file:///etc/passwd", "/etc/passwd"),
+            ("--out=/abs", "/abs"),
+            ("-o/abs", "/abs"),
+            ("-o=/abs", "/abs"),
+            ("-o../up", "../up"),
+            ("-ofile:///etc/p%61sswd", "/etc/passwd"),
+            ("if=/dev/sda", "/dev/sda"),
+        ] {
+            assert_eq!(arg_path(arg).as_deref(), Some(path), "{arg}");
+        }
+        for arg in [
+            "2024-01",
+            "-n2",
+            "-xvf",
+            "--flag",
+            "-",
+            "--",
+            "out/x.csv",
+            "https://h/p",
+            "k=v",
+            "--out",
+            "x=y/z",
+            "a b=/x",
+        ] {
+            assert_eq!(arg_path(arg), None, "{arg}");
+        }
+    }
 
     fn tail_of(bytes: &[u8], cap: usize) -> StreamTail {
         let mut t = StreamTail::default();

@@ -18,7 +18,8 @@ use warpline_shared::contracts::{ReportStatus, StepSpec};
 
 use crate::consumer::{self, WorkerConfig};
 use warpline_amqp::{Backoff, FleetArgs};
-use warpline_executor::allow::{parse_allowlist as allowlist, path_roots, tools_dirs};
+use warpline_executor::allow::{parse_allowlist as allowlist, tools_dirs};
+use warpline_executor::settings::{Confinement, PathArgs};
 use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
 /// Warpline's worker: runs pipeline steps and reports what they did.
@@ -77,20 +78,9 @@ pub struct ConsumeArgs {
     /// Where `{secret:NAME}` references are read from: the file `NAME` in this directory.
     #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
-    /// More directories a step's arguments may name by path (repeatable; the variable takes a
-    /// `:`-separated list). Literal paths in arguments (absolute, climbing with `..`, or
-    /// `file://` URLs) must otherwise stay under the step's workdir, its pipeline's directory
-    /// and the tools dirs, so a submitted pipeline cannot point an allowed tool elsewhere.
-    #[arg(
-        long = "path-root",
-        env = "WARPLINE_PATH_ROOTS",
-        value_delimiter = ':',
-        value_name = "DIR"
-    )]
-    pub path_roots: Vec<PathBuf>,
-    /// Let a step's arguments name any path (see --path-root).
-    #[arg(long, env = "WARPLINE_UNCONFINED_ARGS")]
-    pub unconfined_args: bool,
+    /// Which paths a step's arguments may name (shared with `exec` and `warpline run`).
+    #[command(flatten)]
+    pub paths: PathArgs,
     /// Names this worker in heartbeats and results [default: <hostname>-<pid>].
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -144,20 +134,9 @@ pub struct ExecArgs {
     /// Where `{secret:NAME}` references are read from.
     #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
-    /// More directories a step's arguments may name by path (repeatable; the variable takes a
-    /// `:`-separated list). Literal paths in arguments (absolute, climbing with `..`, or
-    /// `file://` URLs) must otherwise stay under the step's workdir, its pipeline's directory
-    /// and the tools dirs, so a submitted pipeline cannot point an allowed tool elsewhere.
-    #[arg(
-        long = "path-root",
-        env = "WARPLINE_PATH_ROOTS",
-        value_delimiter = ':',
-        value_name = "DIR"
-    )]
-    pub path_roots: Vec<PathBuf>,
-    /// Let a step's arguments name any path (see --path-root).
-    #[arg(long, env = "WARPLINE_UNCONFINED_ARGS")]
-    pub unconfined_args: bool,
+    /// Which paths a step's arguments may name (shared with `exec` and `warpline run`).
+    #[command(flatten)]
+    pub paths: PathArgs,
     /// Names this worker in the result.
     #[arg(long, env = "WARPLINE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -239,9 +218,9 @@ pub fn fleet_config(
         heartbeat >= Duration::from_millis(100),
         "--heartbeat-s must be at least 0.1"
     );
-    Ok(WorkerConfig {
+    let mut cfg = WorkerConfig {
         topology: args.fleet.topology(),
-        amqp_url: args.fleet.amqp_url,
+        amqp_url: args.fleet.connection_url(),
         pool: args.pool,
         slots: args.slots,
         heartbeat,
@@ -254,11 +233,13 @@ pub fn fleet_config(
             secrets_dir: args.secrets_dir,
             tail_bytes: args.tail_bytes,
             kill_grace: secs("kill-grace-s", args.kill_grace_s)?,
-            confine_args: !args.unconfined_args,
-            path_roots: path_roots(args.path_roots)?,
+            confine_args: true,
+            path_roots: Vec::new(),
         },
         backoff: Backoff::default(),
-    })
+    };
+    args.paths.apply(&mut cfg.exec, Confinement::ByDefault)?;
+    Ok(cfg)
 }
 
 /// `<hostname>-<pid>`, or `worker-<pid>` when the hostname cannot be read.
@@ -290,7 +271,7 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
     };
     let kill_grace = Duration::try_from_secs_f64(args.kill_grace_s)
         .context("--kill-grace-s must be a non-negative number of seconds")?;
-    let cfg = ExecConfig {
+    let mut cfg = ExecConfig {
         worker_id: args
             .worker_id
             .unwrap_or_else(|| format!("exec-{}", std::process::id())),
@@ -299,9 +280,10 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
         secrets_dir: args.secrets_dir,
         tail_bytes: args.tail_bytes,
         kill_grace,
-        confine_args: !args.unconfined_args,
-        path_roots: path_roots(args.path_roots)?,
+        confine_args: true,
+        path_roots: Vec::new(),
     };
+    args.paths.apply(&mut cfg, Confinement::ByDefault)?;
     let outcome = run_step(&spec, &cfg, &shutdown).await;
     println!(
         "{}",

@@ -361,14 +361,10 @@ pub struct RunArgs {
     /// Where `{secret:NAME}` references are read from: the file `NAME` in this directory.
     #[arg(long, env = "WARPLINE_SECRETS_DIR", value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
-    /// Refuse a step whose arguments name a path (absolute, climbing with `..`, or a `file://`
-    /// URL) outside its workdir, the pipeline's directory, the tools dirs and `--path-root`, as
-    /// fleet workers do. Off by default: the pipeline is your own file.
-    #[arg(long)]
-    pub confine_args: bool,
-    /// More directories arguments may name under --confine-args (repeatable).
-    #[arg(long = "path-root", value_name = "DIR", requires = "confine_args")]
-    pub path_roots: Vec<PathBuf>,
+    /// Which paths a step's arguments may name: anywhere unless `--confine-args` (the pipeline
+    /// is your own file), then as fleet workers check them.
+    #[command(flatten)]
+    pub paths: warpline_executor::settings::PathArgs,
     /// What the steps may run, comma-separated (default: each step's own command): a program,
     /// optionally followed by the arguments it is pinned to, e.g. `python3 scripts/x.py`.
     #[arg(long, value_delimiter = ',', value_name = "ENTRY,...")]

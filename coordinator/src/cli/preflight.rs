@@ -33,6 +33,7 @@ pub fn preflight(
             problems.push(p);
         }
     };
+    let entries = exec.allow_entries();
     for (pi, partition) in partitions.iter().enumerate() {
         for (index, slot) in programs.iter_mut().enumerate() {
             let spec = match pipeline.render_step(index, partition, Uuid::nil(), 1, Uuid::nil()) {
@@ -42,7 +43,7 @@ pub fn preflight(
                     continue;
                 }
             };
-            match check_allowed(&spec, exec) {
+            match check_allowed(&spec, exec, &entries) {
                 Ok(Ok(program)) => {
                     if pi == 0 {
                         *slot = Some(program);
@@ -51,7 +52,7 @@ pub fn preflight(
                 Ok(Err(e)) => note(format!("step `{}`: {e}", spec.step_id)),
                 Err(refusal) => note(format!("step `{}`: {refusal}", spec.step_id)),
             }
-            if let Err(refusal) = warpline_executor::check_args(&spec, exec) {
+            if let Err(refusal) = warpline_executor::check_args(&spec, exec, &entries) {
                 note(format!("step `{}`: {refusal}", spec.step_id));
             }
             if let Err(e) = check_secrets(&spec, exec.secrets_dir.as_deref()) {

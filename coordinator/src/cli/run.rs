@@ -76,8 +76,10 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     let mut exec = ExecConfig::new("local", Vec::<String>::new());
     exec.tools_dirs = warpline_executor::allow::tools_dirs(args.tools_dirs.clone())?;
     exec.secrets_dir = args.secrets_dir.clone();
-    exec.confine_args = args.confine_args;
-    exec.path_roots = warpline_executor::allow::path_roots(args.path_roots.clone())?;
+    args.paths.clone().apply(
+        &mut exec,
+        warpline_executor::settings::Confinement::OnRequest,
+    )?;
     exec.allowlist = if args.allow.is_empty() {
         // The pipeline is the operator's own: each step may run its own command.
         let mut own = BTreeSet::new();

@@ -1,7 +1,9 @@
 //! Real faults in fleet mode, injected mid-backfill: a RabbitMQ restart (also while runs wait
 //! out a retry backoff), a PostgreSQL restart and a 20 s outage, SIGKILL and SIGSTOP/SIGCONT of
 //! the coordinator and of workers, a worker cut off the broker by a network namespace, and two
-//! coordinators whose leader is paused past its lock; and a broker that refuses the login.
+//! coordinators whose leader is paused past its lock (and one whose leader stays stopped, so
+//! the results its open connection holds must reach the successor within the AMQP heartbeat);
+//! and a broker that refuses the login.
 //!
 //! Each test starts its own RabbitMQ node and PostgreSQL cluster ([`Broker`], [`Database`]; the
 //! shared ones are never touched), runs the DataWarp pipeline over a few months (its tools load

@@ -427,7 +427,14 @@ async fn argument_paths_outside_the_run_are_refused() {
     let dotted = format!("file://{}/run/%2e%2e/%2E%2E{secret_s}", w.root().display());
     let flag = format!("--file={secret_s}");
     let url = format!("file://{secret_s}");
+    // A short option glued to its value, and a `name=value` operand (as `dd if=`).
+    let glued = format!("-o{secret_s}");
+    let glued_url = format!("-ofile://{secret_s}");
+    let operand = format!("if={secret_s}");
     let cases = [
+        (vec!["-c", "10", glued.as_str()], 2, secret_s.clone()),
+        (vec!["-c", "10", glued_url.as_str()], 2, secret_s.clone()),
+        (vec!["-c", "10", operand.as_str()], 2, secret_s.clone()),
         (vec!["-c", "10", secret_s.as_str()], 2, secret_s.clone()),
         (vec!["-c", "10", climbs.as_str()], 2, secret_s.clone()),
         (vec!["-c", "10", flag.as_str()], 2, secret_s.clone()),
@@ -459,6 +466,7 @@ async fn argument_paths_outside_the_run_are_refused() {
         vec!["-c", "3", "in.txt"],
         vec!["-c", "0", "/dev/null"],
         vec!["-c", "3", "../run/in.txt"],
+        vec!["-c3", "in.txt"],
     ] {
         let r = run_step(
             &w.spec("head", &args, 30),
