@@ -8,6 +8,10 @@
 //!   layer around them (fast path, budget, fallback, shadow).
 //! - [`audit_log`]: the append-only, hash-chained JSONL writer.
 //! - [`local`]: in-process workers over channels (`warpline run`).
+//! - [`resume`]: a local backfill rebuilt from its audit log (`run --resume`), and what earlier
+//!   backfills did to each partition (`--reprocess`).
+//! - [`reprocess`]: reprocess modes (`missing`, `failed`, `all`): which partitions a new
+//!   backfill runs, given earlier ones.
 //! - [`progress`]: progress bars and line logs, fed by committed audit records.
 //! - [`spans`]: the coordinator's OpenTelemetry spans of a run's trace (publish, results,
 //!   decisions, the run's root).
@@ -26,6 +30,8 @@ pub mod fleet;
 pub mod gates;
 pub mod local;
 pub mod progress;
+pub mod reprocess;
+pub mod resume;
 pub mod spans;
 pub mod supervisor;
 pub mod ui;

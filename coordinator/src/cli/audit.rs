@@ -54,32 +54,62 @@ pub(crate) fn audit_show(run: &str, file: &PathBuf, json: bool) -> anyhow::Resul
         Ok(out)
     };
     let records = read()?;
-    // Resolve the run: an id, a unique id prefix, or a partition key.
-    let mut matches: Vec<(Uuid, String)> = records
+    // Resolve the run: an id or a unique id prefix selects exactly; a partition key several
+    // backfills ran means the latest backfill's run (the others are listed).
+    let mut created: Vec<(Uuid, String, Option<Uuid>)> = records
         .iter()
         .filter_map(|r| match (&r.event, r.run_id) {
-            (audit::AuditEvent::RunCreated { partition }, Some(id)) => Some((id, partition.key())),
+            (audit::AuditEvent::RunCreated { partition }, Some(id)) => {
+                Some((id, partition.key(), r.backfill_id))
+            }
             _ => None,
         })
-        .filter(|(id, key)| id.to_string().starts_with(run) || key == run)
         .collect();
-    matches.dedup();
-    let (id, key) = match matches.as_slice() {
-        [one] => one.clone(),
-        [] => bail!(
-            "no run matching `{run}` in `{}`: give a run id, an id prefix or a partition key",
-            file.display()
-        ),
-        many => {
+    created.dedup_by_key(|c| c.0);
+    let by_id: Vec<&(Uuid, String, Option<Uuid>)> = created
+        .iter()
+        .filter(|(id, _, _)| id.to_string().starts_with(run))
+        .collect();
+    let by_key: Vec<&(Uuid, String, Option<Uuid>)> =
+        created.iter().filter(|(_, key, _)| key == run).collect();
+    let (id, key) = match (by_id.as_slice(), by_key.as_slice()) {
+        ([one], _) => (one.0, one.1.clone()),
+        (many, _) if many.len() > 1 => {
             let list: Vec<String> = many
                 .iter()
-                .map(|(id, key)| format!("{id} ({key})"))
+                .map(|(id, key, _)| format!("{id} ({key})"))
                 .collect();
             bail!(
                 "`{run}` matches {} runs: {}; give a longer id",
                 many.len(),
                 list.join(", ")
             )
+        }
+        (_, []) => bail!(
+            "no run matching `{run}` in `{}`: give a run id, an id prefix or a partition key",
+            file.display()
+        ),
+        (_, [.., latest]) => {
+            // Records are in order, so the last run created is the latest backfill's.
+            if by_key.len() > 1 {
+                let others: Vec<String> = by_key[..by_key.len() - 1]
+                    .iter()
+                    .rev()
+                    .map(|(id, _, b)| {
+                        format!(
+                            "{id} (backfill {})",
+                            b.map(|b| b.to_string()).unwrap_or_else(|| "?".into())
+                        )
+                    })
+                    .collect();
+                eprintln!(
+                    "warpline: `{run}` was run by {} backfills; showing the latest's run {}; earlier: {} (give an id prefix to show one)",
+                    by_key.len(),
+                    latest.0,
+                    others.join(", ")
+                );
+            }
+            (latest.0, latest.1.clone())
         }
     };
     println!("run {id} ({key})");

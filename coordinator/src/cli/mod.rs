@@ -379,6 +379,35 @@ pub struct RunArgs {
     /// Exit 1 when any check of severity `warn` failed, even if every run completed.
     #[arg(long)]
     pub fail_on_warn: bool,
+    /// Continue an earlier backfill of this pipeline from its audit log instead of starting
+    /// one: the latest in the workdir's `audit/` directory (or in --audit FILE), or
+    /// `--resume=ID` (an id or a unique prefix). Completed runs are skipped; runs in flight
+    /// or interrupted go on where they stopped; HALTED runs resume at the step that failed
+    /// (as retry-failed does); ESCALATED runs are retried unless --resolve answers them.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_name = "BACKFILL",
+        conflicts_with = "reprocess"
+    )]
+    pub resume: Option<String>,
+    /// With --resume, answer an escalated run: RUN=proceed|retry|halt, RUN being a run id, a
+    /// unique id prefix or a partition key (repeatable). Needs --reason.
+    #[arg(long, value_name = "RUN=ACTION", requires_all = ["resume", "reason"])]
+    pub resolve: Vec<String>,
+    /// Why (audited with the resume's answers).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Who answers, as audited (default: $USER, else `local`).
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
+    /// Which partitions to run, against earlier backfills of this pipeline in the workdir's
+    /// audit logs: `missing` (never run), `failed` (never run, or run without completing),
+    /// `all` (every partition given; the default).
+    #[arg(long, value_enum)]
+    pub reprocess: Option<crate::reprocess::Reprocess>,
 }
 
 /// `warpline audit ...`.

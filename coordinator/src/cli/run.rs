@@ -17,17 +17,23 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warpline_executor::ExecConfig;
+use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
-use warpline_shared::machine::RunStatus;
+use warpline_shared::contracts::Action;
+use warpline_shared::machine::{RunState, RunStatus};
 use warpline_shared::partition::{self, Partition, PartitionsFormat};
 
 use super::{ProgressMode, RunArgs};
 use crate::api::{EngineHandle, protect};
 use crate::audit_log::AuditLog;
 use crate::auth::Auth;
-use crate::engine::{BackfillRequest, Engine, EngineConfig, Event, Observer, Summary};
+use crate::engine::{
+    BackfillRequest, Engine, EngineConfig, Event, Observer, OperatorCommand, Summary,
+};
 use crate::local::LocalFleet;
 use crate::progress::{Bars, Lines, Quiet};
+use crate::reprocess::{self, Reprocess};
+use crate::resume;
 use crate::supervisor::settings::{AgentOverrides, build_agent};
 use crate::supervisor::{Agent, AgentTotals};
 use crate::ui;
@@ -57,12 +63,31 @@ pub(super) fn read_partitions(file: &std::path::Path) -> anyhow::Result<Vec<Part
 
 /// `warpline run`: a whole backfill in one process.
 pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let partitions = match &args.partitions_file {
-        Some(file) => read_partitions(file)?,
-        None => partition::expand(
-            args.partitions.months.as_deref(),
-            args.partitions.datasets.as_deref(),
-        )?,
+    let given = || -> anyhow::Result<Vec<Partition>> {
+        Ok(match &args.partitions_file {
+            Some(file) => read_partitions(file)?,
+            None => partition::expand(
+                args.partitions.months.as_deref(),
+                args.partitions.datasets.as_deref(),
+            )?,
+        })
+    };
+    // A resume takes its partitions from the backfill it continues.
+    let earlier = match &args.resume {
+        Some(prefix) => Some(find_resumed(&args, prefix)?),
+        None => None,
+    };
+    let mut partitions = match &earlier {
+        Some(e) => {
+            let named = args.partitions.months.is_some()
+                || args.partitions.datasets.is_some()
+                || args.partitions_file.is_some();
+            if named {
+                same_partitions(&given()?, &e.partitions, e.found.backfill_id)?;
+            }
+            e.partitions.clone()
+        }
+        None => given()?,
     };
     let mut pipeline =
         Pipeline::load_with_partition_vars(&args.pipeline, partition::var_names(&partitions))?;
@@ -71,6 +96,46 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         pipeline.set_workdir(dir);
     }
     pipeline.check_partitions(&partitions)?;
+    let replayed = match &earlier {
+        Some(e) => {
+            let r = resume::replay(&e.records, e.found.backfill_id, &pipeline)?;
+            if r.backfill.cancelling {
+                anyhow::bail!(
+                    "backfill {} was cancelled by an operator and stays cancelled: start a new backfill instead (`--reprocess failed` skips the partitions that completed)",
+                    r.backfill.id
+                );
+            }
+            resume::check_unchanged(&r, &pipeline)?;
+            Some(r)
+        }
+        None => None,
+    };
+    let answers = match &replayed {
+        Some(r) => resolutions(&args, r)?,
+        None => Vec::new(),
+    };
+    let mode = args.reprocess.unwrap_or_default();
+    if replayed.is_none() && mode != Reprocess::All {
+        let files = resume::audit_files(&pipeline.workdir, args.audit.as_deref());
+        let mut states = Vec::new();
+        for f in &files {
+            for (key, state, _) in resume::run_states(&resume::read_log(f)?, pipeline.name()) {
+                // Local backfills in these logs have no process left to drive them.
+                states.push((key, state, false));
+            }
+        }
+        let (kept, skipped) = reprocess::select(partitions, &reprocess::earlier(states), mode);
+        if !skipped.is_empty() {
+            eprintln!("warpline: {}", skipped.describe(mode));
+        }
+        if kept.is_empty() {
+            eprintln!(
+                "warpline: nothing to run: every partition was skipped; `--reprocess all` runs them again"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        partitions = kept;
+    }
     let pipeline = Arc::new(pipeline);
 
     let mut exec = ExecConfig::new("local", Vec::<String>::new());
@@ -119,13 +184,19 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     let agent_stats = agent.stats();
     let agent_model = agent.llm_agent().map(|l| l.settings().model.clone());
 
-    let backfill_id = Uuid::now_v7();
-    let audit_path = args.audit.clone().unwrap_or_else(|| {
-        pipeline
-            .workdir
-            .join("audit")
-            .join(format!("{backfill_id}.jsonl"))
-    });
+    let backfill_id = match &earlier {
+        Some(e) => e.found.backfill_id,
+        None => Uuid::now_v7(),
+    };
+    let audit_path = match &earlier {
+        Some(e) => e.found.file.clone(),
+        None => args.audit.clone().unwrap_or_else(|| {
+            pipeline
+                .workdir
+                .join("audit")
+                .join(format!("{backfill_id}.jsonl"))
+        }),
+    };
     let store = AuditLog::open(&audit_path)?;
 
     let workers = args.workers as usize;
@@ -153,7 +224,12 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     };
     let observer = crate::spans::TraceObserver::wrap(observer);
     eprintln!(
-        "warpline: backfill {backfill_id}: {} runs of `{}` on {workers} workers; audit log {}",
+        "warpline: {} {backfill_id}: {} runs of `{}` on {workers} workers; audit log {}",
+        if replayed.is_some() {
+            "resuming backfill"
+        } else {
+            "backfill"
+        },
         partitions.len(),
         pipeline.name(),
         audit_path.display()
@@ -171,14 +247,83 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         observer,
         tx.clone(),
     );
-    engine.submit(BackfillRequest {
-        id: backfill_id,
-        pipeline: pipeline.clone(),
-        partitions,
-        max_parallel,
-        priority: 0,
-        request: None,
-    });
+    // The resume's operator commands: their answers must be awaited, or the loop drops them.
+    let mut replies = Vec::new();
+    match replayed {
+        Some(mut r) => {
+            r.backfill.max_parallel = max_parallel;
+            let operator = operator_name(&args);
+            let escalated: Vec<Uuid> = r
+                .runs
+                .iter()
+                .filter(|run| matches!(run.machine.state(), RunState::Escalated(_)))
+                .map(|run| run.id)
+                .collect();
+            let halted = r
+                .runs
+                .iter()
+                .any(|run| matches!(run.machine.state(), RunState::Halted(_)));
+            let skipped = r
+                .runs
+                .iter()
+                .filter(|run| run.machine.state() == RunState::Complete)
+                .count();
+            eprintln!(
+                "warpline: {skipped} of {} runs completed before and are skipped",
+                r.runs.len()
+            );
+            engine.resume(
+                r.backfill,
+                pipeline.clone(),
+                r.runs,
+                &r.interrupted,
+                &operator,
+            );
+            let reason = args
+                .reason
+                .clone()
+                .unwrap_or_else(|| "taken up by `warpline run --resume`".into());
+            // HALTED runs resume at the step that failed, as `retry-failed` does in fleet mode;
+            // first, so a run the operator answers `halt` below stays halted.
+            if halted {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                engine.handle(Event::Operator(
+                    OperatorCommand::RetryFailed {
+                        backfill_id,
+                        operator: operator.clone(),
+                    },
+                    tx,
+                ));
+                replies.push(rx);
+            }
+            for run_id in escalated {
+                let action = answers
+                    .iter()
+                    .find(|(id, _)| *id == run_id)
+                    .map(|(_, a)| *a)
+                    .unwrap_or(Action::Retry);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let cmd = OperatorCommand::Resolve {
+                    run_id,
+                    action,
+                    reason: reason.clone(),
+                    operator: operator.clone(),
+                };
+                engine.handle(Event::Operator(cmd, tx));
+                replies.push(rx);
+            }
+        }
+        None => {
+            engine.submit(BackfillRequest {
+                id: backfill_id,
+                pipeline: pipeline.clone(),
+                partitions,
+                max_parallel,
+                priority: 0,
+                request: None,
+            });
+        }
+    }
 
     // A signal becomes one event: the loop cancels every unfinished run and ends.
     let watcher = {
@@ -193,6 +338,11 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     };
     let engine = engine.run(&mut rx).await;
     watcher.abort();
+    for mut reply in replies {
+        if let Ok(Err(e)) = reply.try_recv() {
+            eprintln!("warpline: an answer of the resume was refused: {e}");
+        }
+    }
     if let Some(d) = dashboard {
         d.abort();
     }
@@ -223,6 +373,136 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The backfill `--resume` continues: where it is, its records and its partitions.
+struct Resumed {
+    found: resume::Found,
+    records: Vec<AuditRecord>,
+    partitions: Vec<Partition>,
+}
+
+/// Finds the backfill to resume: the latest of the pipeline in `--audit FILE`, or else in the
+/// workdir's `audit/` directory (`prefix` empty), or the one whose id starts with `prefix`.
+fn find_resumed(args: &RunArgs, prefix: &str) -> anyhow::Result<Resumed> {
+    let (name, workdir) = name_and_workdir(args)?;
+    let files = match &args.audit {
+        Some(f) => vec![f.clone()],
+        None => resume::audit_files(&workdir, None),
+    };
+    let prefix = (!prefix.trim().is_empty()).then_some(prefix.trim());
+    let found = resume::find_backfill(&files, &name, prefix)?;
+    let records = resume::read_log(&found.file)?;
+    let partitions = records
+        .iter()
+        .filter(|r| r.backfill_id == Some(found.backfill_id))
+        .filter_map(|r| match &r.event {
+            AuditEvent::RunCreated { partition } => Some(partition.clone()),
+            _ => None,
+        })
+        .collect();
+    Ok(Resumed {
+        found,
+        records,
+        partitions,
+    })
+}
+
+/// The pipeline's name and workdir as `run` will use them, read before the pipeline can be
+/// loaded (loading needs the partitions, which a resume takes from the audit log).
+fn name_and_workdir(args: &RunArgs) -> anyhow::Result<(String, PathBuf)> {
+    let text = std::fs::read_to_string(&args.pipeline)
+        .with_context(|| format!("cannot read the pipeline `{}`", args.pipeline.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("the pipeline `{}` is not JSON", args.pipeline.display()))?;
+    let name = v["name"].as_str().unwrap_or_default().to_string();
+    let workdir = match &args.workdir {
+        Some(d) => d.clone(),
+        None => {
+            let abs = std::path::absolute(&args.pipeline)?;
+            let dir = abs.parent().unwrap_or(std::path::Path::new("/"));
+            dir.join(v["workdir"].as_str().unwrap_or("."))
+        }
+    };
+    Ok((
+        name,
+        warpline_shared::paths::normalize(&std::path::absolute(&workdir)?),
+    ))
+}
+
+/// Refuses partitions flags that name other partitions than the resumed backfill's.
+fn same_partitions(given: &[Partition], theirs: &[Partition], id: Uuid) -> anyhow::Result<()> {
+    let keys = |ps: &[Partition]| -> BTreeSet<String> { ps.iter().map(Partition::key).collect() };
+    let (given, theirs) = (keys(given), keys(theirs));
+    if given != theirs {
+        let extra: Vec<&String> = given.difference(&theirs).take(5).collect();
+        let missing: Vec<&String> = theirs.difference(&given).take(5).collect();
+        anyhow::bail!(
+            "--resume continues backfill {id}, whose partitions differ from the ones given (not in it: {extra:?}; in it but not given: {missing:?}): leave out --months, --datasets and --partitions-file to resume it, or start a new backfill with `--reprocess missing|failed` instead of --resume"
+        );
+    }
+    Ok(())
+}
+
+/// `--resolve RUN=ACTION` against the replayed runs, each checked as the engine would check
+/// it, so a wrong answer stops the resume before anything runs.
+fn resolutions(args: &RunArgs, r: &resume::Replayed) -> anyhow::Result<Vec<(Uuid, Action)>> {
+    let mut out = Vec::new();
+    for spec in &args.resolve {
+        let (run, action) = spec.rsplit_once('=').with_context(|| {
+            format!("invalid --resolve `{spec}`: expected RUN=proceed|retry|halt")
+        })?;
+        let action = match action.trim() {
+            "proceed" => Action::Proceed,
+            "retry" => Action::Retry,
+            "halt" => Action::Halt,
+            other => {
+                anyhow::bail!("invalid --resolve `{spec}`: `{other}` is not proceed, retry or halt")
+            }
+        };
+        let run = run.trim();
+        let by_id: Vec<_> = r
+            .runs
+            .iter()
+            .filter(|x| !run.is_empty() && x.id.to_string().starts_with(run))
+            .collect();
+        let by_key: Vec<_> = r.runs.iter().filter(|x| x.partition.key() == run).collect();
+        let target = match (by_id.as_slice(), by_key.as_slice()) {
+            ([one], _) | ([], [one]) => *one,
+            ([], []) => anyhow::bail!(
+                "--resolve `{spec}`: no run of backfill {} matches `{run}` (give a run id, an id prefix or a partition key)",
+                r.backfill.id
+            ),
+            (many, _) => anyhow::bail!(
+                "--resolve `{spec}`: `{run}` matches {} runs; give a longer id",
+                many.len()
+            ),
+        };
+        if !matches!(target.machine.state(), RunState::Escalated(_)) {
+            anyhow::bail!(
+                "--resolve `{spec}`: run {} ({}) is {}, not escalated: only an escalation is answered",
+                target.id,
+                target.partition.key(),
+                target.machine.state_name()
+            );
+        }
+        target
+            .machine
+            .clone()
+            .resolve(action)
+            .map_err(|e| anyhow::anyhow!("--resolve `{spec}`: {e}"))?;
+        out.push((target.id, action));
+    }
+    Ok(out)
+}
+
+/// Who the resume's answers are audited as: `--operator`, else `$USER`, else `local`.
+fn operator_name(args: &RunArgs) -> String {
+    args.operator
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "local".into())
 }
 
 /// Serves the dashboard for this process on `addr` (loopback only unless API tokens are set

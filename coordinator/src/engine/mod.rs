@@ -19,6 +19,7 @@ mod operator;
 mod outcome;
 mod ports;
 mod records;
+mod resume;
 mod schedule;
 mod summary;
 #[cfg(test)]

@@ -263,7 +263,7 @@ impl Engine {
                 return self.stop_run(run_id, format!("cannot begin an attempt: {e}"));
             }
         };
-        let spec =
+        let mut spec =
             match pipeline.render_step(step, &run.partition, run_id, attempt.attempt, attempt_id) {
                 Ok(s) => s,
                 Err(e) => {
@@ -273,6 +273,10 @@ impl Engine {
                 }
             };
         run.attempts_total[step] += 1;
+        // Attempt directories are numbered over the run's whole life, not by the machine's
+        // count, which a resume or retry-failed starts again at 1: a later attempt never
+        // writes into an earlier one's logs.
+        spec.log_dir = lifetime_log_dir(&spec.log_dir, &spec.step_id, run.attempts_total[step]);
         run.dispatched_at = Some(Utc::now());
         *self.inflight.entry(key).or_insert(0) += 1;
         let deadline = Duration::from_secs(spec.timeout_s + pipeline.config.lost_grace_s);
@@ -517,4 +521,13 @@ impl Engine {
             .retain(|e| !matches!(e, Effect::Dispatch(_) | Effect::Timer { .. }));
         self.timers.clear();
     }
+}
+
+/// `logs/<run id>/<STEP>-<n>` with `n` the step's attempt over the run's whole life
+/// ([`RunRecord::attempts_total`]): the rendered directory with its last part renamed.
+fn lifetime_log_dir(rendered: &str, step_id: &str, n: u32) -> String {
+    std::path::Path::new(rendered)
+        .with_file_name(format!("{step_id}-{n}"))
+        .display()
+        .to_string()
 }

@@ -14,5 +14,6 @@ mod gates;
 mod handback;
 mod local;
 mod observability;
+mod resume;
 mod toolchain;
 mod traces;
