@@ -67,10 +67,11 @@ use warpline_shared::partition::{self, Partition};
 use crate::auth::{self, Auth, Identity};
 use crate::engine::{
     BackfillAction, BackfillRequest, Escalation, Event, OperatorAnswer, OperatorCommand,
-    OperatorError, RunSummary, SubmitKey, Summary,
+    OperatorError, RunSummary, SubmitKey, Submitted, Summary,
 };
 use crate::fleet::metrics::Percentiles;
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
+use crate::reprocess::{Reprocess, Skipped};
 
 /// How long a handler waits for the event loop's answer by default.
 pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -307,6 +308,16 @@ pub struct SubmitRequest {
     /// run one hands it back, and after a few hand-backs the run escalates.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unrunnable: bool,
+    /// Which of the partitions run, against earlier backfills of the same pipeline (by name)
+    /// that this coordinator holds: `missing` (never run), `failed` (never run, or run without
+    /// completing), `all` (default). A partition a live backfill is still running is never
+    /// started a second time; with nothing left to run the submit is a 409.
+    #[serde(default, skip_serializing_if = "is_all")]
+    pub reprocess: Reprocess,
+}
+
+fn is_all(r: &Reprocess) -> bool {
+    *r == Reprocess::All
 }
 
 /// The order in which a backfill's runs start.
@@ -333,6 +344,9 @@ pub struct SubmitResponse {
     /// may run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Partitions the reprocess mode left out, by why (absent when none was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<Skipped>,
 }
 
 /// `POST /v1/runs/{id}/resolve`: an operator's answer to an escalation.
@@ -427,7 +441,7 @@ impl EngineHandle {
     }
 
     /// Hands a backfill to the loop; resolves once it is durable.
-    pub async fn submit(&self, req: BackfillRequest) -> Result<Uuid, ApiError> {
+    pub async fn submit(&self, req: BackfillRequest) -> Result<Submitted, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Submit(Box::new(req), Some(tx)))?;
         self.wait(rx)
@@ -437,7 +451,7 @@ impl EngineHandle {
 
     /// Hands a backfill to the loop and waits for as long as it takes (the loop drops a submit
     /// whose answer nobody waits for, so this one must wait).
-    async fn submit_to_the_end(&self, req: BackfillRequest) -> Result<Uuid, ApiError> {
+    async fn submit_to_the_end(&self, req: BackfillRequest) -> Result<Submitted, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Submit(Box::new(req), Some(tx)))?;
         rx.await
@@ -739,6 +753,7 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
         max_parallel,
         priority: req.priority,
         request: None,
+        reprocess: req.reprocess,
     })
 }
 
@@ -850,7 +865,7 @@ pub fn order_partitions(partitions: &mut [Partition], order: PartitionOrder) {
     }
 }
 
-#[utoipa::path(post, path = "/v1/backfills", tag = "backfills", request_body = SubmitRequest, responses((status = 201, body = SubmitResponse), (status = 400, description = "a bad config or partitions: the message names the file and JSON path", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, description = "a viewer's token, or a pipeline file or workdir `serve` does not allow", body = ErrorBody), (status = 409, description = "the same `request_id` with another body, or (fleet mode) a step no live worker may run, unless `allow_unrunnable`", body = ErrorBody), (status = 413, description = "the body or the backfill is bigger than `serve` accepts", body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/backfills", tag = "backfills", request_body = SubmitRequest, responses((status = 201, body = SubmitResponse), (status = 400, description = "a bad config or partitions: the message names the file and JSON path", body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, description = "a viewer's token, or a pipeline file or workdir `serve` does not allow", body = ErrorBody), (status = 409, description = "the same `request_id` with another body, (fleet mode) a step no live worker may run, unless `allow_unrunnable`, or a `reprocess` mode that left no partition to run", body = ErrorBody), (status = 413, description = "the body or the backfill is bigger than `serve` accepts", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn submit(
     State(st): State<AppState>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
@@ -860,16 +875,8 @@ async fn submit(
         let allow_unrunnable = req.allow_unrunnable;
         let backfill = build_backfill(req, &st.policy)?;
         let warnings = fleet_check(&st, &backfill, allow_unrunnable).await?;
-        let runs = backfill.partitions.len();
-        let backfill_id = st.engine.submit(backfill).await?;
-        return Ok((
-            StatusCode::CREATED,
-            Json(SubmitResponse {
-                backfill_id,
-                runs,
-                warnings,
-            }),
-        ));
+        let submitted = st.engine.submit(backfill).await?;
+        return Ok((StatusCode::CREATED, Json(response(submitted, warnings))));
     };
     if request_id.trim().is_empty() || request_id.len() > 200 {
         return Err(ApiError::BadRequest(
@@ -910,6 +917,16 @@ async fn submit(
     }
 }
 
+/// The answer to a submit the loop applied.
+fn response(submitted: Submitted, warnings: Vec<String>) -> SubmitResponse {
+    SubmitResponse {
+        backfill_id: submitted.id,
+        runs: submitted.runs,
+        warnings,
+        skipped: (!submitted.skipped.is_empty()).then_some(submitted.skipped),
+    }
+}
+
 /// The answer (or pending answer) of the submit with `request_id`: the one already seen, or a
 /// new one handed to the loop by a task that waits for as long as the loop takes.
 fn remembered_or_started(
@@ -933,7 +950,6 @@ fn remembered_or_started(
         id: request_id.clone(),
         digest: digest.clone(),
     });
-    let runs = backfill.partitions.len();
     let (tx, rx) = watch::channel(None);
     inner.by_id.insert(request_id.clone(), (digest, rx.clone()));
     inner.order.push_back(request_id.clone());
@@ -948,11 +964,7 @@ fn remembered_or_started(
         let answer = engine
             .submit_to_the_end(backfill)
             .await
-            .map(|backfill_id| SubmitResponse {
-                backfill_id,
-                runs,
-                warnings,
-            });
+            .map(|submitted| response(submitted, warnings));
         if answer.is_err() {
             // Not applied: the same id may be tried again from scratch.
             submits.forget(&request_id);
@@ -1285,7 +1297,7 @@ impl Modify for BearerAuth {
         resolve_backfill, workers, fleet, metrics, openapi_json
     ),
     components(schemas(
-        SubmitRequest, SubmitResponse, PartitionOrder, ResolveRequest, ResolveResponse,
+        SubmitRequest, SubmitResponse, PartitionOrder, Reprocess, Skipped, ResolveRequest, ResolveResponse,
         ResolveBackfillRequest, ResolveBackfillResponse, RetryFailedResponse, ErrorBody,
         Summary, RunSummary, Escalation, BackfillAction, WorkerInfo, FleetView, PoolView,
         LatencySnapshot, Percentiles
@@ -1447,6 +1459,7 @@ mod tests {
             order: PartitionOrder::Asc,
             request_id: None,
             allow_unrunnable: false,
+            reprocess: Reprocess::All,
         };
         let policy = ApiPolicy::default();
         let ok = build_backfill(
@@ -1491,6 +1504,7 @@ mod tests {
             request_id: None,
             partitions: None,
             allow_unrunnable: false,
+            reprocess: Reprocess::All,
         };
         let err = build_backfill(req, &ApiPolicy::default()).unwrap_err();
         assert!(

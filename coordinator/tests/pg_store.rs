@@ -83,6 +83,7 @@ async fn turns_commit_and_recover() {
             id: "job-7".into(),
             digest: "d".into(),
         }),
+        reprocess: Default::default(),
     });
     let loop_ = tokio::spawn(async move { engine.run(&mut rx).await.map(|_| ()) });
     // Two runs start (max_parallel 2); their StepSpecs are dispatched after the commit.

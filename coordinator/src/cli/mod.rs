@@ -142,6 +142,12 @@ pub struct SubmitArgs {
     /// names each partition, every other column is a per-partition variable.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["months", "datasets"])]
     pub partitions_file: Option<PathBuf>,
+    /// Which partitions run, against earlier backfills of this pipeline the coordinator holds:
+    /// `missing` (never run), `failed` (never run, or run without completing), `all` (every
+    /// partition given; the default). A partition a live backfill still runs never starts
+    /// twice.
+    #[arg(long, value_enum, default_value_t = crate::reprocess::Reprocess::All)]
+    pub reprocess: crate::reprocess::Reprocess,
     /// Submit even when no live worker may run some step (the coordinator refuses such a
     /// backfill otherwise): for a fleet that scales from zero workers, or workers still
     /// starting. The problems are printed as warnings.

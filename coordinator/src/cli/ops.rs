@@ -72,6 +72,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<Submitted>> {
         max_parallel: args.max_parallel.map(|m| m as usize),
         priority: args.priority,
         order: args.order,
+        reprocess: args.reprocess,
         request_id: Some(
             args.request_id
                 .clone()
@@ -91,6 +92,9 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Option<Submitted>> {
     let id = answer.backfill_id.to_string();
     for w in &answer.warnings {
         eprintln!("warpline: warning: {w}");
+    }
+    if let Some(skipped) = &answer.skipped {
+        eprintln!("warpline: {}", skipped.describe(args.reprocess));
     }
     eprintln!(
         "warpline: submitted backfill {id}: {} runs of `{}` to {}",

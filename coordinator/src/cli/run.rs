@@ -321,6 +321,7 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
                 max_parallel,
                 priority: 0,
                 request: None,
+                reprocess: Default::default(),
             });
         }
     }

@@ -19,6 +19,7 @@ mod operator;
 mod outcome;
 mod ports;
 mod records;
+mod reprocess;
 mod resume;
 mod schedule;
 mod summary;
@@ -33,7 +34,7 @@ pub use outcome::bound_tail;
 pub use ports::{Ack, Event, Observer, Store, StoreFuture, Transport};
 pub use records::{
     BackfillRecord, BackfillRequest, EngineConfig, LlmUsage, PipelineSource, RunRecord,
-    SubmitConflict, SubmitKey,
+    SubmitConflict, SubmitKey, SubmitRefused, Submitted,
 };
 pub use summary::{RunSummary, Summary};
 
@@ -191,8 +192,14 @@ impl Engine {
             }
             Event::Submit(req, reply) => {
                 let answer = match self.submitted_before(&req) {
-                    Some(known) => known,
-                    None => Ok(self.submit(*req)),
+                    Some(known) => known
+                        .map(|id| Submitted {
+                            id,
+                            runs: self.backfills[&id].rec.runs.len(),
+                            skipped: Default::default(),
+                        })
+                        .map_err(SubmitRefused::from),
+                    None => self.submit_reprocessed(*req),
                 };
                 if let Some(reply) = reply {
                     self.effects.push(Effect::Submitted(reply, answer));

@@ -12,7 +12,8 @@ use warpline_shared::contracts::{StepOutcome, StepSpec};
 use warpline_shared::fleet::Heartbeat;
 
 use super::{
-    BackfillRecord, BackfillRequest, OperatorCommand, OperatorReply, RunRecord, SubmitConflict,
+    BackfillRecord, BackfillRequest, OperatorCommand, OperatorReply, RunRecord, SubmitRefused,
+    Submitted,
 };
 use crate::supervisor::{AgentReply, DecisionInput};
 
@@ -50,7 +51,7 @@ pub enum Event {
     /// Answered with the backfill's id: a new one, or the one a request id already names.
     Submit(
         Box<BackfillRequest>,
-        Option<oneshot::Sender<Result<Uuid, SubmitConflict>>>,
+        Option<oneshot::Sender<Result<Submitted, SubmitRefused>>>,
     ),
     /// An operator's command, answered once the turn is durable.
     Operator(OperatorCommand, oneshot::Sender<OperatorReply>),
@@ -161,7 +162,7 @@ pub(super) enum Effect {
     Ack(Ack),
     Reply(oneshot::Sender<OperatorReply>, OperatorReply),
     Submitted(
-        oneshot::Sender<Result<Uuid, SubmitConflict>>,
-        Result<Uuid, SubmitConflict>,
+        oneshot::Sender<Result<Submitted, SubmitRefused>>,
+        Result<Submitted, SubmitRefused>,
     ),
 }

@@ -28,6 +28,32 @@ pub struct BackfillRequest {
     /// The client's request id and the digest of what it asked, when it gave one: a second
     /// submit with the same id gets this backfill back instead of a new one.
     pub request: Option<SubmitKey>,
+    /// Which partitions run, against earlier backfills of the same pipeline the engine holds
+    /// (see [`crate::reprocess`]); `All` runs every one.
+    pub reprocess: crate::reprocess::Reprocess,
+}
+
+/// A submit the engine applied: the backfill (new, or the one its request id names) and what
+/// its reprocess mode left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The backfill.
+    pub id: Uuid,
+    /// Its runs.
+    pub runs: usize,
+    /// Partitions left out by the reprocess mode.
+    pub skipped: crate::reprocess::Skipped,
+}
+
+/// Why a submit was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitRefused {
+    /// Its request id names another submit.
+    #[error(transparent)]
+    Conflict(#[from] SubmitConflict),
+    /// Its reprocess mode left no partition to run.
+    #[error("nothing to run: {0}; submit with reprocess `all` to run them again")]
+    NothingToRun(String),
 }
 
 /// A submit's idempotency key: the client's `request_id` and the sha256 of its request body

@@ -122,6 +122,7 @@ impl Harness {
             max_parallel: parts.len().max(1),
             priority: 0,
             request: None,
+            reprocess: Default::default(),
         }
     }
 
@@ -256,6 +257,7 @@ fn backfill(dir: &std::path::Path) -> BackfillRequest {
         max_parallel: 1,
         priority: 0,
         request: None,
+        reprocess: Default::default(),
     }
 }
 
@@ -763,7 +765,7 @@ async fn a_request_id_is_applied_once_across_restarts() {
     };
     let (event, answer) = submit(keyed(&h, "d1"));
     let first = h.turn([event]).await;
-    let id = answer.await.unwrap().expect("a new request is applied");
+    let id = answer.await.unwrap().expect("a new request is applied").id;
     assert_eq!(first.kinds()[0], "backfill_created");
 
     // The key survives the store's JSON, as PostgreSQL keeps the record.
@@ -776,7 +778,7 @@ async fn a_request_id_is_applied_once_across_restarts() {
     let (event, answer) = submit(keyed(&h, "d1"));
     let again = h.turn([event]).await;
     assert_eq!(
-        answer.await.unwrap(),
+        answer.await.unwrap().map(|s| s.id),
         Ok(id),
         "the same request gets its backfill"
     );
@@ -793,6 +795,9 @@ async fn a_request_id_is_applied_once_across_restarts() {
         .await
         .unwrap()
         .expect_err("another request under the same id");
+    let SubmitRefused::Conflict(conflict) = conflict else {
+        panic!("a conflict: {conflict}");
+    };
     assert_eq!(conflict.backfill_id, id);
     assert!(conflict.to_string().contains("use a new id"), "{conflict}");
     assert!(other.records.is_empty(), "{:?}", other.kinds());

@@ -1,6 +1,7 @@
 //! Local-mode operations: `warpline run --resume` after a SIGKILL and after a half-failed
 //! backfill (answering its escalations, retry-failed), per-attempt directories that are never
-//! reused, `audit show` across backfills, and `--reprocess` modes.
+//! reused, `audit show` across backfills, and `--reprocess` modes, locally and for a fleet's
+//! `submit`.
 //!
 //! Every step appends its partition to a counter file, so "nothing that completed ran again"
 //! is counted, not inferred from the audit log.
@@ -469,4 +470,110 @@ fn audit_show_picks_the_latest_backfill_and_reprocess_modes_choose_partitions() 
         exact.context()
     );
     assert!(exact.stderr().is_empty(), "{}", exact.context());
+}
+
+/// Fleet mode: `submit --reprocess` chooses against the backfills the coordinator holds in
+/// PostgreSQL (also after a restart), says what it skipped, and refuses a submit it leaves
+/// nothing to run.
+#[test]
+fn fleet_submits_reprocess_against_the_coordinators_earlier_backfills() {
+    use warpline_tests::fleet::Fleet;
+    let limit = Duration::from_secs(60);
+    let mut fleet = Fleet::new("reprocess");
+    let c = fleet.serve("first");
+    fleet.wait_ready(&c, limit);
+    fleet.worker("w1", 2, &["sh"]);
+    let pipeline = fleet.pipeline(
+        "modes",
+        json!([{
+            "id": "A", "command": "sh", "timeout_s": 60, "max_attempts": 1,
+            "args": ["-c", "echo {partition} >> {workdir}/A.count; \
+                      if [ {partition} = 2024-02 ]; then echo 'KeyError: x' >&2; exit 1; fi"]
+        }]),
+    );
+    let work = fleet.dir().join("work");
+    let first = fleet.submit(&c, &pipeline, &["--months", "2024-01..2024-02"]);
+    fleet.wait_finished(&c, &first, limit);
+
+    let missing = submit(&fleet, &c, &pipeline, "2024-01..2024-03", "missing");
+    missing.expect_code(0);
+    let answer: Value = serde_json::from_str(&missing.stdout()).unwrap();
+    assert_eq!(answer["runs"], 1, "{}", missing.context());
+    assert_eq!(
+        answer["skipped"],
+        json!({"complete": 1, "failed": 1, "in_progress": 0})
+    );
+    assert!(
+        missing
+            .stderr()
+            .contains("skipped 2 partitions (reprocess `missing`)"),
+        "{}",
+        missing.context()
+    );
+    let id = answer["backfill_id"].as_str().unwrap().to_string();
+    let s = fleet.wait_finished(&c, &id, limit);
+    assert_eq!(s["runs"][0]["partition"], "2024-03", "{s:#}");
+
+    let failed = submit(&fleet, &c, &pipeline, "2024-01..2024-03", "failed");
+    failed.expect_code(0);
+    let answer: Value = serde_json::from_str(&failed.stdout()).unwrap();
+    let id = answer["backfill_id"].as_str().unwrap().to_string();
+    let s = fleet.wait_finished(&c, &id, limit);
+    let parts: Vec<&str> = s["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["partition"].as_str().unwrap())
+        .collect();
+    assert_eq!(parts, ["2024-02"], "{s:#}");
+
+    let none = submit(&fleet, &c, &pipeline, "2024-01..2024-03", "missing");
+    none.expect_code(2);
+    assert!(
+        none.stderr().contains("nothing to run"),
+        "{}",
+        none.context()
+    );
+
+    // A new coordinator knows the earlier backfills from PostgreSQL.
+    fleet.kill("first");
+    let second = fleet.serve_on("second", c.addr());
+    fleet.wait_ready(&second, limit);
+    let after = submit(&fleet, &second, &pipeline, "2024-01..2024-04", "missing");
+    after.expect_code(0);
+    let answer: Value = serde_json::from_str(&after.stdout()).unwrap();
+    assert_eq!(answer["runs"], 1, "{}", after.context());
+    let id = answer["backfill_id"].as_str().unwrap().to_string();
+    fleet.wait_finished(&second, &id, limit);
+    assert_eq!(
+        counts(&work)["A"],
+        ran(&[
+            ("2024-01", 1),
+            ("2024-02", 2),
+            ("2024-03", 1),
+            ("2024-04", 1)
+        ])
+    );
+}
+
+/// `submit PIPELINE --months MONTHS --reprocess MODE --json` against coordinator `c`.
+fn submit(
+    fleet: &warpline_tests::fleet::Fleet,
+    c: &warpline_tests::fleet::Coordinator,
+    pipeline: &str,
+    months: &str,
+    mode: &str,
+) -> Finished {
+    fleet.cli(
+        c,
+        &[
+            "submit",
+            pipeline,
+            "--months",
+            months,
+            "--reprocess",
+            mode,
+            "--json",
+        ],
+    )
 }
