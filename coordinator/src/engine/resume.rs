@@ -5,7 +5,6 @@
 //! where they stopped.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use uuid::Uuid;
 use warpline_shared::audit::AuditEvent;
@@ -48,7 +47,6 @@ impl Engine {
                 rec,
                 pipeline,
                 active,
-                started: Instant::now(),
             },
         );
         self.order.push(id);
