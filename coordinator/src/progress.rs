@@ -26,8 +26,8 @@ struct Names(HashMap<Uuid, String>);
 
 impl Names {
     fn learn(&mut self, r: &AuditRecord) {
-        if let (Some(id), AuditEvent::RunCreated { partition }) = (r.run_id, &r.event) {
-            self.0.insert(id, partition.key());
+        if let (Some(id), AuditEvent::RunCreated { partition, scope }) = (r.run_id, &r.event) {
+            self.0.insert(id, scope.key(partition));
         }
     }
 
@@ -350,7 +350,13 @@ mod tests {
             dataset: Some("a".into()),
             ..Partition::default()
         };
-        names.learn(&record(created, AuditEvent::RunCreated { partition }));
+        names.learn(&record(
+            created,
+            AuditEvent::RunCreated {
+                partition,
+                scope: Default::default(),
+            },
+        ));
         let finished = |id| {
             record(
                 id,

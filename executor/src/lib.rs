@@ -880,6 +880,18 @@ fn check_paths(spec: &StepSpec) -> Result<(), SpecRefusal> {
     };
     under_root("cwd".into(), &spec.cwd)?;
     under_root("log_dir".into(), &spec.log_dir)?;
+    // Files the worker writes for the tool (a backfill-level step's partitions file): only
+    // absolute paths under the workdir.
+    for path in spec.files.keys() {
+        if !Path::new(path).is_absolute() {
+            return Err(SpecRefusal::PathEscapes {
+                field: "files".into(),
+                path: path.clone(),
+                workdir: spec.workdir.clone(),
+            });
+        }
+        under_root("files".into(), path)?;
+    }
     for (name, path) in &spec.artefacts {
         confined(format!("artefacts.{name}"), path)?;
     }
@@ -1006,6 +1018,17 @@ async fn run_tool(
     let stderr_file = tokio::fs::File::create(stderr_path)
         .await
         .map_err(prepare("stderr log", stderr_path))?;
+    for (path, content) in &spec.files {
+        let path = Path::new(path);
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(prepare("a file for the tool", dir))?;
+        }
+        tokio::fs::write(path, content)
+            .await
+            .map_err(prepare("a file for the tool", path))?;
+    }
 
     let mut command = tokio::process::Command::new(&program);
     command.args(&spec.args).current_dir(cwd).envs(&spec.env);
@@ -1522,6 +1545,7 @@ mod tests {
             trace: Default::default(),
             deferred: Vec::new(),
             dynamic_artefacts: Default::default(),
+            files: Default::default(),
             failures: Default::default(),
         }
     }

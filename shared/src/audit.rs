@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::contracts::{Action, PipelineState, StepOutcome, SupervisorDecision};
 use crate::machine::RunStatus;
 use crate::partition::Partition;
+use crate::stage::RunScope;
 
 /// The `prev_hash` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -100,8 +101,11 @@ pub enum AuditEvent {
     },
     /// A run was created.
     RunCreated {
-        /// Its partition.
+        /// Its partition (for a backfill-level run: no month, the backfill's range in `vars`).
         partition: Partition,
+        /// Which steps it runs: a partition's (omitted), or a group of backfill-level steps.
+        #[serde(default, skip_serializing_if = "RunScope::is_partition_ref")]
+        scope: RunScope,
     },
     /// A run changed state.
     Transition {

@@ -22,6 +22,7 @@ use crate::contracts::{
     CheckSpec, DynamicArtefact, LogStream, SCHEMA_VERSION, Severity, StepSpec, Validation,
 };
 use crate::partition::Partition;
+use crate::stage::{BACKFILL_PLACEHOLDERS, RunScope, StepPer, StepScope, StepWhen};
 use crate::template::{self, Rendered, TemplateError};
 
 /// Placeholders every template may use.
@@ -358,6 +359,29 @@ pub struct StepConfig {
     /// This step's failure classification rules, tried before the pipeline's.
     #[serde(default)]
     pub failures: Option<FailuresConfig>,
+    /// `partition` (the default): the step runs once per partition. `backfill`: once per
+    /// backfill (or per dataset, see `per`), before or after the partitions (`when`); see
+    /// [`crate::stage`].
+    #[serde(default, skip_serializing_if = "is_partition_scope")]
+    pub scope: StepScope,
+    /// A backfill-level step's `before` (before the first partition starts) or `after` (once
+    /// the partitions ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<StepWhen>,
+    /// An after-step's `backfill` (the default: once, after every partition) or `dataset`
+    /// (once per dataset, after that dataset's partitions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<StepPer>,
+    /// An after-step runs even when some partitions in its scope did not complete (they are
+    /// listed with their state in `{partitions_file}`). Without it, the backfill is escalated
+    /// instead and the after-steps wait for an operator. The after-steps of one scope run as
+    /// one sequence, so they must agree.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_partial: bool,
+}
+
+fn is_partition_scope(s: &StepScope) -> bool {
+    *s == StepScope::Partition
 }
 
 /// One artefact as written.
@@ -658,9 +682,19 @@ pub enum RenderError {
         /// The placeholder.
         placeholder: String,
     },
+    /// A per-dataset after-step in a backfill whose partitions have no dataset.
+    #[error(
+        "step `{step}` runs per dataset (`\"per\": \"dataset\"`) but the partitions have no dataset: give --datasets"
+    )]
+    NoDatasets {
+        /// The step.
+        step: String,
+    },
     /// The step needs a partition dimension the backfill lacks.
     #[error(
-        "step `{step}` uses `{{{placeholder}}}` but the partitions have no {placeholder}: give --{placeholder}s"
+        "step `{step}` uses `{{{placeholder}}}` but the partitions have no {}: give --{}s",
+        dimension(placeholder),
+        dimension(placeholder)
     )]
     MissingDimension {
         /// The step.
@@ -668,6 +702,15 @@ pub enum RenderError {
         /// `month` or `dataset`.
         placeholder: String,
     },
+}
+
+/// The partition dimension a placeholder needs (`first_month` needs months).
+fn dimension(placeholder: &str) -> &str {
+    match placeholder {
+        "first_month" | "last_month" => "month",
+        "datasets" => "dataset",
+        p => p,
+    }
 }
 
 /// A loaded, checked pipeline with its directories resolved.
@@ -684,6 +727,11 @@ pub struct Pipeline {
     /// Per-partition variables the backfill's partitions define (a partitions file's extra
     /// columns), usable as placeholders.
     pub partition_vars: BTreeSet<String>,
+    /// The runs this value renders for: a partition's (as loaded), or a group of
+    /// backfill-level steps ([`Pipeline::view`]).
+    scope: RunScope,
+    /// The steps of `scope`, in config order.
+    steps: Vec<StepConfig>,
 }
 
 /// Where a template appears, which decides what it may refer to.
@@ -760,13 +808,16 @@ impl Pipeline {
         let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
         let config_dir = normalize(abs.parent().unwrap_or(Path::new("/")));
         let workdir = normalize(&config_dir.join(&config.workdir));
-        let pipeline = Pipeline {
+        let mut pipeline = Pipeline {
             config,
             file: file.to_path_buf(),
             config_dir,
             workdir,
             partition_vars: BTreeSet::new(),
+            scope: RunScope::Partition,
+            steps: Vec::new(),
         };
+        pipeline.set_scope(RunScope::Partition);
         pipeline.check_partition_var_names(&partition_vars)?;
         let pipeline = Pipeline {
             partition_vars,
@@ -818,7 +869,10 @@ impl Pipeline {
 
     fn check_partition_var_names(&self, names: &BTreeSet<String>) -> Result<(), ConfigError> {
         for n in names {
-            if BUILTIN_PLACEHOLDERS.contains(&n.as_str()) || !valid_ident(n) {
+            if BUILTIN_PLACEHOLDERS.contains(&n.as_str())
+                || BACKFILL_PLACEHOLDERS.contains(&n.as_str())
+                || !valid_ident(n)
+            {
                 return Err(ConfigError::Invalid {
                     file: self.file.display().to_string(),
                     path: format!("partitions.{n}"),
@@ -840,9 +894,26 @@ impl Pipeline {
             })
     }
 
-    /// The steps.
+    /// The steps this pipeline's runs run: a partition's steps, or (in a [`Pipeline::view`])
+    /// one group of backfill-level steps. [`Pipeline::all_steps`] has every step.
     pub fn steps(&self) -> &[StepConfig] {
-        &self.config.steps
+        &self.steps
+    }
+
+    /// Which runs this value renders for.
+    pub fn scope(&self) -> RunScope {
+        self.scope
+    }
+
+    pub(crate) fn set_scope(&mut self, scope: RunScope) {
+        self.scope = scope;
+        self.steps = self
+            .config
+            .steps
+            .iter()
+            .filter(|s| s.run_scope() == scope)
+            .cloned()
+            .collect();
     }
 
     /// The pipeline's name.
@@ -852,7 +923,7 @@ impl Pipeline {
 
     /// Index of the step with this id.
     pub fn step_index(&self, id: &str) -> Option<usize> {
-        self.config.steps.iter().position(|s| s.id == id)
+        self.steps.iter().position(|s| s.id == id)
     }
 
     /// Step `index`'s command for a partition: rendered, and a relative path (one with a `/`)
@@ -862,7 +933,7 @@ impl Pipeline {
         index: usize,
         partition: &Partition,
     ) -> Result<String, RenderError> {
-        let step = &self.config.steps[index];
+        let step = &self.steps[index];
         let run_dir = self.run_dir(partition)?;
         let rendered = template::render(&step.command, |n| {
             self.lookup(n, partition, 0, &run_dir, &BTreeMap::new())
@@ -897,8 +968,12 @@ impl Pipeline {
         if c.name.trim().is_empty() {
             return err("name", "expected a non-empty pipeline name".into());
         }
-        if c.steps.is_empty() {
-            return err("steps", "expected at least one step".into());
+        if !c.steps.iter().any(|s| s.run_scope() == RunScope::Partition) {
+            return err(
+                "steps",
+                "expected at least one step that runs per partition (without `\"scope\": \"backfill\"`)"
+                    .into(),
+            );
         }
         if c.retry.multiplier < 1.0 || !c.retry.multiplier.is_finite() {
             return err("retry.multiplier", "expected a number ≥ 1".into());
@@ -910,7 +985,10 @@ impl Pipeline {
             .check()
             .map_err(|(path, message)| (format!("failures.{path}"), message))?;
         for name in c.vars.keys() {
-            if BUILTIN_PLACEHOLDERS.contains(&name.as_str()) || name.starts_with("artefacts.") {
+            if BUILTIN_PLACEHOLDERS.contains(&name.as_str())
+                || BACKFILL_PLACEHOLDERS.contains(&name.as_str())
+                || name.starts_with("artefacts.")
+            {
                 return err(
                     &format!("vars.{name}"),
                     format!("`{name}` is a built-in placeholder and cannot be redefined"),
@@ -937,7 +1015,16 @@ impl Pipeline {
                 }
             }
         }
-        self.check_template("run_dir", &c.run_dir, &BTreeSet::new(), Field::Static)?;
+        let scopes: BTreeSet<RunScope> = c.steps.iter().map(StepConfig::run_scope).collect();
+        for &scope in &scopes {
+            self.check_template(
+                "run_dir",
+                &c.run_dir,
+                &BTreeSet::new(),
+                Field::Static,
+                scope,
+            )?;
+        }
         if !template::placeholders(&c.run_dir)
             .unwrap_or_default()
             .contains(&"partition")
@@ -948,15 +1035,28 @@ impl Pipeline {
             );
         }
         for (k, v) in &c.env {
-            self.check_template(&format!("env.{k}"), v, &BTreeSet::new(), Field::Deferrable)?;
+            for &scope in &scopes {
+                self.check_template(
+                    &format!("env.{k}"),
+                    v,
+                    &BTreeSet::new(),
+                    Field::Deferrable,
+                    scope,
+                )?;
+            }
         }
         let mut seen_ids = BTreeSet::new();
-        // Every artefact so far, and those whose paths are known before their step runs.
-        let mut artefacts: BTreeSet<String> = BTreeSet::new();
-        let mut static_artefacts: BTreeSet<String> = BTreeSet::new();
+        // Per group of runs: every artefact so far, and those whose paths are known before
+        // their step runs (a step sees only its own group's earlier artefacts).
+        let mut groups: BTreeMap<RunScope, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
         let mut dynamic: BTreeSet<String> = BTreeSet::new();
+        // The first step of each after-group, whose `allow_partial` the others must share.
+        let mut partial_of: BTreeMap<RunScope, (usize, bool)> = BTreeMap::new();
         for (i, s) in c.steps.iter().enumerate() {
             let at = |f: &str| format!("steps[{i}].{f}");
+            let scope = s.run_scope();
+            self.check_step_scope(i, s, &mut partial_of)?;
+            let (mut artefacts, mut static_artefacts) = groups.remove(&scope).unwrap_or_default();
             if !valid_step_id(&s.id) {
                 return err(
                     &at("id"),
@@ -975,7 +1075,7 @@ impl Pipeline {
             if s.command.trim().is_empty() || s.command.starts_with('-') {
                 return err(&at("command"), "expected a program name or path".into());
             }
-            self.check_template(&at("command"), &s.command, &artefacts, Field::Static)?;
+            self.check_template(&at("command"), &s.command, &artefacts, Field::Static, scope)?;
             if s.timeout_s == 0 {
                 return err(
                     &at("timeout_s"),
@@ -1014,7 +1114,7 @@ impl Pipeline {
                 }
                 match artefact {
                     ArtefactConfig::Path(path) => {
-                        self.check_template(&aat, path, &static_artefacts, Field::Static)?
+                        self.check_template(&aat, path, &static_artefacts, Field::Static, scope)?
                     }
                     ArtefactConfig::Dynamic(DynamicArtefactConfig { glob, reported }) => {
                         match (glob, reported) {
@@ -1023,6 +1123,7 @@ impl Pipeline {
                                 g,
                                 &static_artefacts,
                                 Field::Static,
+                                scope,
                             )?,
                             (None, true) => {}
                             _ => {
@@ -1045,13 +1146,25 @@ impl Pipeline {
                     .map(|(n, _)| n.clone()),
             );
             for (j, a) in s.args.iter().enumerate() {
-                self.check_template(&at(&format!("args[{j}]")), a, &artefacts, Field::Deferrable)?;
+                self.check_template(
+                    &at(&format!("args[{j}]")),
+                    a,
+                    &artefacts,
+                    Field::Deferrable,
+                    scope,
+                )?;
             }
             for (k, v) in &s.env {
-                self.check_template(&at(&format!("env.{k}")), v, &artefacts, Field::Deferrable)?;
+                self.check_template(
+                    &at(&format!("env.{k}")),
+                    v,
+                    &artefacts,
+                    Field::Deferrable,
+                    scope,
+                )?;
             }
             if let Some(cwd) = &s.cwd {
-                self.check_template(&at("cwd"), cwd, &static_artefacts, Field::Static)?;
+                self.check_template(&at("cwd"), cwd, &static_artefacts, Field::Static, scope)?;
             }
             for (j, v) in s.validations.iter().enumerate() {
                 let vat = |f: &str| at(&format!("validations[{j}].{f}"));
@@ -1068,9 +1181,13 @@ impl Pipeline {
                                 );
                             }
                         }
-                        (None, Some(p)) => {
-                            self.check_template(&vat("path"), p, &static_artefacts, Field::Static)?
-                        }
+                        (None, Some(p)) => self.check_template(
+                            &vat("path"),
+                            p,
+                            &static_artefacts,
+                            Field::Static,
+                            scope,
+                        )?,
                         _ => {
                             return err(
                                 &at(&format!("validations[{j}]")),
@@ -1079,7 +1196,13 @@ impl Pipeline {
                         }
                     },
                     CheckConfig::FileCount { glob, min, max } => {
-                        self.check_template(&vat("glob"), glob, &static_artefacts, Field::Static)?;
+                        self.check_template(
+                            &vat("glob"),
+                            glob,
+                            &static_artefacts,
+                            Field::Static,
+                            scope,
+                        )?;
                         if let (Some(lo), Some(hi)) = (min, max)
                             && lo > hi
                         {
@@ -1114,6 +1237,7 @@ impl Pipeline {
                             query,
                             &static_artefacts,
                             Field::Static,
+                            scope,
                         )?;
                         if !valid_env_name(database_url_env) {
                             return err(
@@ -1175,6 +1299,7 @@ impl Pipeline {
                             artefact,
                             path,
                             &artefacts,
+                            scope,
                         )?;
                         if let Err(e) = crate::validate::FieldPath::parse(field) {
                             return err(&vat("field"), e);
@@ -1187,6 +1312,13 @@ impl Pipeline {
                         min_siblings,
                         ..
                     } => {
+                        if !scope.is_partition() {
+                            return err(
+                                &vat("kind"),
+                                "a backfill-level step has no siblings: `sibling_deviation` compares partitions' runs of a step"
+                                    .into(),
+                            );
+                        }
                         let measured = s.validations[..j].iter().find(|o| check_name(o) == *of);
                         match measured {
                             None => {
@@ -1229,6 +1361,7 @@ impl Pipeline {
                             artefact,
                             path,
                             &artefacts,
+                            scope,
                         )?;
                         if let (Some(lo), Some(hi)) = (min, max)
                             && lo > hi
@@ -1241,6 +1374,70 @@ impl Pipeline {
                     }
                 }
             }
+            groups.insert(scope, (artefacts, static_artefacts));
+        }
+        Ok(())
+    }
+
+    /// A step's `scope`, `when`, `per` and `allow_partial` fit together, and the after-steps
+    /// of one group agree on `allow_partial`.
+    fn check_step_scope(
+        &self,
+        i: usize,
+        s: &StepConfig,
+        partial_of: &mut BTreeMap<RunScope, (usize, bool)>,
+    ) -> Result<(), (String, String)> {
+        let at = |f: &str| format!("steps[{i}].{f}");
+        match s.scope {
+            StepScope::Partition => {
+                let stray = [
+                    ("when", s.when.is_some()),
+                    ("per", s.per.is_some()),
+                    ("allow_partial", s.allow_partial),
+                ];
+                if let Some((f, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err((
+                        at(f),
+                        format!(
+                            "`{f}` applies only to a backfill-level step: add `\"scope\": \"backfill\"` or remove it"
+                        ),
+                    ));
+                }
+            }
+            StepScope::Backfill => match s.when {
+                None => {
+                    return Err((
+                        at("when"),
+                        "a backfill-level step needs `\"when\": \"before\"` (before the first partition starts) or `\"after\"` (once the partitions ended)".into(),
+                    ));
+                }
+                Some(StepWhen::Before) => {
+                    if s.per == Some(StepPer::Dataset) {
+                        return Err((
+                            at("per"),
+                            "`\"per\": \"dataset\"` applies only to an after-step: a before-step runs once, before any partition".into(),
+                        ));
+                    }
+                    if s.allow_partial {
+                        return Err((
+                            at("allow_partial"),
+                            "`allow_partial` applies only to an after-step".into(),
+                        ));
+                    }
+                }
+                Some(StepWhen::After) => {
+                    let scope = s.run_scope();
+                    let (first, partial) = *partial_of.entry(scope).or_insert((i, s.allow_partial));
+                    if partial != s.allow_partial {
+                        return Err((
+                            at("allow_partial"),
+                            format!(
+                                "the after-steps of one scope run as one sequence, so they must agree: steps[{first}] has `allow_partial` {partial}"
+                            ),
+                        ));
+                    }
+                }
+            },
         }
         Ok(())
     }
@@ -1252,6 +1449,7 @@ impl Pipeline {
         artefact: &Option<String>,
         path: &Option<String>,
         artefacts: &BTreeSet<String>,
+        scope: RunScope,
     ) -> Result<(), (String, String)> {
         match (artefact, path) {
             (Some(a), None) if artefacts.contains(a) => Ok(()),
@@ -1261,7 +1459,9 @@ impl Pipeline {
                     "unknown artefact `{a}`: expected one declared by this step or an earlier one"
                 ),
             )),
-            (None, Some(p)) => self.check_template(&vat("path"), p, artefacts, Field::Static),
+            (None, Some(p)) => {
+                self.check_template(&vat("path"), p, artefacts, Field::Static, scope)
+            }
             _ => Err((
                 at.to_string(),
                 "expected exactly one of `artefact` or `path`".into(),
@@ -1275,6 +1475,7 @@ impl Pipeline {
         text: &str,
         artefacts: &BTreeSet<String>,
         field: Field,
+        scope: RunScope,
     ) -> Result<(), (String, String)> {
         let parsed =
             template::parse_placeholders(text).map_err(|e| (path.to_string(), e.to_string()))?;
@@ -1291,11 +1492,45 @@ impl Pipeline {
                 }
                 continue;
             }
-            let known = BUILTIN_PLACEHOLDERS.contains(&n)
+            let builtin = match scope {
+                RunScope::Partition => BUILTIN_PLACEHOLDERS.contains(&n),
+                stage => {
+                    (BUILTIN_PLACEHOLDERS.contains(&n)
+                        && n != "month"
+                        && (n != "dataset" || stage == RunScope::AfterDataset))
+                        || BACKFILL_PLACEHOLDERS.contains(&n)
+                }
+            };
+            let known = builtin
                 || self.config.vars.contains_key(n)
-                || self.partition_vars.contains(n)
+                || (scope.is_partition() && self.partition_vars.contains(n))
                 || n.strip_prefix("artefacts.")
                     .is_some_and(|a| artefacts.contains(a));
+            if !known && !scope.is_partition() {
+                let why = match n {
+                    "month" => Some(
+                        "a backfill-level step runs once for all months: use `{first_month}` or `{last_month}`",
+                    ),
+                    "dataset" => Some(
+                        "only a per-dataset after-step (`\"per\": \"dataset\"`) has a `{dataset}`; use `{datasets}`",
+                    ),
+                    _ if self.partition_vars.contains(n) => {
+                        Some("a per-partition variable has no value in a backfill-level step")
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    return Err((path.to_string(), format!("`{{{n}}}`: {why}")));
+                }
+            }
+            if !known && scope.is_partition() && BACKFILL_PLACEHOLDERS.contains(&n) {
+                return Err((
+                    path.to_string(),
+                    format!(
+                        "`{{{n}}}` is only defined for backfill-level steps (`\"scope\": \"backfill\"`)"
+                    ),
+                ));
+            }
             if !known {
                 let dynamic_here = field == Field::Static
                     && n.strip_prefix("artefacts.").is_some_and(|a| {
@@ -1312,10 +1547,18 @@ impl Pipeline {
                         ),
                     ));
                 }
-                let mut all: Vec<String> =
-                    BUILTIN_PLACEHOLDERS.iter().map(|s| s.to_string()).collect();
+                let mut all: Vec<String> = BUILTIN_PLACEHOLDERS
+                    .iter()
+                    .filter(|b| scope.is_partition() || **b != "month")
+                    .map(|s| s.to_string())
+                    .collect();
+                if !scope.is_partition() {
+                    all.extend(BACKFILL_PLACEHOLDERS.iter().map(|s| s.to_string()));
+                }
                 all.extend(self.config.vars.keys().cloned());
-                all.extend(self.partition_vars.iter().cloned());
+                if scope.is_partition() {
+                    all.extend(self.partition_vars.iter().cloned());
+                }
                 all.extend(artefacts.iter().map(|a| format!("artefacts.{a}")));
                 return Err((
                     path.to_string(),
@@ -1335,6 +1578,10 @@ impl Pipeline {
             return Ok(());
         };
         for s in &self.config.steps {
+            let scope = s.run_scope();
+            if scope == RunScope::AfterDataset && p.dataset.is_none() {
+                return Err(RenderError::NoDatasets { step: s.id.clone() });
+            }
             let mut texts: Vec<&String> = s.args.iter().collect();
             texts.push(&s.command);
             texts.extend(s.artefacts.values().filter_map(|a| match a {
@@ -1345,8 +1592,11 @@ impl Pipeline {
             texts.extend(s.cwd.iter());
             for t in texts {
                 for n in template::placeholders(t).unwrap_or_default() {
-                    let missing = (n == "month" && p.month.is_none())
-                        || (n == "dataset" && p.dataset.is_none());
+                    let missing = (scope.is_partition()
+                        && ((n == "month" && p.month.is_none())
+                            || (n == "dataset" && p.dataset.is_none())))
+                        || (matches!(n, "first_month" | "last_month") && p.month.is_none())
+                        || (n == "datasets" && p.dataset.is_none());
                     if missing {
                         return Err(RenderError::MissingDimension {
                             step: s.id.clone(),
@@ -1382,7 +1632,7 @@ impl Pipeline {
         match name {
             "month" => partition.month.clone(),
             "dataset" => partition.dataset.clone(),
-            "partition" => Some(partition.key()),
+            "partition" => Some(self.scope.key(partition)),
             "attempt" => Some(attempt.to_string()),
             "workdir" => Some(self.workdir.display().to_string()),
             "config_dir" => Some(self.config_dir.display().to_string()),
@@ -1439,7 +1689,7 @@ impl Pipeline {
         attempt: u32,
         attempt_id: Uuid,
     ) -> Result<StepSpec, RenderError> {
-        let step = &self.config.steps[index];
+        let step = &self.steps[index];
         let run_dir = self.run_dir(partition)?;
         let log_dir = run_dir
             .join("logs")
@@ -1453,7 +1703,7 @@ impl Pipeline {
             step: step.id.clone(),
             source,
         };
-        for (i, s) in self.config.steps[..=index].iter().enumerate() {
+        for (i, s) in self.steps[..=index].iter().enumerate() {
             for (name, a) in &s.artefacts {
                 let render_path = |t: &str| -> Result<String, RenderError> {
                     let rendered = template::render(t, |n| {
@@ -1664,6 +1914,7 @@ impl Pipeline {
             trace: BTreeMap::new(),
             deferred,
             dynamic_artefacts,
+            files: BTreeMap::new(),
             failures: FailuresConfig::layered(step.failures.as_ref(), &self.config.failures),
         })
     }
@@ -1699,6 +1950,16 @@ impl Pipeline {
             }),
             None => Ok(rendered),
         }
+    }
+
+    /// A placeholder's value where no attempt and no artefact is known (artefact paths).
+    pub(crate) fn lookup_static(
+        &self,
+        name: &str,
+        partition: &Partition,
+        run_dir: &Path,
+    ) -> Option<String> {
+        self.base_lookup(name, partition, 0, Some(run_dir))
     }
 
     fn lookup(

@@ -96,6 +96,11 @@ pub struct StepSpec {
     /// from the record their worker left).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dynamic_artefacts: BTreeMap<String, DynamicArtefact>,
+    /// Files the worker writes before it runs the tool: absolute path (under `workdir`) →
+    /// content. A backfill-level step's `{partitions_file}` travels this way, so the worker
+    /// needs no access to the coordinator's state.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
 }
 
 /// An artefact whose path the step decides: found by glob, or reported by the tool in a JSON

@@ -15,5 +15,6 @@ pub mod machine;
 pub mod partition;
 pub mod paths;
 pub mod schema;
+pub mod stage;
 pub mod template;
 pub mod validate;

@@ -677,6 +677,7 @@ mod tests {
             trace: BTreeMap::new(),
             deferred: Vec::new(),
             dynamic_artefacts: BTreeMap::new(),
+            files: BTreeMap::new(),
             failures: Default::default(),
         };
         serde_json::to_vec(&spec).unwrap()

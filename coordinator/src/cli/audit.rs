@@ -59,8 +59,8 @@ pub(crate) fn audit_show(run: &str, file: &PathBuf, json: bool) -> anyhow::Resul
     let mut created: Vec<(Uuid, String, Option<Uuid>)> = records
         .iter()
         .filter_map(|r| match (&r.event, r.run_id) {
-            (audit::AuditEvent::RunCreated { partition }, Some(id)) => {
-                Some((id, partition.key(), r.backfill_id))
+            (audit::AuditEvent::RunCreated { partition, scope }, Some(id)) => {
+                Some((id, scope.key(partition), r.backfill_id))
             }
             _ => None,
         })
@@ -130,9 +130,10 @@ fn transition_line(r: &audit::AuditRecord) -> Option<String> {
             r.ts.format("%H:%M:%S%.3f"),
             action.map(|a| format!(" ({a})")).unwrap_or_default()
         )),
-        audit::AuditEvent::RunCreated { partition } => Some(format!(
-            "{} created for {partition}",
-            r.ts.format("%H:%M:%S%.3f")
+        audit::AuditEvent::RunCreated { partition, scope } => Some(format!(
+            "{} created for {}",
+            r.ts.format("%H:%M:%S%.3f"),
+            scope.label(partition)
         )),
         _ => None,
     }

@@ -330,6 +330,8 @@ mod tests {
             attempts: attempts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             reason: None,
             warnings: Vec::new(),
+            scope: Default::default(),
+            steps: Vec::new(),
         }
     }
 
@@ -339,6 +341,7 @@ mod tests {
             backfill_id: Uuid::nil(),
             pipeline: "p".into(),
             steps: vec!["A".into(), "B".into(), "C".into()],
+            stage: crate::engine::BackfillStage::Partitions,
             counts: BTreeMap::new(),
             in_step: BTreeMap::new(),
             steps_executed: 0,

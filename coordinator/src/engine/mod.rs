@@ -22,6 +22,9 @@ mod records;
 mod reprocess;
 mod resume;
 mod schedule;
+#[cfg(test)]
+mod stage_tests;
+mod stages;
 mod summary;
 #[cfg(test)]
 mod tests;
@@ -36,7 +39,7 @@ pub use records::{
     BackfillRecord, BackfillRequest, EngineConfig, LlmUsage, PipelineSource, RunRecord,
     SubmitConflict, SubmitKey, SubmitRefused, Submitted,
 };
-pub use summary::{RunSummary, Summary};
+pub use summary::{BackfillStage, RunSummary, Summary};
 
 use ports::Effect;
 use records::Backfill;
@@ -143,10 +146,10 @@ impl Engine {
         self.record(backfill, Some(run_id), event);
     }
 
+    /// The pipeline that renders a run: its backfill's, as the run's scope sees it.
     fn pipeline_of(&self, run_id: Uuid) -> Arc<Pipeline> {
-        self.backfills[&self.runs[&run_id].backfill_id]
-            .pipeline
-            .clone()
+        let run = &self.runs[&run_id];
+        self.backfills[&run.backfill_id].view(run.scope)
     }
 
     /// Handles one event.
@@ -220,11 +223,13 @@ impl Engine {
     pub fn idle(&self) -> bool {
         self.runs.values().all(|r| match r.machine.state() {
             RunState::Running(_) => false,
-            // A run not started yet can only start if its backfill is not escalated.
-            RunState::Init => self
+            // A run not started yet can only start if its backfill is not escalated and its
+            // before-steps completed. A backfill-level run starts the moment the runs it waits
+            // for end, so one still waiting waits for something else.
+            RunState::Init if r.scope.is_partition() => self
                 .backfills
                 .get(&r.backfill_id)
-                .is_some_and(|b| b.rec.escalated.is_some()),
+                .is_some_and(|b| b.rec.escalated.is_some() || !self.before_done(b)),
             _ => true,
         })
     }
@@ -359,15 +364,25 @@ impl Engine {
         // are cancelled, saying why.
         for id in self.order.clone() {
             let b = self.backfills.get_mut(&id).expect("backfill exists");
-            let Some(why) = b.rec.escalated.clone() else {
-                continue;
+            b.rec.pending.clear();
+            let why = match b.rec.escalated.clone() {
+                Some(why) => format!("not started: the backfill was escalated ({why})"),
+                None => {
+                    "not started: the runs it waits for did not end (one waits for an operator)"
+                        .to_string()
+                }
             };
-            let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
-            for run_id in pending {
-                self.cancel_run(
-                    run_id,
-                    format!("not started: the backfill was escalated ({why})"),
-                );
+            // Partitions an escalation (or unfinished before-steps) kept back, and
+            // backfill-level runs whose turn never came.
+            let unstarted: Vec<Uuid> = b
+                .rec
+                .runs
+                .iter()
+                .copied()
+                .filter(|r| self.runs[r].machine.state() == RunState::Init)
+                .collect();
+            for run_id in unstarted {
+                self.cancel_run(run_id, why.clone());
             }
         }
         let reason = if self.stopping {

@@ -6,6 +6,7 @@ use uuid::Uuid;
 use warpline_shared::audit::AuditEvent;
 use warpline_shared::contracts::Action;
 use warpline_shared::machine::RunState;
+use warpline_shared::stage::RunScope;
 
 use super::{Engine, Summary};
 
@@ -269,6 +270,7 @@ impl Engine {
                 }
                 // Resuming the halted runs is the operator's answer to a backfill escalation too.
                 let was_escalated = b.rec.escalated.take().is_some();
+                b.rec.after_blocked = false;
                 b.rec.halt_signatures.clear();
                 let runs = b.rec.runs.clone();
                 if was_escalated {
@@ -283,6 +285,7 @@ impl Engine {
                     );
                 }
                 let mut resumed = 0;
+                let mut stage_runs = Vec::new();
                 for id in runs {
                     let run = self.runs.get_mut(&id).expect("run exists");
                     if let Ok(step) = run.machine.resume() {
@@ -297,12 +300,17 @@ impl Engine {
                                 action: Some(Action::Retry),
                             },
                         );
-                        self.backfills
-                            .get_mut(&backfill_id)
-                            .expect("backfill exists")
-                            .rec
-                            .pending
-                            .push_back(id);
+                        if self.runs[&id].scope.is_partition() {
+                            self.backfills
+                                .get_mut(&backfill_id)
+                                .expect("backfill exists")
+                                .rec
+                                .pending
+                                .push_back(id);
+                        } else {
+                            // A backfill-level run had its turn already: it goes on at once.
+                            stage_runs.push(id);
+                        }
                         resumed += 1;
                     }
                 }
@@ -316,6 +324,12 @@ impl Engine {
                     },
                 );
                 self.dirty_backfills.insert(backfill_id);
+                for id in stage_runs {
+                    if let Some(b) = self.backfills.get_mut(&backfill_id) {
+                        b.active += 1;
+                    }
+                    self.begin(id, 0);
+                }
                 self.fill();
                 Ok(OperatorAnswer::Resumed {
                     backfill_id,
@@ -349,7 +363,22 @@ impl Engine {
                         "backfill `{backfill_id}` is not escalated"
                     )));
                 }
+                let before_halted = b.rec.runs.first().is_some_and(|id| {
+                    let r = &self.runs[id];
+                    r.scope == RunScope::Before && r.machine.state().is_final()
+                });
+                if action == BackfillAction::Continue && before_halted {
+                    return Err(OperatorError::Refused(format!(
+                        "the before-steps of backfill `{backfill_id}` did not complete, and no partition starts without them: answer `warpline retry-failed {backfill_id}` (after fixing the cause) or `--action cancel`"
+                    )));
+                }
+                let b = self.backfills.get_mut(&backfill_id).expect("checked");
                 b.rec.escalated = None;
+                // Continuing past after-steps that wait for incomplete partitions runs them
+                // on what completed.
+                if std::mem::take(&mut b.rec.after_blocked) && action == BackfillAction::Continue {
+                    b.rec.partial_after = true;
+                }
                 b.rec.halt_signatures.clear();
                 self.dirty_backfills.insert(backfill_id);
                 let name = match action {
@@ -367,6 +396,7 @@ impl Engine {
                 );
                 match action {
                     BackfillAction::Continue => {
+                        self.advance_stages(backfill_id);
                         self.fill();
                         Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
                     }
@@ -410,7 +440,7 @@ impl Engine {
                         Some(Escalation {
                             run_id: r.id,
                             backfill_id: r.backfill_id,
-                            partition: r.partition.key(),
+                            partition: r.scope.key(&r.partition),
                             step: r.machine.steps()[step].id.clone(),
                             attempts: r.machine.attempts()[step],
                             reason,

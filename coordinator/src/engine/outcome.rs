@@ -73,7 +73,7 @@ impl Engine {
                 .filter(|a| a.attempt_id == attempt_id)
         {
             let backfill = run.backfill_id;
-            let pipeline = self.backfills[&backfill].pipeline.clone();
+            let pipeline = self.pipeline_of(run_id);
             let reported: std::collections::HashSet<&str> = outcome
                 .report
                 .checks
@@ -139,7 +139,9 @@ impl Engine {
             return;
         };
         let (bid, partition) = (run.backfill_id, run.partition.clone());
-        if let Some(b) = self.backfills.get_mut(&bid)
+        // Backfill-level steps have no siblings (the config refuses such gates on them).
+        if run.scope.is_partition()
+            && let Some(b) = self.backfills.get_mut(&bid)
             && crate::gates::apply(
                 &b.pipeline,
                 step,

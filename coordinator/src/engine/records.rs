@@ -1,7 +1,7 @@
 //! What the engine stores: a backfill as submitted ([`BackfillRequest`]), and a run and a
 //! backfill as persisted ([`RunRecord`], [`BackfillRecord`], [`PipelineSource`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +11,7 @@ use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{AttemptSummary, StepOutcome};
 use warpline_shared::machine::Machine;
 use warpline_shared::partition::Partition;
+use warpline_shared::stage::RunScope;
 
 /// A new backfill.
 #[derive(Debug, Clone)]
@@ -109,6 +110,9 @@ pub struct RunRecord {
     /// [`crate::fleet::capability`]); cleared when an attempt of it reports.
     #[serde(default)]
     pub hand_backs: Vec<crate::fleet::capability::HandBack>,
+    /// Which steps it runs: a partition's, or a group of backfill-level steps.
+    #[serde(default, skip_serializing_if = "RunScope::is_partition_ref")]
+    pub scope: RunScope,
 }
 
 /// One backfill, as stored.
@@ -147,6 +151,13 @@ pub struct BackfillRecord {
     /// What the backfill's decisions cost in LLM calls and tokens.
     #[serde(default)]
     pub llm: LlmUsage,
+    /// The backfill is escalated because after-steps wait for partitions that did not
+    /// complete (an operator's `continue` then runs them on what completed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_blocked: bool,
+    /// An operator let the after-steps run although some partitions did not complete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial_after: bool,
 }
 
 /// LLM use of a backfill's decisions: what an operator pays for.
@@ -195,8 +206,38 @@ impl PipelineSource {
 pub(super) struct Backfill {
     pub(super) rec: BackfillRecord,
     pub(super) pipeline: Arc<Pipeline>,
+    /// The pipeline as each group of backfill-level steps sees it ([`Pipeline::view`]).
+    pub(super) views: HashMap<RunScope, Arc<Pipeline>>,
     /// Runs started and not yet final or parked.
     pub(super) active: usize,
+}
+
+impl Backfill {
+    pub(super) fn new(rec: BackfillRecord, pipeline: Arc<Pipeline>, active: usize) -> Backfill {
+        let views = [RunScope::Before, RunScope::AfterDataset, RunScope::After]
+            .into_iter()
+            .filter(|s| pipeline.has_scope(*s))
+            .map(|s| (s, Arc::new(pipeline.view(s))))
+            .collect();
+        Backfill {
+            rec,
+            pipeline,
+            views,
+            active,
+        }
+    }
+
+    /// The pipeline that renders runs of `scope`.
+    pub(super) fn view(&self, scope: RunScope) -> Arc<Pipeline> {
+        match scope {
+            RunScope::Partition => self.pipeline.clone(),
+            s => self
+                .views
+                .get(&s)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(self.pipeline.view(s))),
+        }
+    }
 }
 
 /// Engine settings.

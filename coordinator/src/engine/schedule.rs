@@ -55,16 +55,16 @@ impl Engine {
                 agent: self.agent.name().to_string(),
             },
         );
-        let limits: Vec<StepLimit> = req
-            .pipeline
-            .steps()
-            .iter()
-            .map(|s| StepLimit {
-                id: s.id.clone(),
-                max_attempts: s.max_attempts,
-            })
-            .collect();
-        let mut rec = BackfillRecord {
+        let limits = |p: &Pipeline| -> Vec<StepLimit> {
+            p.steps()
+                .iter()
+                .map(|s| StepLimit {
+                    id: s.id.clone(),
+                    max_attempts: s.max_attempts,
+                })
+                .collect()
+        };
+        let rec = BackfillRecord {
             id,
             pipeline: req.pipeline.name().to_string(),
             runs: Vec::with_capacity(req.partitions.len()),
@@ -79,9 +79,15 @@ impl Engine {
             siblings: Default::default(),
             request: req.request.clone(),
             llm: Default::default(),
+            after_blocked: false,
+            partial_after: false,
         };
-        for p in req.partitions {
+        let backfill = Backfill::new(rec, req.pipeline.clone(), 0);
+        let mut rec = backfill.rec.clone();
+        // The partitions' runs, and the backfill-level runs before and after them.
+        for (scope, p) in req.pipeline.plan(&req.partitions) {
             let run_id = Uuid::now_v7();
+            let limits = limits(&backfill.view(scope));
             self.runs.insert(
                 run_id,
                 RunRecord {
@@ -97,22 +103,25 @@ impl Engine {
                     dispatched_at: None,
                     finished_at: None,
                     hand_backs: Vec::new(),
+                    scope,
                 },
             );
             rec.runs.push(run_id);
-            rec.pending.push_back(run_id);
-            self.record_run(run_id, AuditEvent::RunCreated { partition: p });
+            if scope.is_partition() {
+                rec.pending.push_back(run_id);
+            }
+            self.record_run(
+                run_id,
+                AuditEvent::RunCreated {
+                    partition: p,
+                    scope,
+                },
+            );
         }
-        self.backfills.insert(
-            id,
-            Backfill {
-                rec,
-                pipeline: req.pipeline,
-                active: 0,
-            },
-        );
+        self.backfills.insert(id, Backfill { rec, ..backfill });
         self.order.push(id);
         self.dirty_backfills.insert(id);
+        self.advance_stages(id);
         self.fill();
         id
     }
@@ -139,14 +148,8 @@ impl Engine {
                         .is_some_and(|r| matches!(r.machine.state(), RunState::Running(_)))
                 })
                 .count();
-            self.backfills.insert(
-                id,
-                Backfill {
-                    rec,
-                    pipeline,
-                    active,
-                },
-            );
+            self.backfills
+                .insert(id, Backfill::new(rec, pipeline, active));
             self.order.push(id);
         }
         self.order
@@ -188,6 +191,9 @@ impl Engine {
                 self.begin(run_id, 0);
             }
         }
+        for id in self.order.clone() {
+            self.advance_stages(id);
+        }
         self.fill();
     }
 
@@ -206,6 +212,7 @@ impl Engine {
                     && b.rec.escalated.is_none()
                     && !b.rec.pending.is_empty()
                     && b.active < b.rec.max_parallel
+                    && self.before_done(b)
             })
             .collect();
         ids.sort_by_key(|id| std::cmp::Reverse(self.backfills[id].rec.priority));
@@ -272,6 +279,13 @@ impl Engine {
                     return self.stop_run(run_id, format!("cannot render the step: {e}"));
                 }
             };
+        let mut spec = spec;
+        if !run.scope.is_partition() {
+            // Rendered now, so a resumed after-run lists the partitions as they ended last.
+            let (path, content) = self.partitions_file(run_id);
+            spec.files.insert(path, content);
+        }
+        let run = self.runs.get_mut(&run_id).expect("run exists");
         run.attempts_total[step] += 1;
         // Attempt directories are numbered over the run's whole life, not by the machine's
         // count, which a resume or retry-failed starts again at 1: a later attempt never
@@ -339,6 +353,7 @@ impl Engine {
             self.note_halt(run_id);
         }
         self.free_slot(bid);
+        self.advance_stages(bid);
     }
 
     /// Backfill-level supervision: counts HALTED runs by failure signature and escalates the

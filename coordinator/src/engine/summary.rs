@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::contracts::SCHEMA_VERSION;
 use warpline_shared::machine::{RunState, RunStatus};
+use warpline_shared::stage::RunScope;
 
 /// One run in a summary.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -36,6 +37,28 @@ pub struct RunSummary {
     /// Failed `warn` checks of its attempts (`STEP: name (detail)`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Which steps it runs: `partition` (omitted), or a backfill-level run's `before`,
+    /// `after_dataset` (its `dataset` set) or `after`.
+    #[serde(default, skip_serializing_if = "RunScope::is_partition_ref")]
+    #[schema(value_type = String, example = "after")]
+    pub scope: RunScope,
+    /// A backfill-level run's step ids, in order (a partition's are the summary's `steps`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<String>,
+}
+
+/// Where a backfill is: its before-steps, its partitions, its after-steps, or done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackfillStage {
+    /// The before-steps have not completed: no partition starts.
+    Before,
+    /// Partitions' runs have not all ended (per-dataset after-runs may run meanwhile).
+    Partitions,
+    /// Every partition's run ended; after-steps have not.
+    After,
+    /// Every run ended (or waits for an operator).
+    Done,
 }
 
 /// A backfill's summary (`warpline run --json`, `warpline status --json`, the HTTP API).
@@ -47,9 +70,13 @@ pub struct Summary {
     pub backfill_id: Uuid,
     /// The pipeline's name.
     pub pipeline: String,
-    /// The pipeline's step ids, in order (so a client can tell how far each run got).
+    /// The pipeline's step ids that run per partition, in order (so a client can tell how
+    /// far each run got); a backfill-level run lists its own in its `steps`.
     #[serde(default)]
     pub steps: Vec<String>,
+    /// Where the backfill is: `before`, `partitions`, `after` or `done`.
+    #[schema(example = "partitions")]
+    pub stage: BackfillStage,
     /// Runs by status.
     #[schema(value_type = BTreeMap<String, usize>)]
     pub counts: BTreeMap<RunStatus, usize>,
@@ -119,7 +146,7 @@ impl Engine {
                 }
                 RunSummary {
                     run_id: r.id,
-                    partition: r.partition.key(),
+                    partition: r.scope.key(&r.partition),
                     month: r.partition.month.clone(),
                     dataset: r.partition.dataset.clone(),
                     step: match r.machine.state() {
@@ -137,6 +164,12 @@ impl Engine {
                     reason: r.reason.clone(),
                     warnings: r.warnings.clone(),
                     state,
+                    scope: r.scope,
+                    steps: if r.scope.is_partition() {
+                        Vec::new()
+                    } else {
+                        r.machine.steps().iter().map(|s| s.id.clone()).collect()
+                    },
                 }
             })
             .collect();
@@ -178,12 +211,23 @@ impl Engine {
         };
         let left = runs.len() - finals;
         let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
+        let ended = |r: &RunSummary| r.state.is_final() || r.state == RunStatus::Escalated;
+        let stage = if runs.iter().all(ended) {
+            BackfillStage::Done
+        } else if !self.before_done(b) {
+            BackfillStage::Before
+        } else if runs.iter().any(|r| r.scope.is_partition() && !ended(r)) {
+            BackfillStage::Partitions
+        } else {
+            BackfillStage::After
+        };
         let (audit, audit_head) = self.store.audit_location();
         Summary {
             schema_version: SCHEMA_VERSION,
             backfill_id,
             pipeline: b.rec.pipeline.clone(),
             steps: b.pipeline.steps().iter().map(|s| s.id.clone()).collect(),
+            stage,
             counts,
             in_step,
             steps_executed,

@@ -210,6 +210,7 @@ mod tests {
             trace: BTreeMap::new(),
             deferred: Vec::new(),
             dynamic_artefacts: BTreeMap::new(),
+            files: BTreeMap::new(),
             failures: Default::default(),
         }
     }

@@ -210,6 +210,8 @@ mod tests {
             attempts: attempts.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
             reason: None,
             warnings: Vec::new(),
+            scope: Default::default(),
+            steps: Vec::new(),
         }
     }
 
@@ -310,6 +312,7 @@ mod tests {
             backfill_id: Uuid::nil(),
             pipeline: "p".into(),
             steps: steps(),
+            stage: crate::engine::BackfillStage::Partitions,
             counts: BTreeMap::new(),
             in_step: BTreeMap::new(),
             steps_executed: 0,

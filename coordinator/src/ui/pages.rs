@@ -840,7 +840,9 @@ fn attempt_section(h: &mut String, a: &Attempt, bid: Uuid, rid: Uuid) {
 
 fn story_line(r: &AuditRecord) -> String {
     let what = match &r.event {
-        AuditEvent::RunCreated { partition } => format!("created for {partition}"),
+        AuditEvent::RunCreated { partition, scope } => {
+            format!("created for {}", scope.label(partition))
+        }
         AuditEvent::Transition { from, to, action } => format!(
             "{from} → {to}{}",
             action.map(|a| format!(" ({a})")).unwrap_or_default()

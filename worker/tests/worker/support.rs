@@ -55,6 +55,7 @@ impl Workdir {
             trace: BTreeMap::new(),
             deferred: Vec::new(),
             dynamic_artefacts: BTreeMap::new(),
+            files: BTreeMap::new(),
             failures: Default::default(),
         }
     }
