@@ -63,6 +63,7 @@ use uuid::Uuid;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
 use warpline_shared::partition::{self, Partition};
+use warpline_shared::stage::RunScope;
 
 use crate::auth::{self, Auth, Identity};
 use crate::engine::{
@@ -816,13 +817,30 @@ async fn unrunnable_steps(
         })
         .collect();
     let pipeline = &backfill.pipeline;
-    let specs: Vec<warpline_shared::contracts::StepSpec> = backfill
-        .partitions
-        .iter()
-        .take(CHECKED_PARTITIONS)
-        .flat_map(|p| {
-            (0..pipeline.steps().len())
-                .filter_map(|i| pipeline.render_step(i, p, Uuid::nil(), 1, Uuid::nil()).ok())
+    // The first partitions' runs and the first backfill-level runs of each scope.
+    let views: std::collections::BTreeMap<_, _> = [
+        RunScope::Partition,
+        RunScope::Before,
+        RunScope::AfterDataset,
+        RunScope::After,
+    ]
+    .into_iter()
+    .map(|s| (s, pipeline.view(s)))
+    .collect();
+    let mut taken: std::collections::BTreeMap<RunScope, usize> = Default::default();
+    let specs: Vec<warpline_shared::contracts::StepSpec> = pipeline
+        .plan(&backfill.partitions[..backfill.partitions.len().min(CHECKED_PARTITIONS)])
+        .into_iter()
+        .filter(|(scope, _)| {
+            let n = taken.entry(*scope).or_default();
+            *n += 1;
+            *n <= CHECKED_PARTITIONS
+        })
+        .flat_map(|(scope, p)| {
+            let view = &views[&scope];
+            (0..view.steps().len())
+                .filter_map(|i| view.render_step(i, &p, Uuid::nil(), 1, Uuid::nil()).ok())
+                .collect::<Vec<_>>()
         })
         .collect();
     let found = crate::fleet::capability::unrunnable(&specs, &live);

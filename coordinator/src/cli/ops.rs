@@ -18,7 +18,7 @@ use super::report::{counts_line, duration, passed_per_step};
 use super::run::{parse_vars, read_partitions};
 use super::{BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs};
 use crate::api::{ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse};
-use crate::engine::{BackfillAction, Escalation, RunSummary, Summary};
+use crate::engine::{BackfillAction, BackfillStage, Escalation, RunSummary, Summary};
 use crate::fleet::capability;
 use warpline_shared::config::Pipeline;
 use warpline_shared::fleet::Heartbeat;
@@ -142,7 +142,7 @@ async fn dry_run(
         pipeline.set_workdir(dir);
     }
     pipeline.check_partitions(&partitions)?;
-    let programs = vec![None; pipeline.steps().len()];
+    let programs = std::collections::BTreeMap::new();
     let mut out = super::preflight::dry_run(&pipeline, &partitions, &programs)?;
     out.push_str(
         "
@@ -162,26 +162,44 @@ workers (programs resolve on them, not here):
                     hb
                 })
                 .collect();
-            for (index, step) in pipeline.steps().iter().enumerate() {
-                let Some(spec) = partitions.first().and_then(|p| {
-                    pipeline
-                        .render_step(index, p, Uuid::nil(), 1, Uuid::nil())
-                        .ok()
-                }) else {
-                    continue;
-                };
+            // Each step as its first run renders it (a backfill-level step in its own run).
+            let views = super::preflight::Views::of(&pipeline);
+            let mut specs = Vec::new();
+            for (scope, p) in pipeline.plan(&partitions) {
+                let view = views.get(scope);
+                for index in 0..view.steps().len() {
+                    let id = &view.steps()[index].id;
+                    if specs
+                        .iter()
+                        .any(|s: &warpline_shared::contracts::StepSpec| &s.step_id == id)
+                    {
+                        continue;
+                    }
+                    if let Ok(spec) = view.render_step(index, &p, Uuid::nil(), 1, Uuid::nil()) {
+                        specs.push(spec);
+                    }
+                }
+            }
+            for spec in &specs {
+                let step = spec;
+                let spec = step;
                 let may: Vec<&str> = live
                     .iter()
-                    .filter(|hb| capability::may_run(hb, &spec))
+                    .filter(|hb| capability::may_run(hb, spec))
                     .map(|hb| hb.worker_id.as_str())
                     .collect();
                 let line = if may.is_empty() {
                     format!(
                         "  {}: no live worker of pool `{}` may run `{}`: submit refuses it without --allow-unrunnable\n",
-                        step.id, spec.pool, spec.command
+                        step.step_id, spec.pool, spec.command
                     )
                 } else {
-                    format!("  {}: {} (pool `{}`)\n", step.id, may.join(", "), spec.pool)
+                    format!(
+                        "  {}: {} (pool `{}`)\n",
+                        step.step_id,
+                        may.join(", "),
+                        spec.pool
+                    )
                 };
                 out.push_str(&line);
             }
@@ -595,6 +613,16 @@ pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
         state_word(s)
     );
     out.push_str(&format!("runs: {} — {}\n", s.runs.len(), counts_line(s)));
+    let stage_runs: Vec<&RunSummary> = s.runs.iter().filter(|r| !r.scope.is_partition()).collect();
+    if !stage_runs.is_empty() {
+        let stage = match s.stage {
+            BackfillStage::Before => "before-steps (no partition starts until they complete)",
+            BackfillStage::Partitions => "partitions",
+            BackfillStage::After => "after-steps (every partition ended)",
+            BackfillStage::Done => "done",
+        };
+        out.push_str(&format!("stage: {stage}\n"));
+    }
     if let Some(why) = &s.escalated {
         out.push_str(&format!("ESCALATED: {why}\n"));
     }
@@ -623,6 +651,30 @@ pub(crate) fn render_status(s: &Summary, escalations: &[Escalation]) -> String {
         ],
         &step_rows(s),
     ));
+    if !stage_runs.is_empty() {
+        let rows: Vec<Vec<String>> = stage_runs
+            .iter()
+            .map(|r| {
+                let attempts: Vec<String> = r
+                    .steps
+                    .iter()
+                    .map(|id| format!("{id} {}", r.attempts.get(id).copied().unwrap_or(0)))
+                    .collect();
+                vec![
+                    r.partition.clone(),
+                    r.state.as_str().to_string(),
+                    r.step.clone().unwrap_or_else(|| "-".into()),
+                    attempts.join(", "),
+                    r.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str("\nbackfill-level runs:\n");
+        out.push_str(&table(
+            &["RUN", "STATE", "STEP", "ATTEMPTS", "REASON"],
+            &rows,
+        ));
+    }
     let failures: Vec<Vec<String>> = s
         .runs
         .iter()

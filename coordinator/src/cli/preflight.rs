@@ -1,8 +1,9 @@
-//! Before a local backfill runs anything: every step of every partition renders, its command
+//! Before a local backfill runs anything: every step of every run (partitions' and
+//! backfill-level) renders, its command
 //! resolves and is allowed, and its secrets resolve ([`preflight`]); and `--dry-run`'s account
 //! of what would run ([`dry_run`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -13,41 +14,43 @@ use warpline_executor::deferred::check_secrets;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{CheckSpec, StepSpec};
 use warpline_shared::partition::Partition;
+use warpline_shared::stage::RunScope;
 
 /// Partitions shown in full by `--dry-run`.
 pub const DRY_RUN_PARTITIONS: usize = 2;
 
-/// Renders every step for every partition and checks what a worker would check before
-/// starting it. Returns every distinct problem found (empty when the backfill may start) and,
-/// per step, the program its command resolved to for the first partition.
+/// Renders every step of every run (each partition's, and the backfill-level runs') and checks
+/// what a worker would check before starting it. Returns every distinct problem found (empty
+/// when the backfill may start) and, by step id, the program its command resolved to for the
+/// first run that has the step.
 pub fn preflight(
     pipeline: &Pipeline,
     partitions: &[Partition],
     exec: &ExecConfig,
-) -> (Vec<String>, Vec<Option<PathBuf>>) {
+) -> (Vec<String>, BTreeMap<String, PathBuf>) {
     let mut problems: Vec<String> = Vec::new();
     let mut seen = BTreeSet::new();
-    let mut programs = vec![None; pipeline.steps().len()];
+    let mut programs = BTreeMap::new();
     let mut note = |p: String| {
         if seen.insert(p.clone()) {
             problems.push(p);
         }
     };
     let entries = exec.allow_entries();
-    for (pi, partition) in partitions.iter().enumerate() {
-        for (index, slot) in programs.iter_mut().enumerate() {
-            let spec = match pipeline.render_step(index, partition, Uuid::nil(), 1, Uuid::nil()) {
+    let views = Views::of(pipeline);
+    for (scope, partition) in pipeline.plan(partitions) {
+        let view = views.get(scope);
+        for index in 0..view.steps().len() {
+            let spec = match view.render_step(index, &partition, Uuid::nil(), 1, Uuid::nil()) {
                 Ok(s) => s,
                 Err(e) => {
-                    note(format!("partition `{}`: {e}", partition.key()));
+                    note(format!("partition `{}`: {e}", scope.key(&partition)));
                     continue;
                 }
             };
             match check_allowed(&spec, exec, &entries) {
                 Ok(Ok(program)) => {
-                    if pi == 0 {
-                        *slot = Some(program);
-                    }
+                    programs.entry(spec.step_id.clone()).or_insert(program);
                 }
                 Ok(Err(e)) => note(format!("step `{}`: {e}", spec.step_id)),
                 Err(refusal) => note(format!("step `{}`: {refusal}", spec.step_id)),
@@ -63,26 +66,78 @@ pub fn preflight(
     (problems, programs)
 }
 
-/// What `--dry-run` prints: each step's rendered spec for the first partitions, and how many
-/// more there are.
+/// The pipeline as each scope's runs see it, built once.
+pub struct Views {
+    views: BTreeMap<RunScope, Pipeline>,
+}
+
+impl Views {
+    /// Every scope's view of `pipeline`.
+    pub fn of(pipeline: &Pipeline) -> Views {
+        let views = [
+            RunScope::Partition,
+            RunScope::Before,
+            RunScope::AfterDataset,
+            RunScope::After,
+        ]
+        .into_iter()
+        .map(|s| (s, pipeline.view(s)))
+        .collect();
+        Views { views }
+    }
+
+    /// The view of `scope`.
+    pub fn get(&self, scope: RunScope) -> &Pipeline {
+        &self.views[&scope]
+    }
+}
+
+/// What `--dry-run` prints: each step's rendered spec for the first partitions, how many
+/// more there are, and the backfill-level runs' steps.
 pub fn dry_run(
     pipeline: &Pipeline,
     partitions: &[Partition],
-    programs: &[Option<PathBuf>],
+    programs: &BTreeMap<String, PathBuf>,
 ) -> anyhow::Result<String> {
     let mut out = String::new();
+    let plan = pipeline.plan(partitions);
     writeln!(
         out,
-        "dry run of `{}`: {} partitions × {} steps; nothing is executed",
+        "dry run of `{}`: {} partitions × {} steps{}; nothing is executed",
         pipeline.name(),
         partitions.len(),
-        pipeline.steps().len()
+        pipeline.steps().len(),
+        match plan.len() - partitions.len() {
+            0 => String::new(),
+            n => format!(", and {n} backfill-level runs"),
+        }
     )?;
-    for partition in partitions.iter().take(DRY_RUN_PARTITIONS) {
-        writeln!(out, "\npartition {}", partition.key())?;
-        for (index, program) in programs.iter().enumerate() {
-            let spec = pipeline.render_step(index, partition, Uuid::nil(), 1, Uuid::nil())?;
-            describe(&mut out, &spec, program.as_deref())?;
+    let views = Views::of(pipeline);
+    let mut shown = 0;
+    for (scope, partition) in &plan {
+        if scope.is_partition() {
+            if shown == DRY_RUN_PARTITIONS {
+                continue;
+            }
+            shown += 1;
+            writeln!(out, "\npartition {}", partition.key())?;
+        } else {
+            writeln!(
+                out,
+                "\nbackfill-level run {} ({})",
+                scope.key(partition),
+                match scope {
+                    RunScope::Before => "before the first partition starts",
+                    RunScope::AfterDataset => "once the dataset's partitions ended",
+                    _ => "once every partition ended",
+                }
+            )?;
+        }
+        let view = views.get(*scope);
+        for index in 0..view.steps().len() {
+            let spec = view.render_step(index, partition, Uuid::nil(), 1, Uuid::nil())?;
+            let program = programs.get(&spec.step_id).map(PathBuf::as_path);
+            describe(&mut out, &spec, program)?;
         }
     }
     let rest = partitions.len().saturating_sub(DRY_RUN_PARTITIONS);

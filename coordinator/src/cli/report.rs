@@ -69,7 +69,8 @@ pub(crate) fn duration(secs: u64) -> String {
 /// How many runs have passed each step (proceeded from it), in the pipeline's step order.
 pub(crate) fn passed_per_step(s: &Summary) -> Vec<u64> {
     let mut out = vec![0; s.steps.len()];
-    for r in &s.runs {
+    // Backfill-level runs have steps of their own.
+    for r in s.runs.iter().filter(|r| r.scope.is_partition()) {
         for n in out.iter_mut().take(steps_passed(r, &s.steps)) {
             *n += 1;
         }

@@ -148,9 +148,11 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     exec.allowlist = if args.allow.is_empty() {
         // The pipeline is the operator's own: each step may run its own command.
         let mut own = BTreeSet::new();
-        for p in &partitions {
-            for i in 0..pipeline.steps().len() {
-                own.insert(pipeline.render_command(i, p)?);
+        let views = super::preflight::Views::of(&pipeline);
+        for (scope, p) in pipeline.plan(&partitions) {
+            let view = views.get(scope);
+            for i in 0..view.steps().len() {
+                own.insert(view.render_command(i, &p)?);
             }
         }
         own

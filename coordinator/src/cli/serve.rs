@@ -170,7 +170,7 @@ impl Session<'_> {
         );
         let mut pools = args.pools.clone();
         for (_, p) in &recovered.backfills {
-            for s in p.steps() {
+            for s in p.all_steps() {
                 if !pools.contains(&s.pool) {
                     pools.push(s.pool.clone());
                 }

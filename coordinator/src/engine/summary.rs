@@ -48,12 +48,13 @@ pub struct RunSummary {
 }
 
 /// Where a backfill is: its before-steps, its partitions, its after-steps, or done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackfillStage {
     /// The before-steps have not completed: no partition starts.
     Before,
     /// Partitions' runs have not all ended (per-dataset after-runs may run meanwhile).
+    #[default]
     Partitions,
     /// Every partition's run ended; after-steps have not.
     After,
@@ -75,7 +76,7 @@ pub struct Summary {
     #[serde(default)]
     pub steps: Vec<String>,
     /// Where the backfill is: `before`, `partitions`, `after` or `done`.
-    #[schema(example = "partitions")]
+    #[serde(default)]
     pub stage: BackfillStage,
     /// Runs by status.
     #[schema(value_type = BTreeMap<String, usize>)]

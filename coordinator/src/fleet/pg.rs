@@ -654,7 +654,7 @@ impl PgStore {
         for r in self.runs.values() {
             run_ids.push(r.id);
             run_bids.push(r.backfill_id);
-            keys.push(r.partition.key());
+            keys.push(r.scope.key(&r.partition));
             states.push(r.machine.state_name());
             recs.push(Json(r));
         }

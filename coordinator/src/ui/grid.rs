@@ -145,7 +145,8 @@ pub fn page<'a>(s: &'a Summary, f: &Filter) -> Page<'a> {
     let mut matched = 0;
     let mut rows = Vec::new();
     let first = f.page * PAGE_SIZE;
-    for run in &s.runs {
+    // Backfill-level runs have steps of their own: the page shows them in a table of theirs.
+    for run in s.runs.iter().filter(|r| r.scope.is_partition()) {
         let cs = cells(run, &s.steps);
         for (c, _) in &cs {
             totals[Cell::ALL.iter().position(|x| x == c).expect("listed")] += 1;

@@ -10,12 +10,13 @@ use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::contracts::{Severity, StepOutcome};
 use warpline_shared::machine::RunStatus;
+use warpline_shared::stage::RunScope;
 
 use super::grid::{self, Cell, Filter};
 use super::html::{esc, url_encode};
 use super::records::ChainCheck;
 use crate::auth::Identity;
-use crate::engine::{Escalation, RunSummary, Summary};
+use crate::engine::{BackfillStage, Escalation, RunSummary, Summary};
 
 /// What every page needs to know about the request.
 #[derive(Debug, Clone)]
@@ -306,6 +307,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
             resolve_backfill_form(ctx, s)
         );
     }
+    h.push_str(&backfill_level(s));
     let mine: Vec<&Escalation> = escalations.iter().filter(|e| e.backfill_id == id).collect();
     if !mine.is_empty() {
         let _ = write!(h, "<h2>Waiting for an operator ({})</h2>", mine.len());
@@ -412,6 +414,62 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
         }
         h.push_str("</div>");
     }
+    h
+}
+
+/// The backfill's stage and its backfill-level runs (before-steps, after-steps), each with a
+/// cell per step of its own; empty for a pipeline without such steps.
+fn backfill_level(s: &Summary) -> String {
+    let runs: Vec<&RunSummary> = s.runs.iter().filter(|r| !r.scope.is_partition()).collect();
+    if runs.is_empty() {
+        return String::new();
+    }
+    let id = s.backfill_id;
+    let stage = match s.stage {
+        BackfillStage::Before => "before-steps: no partition starts until they complete",
+        BackfillStage::Partitions => "partitions",
+        BackfillStage::After => "after-steps: every partition ended",
+        BackfillStage::Done => "done",
+    };
+    let mut h = format!(
+        "<h2>Backfill-level steps</h2><p>Stage: <b id=\"stage\" data-stage=\"{}\">{}</b></p>\
+<table class=\"grid\" id=\"backfill-steps\"><thead><tr><th>Run</th><th>When</th><th>State</th><th>Steps</th><th>Reason</th></tr></thead><tbody>",
+        esc(&format!("{:?}", s.stage).to_lowercase()),
+        esc(stage)
+    );
+    for run in runs {
+        let rid = run.run_id;
+        let when = match run.scope {
+            RunScope::Before => "before the first partition".to_string(),
+            RunScope::AfterDataset => format!(
+                "after dataset {}'s partitions",
+                run.dataset.as_deref().unwrap_or("")
+            ),
+            _ => "after every partition".to_string(),
+        };
+        let _ = write!(
+            h,
+            "<tr data-run=\"{0}\"><td class=\"part\"><a href=\"/backfills/{id}/runs/{rid}\">{0}</a></td><td>{1}</td><td><span class=\"chip s-{2}\">{2}</span></td><td>",
+            esc(&run.partition),
+            esc(&when),
+            esc(run.state.as_str())
+        );
+        for (step, (cell, n)) in run.steps.iter().zip(grid::cells(run, &run.steps)) {
+            let _ = write!(
+                h,
+                "<span class=\"c {0}\" data-step=\"{1}\" data-state=\"{0}\" title=\"{1}: {0}, {n} attempt(s)\"><a href=\"/backfills/{id}/runs/{rid}#step-{2}\">{1}</a></span> ",
+                cell.name(),
+                esc(step),
+                url_encode(step),
+            );
+        }
+        let _ = write!(
+            h,
+            "</td><td>{}</td></tr>",
+            esc(run.reason.as_deref().unwrap_or(""))
+        );
+    }
+    h.push_str("</tbody></table>");
     h
 }
 
@@ -1017,6 +1075,46 @@ mod tests {
     use super::*;
     use crate::api::{FleetView, PoolView, WorkerInfo};
     use warpline_shared::fleet::AllowedCommand;
+
+    #[test]
+    fn the_backfill_page_shows_the_stage_and_the_backfill_level_runs_with_their_steps() {
+        let run = |partition: &str, scope: Option<&str>, state: &str, step: Option<&str>| {
+            let mut r = serde_json::json!({
+                "run_id": Uuid::now_v7(), "partition": partition, "state": state,
+                "attempts": {"LOAD": 1}, "step": step,
+            });
+            if let Some(scope) = scope {
+                r["scope"] = scope.into();
+                r["steps"] = serde_json::json!(["EXPORT", "PUBLISH"]);
+                r["attempts"] = serde_json::json!({"EXPORT": 2});
+            }
+            r
+        };
+        let s: Summary = serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "backfill_id": Uuid::nil(), "pipeline": "p", "steps": ["LOAD"],
+            "stage": "after", "counts": {}, "in_step": {}, "steps_executed": 3,
+            "runs_per_minute": 0.0, "wall_ms": 0, "finished": false, "cancelling": false,
+            "audit": "a.jsonl", "audit_head": "00", "runs": [
+                run("2024-01", None, "COMPLETE", None),
+                run("_after", Some("after"), "RUNNING", Some("EXPORT")),
+            ]
+        }))
+        .unwrap();
+        let h = backfill_level(&s);
+        assert!(h.contains("id=\"stage\" data-stage=\"after\""), "{h}");
+        assert!(h.contains("<td>after every partition</td>"), "{h}");
+        assert!(
+            h.contains("data-step=\"EXPORT\" data-state=\"retrying\""),
+            "{h}"
+        );
+        assert!(
+            h.contains("data-step=\"PUBLISH\" data-state=\"pending\""),
+            "{h}"
+        );
+        assert!(!h.contains("2024-01"), "partitions stay in the grid: {h}");
+        let page = grid::page(&s, &Filter::default());
+        assert_eq!(page.rows.len(), 1, "the grid has the partitions only");
+    }
 
     #[test]
     fn the_fleet_page_shows_pools_with_queue_depth_and_each_workers_resolved_allowlist() {
