@@ -1577,6 +1577,20 @@ mod tests {
     }
 
     #[test]
+    fn files_for_the_tool_must_lie_under_the_workdir() {
+        let mut s = spec("true", &[]);
+        s.files
+            .insert("/w/runs/_after/partitions.json".into(), "{}".into());
+        assert!(check_paths(&s).is_ok());
+        for bad in ["/w/../etc/cron.d/x", "/etc/passwd", "relative.json"] {
+            let mut s = spec("true", &[]);
+            s.files.insert(bad.into(), "{}".into());
+            let err = check_paths(&s).unwrap_err().to_string();
+            assert!(err.contains("files"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn dotdot_after_a_wildcard_is_ambiguous() {
         assert!(dotdot_after_wildcard(Path::new("/w/**/../x")));
         assert!(!dotdot_after_wildcard(Path::new("/w/../w/*.csv")));

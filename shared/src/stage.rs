@@ -354,3 +354,196 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::ConfigError;
+
+    fn load(steps: serde_json::Value) -> Result<Pipeline, ConfigError> {
+        let text = serde_json::json!({"name": "p", "workdir": "work", "steps": steps}).to_string();
+        Pipeline::from_json(Path::new("/tmp/cfg/pipeline.json"), &text)
+    }
+
+    fn invalid(steps: serde_json::Value) -> (String, String) {
+        match load(steps).unwrap_err() {
+            ConfigError::Invalid { path, message, .. } => (path, message),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    fn load_step() -> serde_json::Value {
+        serde_json::json!({"id": "LOAD", "command": "load", "args": ["{month}"],
+            "artefacts": {"csv": "out/{dataset}_{month}.csv"}})
+    }
+
+    fn parts() -> Vec<Partition> {
+        ["sales", "stock"]
+            .iter()
+            .flat_map(|d| {
+                ["2024-02", "2024-01"].iter().map(move |m| Partition {
+                    month: Some(m.to_string()),
+                    dataset: Some(d.to_string()),
+                    ..Partition::default()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_backfill_step_is_checked_with_its_own_placeholders_and_fields() {
+        let after = |extra: serde_json::Value| {
+            let mut s = serde_json::json!({"id": "EXPORT", "command": "export", "scope": "backfill", "when": "after"});
+            s.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::json!([load_step(), s])
+        };
+        let (path, msg) = invalid(after(serde_json::json!({"args": ["{month}"]})));
+        assert_eq!(path, "steps[1].args[0]");
+        assert!(
+            msg.contains("use `{first_month}` or `{last_month}`"),
+            "{msg}"
+        );
+        let (_, msg) = invalid(after(serde_json::json!({"args": ["{dataset}"]})));
+        assert!(msg.contains("per-dataset"), "{msg}");
+        // A partition step's artefacts belong to its runs, not to the after-run.
+        let (_, msg) = invalid(after(serde_json::json!({"args": ["{artefacts.csv}"]})));
+        assert!(
+            msg.contains("unknown placeholder `{artefacts.csv}`"),
+            "{msg}"
+        );
+        let (path, msg) = invalid(serde_json::json!([
+            {"id": "LOAD", "command": "load", "args": ["{first_month}"]}
+        ]));
+        assert_eq!(path, "steps[0].args[0]");
+        assert!(
+            msg.contains("only defined for backfill-level steps"),
+            "{msg}"
+        );
+        let (path, msg) = invalid(after(serde_json::json!({"when": null})));
+        assert_eq!(path, "steps[1].when");
+        assert!(msg.contains("needs `\"when\": \"before\"`"), "{msg}");
+        let (path, _) = invalid(serde_json::json!([
+            {"id": "P", "command": "p", "scope": "backfill", "when": "before", "per": "dataset"},
+            load_step()
+        ]));
+        assert_eq!(path, "steps[0].per");
+        let (path, msg) = invalid(serde_json::json!([
+            {"id": "LOAD", "command": "load", "allow_partial": true}
+        ]));
+        assert_eq!(path, "steps[0].allow_partial");
+        assert!(msg.contains("only to a backfill-level step"), "{msg}");
+        let (path, msg) = invalid(serde_json::json!([
+            load_step(),
+            {"id": "A", "command": "a", "scope": "backfill", "when": "after", "allow_partial": true},
+            {"id": "B", "command": "b", "scope": "backfill", "when": "after"}
+        ]));
+        assert_eq!(path, "steps[2].allow_partial");
+        assert!(msg.contains("must agree"), "{msg}");
+        let (path, msg) = invalid(serde_json::json!([
+            {"id": "P", "command": "p", "scope": "backfill", "when": "before"}
+        ]));
+        assert_eq!(path, "steps");
+        assert!(
+            msg.contains("at least one step that runs per partition"),
+            "{msg}"
+        );
+        // Good: every backfill placeholder, the group's own artefacts, a per-dataset one.
+        let p = load(serde_json::json!([
+            load_step(),
+            {"id": "EXPORT", "command": "export", "scope": "backfill", "when": "after", "per": "dataset",
+             "args": ["{dataset}", "{first_month:%Y%m}", "{last_month}", "{datasets}", "{partitions_file}"],
+             "artefacts": {"zip": "{dataset}.zip"}},
+            {"id": "SIGN", "command": "sign", "scope": "backfill", "when": "after", "per": "dataset",
+             "args": ["{artefacts.zip}"]}
+        ]))
+        .unwrap();
+        assert_eq!(p.steps().len(), 1, "the partitions' steps");
+        assert_eq!(p.all_steps().len(), 3);
+        assert_eq!(p.view(RunScope::AfterDataset).steps().len(), 2);
+    }
+
+    #[test]
+    fn the_plan_has_the_backfill_level_runs_around_the_partitions_with_their_range() {
+        let p = load(serde_json::json!([
+            {"id": "PREPARE", "command": "prepare", "scope": "backfill", "when": "before"},
+            load_step(),
+            {"id": "EXPORT", "command": "export", "scope": "backfill", "when": "after", "per": "dataset",
+             "args": ["{dataset}", "{first_month:%B %Y}", "{last_month}", "{partitions_file}"]}
+        ]))
+        .unwrap();
+        let plan = p.plan(&parts());
+        let keys: Vec<String> = plan.iter().map(|(s, p)| s.key(p)).collect();
+        assert_eq!(
+            keys,
+            [
+                "_before",
+                "sales_2024-02",
+                "sales_2024-01",
+                "stock_2024-02",
+                "stock_2024-01",
+                "_after_sales",
+                "_after_stock"
+            ]
+        );
+        let (scope, stock) = &plan[6];
+        let view = p.view(*scope);
+        let spec = view
+            .render_step(0, stock, Uuid::nil(), 1, Uuid::nil())
+            .unwrap();
+        assert_eq!(
+            spec.args,
+            [
+                "stock",
+                "January 2024",
+                "2024-02",
+                "/tmp/cfg/work/runs/_after_stock/partitions.json"
+            ]
+        );
+        assert_eq!(spec.cwd, "/tmp/cfg/work/runs/_after_stock");
+        assert_eq!(plan[0].1.vars["datasets"], "sales,stock");
+        // The partitions it lists, with a complete one's artefacts.
+        let runs: Vec<(Uuid, &Partition, String)> = plan[3..5]
+            .iter()
+            .zip(["COMPLETE", "HALTED"])
+            .map(|((_, p), s)| (Uuid::nil(), p, s.to_string()))
+            .collect();
+        let list = p.partitions_list(Uuid::nil(), RunScope::AfterDataset, Some("stock"), runs);
+        assert_eq!(list.complete, 1);
+        assert_eq!(
+            list.partitions[0].artefacts["csv"],
+            "/tmp/cfg/work/runs/stock_2024-02/out/stock_2024-02.csv"
+        );
+        assert!(list.partitions[1].artefacts.is_empty());
+        // A per-dataset step needs datasets; a range placeholder needs months.
+        let months_only: Vec<Partition> = parts()
+            .into_iter()
+            .map(|p| Partition { dataset: None, ..p })
+            .collect();
+        let p = load(serde_json::json!([
+            {"id": "LOAD", "command": "load", "args": ["{month}"]},
+            {"id": "EXPORT", "command": "export", "scope": "backfill", "when": "after", "per": "dataset"}
+        ]))
+        .unwrap();
+        let err = p.check_partitions(&months_only[..1]).unwrap_err();
+        assert!(err.to_string().contains("runs per dataset"), "{err}");
+        let p = load(serde_json::json!([
+            {"id": "LOAD", "command": "load", "args": ["{dataset}"]},
+            {"id": "EXPORT", "command": "export", "scope": "backfill", "when": "after", "args": ["{last_month}"]}
+        ]))
+        .unwrap();
+        let datasets_only = [Partition {
+            dataset: Some("sales".into()),
+            ..Partition::default()
+        }];
+        let err = p.check_partitions(&datasets_only).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("uses `{last_month}` but the partitions have no month: give --months"),
+            "{err}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 mod agent;
 mod auth;
+mod backfill_steps;
 mod dashboard;
 mod deploy;
 mod distribution;
