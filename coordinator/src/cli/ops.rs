@@ -181,8 +181,6 @@ workers (programs resolve on them, not here):
                 }
             }
             for spec in &specs {
-                let step = spec;
-                let spec = step;
                 let may: Vec<&str> = live
                     .iter()
                     .filter(|hb| capability::may_run(hb, spec))
@@ -191,12 +189,12 @@ workers (programs resolve on them, not here):
                 let line = if may.is_empty() {
                     format!(
                         "  {}: no live worker of pool `{}` may run `{}`: submit refuses it without --allow-unrunnable\n",
-                        step.step_id, spec.pool, spec.command
+                        spec.step_id, spec.pool, spec.command
                     )
                 } else {
                     format!(
                         "  {}: {} (pool `{}`)\n",
-                        step.step_id,
+                        spec.step_id,
                         may.join(", "),
                         spec.pool
                     )
