@@ -2,7 +2,7 @@
 //! running the toolchain's scripts and a console entry point, pinned allowlist entries, a
 //! partitions file with the publication's URL slugs, a secret from the environment and one from
 //! a secrets directory (neither in the audit log), and a tool that decides its output's name
-//! (a glob artefact) feeding the next step.
+//! (a glob artefact) feeding the next step, and a backfill-level export after the last month.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,21 @@ def main():
     return 0
 "#;
 
+/// The per-publication export, run once after the last month: it reads the partitions file
+/// warpline wrote for it and the warehouse the loads filled.
+const EXPORT_PY: &str = r#"
+import json, os, sys
+listing, warehouse, out = sys.argv[1], sys.argv[2], sys.argv[3]
+rows = []
+for p in json.load(open(listing))["partitions"]:
+    if p["state"] == "COMPLETE":
+        tag = p["month"].replace("-", "")
+        rows += open(os.path.join(warehouse, tag + ".csv")).read().splitlines()[1:]
+with open(out, "w") as f:
+    f.write("\n".join(rows) + "\n")
+print("exported %d rows" % len(rows))
+"#;
+
 /// A toolchain directory: `venv/` (made by `python3 -m venv`), `scripts/fetch.py`, the package
 /// `toolchain/` installed into the venv the way `pip install -e` does (a `.pth` file) with its
 /// console entry point `venv/bin/tc-load`, the source files served over HTTP, and the pipeline.
@@ -68,6 +83,7 @@ impl Toolchain {
         );
         std::fs::create_dir_all(root.join("scripts")).unwrap();
         std::fs::write(root.join("scripts/fetch.py"), FETCH_PY).unwrap();
+        std::fs::write(root.join("scripts/export.py"), EXPORT_PY).unwrap();
         std::fs::create_dir_all(root.join("toolchain")).unwrap();
         std::fs::write(root.join("toolchain/__init__.py"), "").unwrap();
         std::fs::write(root.join("toolchain/load.py"), LOAD_PY).unwrap();
@@ -150,7 +166,13 @@ impl Toolchain {
                 {"id": "LOAD", "command": "{venv}/bin/tc-load",
                  "args": ["{artefacts.raw}", "{month:%Y%m}", "{workdir}/warehouse"],
                  "env": {"TC_DATABASE_URL": "warehouse://loader:{secret:db_password}@localhost/tc"},
-                 "validations": [{"kind": "log_regex_present", "pattern": "loaded \\d+ rows"}]}
+                 "validations": [{"kind": "log_regex_present", "pattern": "loaded \\d+ rows"}]},
+                {"id": "EXPORT", "scope": "backfill", "when": "after", "command": "{python}",
+                 "args": ["{config_dir}/scripts/export.py", "{partitions_file}", "{workdir}/warehouse",
+                          "{workdir}/export-{first_month}..{last_month}.csv"],
+                 "artefacts": {"export": "{workdir}/export-{first_month}..{last_month}.csv"},
+                 "validations": [{"kind": "file_exists", "artefact": "export"},
+                                 {"kind": "log_regex_present", "pattern": "exported \\d+ rows"}]}
             ]
         });
         let path = self.root().join(name);
@@ -158,14 +180,15 @@ impl Toolchain {
         path.display().to_string()
     }
 
-    /// The pinned allowlist: the venv's interpreter only with the fetch script, and the entry
-    /// point.
+    /// The pinned allowlist: the venv's interpreter only with the fetch and export scripts,
+    /// and the entry point.
     fn allow(&self) -> String {
         format!(
-            "{} {},{}",
-            self.path("venv/bin/python"),
+            "{python} {},{python} {},{}",
             self.path("scripts/fetch.py"),
-            self.path("venv/bin/tc-load")
+            self.path("scripts/export.py"),
+            self.path("venv/bin/tc-load"),
+            python = self.path("venv/bin/python"),
         )
     }
 
@@ -204,7 +227,22 @@ fn a_python_toolchain_runs_with_pinned_tools_partition_urls_and_secrets_kept_out
     let run = tc.run(&pipeline, &["--workers", "2"]);
     run.expect_code(0);
     let summary = run.summary();
-    assert_eq!(summary["counts"]["COMPLETE"], 3, "{summary:#}");
+    assert_eq!(
+        summary["counts"]["COMPLETE"], 4,
+        "3 months and the export: {summary:#}"
+    );
+    // The backfill-level export ran once, after the last month, over every month's rows.
+    let export =
+        std::fs::read_to_string(tc.root().join("work/export-2024-01..2024-03.csv")).unwrap();
+    assert_eq!(export.lines().count(), 3 + 2 + 4, "{export}");
+    let after = run_of(&summary, "_after");
+    assert_eq!(
+        (&after["state"], &after["attempts"]),
+        (
+            &serde_json::json!("COMPLETE"),
+            &serde_json::json!({"EXPORT": 1})
+        )
+    );
 
     // The slugs came from the format spec, the URLs from the partitions file, and each
     // month's load read the file its fetch named.
@@ -265,7 +303,8 @@ fn a_python_toolchain_runs_with_pinned_tools_partition_urls_and_secrets_kept_out
     }
     fetched.sort();
     assert_eq!(fetched, ["february-2024", "january-2024", "march-2024"]);
-    assert_eq!(programs.len(), 6, "{programs:?}");
+    assert_eq!(programs.len(), 7, "{programs:?}");
+    assert!(programs.contains(&("EXPORT".into(), tc.path("venv/bin/python"))));
     assert!(programs.contains(&("FETCH".into(), tc.path("venv/bin/python"))));
     assert!(programs.contains(&("LOAD".into(), tc.path("venv/bin/tc-load"))));
 }
