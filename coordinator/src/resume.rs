@@ -24,6 +24,7 @@ use warpline_shared::audit::{self, AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{AttemptSummary, ReportStatus, Severity, StepOutcome};
 use warpline_shared::machine::{AttemptFacts, Machine, Receipt, RunState, RunStatus, StepLimit};
+use warpline_shared::stage::RunScope;
 
 use crate::engine::{BackfillRecord, PipelineSource, RunRecord};
 
@@ -174,14 +175,24 @@ pub fn replay(
     backfill_id: Uuid,
     pipeline: &Pipeline,
 ) -> anyhow::Result<Replayed> {
-    let limits: Vec<StepLimit> = pipeline
-        .steps()
-        .iter()
-        .map(|s| StepLimit {
-            id: s.id.clone(),
-            max_attempts: s.max_attempts,
-        })
-        .collect();
+    // Each run's machine runs its scope's steps: a partition's, or a group of backfill-level
+    // steps ([`Pipeline::view`]), as the engine built it at submit.
+    let limits_of = |scope: RunScope| -> Vec<StepLimit> {
+        let view;
+        let steps = if scope.is_partition() {
+            pipeline.steps()
+        } else {
+            view = pipeline.view(scope);
+            view.steps()
+        };
+        steps
+            .iter()
+            .map(|s| StepLimit {
+                id: s.id.clone(),
+                max_attempts: s.max_attempts,
+            })
+            .collect()
+    };
     let mut backfill: Option<BackfillRecord> = None;
     let mut runs: Vec<RunRecord> = Vec::new();
     let mut index: HashMap<Uuid, usize> = HashMap::new();
@@ -214,6 +225,8 @@ pub fn replay(
                 siblings: Default::default(),
                 request: None,
                 llm: Default::default(),
+                after_blocked: false,
+                partial_after: false,
             });
             continue;
         }
@@ -225,11 +238,28 @@ pub fn replay(
         };
         let Some(run_id) = r.run_id else {
             match &r.event {
-                AuditEvent::BackfillEscalated { reason, .. } => b.escalated = Some(reason.clone()),
+                AuditEvent::BackfillEscalated {
+                    reason, signature, ..
+                } => {
+                    b.escalated = Some(reason.clone());
+                    // After-steps waiting for partitions that did not complete (the engine's
+                    // `escalate_stage` signature).
+                    b.after_blocked = signature.ends_with(": partitions did not complete");
+                }
                 AuditEvent::BackfillResolution { action, .. } => match action.as_str() {
-                    "continue" | "retry-failed" => b.escalated = None,
+                    "continue" => {
+                        b.escalated = None;
+                        if std::mem::take(&mut b.after_blocked) {
+                            b.partial_after = true;
+                        }
+                    }
+                    "retry-failed" => {
+                        b.escalated = None;
+                        b.after_blocked = false;
+                    }
                     "cancel" => {
                         b.escalated = None;
+                        b.after_blocked = false;
                         b.cancelling = true;
                     }
                     _ => {}
@@ -238,7 +268,8 @@ pub fn replay(
             }
             continue;
         };
-        if let AuditEvent::RunCreated { partition } = &r.event {
+        if let AuditEvent::RunCreated { partition, scope } = &r.event {
+            let limits = limits_of(*scope);
             index.insert(run_id, runs.len());
             b.runs.push(run_id);
             runs.push(RunRecord {
@@ -254,6 +285,7 @@ pub fn replay(
                 dispatched_at: None,
                 finished_at: None,
                 hand_backs: Vec::new(),
+                scope: *scope,
             });
             continue;
         }
@@ -262,9 +294,10 @@ pub fn replay(
             continue;
         };
         let run = &mut runs[i];
+        let limits: Vec<String> = run.machine.steps().iter().map(|s| s.id.clone()).collect();
         let m = &mut run.machine;
         let step_of = |id: &str| {
-            limits.iter().position(|s| s.id == id).ok_or_else(|| {
+            limits.iter().position(|s| s == id).ok_or_else(|| {
                 bad(format!(
                     "step `{id}` is not in the pipeline `{}` now: a resume needs the steps it ran",
                     pipeline.name()
@@ -317,7 +350,7 @@ pub fn replay(
                 if a.step != step || a.attempt != *attempt {
                     bail!(bad(format!(
                         "dispatch of {step_id}#{attempt} does not follow from its records (replayed: {}#{})",
-                        limits[a.step].id, a.attempt
+                        limits[a.step], a.attempt
                     )));
                 }
                 run.attempts_total[step] += 1;
@@ -376,7 +409,7 @@ pub fn replay(
                 let applied = m.decide(decision.action).map_err(|e| bad(e.to_string()))?;
                 let outcome = run.last.take();
                 run.history.push(AttemptSummary {
-                    step_id: limits[a.step].id.clone(),
+                    step_id: limits[a.step].clone(),
                     attempt: a.attempt,
                     exit_code: facts.exit_code,
                     timed_out: facts.timed_out,
@@ -420,7 +453,8 @@ pub fn replay(
         bail!("backfill {backfill_id} is not in this audit log");
     };
     for run in &mut runs {
-        if run.machine.state() == RunState::Init {
+        // Backfill-level runs are started by the engine's stages, never from `pending`.
+        if run.scope.is_partition() && run.machine.state() == RunState::Init {
             backfill.pending.push_back(run.id);
         }
     }
@@ -437,17 +471,35 @@ pub fn replay(
 /// not the ones their earlier steps ran with. Changes to what no attempt has reached yet, and
 /// to limits (`max_attempts`, `timeout_s`, checks), are allowed.
 pub fn check_unchanged(replayed: &Replayed, pipeline: &Pipeline) -> anyhow::Result<()> {
-    let partitions: HashMap<Uuid, &warpline_shared::partition::Partition> =
-        replayed.runs.iter().map(|r| (r.id, &r.partition)).collect();
+    let runs: HashMap<Uuid, (&warpline_shared::partition::Partition, RunScope)> = replayed
+        .runs
+        .iter()
+        .map(|r| (r.id, (&r.partition, r.scope)))
+        .collect();
+    let mut views: HashMap<RunScope, Pipeline> = HashMap::new();
     let mut changed = Vec::new();
     for d in &replayed.dispatched {
-        let partition = partitions[&d.run_id];
-        let step_id = &pipeline.steps()[d.step].id;
-        match pipeline.render_step(d.step, partition, d.run_id, d.attempt, d.attempt_id) {
+        let (partition, scope) = runs[&d.run_id];
+        let view = if scope.is_partition() {
+            pipeline
+        } else {
+            views.entry(scope).or_insert_with(|| pipeline.view(scope))
+        };
+        let Some(step) = view.steps().get(d.step) else {
+            changed.push(format!(
+                "{} step {} (audit line {}) is no longer in the pipeline",
+                scope.key(partition),
+                d.step + 1,
+                d.seq
+            ));
+            continue;
+        };
+        let step_id = &step.id;
+        match view.render_step(d.step, partition, d.run_id, d.attempt, d.attempt_id) {
             Ok(spec) if spec.command == d.command && spec.args == d.args => {}
             Ok(spec) => changed.push(format!(
                 "{} {step_id}#{} (audit line {}) ran `{} {}`, now `{} {}`",
-                partition.key(),
+                scope.key(partition),
                 d.attempt,
                 d.seq,
                 d.command,
@@ -457,7 +509,7 @@ pub fn check_unchanged(replayed: &Replayed, pipeline: &Pipeline) -> anyhow::Resu
             )),
             Err(e) => changed.push(format!(
                 "{} {step_id}#{} (audit line {}) no longer renders: {e}",
-                partition.key(),
+                scope.key(partition),
                 d.attempt,
                 d.seq
             )),
@@ -489,8 +541,10 @@ pub fn run_states(records: &[AuditRecord], pipeline: &str) -> Vec<(String, RunSt
             (AuditEvent::BackfillCreated { pipeline: p, .. }, _) => {
                 ours.insert(bid, p == pipeline);
             }
-            (AuditEvent::RunCreated { partition }, Some(id)) if ours.get(&bid) == Some(&true) => {
-                runs.insert(id, (partition.key(), RunStatus::Init, bid));
+            (AuditEvent::RunCreated { partition, scope }, Some(id))
+                if ours.get(&bid) == Some(&true) =>
+            {
+                runs.insert(id, (scope.key(partition), RunStatus::Init, bid));
             }
             (AuditEvent::Transition { to, .. }, Some(id)) => {
                 if let Some(run) = runs.get_mut(&id) {
@@ -539,7 +593,14 @@ mod tests {
                     agent: "rules".into(),
                 },
             ),
-            rec(2, Some(r), AuditEvent::RunCreated { partition: p }),
+            rec(
+                2,
+                Some(r),
+                AuditEvent::RunCreated {
+                    partition: p,
+                    scope: RunScope::Partition,
+                },
+            ),
             rec(3, Some(r), t("INIT", "A")),
             rec(4, Some(r), t("A", "HALTED")),
         ];

@@ -400,7 +400,10 @@ fn find_resumed(args: &RunArgs, prefix: &str) -> anyhow::Result<Resumed> {
         .iter()
         .filter(|r| r.backfill_id == Some(found.backfill_id))
         .filter_map(|r| match &r.event {
-            AuditEvent::RunCreated { partition } => Some(partition.clone()),
+            // The partitions' runs; the backfill-level ones come from the pipeline again.
+            AuditEvent::RunCreated { partition, scope } if scope.is_partition() => {
+                Some(partition.clone())
+            }
             _ => None,
         })
         .collect();

@@ -41,14 +41,8 @@ impl Engine {
             .iter()
             .filter(|r| matches!(self.runs[r].machine.state(), RunState::Running(_)))
             .count();
-        self.backfills.insert(
-            id,
-            Backfill {
-                rec,
-                pipeline,
-                active,
-            },
-        );
+        self.backfills
+            .insert(id, Backfill::new(rec, pipeline, active));
         self.order.push(id);
         self.dirty_backfills.insert(id);
         self.record(

@@ -270,7 +270,7 @@ impl Engine {
                 return self.stop_run(run_id, format!("cannot begin an attempt: {e}"));
             }
         };
-        let mut spec =
+        let spec =
             match pipeline.render_step(step, &run.partition, run_id, attempt.attempt, attempt_id) {
                 Ok(s) => s,
                 Err(e) => {

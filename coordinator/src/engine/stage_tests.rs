@@ -40,6 +40,7 @@ fn request(
         partitions,
         priority: 0,
         request: None,
+        reprocess: Default::default(),
     }
 }
 

@@ -1093,7 +1093,7 @@ mod tests {
         let s: Summary = serde_json::from_value(serde_json::json!({
             "schema_version": 1, "backfill_id": Uuid::nil(), "pipeline": "p", "steps": ["LOAD"],
             "stage": "after", "counts": {}, "in_step": {}, "steps_executed": 3,
-            "runs_per_minute": 0.0, "wall_ms": 0, "finished": false, "cancelling": false,
+            "runs_per_minute": 0.0, "wall_ms": 0, "submitted_at": "2026-12-02T00:00:00Z", "finished": false, "cancelling": false,
             "audit": "a.jsonl", "audit_head": "00", "runs": [
                 run("2024-01", None, "COMPLETE", None),
                 run("_after", Some("after"), "RUNNING", Some("EXPORT")),

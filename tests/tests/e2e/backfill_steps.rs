@@ -392,3 +392,67 @@ fn fleet_backfill_level_steps_survive_a_coordinator_restart() {
     let verify = fleet.warpline(&["audit", "verify", fleet.audit().to_str().unwrap()]);
     verify.expect_code(0);
 }
+
+/// A local backfill whose after-step halted (its tool was broken) resumes at that step once
+/// the cause is fixed: the after-run completes on the resume and no partition runs again.
+#[test]
+fn a_halted_after_step_resumes_without_running_the_partitions_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        json!([
+            sh(
+                "LOAD",
+                r#"echo "$2" >> "$1/loads""#,
+                &["{workdir}", "{dataset}"]
+            ),
+            backfill(
+                json!({
+                    "id": "EXPORT", "command": "sh", "timeout_s": 60, "max_attempts": 1,
+                    "args": ["-c", r#"if [ ! -f "$1/fixed" ]; then echo "export tool misconfigured" >&2; exit 2; fi; echo done > "$1/exported""#, "sh", "{workdir}"]
+                }),
+                json!({"when": "after"})
+            ),
+        ]),
+    );
+    let work = dir.path().join("work");
+    let first = local(dir.path(), &pipeline, &["--datasets", "a,b"]);
+    assert_ne!(
+        first.code(),
+        0,
+        "the after-step halted\n{}",
+        first.context()
+    );
+    let s = first.summary();
+    let after = run_of(&s, "_after");
+    assert_eq!(after["state"], "HALTED", "{}", first.context());
+    assert_eq!(
+        std::fs::read_to_string(work.join("loads"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+
+    std::fs::write(work.join("fixed"), "").unwrap();
+    let resumed = local(dir.path(), &pipeline, &["--resume"]);
+    resumed.expect_code(0);
+    let s = resumed.summary();
+    assert_eq!(
+        run_of(&s, "_after")["state"],
+        "COMPLETE",
+        "{}",
+        resumed.context()
+    );
+    assert!(work.join("exported").exists());
+    assert_eq!(
+        std::fs::read_to_string(work.join("loads"))
+            .unwrap()
+            .lines()
+            .count(),
+        2,
+        "a completed partition ran again on the resume"
+    );
+    let audit = dir.path().join("audit.jsonl");
+    warpline(&["audit", "verify", audit.to_str().unwrap()], &[]).expect_code(0);
+}

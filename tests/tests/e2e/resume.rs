@@ -436,7 +436,7 @@ fn audit_show_picks_the_latest_backfill_and_reprocess_modes_choose_partitions() 
     let runs: Vec<String> = audit_records(Path::new(audit))
         .into_iter()
         .filter_map(|r| match r.event {
-            AuditEvent::RunCreated { partition } if partition.key() == "2024-02" => {
+            AuditEvent::RunCreated { partition, .. } if partition.key() == "2024-02" => {
                 r.run_id.map(|id| id.to_string())
             }
             _ => None,
