@@ -20,6 +20,8 @@ use warpline_amqp as amqp;
 use warpline_coordinator::fleet::metrics::LatencySnapshot;
 use warpline_shared::fleet::Topology;
 
+use crate::measure::ServicePorts;
+
 /// Where the binaries are and which services to use.
 #[derive(Debug, Clone)]
 pub struct Services {
@@ -33,6 +35,13 @@ pub struct Services {
     pub keep: bool,
     /// Where each fleet's workdir (the steps' run directories and logs) is made.
     pub workdir_root: PathBuf,
+}
+
+impl Services {
+    /// The ports RabbitMQ and PostgreSQL listen on.
+    pub fn ports(&self) -> ServicePorts {
+        ServicePorts::of(&self.amqp_url, &self.database_url)
+    }
 }
 
 /// The shape of a fleet.
@@ -54,14 +63,22 @@ pub struct Fleet {
     work: tempfile::TempDir,
     /// The API's base URL.
     pub api: String,
+    port: u16,
+    /// What every process gets in its environment.
+    env: Vec<(String, String)>,
     coordinator: Option<Child>,
     workers: Vec<Child>,
     http: reqwest::Client,
 }
 
 impl Fleet {
-    /// Starts the coordinator, waits until it is ready, then starts the workers.
-    pub async fn start(services: &Services, shape: Shape) -> anyhow::Result<Fleet> {
+    /// Starts the coordinator, waits until it is ready, then starts the workers; `env` is set
+    /// on every process (e.g. the `OTEL_*` variables of the tracing scenario).
+    pub async fn start(
+        services: &Services,
+        shape: Shape,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Fleet> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "bench_{}_{}",
@@ -89,35 +106,15 @@ impl Fleet {
             dir,
             work,
             api,
+            port,
+            env: env.to_vec(),
             coordinator: None,
             workers: Vec::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
         };
-        let serve = Command::new(services.bin_dir.join("warpline"))
-            // `warn`: the submit scenario runs without workers, and the others must not race
-            // the workers' first heartbeats.
-            .args(["serve", "--agent", "rules", "--fleet-check", "warn"])
-            .arg("--amqp-url")
-            .arg(&services.amqp_url)
-            .arg("--database-url")
-            .arg(&services.database_url)
-            .arg("--database-schema")
-            .arg(&fleet.name)
-            .arg("--queue-prefix")
-            .arg(fleet.prefix())
-            .arg("--http")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--audit")
-            .arg(fleet.audit_path())
-            // The product's default log levels, whatever this shell sets.
-            .env_remove("WARPLINE_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&fleet.dir.path().join("serve.log"))?)
-            .spawn()
-            .context("cannot start `warpline serve`")?;
+        let serve = fleet.spawn_coordinator(port)?;
         fleet.coordinator = Some(serve);
         fleet.wait_ready().await?;
         for i in 0..shape.workers {
@@ -132,6 +129,9 @@ impl Fleet {
                 .arg("--worker-id")
                 .arg(format!("{}-w{i}", fleet.name))
                 .env_remove("RUST_LOG")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(&fleet.dir.path().join(format!("worker-{i}.log")))?)
@@ -141,6 +141,106 @@ impl Fleet {
         }
         fleet.wait_workers(shape.workers).await?;
         Ok(fleet)
+    }
+
+    fn spawn_coordinator(&self, port: u16) -> anyhow::Result<Child> {
+        Command::new(self.services.bin_dir.join("warpline"))
+            // `warn`: the submit scenario runs without workers, and the others must not race
+            // the workers' first heartbeats.
+            .args(["serve", "--agent", "rules", "--fleet-check", "warn"])
+            .arg("--amqp-url")
+            .arg(&self.services.amqp_url)
+            .arg("--database-url")
+            .arg(&self.services.database_url)
+            .arg("--database-schema")
+            .arg(&self.name)
+            .arg("--queue-prefix")
+            .arg(self.prefix())
+            .arg("--http")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--audit")
+            .arg(self.audit_path())
+            // The product's default log levels, whatever this shell sets, and tracing only
+            // when the scenario asks for it.
+            .env_remove("WARPLINE_LOG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(append_log(&self.dir.path().join("serve.log"))?)
+            .spawn()
+            .context("cannot start `warpline serve`")
+    }
+
+    /// Stops the coordinator (SIGTERM) and starts it again on the same schema, audit log and
+    /// port; returns how long the new one took from its start to `/readyz` answering 200
+    /// (recovering every backfill and run from PostgreSQL, catching up the audit mirror).
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<Duration> {
+        if let Some(mut c) = self.coordinator.take() {
+            terminate(&mut c);
+            if !exits_within(&mut c, STOP_GRACE).await {
+                eprintln!("warning: the coordinator did not stop within 15 s and was killed");
+            }
+        }
+        let started = Instant::now();
+        self.coordinator = Some(self.spawn_coordinator(self.port)?);
+        self.wait_ready().await?;
+        Ok(started.elapsed())
+    }
+
+    /// Times one `GET` of `path` (the whole body read); fails on a non-2xx answer.
+    pub async fn time_get(&self, path: &str) -> anyhow::Result<(Duration, usize)> {
+        let started = Instant::now();
+        let body = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        Ok((started.elapsed(), body.len()))
+    }
+
+    /// Times one `POST` of `path` with an empty JSON body.
+    pub async fn time_post(&self, path: &str) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.http
+            .post(format!("{}{path}", self.api))
+            .json(&serde_json::json!({}))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(started.elapsed())
+    }
+
+    /// Each table of the fleet's schema with its total size (heap, indexes, TOAST) in bytes
+    /// and its row estimate, largest first.
+    pub async fn table_sizes(&self) -> anyhow::Result<Vec<(String, i64, i64)>> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.services.database_url, tokio_postgres::NoTls).await?;
+        let conn = tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT c.relname::text, pg_total_relation_size(c.oid), c.reltuples::bigint
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relkind = 'r'
+                 ORDER BY 2 DESC",
+                &[&self.name],
+            )
+            .await?;
+        drop(client);
+        let _ = conn.await;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// The ports of the services it uses.
+    pub fn ports(&self) -> ServicePorts {
+        self.services.ports()
     }
 
     /// The queue prefix.
@@ -384,4 +484,13 @@ fn free_port() -> anyhow::Result<u16> {
 
 fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::File::create(path).with_context(|| format!("cannot create `{}`", path.display()))
+}
+
+/// A log a restarted process continues.
+fn append_log(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open `{}`", path.display()))
 }

@@ -3,10 +3,13 @@
 //! RabbitMQ and PostgreSQL, each repetition in its own database schema and queue prefix, submits
 //! a backfill with `warpline submit`, waits for it by reading the coordinator's audit log, and
 //! tears everything down. What it measures and how is in `docs/BENCHMARKS.md`; [`scenario`]
-//! holds the scenarios, [`fleet`] the processes, [`measure`] the arithmetic.
+//! holds the scenarios, [`fleet`] the processes, [`measure`] the arithmetic, [`peer`] the Celery
+//! peer of `versus`, [`otlp`] the tracing scenario's sink.
 
 mod fleet;
 mod measure;
+mod otlp;
+mod peer;
 mod scenario;
 
 use std::process::ExitCode;

@@ -6,6 +6,10 @@
 //! - `overhead`: the coordinator's overhead per step (result received → next StepSpec
 //!   confirmed by the broker, from `GET /v1/metrics`) while it is not saturated.
 //! - `submit`: submit time and the coordinator's peak RSS for a 10,000-partition backfill.
+//! - `versus`: Warpline and the Celery peer (its `run.sh`, passed by path) on the same work,
+//!   alternately: steps/s, their ratio, CPU per 1,000 steps of every process, the busy share.
+//! - `tracing`: throughput with tracing off and on (into an OTLP/HTTP sink inside the
+//!   benchmark that counts and drops), alternately.
 //!
 //! Every repetition starts a fresh fleet, so no repetition inherits another's queues, rows or
 //! warm caches inside the coordinator; PostgreSQL's and RabbitMQ's own caches stay warm.
@@ -20,6 +24,8 @@ use warpline_coordinator::fleet::metrics::LatencySnapshot;
 
 use crate::fleet::{Fleet, Services, Shape};
 use crate::measure::{self, AuditFacts, MachineCpu, Spread};
+use crate::otlp;
+use crate::peer;
 
 /// The fleet benchmark: real processes against the local RabbitMQ and PostgreSQL.
 #[derive(Debug, Parser)]
@@ -77,6 +83,49 @@ pub enum Scenario {
     Submit(SubmitArgs),
     /// Everything above with its defaults.
     All,
+    /// Warpline against the Celery peer on the same work, alternately (not part of `all`: it
+    /// needs the peer's script).
+    Versus(VersusArgs),
+    /// Throughput with tracing off and on into an OTLP/HTTP sink, alternately.
+    Tracing(TracingArgs),
+}
+
+/// `versus`.
+#[derive(Debug, Clone, Args)]
+pub struct VersusArgs {
+    /// The Celery peer's `run.sh` (it sets up its own venv and worker, prints `celery: …`).
+    #[arg(long)]
+    pub peer: PathBuf,
+    /// Runs of 4 trivial steps each (the peer's shape: `/bin/true` steps).
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    /// Steps at once, the same for both: the peer's `--concurrency` (prefork processes), and
+    /// Warpline's workers × slots.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Warpline's worker processes (the concurrency is split evenly among them).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// `tracing`.
+#[derive(Debug, Clone, Args)]
+pub struct TracingArgs {
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 8)]
+    pub slots: u16,
+    /// Runs (partitions).
+    #[arg(long, default_value_t = 1000)]
+    pub runs: usize,
+    /// Steps per run.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// Runs in progress at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_parallel: usize,
 }
 
 /// `throughput`.
@@ -166,6 +215,39 @@ pub struct SubmitArgs {
     /// Stop after the submit instead of running the backfill to its end.
     #[arg(long)]
     pub no_run: bool,
+    /// While it runs, time this many `GET /v1/backfills/ID` (status) and as many dashboard
+    /// pages `GET /backfills/ID` (the grid), one of each every 250 ms.
+    #[arg(long, default_value_t = 0)]
+    pub probes: usize,
+    /// After the probes, cancel the backfill: time the answer, and until every run ended.
+    #[arg(long)]
+    pub cancel: bool,
+    /// At the end, restart the coordinator and time its recovery (start → `/readyz` 200)
+    /// with every run in PostgreSQL; also reports the schema's table sizes.
+    #[arg(long)]
+    pub restart: bool,
+}
+
+/// The extra measurements of a large backfill.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scale {
+    probes: usize,
+    cancel: bool,
+    restart: bool,
+}
+
+/// What [`Scale`] measured.
+#[derive(Debug, Clone, Default)]
+struct ScaleMeasured {
+    status_ms: Vec<f64>,
+    status_bytes: usize,
+    grid_ms: Vec<f64>,
+    grid_bytes: usize,
+    /// The cancel's answer, and until the last run ended.
+    cancel: Option<(Duration, Duration)>,
+    recovery: Option<Duration>,
+    /// (table, bytes, rows).
+    tables: Vec<(String, i64, i64)>,
 }
 
 /// Runs the chosen scenario(s).
@@ -208,6 +290,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Efficiency(a) => bench.efficiency(&a).await,
         Scenario::Overhead(a) => bench.overhead(&a).await,
         Scenario::Submit(a) => bench.submit(&a).await,
+        Scenario::Versus(a) => bench.versus(&a).await,
+        Scenario::Tracing(a) => bench.tracing(&a).await,
         Scenario::All => {
             bench.throughput(&defaults()).await?;
             bench.efficiency(&defaults()).await?;
@@ -232,6 +316,7 @@ struct Bench {
 }
 
 /// One backfill on one fleet.
+#[derive(Clone)]
 struct Job {
     scenario: &'static str,
     shape: Shape,
@@ -241,6 +326,10 @@ struct Job {
     max_parallel: usize,
     /// Stop after the submit.
     submit_only: bool,
+    /// Set on every process of the fleet.
+    env: Vec<(String, String)>,
+    /// Probes, cancel and restart of the `submit` scenario.
+    scale: Scale,
 }
 
 /// What one repetition measured.
@@ -254,6 +343,9 @@ struct Measured {
     workers_cpu: f64,
     tools_cpu: f64,
     machine: MachineCpu,
+    /// From just before the submit to the moment the last run was seen finished.
+    window: Duration,
+    scale: ScaleMeasured,
 }
 
 impl Measured {
@@ -263,22 +355,34 @@ impl Measured {
             .map_or(0.0, |f| f.steps as f64 / f.wall().as_secs_f64())
     }
 
+    /// CPU seconds per 1,000 steps of the processes that serve the backfill.
+    fn cpu_per_1000(&self) -> f64 {
+        let steps = self.facts.as_ref().map_or(0, |f| f.steps).max(1) as f64;
+        self.ours() / steps * 1000.0
+    }
+
+    fn ours(&self) -> f64 {
+        self.coordinator_cpu
+            + self.workers_cpu
+            + self.tools_cpu
+            + self.machine.rabbitmq
+            + self.machine.postgres
+    }
+
     /// CPU seconds per 1,000 steps of the processes this benchmark started, and of the rest.
     fn cpu_line(&self) -> String {
         let steps = self.facts.as_ref().map_or(0, |f| f.steps).max(1) as f64;
         let per = |s: f64| s / steps * 1000.0;
-        let ours = self.coordinator_cpu
-            + self.workers_cpu
-            + self.tools_cpu
-            + self.machine.rabbitmq
-            + self.machine.postgres;
+        let ours = self.ours();
         format!(
-            "CPU s per 1,000 steps: coordinator {:.2}, workers {:.2}, tools {:.2}, rabbitmq {:.2}, postgres {:.2}; everything else on the machine {:.2} s in all",
+            "CPU s per 1,000 steps: coordinator {:.2}, workers {:.2}, tools {:.2}, rabbitmq {:.2}, postgres {:.2} = {:.2}; machine busy {:.0} %; everything else on the machine {:.2} s in all",
             per(self.coordinator_cpu),
             per(self.workers_cpu),
             per(self.tools_cpu),
             per(self.machine.rabbitmq),
             per(self.machine.postgres),
+            per(ours),
+            busy_share(self.machine.busy, self.window) * 100.0,
             (self.machine.busy - ours).max(0.0)
         )
     }
@@ -298,6 +402,8 @@ impl Bench {
                 runs: a.runs,
                 max_parallel: a.max_parallel,
                 submit_only: false,
+                env: Vec::new(),
+                scale: Scale::default(),
             };
             let all = self.repeat(&job).await?;
             let rate: Vec<f64> = all.iter().map(Measured::steps_per_s).collect();
@@ -331,6 +437,8 @@ impl Bench {
             runs: a.runs,
             max_parallel: a.max_parallel,
             submit_only: false,
+            env: Vec::new(),
+            scale: Scale::default(),
         };
         let slots = a.workers * usize::from(a.slots);
         let all = self.repeat(&job).await?;
@@ -371,6 +479,8 @@ impl Bench {
             runs: a.runs,
             max_parallel: a.max_parallel,
             submit_only: false,
+            env: Vec::new(),
+            scale: Scale::default(),
         };
         let all = self.repeat(&job).await?;
         let pick = |f: fn(&LatencySnapshot) -> f64| -> Spread {
@@ -408,6 +518,12 @@ impl Bench {
             runs,
             max_parallel: a.max_parallel,
             submit_only: a.no_run,
+            env: Vec::new(),
+            scale: Scale {
+                probes: a.probes,
+                cancel: a.cancel,
+                restart: a.restart,
+            },
         };
         let all = self.repeat(&job).await?;
         let submit: Vec<f64> = all.iter().map(|m| m.submit.as_secs_f64()).collect();
@@ -429,6 +545,259 @@ impl Bench {
                 )
             }
         );
+        for (i, m) in all.iter().enumerate() {
+            let sc = &m.scale;
+            if !sc.status_ms.is_empty() {
+                println!(
+                    "    #{}: status ({} bytes) p50 {:.1} ms p99 {:.1} ms; dashboard grid page ({} bytes) p50 {:.1} ms p99 {:.1} ms ({} of each, while it ran)",
+                    i + 1,
+                    sc.status_bytes,
+                    measure::percentile(&sc.status_ms, 50.0),
+                    measure::percentile(&sc.status_ms, 99.0),
+                    sc.grid_bytes,
+                    measure::percentile(&sc.grid_ms, 50.0),
+                    measure::percentile(&sc.grid_ms, 99.0),
+                    sc.status_ms.len(),
+                );
+            }
+            if let Some((answer, drained)) = sc.cancel {
+                println!(
+                    "    #{}: cancel answered in {:.3} s, every run ended {:.3} s after it was sent; before it, {} steps ran at {:.0} steps/s",
+                    i + 1,
+                    answer.as_secs_f64(),
+                    drained.as_secs_f64(),
+                    m.facts.as_ref().map_or(0, |f| f.steps),
+                    m.facts.as_ref().map_or(0.0, AuditFacts::result_rate),
+                );
+            }
+            if let Some(r) = sc.recovery {
+                println!(
+                    "    #{}: coordinator restart with {runs} runs in PostgreSQL: ready in {:.3} s",
+                    i + 1,
+                    r.as_secs_f64()
+                );
+            }
+            if !sc.tables.is_empty() {
+                let per = 100_000.0 / runs.max(1) as f64;
+                let list: Vec<String> = sc
+                    .tables
+                    .iter()
+                    .map(|(t, bytes, rows)| {
+                        format!(
+                            "{t} {:.1} MiB ({rows} rows)",
+                            *bytes as f64 * per / 1024.0 / 1024.0
+                        )
+                    })
+                    .collect();
+                println!(
+                    "    #{}: tables per 100,000 runs: {}",
+                    i + 1,
+                    list.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Warpline and the peer on the same work, one after the other, `--repeat` rounds; the
+    /// order flips every round so that neither always runs on the machine the other warmed.
+    async fn versus(&self, a: &VersusArgs) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            a.workers > 0 && a.concurrency >= a.workers && a.concurrency.is_multiple_of(a.workers),
+            "--concurrency {} must be a multiple of --workers {}",
+            a.concurrency,
+            a.workers
+        );
+        let peer_script = std::fs::canonicalize(&a.peer)
+            .with_context(|| format!("cannot find the peer's script `{}`", a.peer.display()))?;
+        let job = Job {
+            scenario: "versus",
+            shape: Shape {
+                workers: a.workers,
+                slots: u16::try_from(a.concurrency / a.workers)?,
+            },
+            pipeline: pipeline(4, "true", &[]),
+            partitions: months(a.runs),
+            runs: a.runs,
+            max_parallel: a.runs,
+            submit_only: false,
+            env: Vec::new(),
+            scale: Scale::default(),
+        };
+        let (mut ratios, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut our_cpu, mut their_cpu) = (Vec::new(), Vec::new());
+        for round in 1..=self.repeat {
+            let (w, p) = if round % 2 == 1 {
+                let w = self.once_logged(&job, round).await?;
+                (
+                    w,
+                    peer::run(&peer_script, a.runs, a.concurrency, self.services.ports()).await?,
+                )
+            } else {
+                let p =
+                    peer::run(&peer_script, a.runs, a.concurrency, self.services.ports()).await?;
+                (self.once_logged(&job, round).await?, p)
+            };
+            let per = |s: f64| s / p.steps.max(1) as f64 * 1000.0;
+            let peer_total =
+                p.worker + p.pool + p.tools + p.driver + p.machine.rabbitmq + p.machine.postgres;
+            eprintln!("    {}", p.line);
+            eprintln!(
+                "    celery CPU s per 1,000 steps: worker {:.2}, pool {:.2}, tools {:.2}, driver {:.2}, rabbitmq {:.2}, postgres {:.2} = {:.2}; machine busy {:.0} % (its own figure {:.0} %)",
+                per(p.worker),
+                per(p.pool),
+                per(p.tools),
+                per(p.driver),
+                per(p.machine.rabbitmq),
+                per(p.machine.postgres),
+                per(peer_total),
+                busy_share(p.machine.busy, p.window) * 100.0,
+                p.machine_busy_share * 100.0,
+            );
+            let ratio = w.steps_per_s() / p.steps_per_s.max(f64::EPSILON);
+            println!(
+                "round {round}: warpline {:.0} steps/s, celery {:.1} steps/s: {ratio:.2}×; CPU s per 1,000 steps warpline {:.2}, celery {:.2}",
+                w.steps_per_s(),
+                p.steps_per_s,
+                w.cpu_per_1000(),
+                per(peer_total),
+            );
+            self.record(json!({
+                "scenario": "versus-peer",
+                "repetition": round,
+                "runs": a.runs,
+                "concurrency": a.concurrency,
+                "steps": p.steps,
+                "steps_per_s": p.steps_per_s,
+                "cpu_s": {
+                    "worker": p.worker,
+                    "pool": p.pool,
+                    "tools": p.tools,
+                    "driver": p.driver,
+                    "rabbitmq": p.machine.rabbitmq,
+                    "postgres": p.machine.postgres,
+                    "machine_busy": p.machine.busy,
+                },
+                "window_s": p.window.as_secs_f64(),
+                "line": p.line,
+            }))?;
+            ratios.push(ratio);
+            ours.push(w.steps_per_s());
+            theirs.push(p.steps_per_s);
+            our_cpu.push(w.cpu_per_1000());
+            their_cpu.push(per(peer_total));
+        }
+        println!(
+            "versus, {} runs × 4 trivial steps, {} at once ({} worker(s) × {} slots vs --concurrency {}): warpline {:.0} steps/s, celery {:.1} steps/s, ratio {:.2}× (median [min – max] of {}); CPU s per 1,000 steps warpline {:.2}, celery {:.2}",
+            a.runs,
+            a.concurrency,
+            a.workers,
+            a.concurrency / a.workers,
+            a.concurrency,
+            Spread::of(&ours),
+            Spread::of(&theirs),
+            Spread::of(&ratios),
+            ratios.len(),
+            Spread::of(&our_cpu),
+            Spread::of(&their_cpu),
+        );
+        Ok(())
+    }
+
+    /// Throughput with tracing off, then on (or the other way round, every other round), into
+    /// a sink that counts what arrives.
+    async fn tracing(&self, a: &TracingArgs) -> anyhow::Result<()> {
+        let sink = otlp::Sink::start()?;
+        let off = Job {
+            scenario: "tracing-off",
+            shape: Shape {
+                workers: a.workers,
+                slots: a.slots,
+            },
+            pipeline: pipeline(a.steps, "true", &[]),
+            partitions: months(a.runs),
+            runs: a.runs,
+            max_parallel: a.max_parallel,
+            submit_only: false,
+            env: Vec::new(),
+            scale: Scale::default(),
+        };
+        let on = Job {
+            scenario: "tracing-on",
+            env: vec![
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                    sink.endpoint.clone(),
+                ),
+                (
+                    "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+                    "http/protobuf".to_string(),
+                ),
+            ],
+            ..off.clone()
+        };
+        let (mut rate_off, mut rate_on, mut cpu_off, mut cpu_on) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut spans, mut bytes, mut requests) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=self.repeat {
+            let mut traced = |m: &Measured, before: otlp::Received| {
+                let got = sink.received().since(before);
+                let steps = m.facts.as_ref().map_or(0, |f| f.steps).max(1) as f64;
+                eprintln!(
+                    "    sink: {} requests, {} bytes, {} spans ({:.2} spans and {:.0} bytes per step)",
+                    got.requests,
+                    got.bytes,
+                    got.spans,
+                    got.spans as f64 / steps,
+                    got.bytes as f64 / steps
+                );
+                spans.push(got.spans as f64 / steps);
+                bytes.push(got.bytes as f64 / steps);
+                requests.push(got.requests as f64);
+            };
+            let first_off = round % 2 == 1;
+            for traced_now in [!first_off, first_off] {
+                if traced_now {
+                    let before = sink.received();
+                    // The processes flush their last spans as they stop, so `once` has
+                    // returned only after they arrived.
+                    let m = self.once_logged(&on, round).await?;
+                    traced(&m, before);
+                    rate_on.push(m.steps_per_s());
+                    cpu_on.push(m.cpu_per_1000());
+                } else {
+                    let before = sink.received();
+                    let m = self.once_logged(&off, round).await?;
+                    anyhow::ensure!(
+                        sink.received() == before,
+                        "spans arrived from a fleet with tracing off"
+                    );
+                    rate_off.push(m.steps_per_s());
+                    cpu_off.push(m.cpu_per_1000());
+                }
+            }
+        }
+        let ratio: Vec<f64> = rate_on
+            .iter()
+            .zip(&rate_off)
+            .map(|(on, off)| on / off)
+            .collect();
+        println!(
+            "tracing, {} worker(s) × {} slots, {} runs × {} steps: off {:.0} steps/s, on {:.0} steps/s, on ÷ off {:.3}; CPU s per 1,000 steps off {:.2}, on {:.2}; {:.2} spans and {:.0} bytes per step arrived in {:.0} requests per run (median [min – max] of {})",
+            a.workers,
+            a.slots,
+            a.runs,
+            a.steps,
+            Spread::of(&rate_off),
+            Spread::of(&rate_on),
+            Spread::of(&ratio),
+            Spread::of(&cpu_off),
+            Spread::of(&cpu_on),
+            Spread::of(&spans),
+            Spread::of(&bytes),
+            Spread::of(&requests),
+            ratio.len(),
+        );
         Ok(())
     }
 
@@ -436,63 +805,75 @@ impl Bench {
     async fn repeat(&self, job: &Job) -> anyhow::Result<Vec<Measured>> {
         let mut all = Vec::new();
         for i in 1..=self.repeat {
-            let m = self.once(job).await?;
-            let facts = m.facts.as_ref();
-            eprintln!(
-                "  {} {}×{} #{i}: {} steps in {:.3} s = {:.0} steps/s; submit {:.3} s; RSS {:.1} MiB; overhead p50 {:.2} ms p99 {:.2} ms (to publisher p50 {:.2} ms); load {}",
-                job.scenario,
-                job.shape.workers,
-                job.shape.slots,
-                facts.map_or(0, |f| f.steps),
-                facts.map_or(0.0, |f| f.wall().as_secs_f64()),
-                m.steps_per_s(),
-                m.submit.as_secs_f64(),
-                m.rss_end_mib,
-                m.latency.result_to_confirm.p50_ms,
-                m.latency.result_to_confirm.p99_ms,
-                m.latency.result_to_dispatch.p50_ms,
-                load_average(),
-            );
-            eprintln!("    {}", m.cpu_line());
-            if let Some(path) = &self.json {
-                use std::io::Write;
-                let line = json!({
-                    "scenario": job.scenario,
-                    "repetition": i,
-                    "workers": job.shape.workers,
-                    "slots": job.shape.slots,
-                    "runs": job.runs,
-                    "steps": facts.map(|f| f.steps),
-                    "wall_s": facts.map(|f| f.wall().as_secs_f64()),
-                    "steps_per_s": m.steps_per_s(),
-                    "submit_s": m.submit.as_secs_f64(),
-                    "rss_after_submit_mib": m.rss_after_submit_mib,
-                    "rss_end_mib": m.rss_end_mib,
-                    "latency": m.latency,
-                    "cpu_s": {
-                        "coordinator": m.coordinator_cpu,
-                        "workers": m.workers_cpu,
-                        "tools": m.tools_cpu,
-                        "rabbitmq": m.machine.rabbitmq,
-                        "postgres": m.machine.postgres,
-                        "machine_busy": m.machine.busy,
-                    },
-                    "load": load_average(),
-                });
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
-                writeln!(f, "{line}")?;
-            }
-            all.push(m);
+            all.push(self.once_logged(job, i).await?);
         }
         Ok(all)
     }
 
+    /// One repetition, printed (and kept in `--json`) as it ends.
+    async fn once_logged(&self, job: &Job, i: usize) -> anyhow::Result<Measured> {
+        let m = self.once(job).await?;
+        let facts = m.facts.as_ref();
+        eprintln!(
+            "  {} {}×{} #{i}: {} steps in {:.3} s = {:.0} steps/s; submit {:.3} s; RSS {:.1} MiB; overhead p50 {:.2} ms p99 {:.2} ms (to publisher p50 {:.2} ms); load {}",
+            job.scenario,
+            job.shape.workers,
+            job.shape.slots,
+            facts.map_or(0, |f| f.steps),
+            facts.map_or(0.0, |f| f.wall().as_secs_f64()),
+            m.steps_per_s(),
+            m.submit.as_secs_f64(),
+            m.rss_end_mib,
+            m.latency.result_to_confirm.p50_ms,
+            m.latency.result_to_confirm.p99_ms,
+            m.latency.result_to_dispatch.p50_ms,
+            load_average(),
+        );
+        eprintln!("    {}", m.cpu_line());
+        self.record(json!({
+            "scenario": job.scenario,
+            "repetition": i,
+            "workers": job.shape.workers,
+            "slots": job.shape.slots,
+            "runs": job.runs,
+            "tracing": !job.env.is_empty(),
+            "steps": facts.map(|f| f.steps),
+            "wall_s": facts.map(|f| f.wall().as_secs_f64()),
+            "steps_per_s": m.steps_per_s(),
+            "submit_s": m.submit.as_secs_f64(),
+            "rss_after_submit_mib": m.rss_after_submit_mib,
+            "rss_end_mib": m.rss_end_mib,
+            "latency": m.latency,
+            "cpu_s": {
+                "coordinator": m.coordinator_cpu,
+                "workers": m.workers_cpu,
+                "tools": m.tools_cpu,
+                "rabbitmq": m.machine.rabbitmq,
+                "postgres": m.machine.postgres,
+                "machine_busy": m.machine.busy,
+            },
+            "window_s": m.window.as_secs_f64(),
+            "load": load_average(),
+        }))?;
+        Ok(m)
+    }
+
+    /// Appends one line to `--json`, if given.
+    fn record(&self, line: Value) -> anyhow::Result<()> {
+        use std::io::Write;
+        if let Some(path) = &self.json {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
+
     async fn once(&self, job: &Job) -> anyhow::Result<Measured> {
-        let fleet = Fleet::start(&self.services, job.shape).await?;
-        let measured = measure_on(&fleet, job).await;
+        let mut fleet = Fleet::start(&self.services, job.shape, &job.env).await?;
+        let measured = measure_on(&mut fleet, job).await;
         let stopped = fleet.stop().await;
         let measured = measured?;
         stopped?;
@@ -500,11 +881,13 @@ impl Bench {
     }
 }
 
-async fn measure_on(fleet: &Fleet, job: &Job) -> anyhow::Result<Measured> {
+async fn measure_on(fleet: &mut Fleet, job: &Job) -> anyhow::Result<Measured> {
     let pipeline = fleet.write_pipeline(&job.pipeline)?;
     // Let the processes settle (connections, first heartbeats) before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let machine_before = MachineCpu::now();
+    let ports = fleet.ports();
+    let machine_before = MachineCpu::now(ports);
+    let window = std::time::Instant::now();
     let pid = fleet.coordinator_pid();
     // CPU spent starting up is not the backfill's.
     let (coordinator_start, _) = measure::cpu_seconds(pid)?;
@@ -514,15 +897,33 @@ async fn measure_on(fleet: &Fleet, job: &Job) -> anyhow::Result<Measured> {
         workers_start.0 += own;
         workers_start.1 += children;
     }
-    let (_, submit) = fleet.submit(&pipeline, &job.partitions, job.max_parallel)?;
+    let (id, submit) = fleet.submit(&pipeline, &job.partitions, job.max_parallel)?;
     let rss_after_submit_mib = measure::peak_rss_mib(pid)?;
+    let mut scale = ScaleMeasured::default();
+    for _ in 0..job.scale.probes {
+        let (t, n) = fleet.time_get(&format!("/v1/backfills/{id}")).await?;
+        scale.status_ms.push(t.as_secs_f64() * 1000.0);
+        scale.status_bytes = n;
+        let (t, n) = fleet.time_get(&format!("/backfills/{id}")).await?;
+        scale.grid_ms.push(t.as_secs_f64() * 1000.0);
+        scale.grid_bytes = n;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if job.scale.cancel {
+        let started = std::time::Instant::now();
+        let answered = fleet
+            .time_post(&format!("/v1/backfills/{id}/cancel"))
+            .await?;
+        measure::wait_finished(&fleet.audit_path(), job.runs, Duration::from_secs(900)).await?;
+        scale.cancel = Some((answered, started.elapsed()));
+    }
     let facts = if job.submit_only {
         None
     } else {
-        measure::wait_finished(&fleet.audit_path(), job.runs, Duration::from_secs(900)).await?;
+        measure::wait_finished(&fleet.audit_path(), job.runs, Duration::from_secs(1800)).await?;
         let facts = measure::audit_facts(&fleet.audit_path())?;
         anyhow::ensure!(
-            facts.not_complete == 0 && facts.complete == job.runs as u64,
+            job.scale.cancel || (facts.not_complete == 0 && facts.complete == job.runs as u64),
             "{} of {} runs completed ({} ended otherwise); see {}",
             facts.complete,
             job.runs,
@@ -531,7 +932,8 @@ async fn measure_on(fleet: &Fleet, job: &Job) -> anyhow::Result<Measured> {
         );
         Some(facts)
     };
-    let machine = MachineCpu::now().since(machine_before);
+    let machine = MachineCpu::now(ports).since(machine_before);
+    let window = window.elapsed();
     let latency = fleet.metrics().await?;
     let coordinator_cpu = measure::cpu_seconds(pid)?.0 - coordinator_start;
     let (mut workers_cpu, mut tools_cpu) = (-workers_start.0, -workers_start.1);
@@ -540,17 +942,32 @@ async fn measure_on(fleet: &Fleet, job: &Job) -> anyhow::Result<Measured> {
         workers_cpu += own;
         tools_cpu += children;
     }
+    let rss_end_mib = measure::peak_rss_mib(pid)?;
+    if job.scale.restart {
+        scale.recovery = Some(fleet.restart_coordinator().await?);
+    }
+    if job.scale.restart || job.scale.probes > 0 {
+        scale.tables = fleet.table_sizes().await?;
+    }
     Ok(Measured {
         facts,
         submit,
         rss_after_submit_mib,
-        rss_end_mib: measure::peak_rss_mib(pid)?,
+        rss_end_mib,
+        scale,
         latency,
         coordinator_cpu,
         workers_cpu,
         tools_cpu,
         machine,
+        window,
     })
+}
+
+/// The share of all CPUs that was busy: busy CPU seconds ÷ (window × CPUs).
+fn busy_share(busy: f64, window: Duration) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    busy / (window.as_secs_f64() * cpus).max(f64::EPSILON)
 }
 
 /// A pipeline of `steps` identical steps running `command args`, each with one check that
