@@ -1,7 +1,7 @@
 //! Scheduling: accepting and restoring backfills, starting runs while slots are free, starting
 //! attempts under step caps, following a decision to its next move, and ending runs.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,11 +134,22 @@ impl Engine {
         backfills: Vec<(BackfillRecord, Arc<Pipeline>)>,
         runs: Vec<RunRecord>,
     ) {
+        let mut of_backfill: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
         for r in runs {
+            of_backfill.entry(r.backfill_id).or_default().push(r.id);
             self.runs.insert(r.id, r);
         }
-        for (rec, pipeline) in backfills {
+        for (mut rec, pipeline) in backfills {
             let id = rec.id;
+            // Not stored (see `BackfillRecord::runs`): partition order is creation order.
+            let mut ids = of_backfill.remove(&id).unwrap_or_default();
+            ids.sort_unstable();
+            rec.pending = ids
+                .iter()
+                .copied()
+                .filter(|r| self.runs[r].machine.state() == RunState::Init)
+                .collect();
+            rec.runs = ids;
             let active = rec
                 .runs
                 .iter()
