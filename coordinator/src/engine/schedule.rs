@@ -147,7 +147,11 @@ impl Engine {
             rec.pending = ids
                 .iter()
                 .copied()
-                .filter(|r| self.runs[r].machine.state() == RunState::Init)
+                // Backfill-level runs are started by the stages, never from `pending`.
+                .filter(|r| {
+                    let run = &self.runs[r];
+                    run.scope.is_partition() && run.machine.state() == RunState::Init
+                })
                 .collect();
             rec.runs = ids;
             let active = rec
