@@ -23,7 +23,7 @@ use uuid::Uuid;
 use warpline_shared::audit::{self, AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{AttemptSummary, ReportStatus, Severity, StepOutcome};
-use warpline_shared::machine::{AttemptFacts, Machine, Receipt, RunState, RunStatus, StepLimit};
+use warpline_shared::machine::{AttemptFacts, Receipt, RunState, RunStatus};
 use warpline_shared::stage::RunScope;
 
 use crate::engine::{BackfillRecord, PipelineSource, RunRecord};
@@ -175,24 +175,6 @@ pub fn replay(
     backfill_id: Uuid,
     pipeline: &Pipeline,
 ) -> anyhow::Result<Replayed> {
-    // Each run's machine runs its scope's steps: a partition's, or a group of backfill-level
-    // steps ([`Pipeline::view`]), as the engine built it at submit.
-    let limits_of = |scope: RunScope| -> Vec<StepLimit> {
-        let view;
-        let steps = if scope.is_partition() {
-            pipeline.steps()
-        } else {
-            view = pipeline.view(scope);
-            view.steps()
-        };
-        steps
-            .iter()
-            .map(|s| StepLimit {
-                id: s.id.clone(),
-                max_attempts: s.max_attempts,
-            })
-            .collect()
-    };
     let mut backfill: Option<BackfillRecord> = None;
     let mut runs: Vec<RunRecord> = Vec::new();
     let mut index: HashMap<Uuid, usize> = HashMap::new();
@@ -269,24 +251,18 @@ pub fn replay(
             continue;
         };
         if let AuditEvent::RunCreated { partition, scope } = &r.event {
-            let limits = limits_of(*scope);
             index.insert(run_id, runs.len());
             b.runs.push(run_id);
-            runs.push(RunRecord {
-                id: run_id,
+            // Its machine runs its scope's steps, as the engine built it at submit.
+            let view = (!scope.is_partition()).then(|| pipeline.view(*scope));
+            let steps = view.as_ref().unwrap_or(pipeline);
+            runs.push(RunRecord::new(
+                run_id,
                 backfill_id,
-                partition: partition.clone(),
-                machine: Machine::new(limits.clone()),
-                history: Vec::new(),
-                attempts_total: vec![0; limits.len()],
-                last: None,
-                reason: None,
-                warnings: Vec::new(),
-                dispatched_at: None,
-                finished_at: None,
-                hand_backs: Vec::new(),
-                scope: *scope,
-            });
+                partition.clone(),
+                *scope,
+                steps,
+            ));
             continue;
         }
         let Some(&i) = index.get(&run_id) else {

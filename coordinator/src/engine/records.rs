@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{AttemptSummary, StepOutcome};
-use warpline_shared::machine::Machine;
+use warpline_shared::machine::{Machine, StepLimit};
 use warpline_shared::partition::Partition;
 use warpline_shared::stage::RunScope;
 
@@ -113,6 +113,42 @@ pub struct RunRecord {
     /// Which steps it runs: a partition's, or a group of backfill-level steps.
     #[serde(default, skip_serializing_if = "RunScope::is_partition_ref")]
     pub scope: RunScope,
+}
+
+impl RunRecord {
+    /// A run not started yet of `partition` in backfill `backfill_id`, over `steps` (the steps
+    /// of its scope: [`Pipeline::steps`] of the backfill's pipeline or of its scope's view).
+    pub fn new(
+        id: Uuid,
+        backfill_id: Uuid,
+        partition: Partition,
+        scope: RunScope,
+        steps: &Pipeline,
+    ) -> RunRecord {
+        let limits: Vec<StepLimit> = steps
+            .steps()
+            .iter()
+            .map(|s| StepLimit {
+                id: s.id.clone(),
+                max_attempts: s.max_attempts,
+            })
+            .collect();
+        RunRecord {
+            id,
+            backfill_id,
+            partition,
+            attempts_total: vec![0; limits.len()],
+            machine: Machine::new(limits),
+            history: Vec::new(),
+            last: None,
+            reason: None,
+            warnings: Vec::new(),
+            dispatched_at: None,
+            finished_at: None,
+            hand_backs: Vec::new(),
+            scope,
+        }
+    }
 }
 
 /// One backfill, as stored.

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use warpline_shared::audit::AuditEvent;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
-use warpline_shared::machine::{Applied, Machine, Next, RunState, RunStatus, StepLimit};
+use warpline_shared::machine::{Applied, Next, RunState, RunStatus};
 
 use super::{
     Backfill, BackfillRecord, BackfillRequest, Effect, Engine, Event, PipelineSource, RunRecord,
@@ -55,15 +55,6 @@ impl Engine {
                 agent: self.agent.name().to_string(),
             },
         );
-        let limits = |p: &Pipeline| -> Vec<StepLimit> {
-            p.steps()
-                .iter()
-                .map(|s| StepLimit {
-                    id: s.id.clone(),
-                    max_attempts: s.max_attempts,
-                })
-                .collect()
-        };
         let rec = BackfillRecord {
             id,
             pipeline: req.pipeline.name().to_string(),
@@ -87,24 +78,9 @@ impl Engine {
         // The partitions' runs, and the backfill-level runs before and after them.
         for (scope, p) in req.pipeline.plan(&req.partitions) {
             let run_id = Uuid::now_v7();
-            let limits = limits(&backfill.view(scope));
             self.runs.insert(
                 run_id,
-                RunRecord {
-                    id: run_id,
-                    backfill_id: id,
-                    partition: p.clone(),
-                    machine: Machine::new(limits.clone()),
-                    history: Vec::new(),
-                    attempts_total: vec![0; limits.len()],
-                    last: None,
-                    reason: None,
-                    warnings: Vec::new(),
-                    dispatched_at: None,
-                    finished_at: None,
-                    hand_backs: Vec::new(),
-                    scope,
-                },
+                RunRecord::new(run_id, id, p.clone(), scope, &backfill.view(scope)),
             );
             rec.runs.push(run_id);
             if scope.is_partition() {
