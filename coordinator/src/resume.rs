@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 use warpline_shared::audit::{self, AuditEvent, AuditRecord};
 use warpline_shared::config::Pipeline;
-use warpline_shared::contracts::{AttemptSummary, ReportStatus, Severity, StepOutcome};
+use warpline_shared::contracts::{Severity, StepOutcome};
 use warpline_shared::machine::{AttemptFacts, Receipt, RunState, RunStatus};
 use warpline_shared::stage::RunScope;
 
@@ -383,21 +383,13 @@ pub fn replay(
                     bail!(bad("a decision for a run awaiting none".into()));
                 };
                 let applied = m.decide(decision.action).map_err(|e| bad(e.to_string()))?;
-                let outcome = run.last.take();
-                run.history.push(AttemptSummary {
-                    step_id: limits[a.step].clone(),
-                    attempt: a.attempt,
-                    exit_code: facts.exit_code,
-                    timed_out: facts.timed_out,
-                    lost: facts.lost,
-                    status: outcome
-                        .as_ref()
-                        .map(|o| o.report.status)
-                        .unwrap_or(ReportStatus::Fail),
-                    failed_checks: facts.failed_checks.clone(),
-                    action: applied.applied,
-                    reason: decision.reason.clone(),
-                });
+                run.close_attempt(
+                    limits[a.step].clone(),
+                    a.attempt,
+                    &facts,
+                    applied.applied,
+                    decision.reason.clone(),
+                );
                 if model.is_some() || requests.is_some() {
                     let u = &mut b.llm;
                     u.decisions += 1;

@@ -7,8 +7,8 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 use warpline_shared::audit::AuditEvent;
 use warpline_shared::contracts::{
-    AttemptSummary, Check, PipelineState, ReportStatus, SCHEMA_VERSION, Severity, StepAttempts,
-    StepOutcome, StepResult, ValidationReport,
+    Check, PipelineState, ReportStatus, SCHEMA_VERSION, Severity, StepAttempts, StepOutcome,
+    StepResult, ValidationReport,
 };
 use warpline_shared::machine::{AttemptFacts, Receipt, RunState};
 
@@ -276,21 +276,13 @@ impl Engine {
                 return;
             }
         };
-        let outcome = run.last.take();
-        run.history.push(AttemptSummary {
-            step_id: step_id.clone(),
-            attempt: a.attempt,
-            exit_code: facts.exit_code,
-            timed_out: facts.timed_out,
-            lost: facts.lost,
-            status: outcome
-                .as_ref()
-                .map(|o| o.report.status)
-                .unwrap_or(ReportStatus::Fail),
-            failed_checks: facts.failed_checks.clone(),
-            action: applied.applied,
-            reason: reply.decision.reason.clone(),
-        });
+        run.close_attempt(
+            step_id.clone(),
+            a.attempt,
+            &facts,
+            applied.applied,
+            reply.decision.reason.clone(),
+        );
         let reason = match &applied.overridden {
             Some(why) => why.clone(),
             None => reply.decision.reason.clone(),

@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::config::Pipeline;
-use warpline_shared::contracts::{AttemptSummary, StepOutcome};
-use warpline_shared::machine::{Machine, StepLimit};
+use warpline_shared::contracts::{Action, AttemptSummary, ReportStatus, StepOutcome};
+use warpline_shared::machine::{AttemptFacts, Machine, StepLimit};
 use warpline_shared::partition::Partition;
 use warpline_shared::stage::RunScope;
 
@@ -148,6 +148,34 @@ impl RunRecord {
             hand_backs: Vec::new(),
             scope,
         }
+    }
+
+    /// Closes the attempt that was awaiting a decision into the run's history, with the action
+    /// the state machine applied and the decision's reason; the outcome it kept is taken. The
+    /// engine and a local resume's replay both call it, so a replayed history is the engine's.
+    pub fn close_attempt(
+        &mut self,
+        step_id: String,
+        attempt: u32,
+        facts: &AttemptFacts,
+        applied: Action,
+        reason: String,
+    ) {
+        let outcome = self.last.take();
+        self.history.push(AttemptSummary {
+            step_id,
+            attempt,
+            exit_code: facts.exit_code,
+            timed_out: facts.timed_out,
+            lost: facts.lost,
+            status: outcome
+                .as_ref()
+                .map(|o| o.report.status)
+                .unwrap_or(ReportStatus::Fail),
+            failed_checks: facts.failed_checks.clone(),
+            action: applied,
+            reason,
+        });
     }
 }
 
