@@ -382,6 +382,10 @@ pub struct RunArgs {
     /// Serve the web dashboard for this backfill on ADDR (e.g. 127.0.0.1:8081) while it runs.
     #[arg(long, value_name = "ADDR")]
     pub ui: Option<std::net::SocketAddr>,
+    /// Keep the --ui dashboard up after the run has ended, showing its final state (read
+    /// only), until Ctrl-C or SIGTERM; the exit code is still the run's.
+    #[arg(long, requires = "ui")]
+    pub ui_stay: bool,
     /// Exit 1 when any check of severity `warn` failed, even if every run completed.
     #[arg(long)]
     pub fail_on_warn: bool,

@@ -346,12 +346,10 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
             eprintln!("warpline: an answer of the resume was refused: {e}");
         }
     }
-    if let Some(d) = dashboard {
-        d.abort();
-    }
     // Kill any tool still running and wait for the workers, bounded.
     let clean = stopper.stop(Duration::from_secs(15)).await;
-    let summary = engine?.summary(backfill_id);
+    let mut engine = engine?;
+    let summary = engine.summary(backfill_id);
     if !clean {
         eprintln!("warpline: some workers did not stop within 15 s");
     }
@@ -361,7 +359,14 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         totals: agent_stats.totals(),
     };
     print_summary(&summary, &usage, args.json)?;
-    if shutdown.is_cancelled() {
+    let interrupted = shutdown.is_cancelled();
+    if let Some(d) = dashboard {
+        if args.ui_stay && !interrupted {
+            stay(&mut engine, &mut rx, &shutdown).await;
+        }
+        d.abort();
+    }
+    if interrupted {
         return Ok(ExitCode::from(130));
     }
     if args.fail_on_warn && summary.warnings > 0 {
@@ -540,6 +545,30 @@ async fn start_dashboard(
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     }))
+}
+
+/// `--ui-stay`: answers the dashboard from the ended run's final state until a signal. Reads
+/// are answered; actions are refused with how to continue the run instead.
+async fn stay(
+    engine: &mut Engine,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    shutdown: &CancellationToken,
+) {
+    eprintln!("warpline: the run has ended; the dashboard stays up (read only) until Ctrl-C");
+    loop {
+        let ev = tokio::select! {
+            () = shutdown.cancelled() => return,
+            ev = rx.recv() => ev,
+        };
+        match ev {
+            Some(Event::Operator(cmd, reply)) => {
+                let _ = reply.send(engine.answer_ended(cmd));
+            }
+            // Nothing else reaches an ended loop but late worker messages, which it drops.
+            Some(_) => {}
+            None => return,
+        }
+    }
 }
 
 /// The agent's part of the summary: who decided and what the model calls cost.

@@ -156,6 +156,22 @@ pub struct Escalation {
 }
 
 impl Engine {
+    /// Answers an operator after the loop has ended (a local run's dashboard kept up with
+    /// `--ui-stay`): what it asks to read is answered from the final state; what would change
+    /// a run is refused, since nothing would record or carry it out any more.
+    pub fn answer_ended(&mut self, cmd: OperatorCommand) -> OperatorReply {
+        match cmd {
+            OperatorCommand::Status { .. }
+            | OperatorCommand::Escalations
+            | OperatorCommand::Workers => self.on_operator(cmd),
+            _ => Err(OperatorError::Refused(
+                "this local run has ended: nothing can change it from here; continue it with \
+                 `warpline run PIPELINE --resume` (answer escalations with --resolve RUN=ACTION)"
+                    .into(),
+            )),
+        }
+    }
+
     pub(super) fn on_operator(&mut self, cmd: OperatorCommand) -> OperatorReply {
         match cmd {
             OperatorCommand::Resolve {

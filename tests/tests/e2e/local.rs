@@ -531,3 +531,92 @@ fn runs_halting_the_same_way_escalate_the_backfill_and_stop_new_runs() {
             .collect();
     assert_eq!(escalations, [("FETCH: exit 1".to_string(), 2)]);
 }
+
+#[test]
+fn ui_stay_keeps_the_dashboard_up_after_the_run_until_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = shell_pipeline(
+        dir.path(),
+        serde_json::json!([{
+            "id": "ONLY", "command": "sh", "args": ["-c", "test {dataset} != b"],
+            "max_attempts": 1
+        }]),
+    );
+    let port = warpline_tests::faults::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(bin("warpline"))
+        .args([
+            "run",
+            &pipeline,
+            "--datasets",
+            "a,b",
+            "--progress",
+            "none",
+            "--ui",
+            &addr,
+            "--ui-stay",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The stderr lines as they come, so the test can wait for "the run has ended".
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("the run has ended"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("`--ui-stay` never said the run ended:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    let id = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("warpline: backfill "))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no backfill id in:\n{}", seen.join("\n")))
+        .to_string();
+    // The process is still there and its pages answer from the final state.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "{}", seen.join("\n"));
+    let (code, body) = warpline_tests::fleet::http_get(&addr, &format!("/backfills/{id}"));
+    assert_eq!(code, 200, "{body}");
+    // One grid cell per run: a's step passed; b's failure is unclassified, so it escalated.
+    assert!(
+        body.contains("data-step=\"ONLY\" data-state=\"escalated\"")
+            && body.contains("data-step=\"ONLY\" data-state=\"passed\""),
+        "the final states are not on the page: {body}"
+    );
+    let (code, body) = warpline_tests::fleet::http_get(&addr, "/");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(&id[..8]),
+        "the backfill is not listed: {body}"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    // A signal after the run ended leaves the run's own exit code: one run did not complete.
+    assert_eq!(status.code(), Some(1), "{}", seen.join("\n"));
+    assert_eq!(
+        warpline_tests::fleet::http_get(&addr, "/").0,
+        0,
+        "the dashboard still answers after the process ended"
+    );
+}
