@@ -181,9 +181,17 @@ async fn ensure_database(cfg: &tokio_postgres::Config) -> anyhow::Result<()> {
         if let Err(e) = client
             .batch_execute(&format!("CREATE DATABASE \"{db}\""))
             .await
-            && e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
         {
-            return Err(e).with_context(|| format!("cannot create database `{db}`"));
+            // Two creators at once: the loser gets 42P04, or, when both passed the catalog
+            // check, a unique violation on pg_database's name index. Either way the database
+            // is there now, which is all this wants.
+            let created_by_another = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+                .await
+                .is_ok_and(|row| row.is_some());
+            if !created_by_another {
+                return Err(e).with_context(|| format!("cannot create database `{db}`"));
+            }
         }
     }
     Ok(())
