@@ -376,6 +376,34 @@ fn requests_whose_client_gave_up_are_not_applied() {
     );
 }
 
+/// After the loop has ended (`run --ui-stay`) reads are answered from the final state and
+/// anything that would change a run is refused without touching it.
+#[test]
+fn an_ended_engine_answers_reads_and_refuses_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = engine(dir.path());
+    let id = engine.submit(backfill(dir.path()));
+    let read = engine.answer_ended(OperatorCommand::Status {
+        backfill_id: Some(id),
+    });
+    assert!(
+        matches!(&read, Ok(OperatorAnswer::Summary(s)) if s.runs.len() == 1),
+        "{read:?}"
+    );
+    let act = engine.answer_ended(OperatorCommand::Cancel {
+        backfill_id: id,
+        operator: "t".into(),
+    });
+    assert!(
+        matches!(&act, Err(OperatorError::Refused(why)) if why.contains("--resume")),
+        "{act:?}"
+    );
+    assert!(
+        !engine.backfills[&id].rec.cancelling,
+        "a refused cancel took effect"
+    );
+}
+
 #[test]
 fn bound_tail_keeps_the_end_on_a_char_boundary() {
     let mut s = "é".repeat(10);

@@ -172,11 +172,13 @@ async fn ensure_database(cfg: &tokio_postgres::Config) -> anyhow::Result<()> {
         return Ok(());
     };
     tokio::spawn(conn);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
-        .await?
-        .is_some();
-    if !exists {
+    let exists = || async {
+        client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+            .await
+            .map(|row| row.is_some())
+    };
+    if !exists().await? {
         check_ident(&db)?;
         if let Err(e) = client
             .batch_execute(&format!("CREATE DATABASE \"{db}\""))
@@ -185,11 +187,7 @@ async fn ensure_database(cfg: &tokio_postgres::Config) -> anyhow::Result<()> {
             // Two creators at once: the loser gets 42P04, or, when both passed the catalog
             // check, a unique violation on pg_database's name index. Either way the database
             // is there now, which is all this wants.
-            let created_by_another = client
-                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
-                .await
-                .is_ok_and(|row| row.is_some());
-            if !created_by_another {
+            if !exists().await.unwrap_or(false) {
                 return Err(e).with_context(|| format!("cannot create database `{db}`"));
             }
         }
