@@ -14,6 +14,7 @@
 //! | `GET /v1/backfills/{id}` | `Status { Some(id) }` | 200 `Summary` |
 //! | `POST /v1/backfills/{id}/cancel` | `Cancel` | 200 `Summary` |
 //! | `POST /v1/backfills/{id}/retry-failed` | `RetryFailed` | 200 `{backfill_id, resumed}` |
+//! | `POST /v1/backfills/{id}/reprocess` ([`ReprocessRequest`]) | `Reprocess` | 201 [`ReprocessResponse`]: a new backfill |
 //! | `GET /v1/escalations` | `Escalations` | 200 `[Escalation]` |
 //! | `POST /v1/runs/{id}/resolve` ([`ResolveRequest`]) | `Resolve` | 200 [`ResolveResponse`] |
 //! | `POST /v1/backfills/{id}/resolve` ([`ResolveBackfillRequest`]) | `ResolveBackfill` | 200 [`ResolveBackfillResponse`] |
@@ -401,6 +402,9 @@ pub struct EngineHandle {
     events: mpsc::UnboundedSender<Event>,
     /// How long to wait for an answer.
     timeout: Duration,
+    /// Set once the loop has ended and only reads are answered (a local run's dashboard kept
+    /// up with `--ui-stay`): the dashboard then draws no action.
+    ended: Arc<AtomicBool>,
 }
 
 /// Why a request failed; each variant is one HTTP status.
@@ -432,7 +436,18 @@ impl EngineHandle {
         EngineHandle {
             events,
             timeout: DEFAULT_ENGINE_TIMEOUT,
+            ended: Default::default(),
         }
+    }
+
+    /// Says that the loop has ended and answers only reads from now on.
+    pub fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`EngineHandle::mark_ended`] was called on this handle or a clone.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
     }
 
     /// The same handle with another timeout.
@@ -596,6 +611,7 @@ pub fn router_with(handle: EngineHandle, ready: ReadyFlag, policy: ApiPolicy) ->
         .route("/v1/backfills/{id}", get(status))
         .route("/v1/backfills/{id}/cancel", post(cancel))
         .route("/v1/backfills/{id}/retry-failed", post(retry_failed))
+        .route("/v1/backfills/{id}/reprocess", post(reprocess))
         .route("/v1/escalations", get(escalations))
         .route("/v1/runs/{id}/resolve", post(resolve))
         .route("/v1/backfills/{id}/resolve", post(resolve_backfill))
@@ -1044,6 +1060,24 @@ async fn retry_failed(
     typed(st.engine.command(cmd).await?)
 }
 
+#[utoipa::path(post, path = "/v1/backfills/{id}/reprocess", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill to run again")), request_body = ReprocessRequest, responses((status = 201, description = "a new backfill of the same pipeline over the partitions the mode keeps", body = ReprocessResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "the mode left no partition to run", body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn reprocess(
+    State(st): State<AppState>,
+    who: Option<Extension<Identity>>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<ReprocessRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ReprocessResponse>), ApiError> {
+    let backfill_id = parse_id("backfill", &id)?;
+    let Json(req) = body?;
+    let cmd = OperatorCommand::Reprocess {
+        backfill_id,
+        mode: req.mode,
+        operator: identity(who).operator(None),
+    };
+    let Json(answer) = typed::<ReprocessResponse>(st.engine.command(cmd).await?)?;
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
 #[utoipa::path(get, path = "/v1/escalations", tag = "escalations", responses((status = 200, body = [Escalation]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn escalations(State(st): State<AppState>) -> Answer {
     st.engine
@@ -1235,6 +1269,34 @@ pub struct RetryFailedResponse {
     pub resumed: usize,
 }
 
+/// `POST /v1/backfills/{id}/reprocess`: run a backfill's partitions again, in a new backfill.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReprocessRequest {
+    /// Which partitions run, against every backfill of the pipeline the coordinator holds
+    /// (this one included): `failed` (the default) those that did not complete, `missing`
+    /// none it ran before, `all` every one. A partition still in progress never starts twice.
+    #[serde(default = "failed")]
+    pub mode: Reprocess,
+}
+
+fn failed() -> Reprocess {
+    Reprocess::Failed
+}
+
+/// `POST /v1/backfills/{id}/reprocess`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReprocessResponse {
+    /// The new backfill.
+    pub backfill_id: Uuid,
+    /// The backfill it runs again.
+    pub reprocess_of: Uuid,
+    /// Its runs.
+    pub runs: usize,
+    /// Partitions the mode left out, by why.
+    pub skipped: Skipped,
+}
+
 /// `POST /v1/runs/{id}/resolve`'s answer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ResolveResponse {
@@ -1311,12 +1373,13 @@ impl Modify for BearerAuth {
                        unknown routes answer 404 with the same body."
     ),
     paths(
-        healthz, readyz, submit, list, status, cancel, retry_failed, escalations, resolve,
-        resolve_backfill, workers, fleet, metrics, openapi_json
+        healthz, readyz, submit, list, status, cancel, retry_failed, reprocess, escalations,
+        resolve, resolve_backfill, workers, fleet, metrics, openapi_json
     ),
     components(schemas(
         SubmitRequest, SubmitResponse, PartitionOrder, Reprocess, Skipped, ResolveRequest, ResolveResponse,
-        ResolveBackfillRequest, ResolveBackfillResponse, RetryFailedResponse, ErrorBody,
+        ResolveBackfillRequest, ResolveBackfillResponse, RetryFailedResponse, ReprocessRequest,
+        ReprocessResponse, ErrorBody,
         Summary, RunSummary, Escalation, BackfillAction, WorkerInfo, FleetView, PoolView,
         LatencySnapshot, Percentiles
     )),

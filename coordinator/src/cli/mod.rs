@@ -67,6 +67,9 @@ pub enum Command {
     Cancel(BackfillArgs),
     /// Resume every HALTED run of a backfill at the step that failed.
     RetryFailed(BackfillArgs),
+    /// Run a backfill's partitions again in a new backfill of the same pipeline (by default
+    /// those that did not complete).
+    Reprocess(ReprocessArgs),
     /// Shell completions and man pages.
     #[command(flatten)]
     Dist(warpline_telemetry::dist::DistCommand),
@@ -238,6 +241,23 @@ pub struct ResolveArgs {
 pub struct BackfillArgs {
     /// The backfill: an id, a unique id prefix, or a run of it (run id, prefix or partition key).
     pub backfill: String,
+    /// Print the coordinator's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator.
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `warpline reprocess`.
+#[derive(Debug, Args)]
+pub struct ReprocessArgs {
+    /// The backfill: an id, a unique id prefix, or a run of it (run id, prefix or partition key).
+    pub backfill: String,
+    /// Which partitions run, against every backfill of the pipeline the coordinator holds:
+    /// `failed` those that did not complete, `missing` those never run, `all` every one.
+    #[arg(long, value_enum, default_value_t = crate::reprocess::Reprocess::Failed)]
+    pub mode: crate::reprocess::Reprocess,
     /// Print the coordinator's answer as JSON.
     #[arg(long)]
     pub json: bool,
@@ -473,6 +493,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
         Command::Resolve(args) => ops::resolve(args).await,
         Command::Cancel(args) => ops::cancel(args).await,
         Command::RetryFailed(args) => ops::retry_failed(args).await,
+        Command::Reprocess(args) => ops::reprocess(args).await,
         Command::Dist(dist) => {
             dist.run(
                 <Cli as clap::CommandFactory>::command(),

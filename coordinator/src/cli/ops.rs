@@ -1,5 +1,5 @@
 //! The operator commands that talk to a running coordinator over its HTTP API (see
-//! [`crate::api`]): `submit`, `status`, `escalations`, `resolve`, `cancel` and `retry-failed`.
+//! [`crate::api`]): `submit`, `status`, `escalations`, `resolve`, `cancel`, `retry-failed` and `reprocess`.
 //! `submit --wait` hands the new backfill to [`super::watch`] (the command line wires the two).
 //!
 //! Output for people goes to standard error or is a table on standard output; `--json` prints
@@ -16,7 +16,9 @@ use warpline_shared::machine::RunStatus;
 use super::client::Client;
 use super::report::{counts_line, duration, passed_per_step};
 use super::run::{parse_vars, read_partitions};
-use super::{BackfillArgs, EscalationsArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs};
+use super::{
+    BackfillArgs, EscalationsArgs, ReprocessArgs, Resolution, ResolveArgs, StatusArgs, SubmitArgs,
+};
 use crate::api::{ResolveBackfillRequest, ResolveRequest, SubmitRequest, SubmitResponse};
 use crate::engine::{BackfillAction, BackfillStage, Escalation, RunSummary, Summary};
 use crate::fleet::capability;
@@ -428,6 +430,35 @@ pub async fn retry_failed(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         "backfill {id}: resumed {} halted runs at the step that failed",
         value["resumed"]
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warpline reprocess`.
+pub async fn reprocess(args: ReprocessArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let id = find_backfill(&client, &args.backfill, false).await?;
+    let value: serde_json::Value = client
+        .post(
+            &format!("/v1/backfills/{id}/reprocess"),
+            &serde_json::json!({"mode": args.mode}),
+        )
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let answer: crate::api::ReprocessResponse =
+        serde_json::from_value(value).context("unexpected reprocess answer")?;
+    println!(
+        "backfill {}: runs {} partition(s) of backfill {id} again (reprocess `{}`)",
+        answer.backfill_id,
+        answer.runs,
+        args.mode.as_str()
+    );
+    if !answer.skipped.is_empty() {
+        eprintln!("warpline: {}", answer.skipped.describe(args.mode));
+    }
+    eprintln!("follow it with `warpline watch {}`", answer.backfill_id);
     Ok(ExitCode::SUCCESS)
 }
 

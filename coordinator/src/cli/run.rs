@@ -360,8 +360,9 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
     };
     print_summary(&summary, &usage, args.json)?;
     let interrupted = shutdown.is_cancelled();
-    if let Some(d) = dashboard {
+    if let Some((d, handle)) = dashboard {
         if args.ui_stay && !interrupted {
+            handle.mark_ended();
             stay(&mut engine, &mut rx, &shutdown).await;
         }
         d.abort();
@@ -522,7 +523,7 @@ async fn start_dashboard(
     addr: std::net::SocketAddr,
     tx: mpsc::UnboundedSender<Event>,
     audit: PathBuf,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, EngineHandle)> {
     let auth = Arc::new(Auth::load(&|k| std::env::var(k).ok(), None)?);
     if auth.is_open() && !addr.ip().is_loopback() {
         anyhow::bail!(
@@ -533,18 +534,16 @@ async fn start_dashboard(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on `{addr}` for the dashboard (--ui)"))?;
+    let handle = EngineHandle::new(tx);
     let app = protect(
-        ui::router(
-            EngineHandle::new(tx),
-            ui::Records::File(audit),
-            auth.clone(),
-        ),
+        ui::router(handle.clone(), ui::Records::File(audit), auth.clone()),
         auth,
     );
     eprintln!("warpline: dashboard on http://{}/", listener.local_addr()?);
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
-    }))
+    });
+    Ok((task, handle))
 }
 
 /// `--ui-stay`: answers the dashboard from the ended run's final state until a signal. Reads

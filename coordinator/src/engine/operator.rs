@@ -59,6 +59,17 @@ pub enum OperatorCommand {
         /// Who.
         operator: String,
     },
+    /// Start a new backfill of a backfill's pipeline (as it was submitted) over its
+    /// partitions, choosing which run again with a reprocess mode against every backfill of
+    /// that pipeline the engine holds (this one included).
+    Reprocess {
+        /// The backfill to run again.
+        backfill_id: Uuid,
+        /// Which of its partitions run.
+        mode: crate::reprocess::Reprocess,
+        /// Who (audited).
+        operator: String,
+    },
 }
 
 /// An operator's answer to a backfill escalation.
@@ -94,6 +105,17 @@ pub enum OperatorAnswer {
         backfill_id: Uuid,
         /// Runs resumed.
         resumed: usize,
+    },
+    /// `reprocess`: the new backfill.
+    Reprocessed {
+        /// The new backfill.
+        backfill_id: Uuid,
+        /// The backfill it runs again.
+        reprocess_of: Uuid,
+        /// Its runs.
+        runs: usize,
+        /// Partitions the mode left out.
+        skipped: crate::reprocess::Skipped,
     },
     /// `status`, `cancel`, `resolve-backfill`: one backfill's summary.
     Summary(Box<Summary>),
@@ -422,6 +444,11 @@ impl Engine {
                     }),
                 }
             }
+            OperatorCommand::Reprocess {
+                backfill_id,
+                mode,
+                operator,
+            } => self.reprocess(backfill_id, mode, operator),
             OperatorCommand::Workers => {
                 let mut list: Vec<WorkerInfo> = self
                     .workers

@@ -18,7 +18,7 @@
 //! | `GET /backfills/{id}/audit` | whether the audit log's chain verifies |
 //! | `GET /escalations`, `GET /fleet` | what waits for an operator; workers and pools |
 //! | `GET/POST /login`, `POST /logout` | the token cookie |
-//! | `POST /ui/backfills/{id}/{cancel,retry-failed,resolve}`, `POST /ui/runs/{id}/resolve` | actions |
+//! | `POST /ui/backfills/{id}/{cancel,retry-failed,reprocess,resolve}`, `POST /ui/runs/{id}/resolve` | actions |
 
 pub mod grid;
 pub mod html;
@@ -90,6 +90,7 @@ pub fn router_with(
         .route("/logout", post(logout))
         .route("/ui/backfills/{id}/cancel", post(cancel))
         .route("/ui/backfills/{id}/retry-failed", post(retry_failed))
+        .route("/ui/backfills/{id}/reprocess", post(reprocess))
         .route("/ui/backfills/{id}/resolve", post(resolve_backfill))
         .route("/ui/runs/{id}/resolve", post(resolve_run))
         .route("/assets/app.css", get(css))
@@ -136,6 +137,7 @@ impl FromRequestParts<UiState> for Req {
                 flash: query.get("msg").cloned(),
                 tokens: !st.auth.is_open(),
                 back: parts.uri.path().to_string(),
+                ended: st.engine.has_ended(),
             },
             partial,
             query,
@@ -630,6 +632,62 @@ async fn retry_failed(
     }
     .await;
     answer(result, &f.back, &fallback)
+}
+
+async fn reprocess(
+    State(st): State<UiState>,
+    Path(id): Path<String>,
+    a: RawParts,
+    Form(f): Form<ActionForm>,
+) -> Response {
+    let who = match authorise(&st, &a.parts, &f) {
+        Ok(w) => w,
+        Err(r) => return r.into_response(),
+    };
+    let fallback = format!("/backfills/{id}");
+    let result = async {
+        let backfill_id = parse_uuid("backfill", &id)?;
+        let mode = <crate::reprocess::Reprocess as clap::ValueEnum>::from_str(&f.action, false)
+            .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "`{}` is not a reprocess mode: failed, missing or all",
+                f.action
+            ))
+        })?;
+        let v = st
+            .engine
+            .command(OperatorCommand::Reprocess {
+                backfill_id,
+                mode,
+                operator: who.operator(None),
+            })
+            .await?;
+        let answer: crate::api::ReprocessResponse = serde_json::from_value(v)
+            .map_err(|e| ApiError::Unavailable(format!("unexpected reprocess answer: {e}")))?;
+        tracing::info!(operator = %who.name, %backfill_id, new = %answer.backfill_id, "reprocessed from the dashboard");
+        Ok((mode, answer))
+    }
+    .await;
+    match result {
+        // The answer is the new backfill's page.
+        Ok((mode, r)) => done(
+            "",
+            &format!("/backfills/{}", r.backfill_id),
+            &format!(
+                "reprocess `{}` by {}: this backfill runs {} partition(s) of {} again{}",
+                mode.as_str(),
+                who.name,
+                r.runs,
+                r.reprocess_of,
+                if r.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.skipped.describe(mode))
+                }
+            ),
+        ),
+        Err(e) => answer(Err(e), &f.back, &fallback),
+    }
 }
 
 async fn resolve_backfill(

@@ -31,6 +31,15 @@ pub struct Ctx {
     pub tokens: bool,
     /// The page's path, where a form's answer redirects.
     pub back: String,
+    /// The loop has ended (a local run kept up with `--ui-stay`): nothing can be changed.
+    pub ended: bool,
+}
+
+impl Ctx {
+    /// True when the page draws actions: an operator looks, and the loop still runs.
+    pub fn can_act(&self) -> bool {
+        self.who.can_act() && !self.ended
+    }
 }
 
 /// A form's hidden fields: the CSRF token and where to come back.
@@ -52,6 +61,13 @@ pub fn layout(title: &str, ctx: &Ctx, body: &str, partial: bool, live: bool) -> 
             "flash"
         };
         let _ = write!(inner, "<div class=\"{class}\">{}</div>", esc(msg));
+    }
+    if ctx.ended {
+        inner.push_str(
+            "<div class=\"banner\" id=\"ended\">This run has ended: the page is read only. \
+Continue it with <code>warpline run PIPELINE --resume</code> (answer escalations with \
+<code>--resolve RUN=ACTION</code>).</div>",
+        );
     }
     inner.push_str(body);
     if partial {
@@ -83,7 +99,7 @@ pub fn layout(title: &str, ctx: &Ctx, body: &str, partial: bool, live: bool) -> 
 
 /// A POST button to `action` (with the session's CSRF token), shown only to operators.
 fn button(ctx: &Ctx, action: &str, label: &str, class: &str, confirm: Option<&str>) -> String {
-    if !ctx.who.can_act() {
+    if !ctx.can_act() {
         return String::new();
     }
     let confirm = confirm
@@ -198,7 +214,40 @@ fn actions(ctx: &Ctx, s: &Summary) -> String {
             None,
         ));
     }
+    if s.finished {
+        out.push_str(&reprocess_form(ctx, s));
+    }
     out
+}
+
+/// Run the backfill's partitions again in a new backfill: those that did not complete, by
+/// default; none when every run completed, so `all` is chosen then.
+fn reprocess_form(ctx: &Ctx, s: &Summary) -> String {
+    if !ctx.can_act() {
+        return String::new();
+    }
+    let all_complete = s.all_complete();
+    let mut options = String::new();
+    for (mode, label) in [
+        ("failed", "what did not complete"),
+        ("missing", "what never ran"),
+        ("all", "every partition"),
+    ] {
+        let sel = if (mode == "all") == all_complete && mode != "missing" {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(options, "<option value=\"{mode}\"{sel}>{label}</option>");
+    }
+    format!(
+        "<form class=\"inline reprocess\" method=\"post\" action=\"/ui/backfills/{}/reprocess\" \
+data-confirm=\"Start a new backfill of this pipeline over these partitions?\">{}\
+<select name=\"action\" aria-label=\"which partitions\">{options}</select>\
+<button class=\"btn\" type=\"submit\">Reprocess</button></form>",
+        s.backfill_id,
+        hidden(ctx)
+    )
 }
 
 /// `/`: every backfill.
@@ -259,7 +308,7 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
 }
 
 fn resolve_backfill_form(ctx: &Ctx, s: &Summary) -> String {
-    if !ctx.who.can_act() {
+    if !ctx.can_act() {
         return String::new();
     }
     format!(
@@ -474,7 +523,7 @@ fn backfill_level(s: &Summary) -> String {
 }
 
 fn resolve_run_form(ctx: &Ctx, run_id: Uuid) -> String {
-    if !ctx.who.can_act() {
+    if !ctx.can_act() {
         return String::new();
     }
     format!(
@@ -503,7 +552,7 @@ fn escalation_table(ctx: &Ctx, list: &[&Escalation]) -> String {
             esc(&e.step),
             e.attempts,
             esc(&e.reason),
-            if ctx.who.can_act() {
+            if ctx.can_act() {
                 resolve_run_form(ctx, e.run_id)
             } else {
                 "<span class=\"muted\">an operator answers</span>".into()

@@ -1,5 +1,5 @@
 //! The `warpline` operator commands (the real binary) against the in-process coordinator:
-//! submit --wait, status, escalations, resolve, watch, retry-failed, cancel, and the errors an
+//! submit --wait, status, escalations, resolve, watch, retry-failed, reprocess, cancel, and the errors an
 //! operator sees.
 
 use std::process::Output;
@@ -249,6 +249,28 @@ async fn retry_failed_and_cancel_from_the_command_line() {
     );
     let out = warpline(&srv.url, &["watch", &id], &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", context(&out));
+
+    // Both months completed: reprocess (`failed` by default) has nothing left; `all` runs both.
+    let out = warpline(&srv.url, &["reprocess", &id], &[]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", context(&out));
+    assert!(
+        stderr(&out).contains("nothing to run") && stderr(&out).contains("HTTP 409"),
+        "{}",
+        context(&out)
+    );
+    let prefix = &id[..13];
+    let out = warpline(&srv.url, &["reprocess", prefix, "--mode", "all"], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", context(&out));
+    assert!(
+        stdout(&out).contains(&format!("runs 2 partition(s) of backfill {id} again")),
+        "{}",
+        context(&out)
+    );
+    assert!(
+        stderr(&out).contains("warpline watch "),
+        "{}",
+        context(&out)
+    );
 
     let out = warpline(&srv.url, &["cancel", &id], &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", context(&out));

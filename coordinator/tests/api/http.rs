@@ -313,6 +313,78 @@ async fn bad_submits_are_refused_with_what_was_wrong() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprocess_runs_what_did_not_complete_in_a_new_backfill() {
+    let srv = Server::start().await;
+    let marker = srv.dir.path().join("fixed");
+    // 2024-02 fails permanently until the marker exists; the other months pass.
+    let file = srv.pipeline(
+        "monthly",
+        json!([{"id": "LOAD", "command": "sh", "args": ["-c", format!(
+            "echo {{month}} >> ran.log; test {{month}} != 2024-02 || test -f {} || (echo missing input; exit 2)",
+            marker.display()
+        )]}]),
+    );
+    let id = srv
+        .submit(&file, json!({"months": "2024-01..2024-03"}))
+        .await;
+    let first = srv.wait_finished(&id).await;
+    assert_eq!(
+        first["counts"],
+        json!({"COMPLETE": 2, "HALTED": 1}),
+        "{first:#}"
+    );
+
+    std::fs::write(&marker, "").unwrap();
+    let (status, resp) = srv
+        .post(&format!("/v1/backfills/{id}/reprocess"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    assert_eq!(resp["reprocess_of"], id.as_str());
+    assert_eq!(resp["runs"], 1, "the default mode is `failed`: {resp}");
+    assert_eq!(
+        resp["skipped"],
+        json!({"complete": 2, "failed": 0, "in_progress": 0})
+    );
+    let new = resp["backfill_id"].as_str().unwrap().to_string();
+    assert_ne!(new, id);
+    let done = srv.wait_finished(&new).await;
+    assert_eq!(done["counts"], json!({"COMPLETE": 1}), "{done:#}");
+    assert_eq!(done["runs"][0]["partition"], "2024-02");
+    assert_eq!(done["pipeline"], first["pipeline"]);
+
+    // Everything completed now: `failed` has nothing left, `all` runs every month again.
+    let (status, err) = srv
+        .post(
+            &format!("/v1/backfills/{id}/reprocess"),
+            json!({"mode": "failed"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("nothing to run"),
+        "{err}"
+    );
+    let (status, err) = srv
+        .post(
+            &format!("/v1/backfills/{id}/reprocess"),
+            json!({"mode": "some"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let (status, resp) = srv
+        .post(
+            &format!("/v1/backfills/{id}/reprocess"),
+            json!({"mode": "all"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    assert_eq!(resp["runs"], 3, "{resp}");
+    srv.wait_finished(resp["backfill_id"].as_str().unwrap())
+        .await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ids_are_404_and_malformed_ids_400() {
     let srv = Server::start().await;
     let id = Uuid::now_v7();
@@ -320,6 +392,7 @@ async fn unknown_ids_are_404_and_malformed_ids_400() {
         (format!("/v1/backfills/{id}"), false),
         (format!("/v1/backfills/{id}/cancel"), true),
         (format!("/v1/backfills/{id}/retry-failed"), true),
+        (format!("/v1/backfills/{id}/reprocess"), true),
     ] {
         let (status, err) = if post {
             srv.post(&path, json!({})).await

@@ -102,7 +102,9 @@ fn the_dashboard_shows_the_grid_resolves_an_escalation_and_cancels() {
     assert_eq!(cell(&mut b, "halt", "LOAD").as_deref(), Some("pending"));
     assert_eq!(cell(&mut b, "odd", "LOAD").as_deref(), Some("pending"));
     assert_eq!(
-        b.count("form[action$='/cancel'], form[action$='/retry-failed'], form.resolve"),
+        b.count(
+            "form[action$='/cancel'], form[action$='/retry-failed'], form.resolve, form.reprocess"
+        ),
         0
     );
     assert!(b.text("#identity").unwrap().contains("bob · viewer"));
@@ -122,6 +124,13 @@ fn the_dashboard_shows_the_grid_resolves_an_escalation_and_cancels() {
         .post(format!("{}/v1/runs/{run}/resolve", c.api))
         .bearer_auth(BOB)
         .json(&json!({"action": "retry", "reason": "viewer"}))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let refused = http
+        .post(format!("{}/v1/backfills/{id}/reprocess", c.api))
+        .bearer_auth(BOB)
+        .json(&json!({"mode": "failed"}))
         .send()
         .unwrap();
     assert_eq!(refused.status().as_u16(), 403);
@@ -195,6 +204,45 @@ fn the_dashboard_shows_the_grid_resolves_an_escalation_and_cancels() {
             && b.text("#state").as_deref() == Some("finished")
     });
     b.screenshot("05-grid-after");
+
+    // Reprocess from the page: a new backfill of what did not complete (`halt` halts again).
+    b.select("form.reprocess select", "failed");
+    b.click("form.reprocess button");
+    b.accept_dialog();
+    b.wait(LIMIT, "the reprocessed backfill's page", |b| {
+        let url = b.url();
+        let path = url.split('?').next().unwrap_or_default().to_string();
+        path.contains("/backfills/")
+            && !path.contains(&id)
+            && cell(b, "halt", "FETCH").as_deref() == Some("halted")
+    });
+    assert_eq!(b.count("#grid tbody tr"), 1, "only `halt` runs again");
+    assert!(
+        b.text(".flash")
+            .is_some_and(|t| t.contains("reprocess `failed` by alice")),
+        "{:?}",
+        b.text(".flash")
+    );
+    b.screenshot("05b-reprocessed");
+    let reprocessed_by: Vec<(String, String)> = fleet
+        .audit_records()
+        .into_iter()
+        .filter(|r| r.backfill_id.map(|b| b.to_string()) == Some(id.clone()))
+        .filter_map(|r| match r.event {
+            AuditEvent::BackfillResolution {
+                operator,
+                action,
+                reason,
+            } if action == "reprocess" => Some((operator, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reprocessed_by.len(), 1, "{reprocessed_by:?}");
+    assert_eq!(reprocessed_by[0].0, "alice");
+    assert!(
+        reprocessed_by[0].1.contains("3 completed before"),
+        "{reprocessed_by:?}"
+    );
 
     // A form posted from another site, or without the session's CSRF token, is refused.
     let cookie = format!("warpline_token={ALICE}");

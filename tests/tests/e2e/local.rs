@@ -604,6 +604,13 @@ fn ui_stay_keeps_the_dashboard_up_after_the_run_until_a_signal() {
             && body.contains("data-step=\"ONLY\" data-state=\"passed\""),
         "the final states are not on the page: {body}"
     );
+    // Read only: a banner says how to go on, and no action is drawn (b's escalation would
+    // have its resolve form, the backfill its retry and reprocess buttons).
+    assert!(body.contains("id=\"ended\""), "no read-only banner: {body}");
+    assert!(
+        !body.contains("action=\"/ui/"),
+        "an ended run's page draws an action: {body}"
+    );
     let (code, body) = warpline_tests::fleet::http_get(&addr, "/");
     assert_eq!(code, 200, "{body}");
     assert!(
