@@ -478,10 +478,16 @@ impl EngineHandle {
     /// Sends an operator command and waits for the loop's answer.
     /// The engine answers with a typed [`OperatorAnswer`]; the API serves it as JSON.
     pub async fn command(&self, cmd: OperatorCommand) -> Result<serde_json::Value, ApiError> {
+        let answer = self.ask(cmd).await?;
+        Ok(serde_json::to_value(answer).expect("operator answers serialise"))
+    }
+
+    /// Sends an operator command and waits for the loop's typed answer (the dashboard reads
+    /// it as is, without a trip through JSON).
+    pub async fn ask(&self, cmd: OperatorCommand) -> Result<OperatorAnswer, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Operator(cmd, tx))?;
-        let answer: OperatorAnswer = self.wait(rx).await?.map_err(ApiError::from)?;
-        Ok(serde_json::to_value(answer).expect("operator answers serialise"))
+        self.wait(rx).await?.map_err(ApiError::from)
     }
 
     fn send(&self, event: Event) -> Result<(), ApiError> {

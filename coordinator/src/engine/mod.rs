@@ -13,6 +13,7 @@
 //! Local mode and fleet mode run this same loop; only the [`Transport`] (channels or RabbitMQ)
 //! and the [`Store`] (a JSONL file, or PostgreSQL beside it) differ.
 
+pub mod grid;
 mod handback;
 mod liveness;
 mod operator;
@@ -99,6 +100,9 @@ pub struct Engine {
     stopping: bool,
     /// Set by [`Event::Stop`]: leave the loop, keep the runs.
     halting: bool,
+    /// A read that arrived while a turn was being filled: it begins the next turn, answered
+    /// from that turn's committed state (see [`Engine::run_until`]).
+    deferred: Option<Event>,
 }
 
 impl Engine {
@@ -132,6 +136,7 @@ impl Engine {
             seen: HashMap::new(),
             stopping: false,
             halting: false,
+            deferred: None,
         }
     }
 
@@ -216,6 +221,15 @@ impl Engine {
             Event::Tick => self.on_tick(),
             Event::Stop => self.halting = true,
             Event::Shutdown { reason } => self.shutdown(reason),
+        }
+    }
+
+    /// Answers a read ([`Event::is_read`]) now, from the state as it is.
+    fn answer_read(&mut self, ev: Event) {
+        if let Event::Operator(cmd, reply) = ev
+            && !reply.is_closed()
+        {
+            let _ = reply.send(self.on_operator(cmd));
         }
     }
 
@@ -335,20 +349,35 @@ impl Engine {
     ) -> anyhow::Result<Engine> {
         self.end_turn().await?;
         while !(self.stopping || self.halting || (self.cfg.exit_when_idle && self.idle())) {
-            let first = tokio::select! {
-                biased;
-                () = stop.cancelled() => {
-                    self.halting = true;
-                    break;
-                }
-                ev = self.next_event(events) => ev,
+            let first = match self.deferred.take() {
+                Some(ev) => Some(ev),
+                None => tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {
+                        self.halting = true;
+                        break;
+                    }
+                    ev = self.next_event(events) => ev,
+                },
             };
             let Some(first) = first else {
                 break;
             };
+            // Reads (status, the grid, escalations, workers) change nothing: at the start of a
+            // turn the state is what the last commit holds, so one is answered at once instead
+            // of after a turn of up to MAX_TURN events and its commit. One that comes while a
+            // turn fills ends the filling and begins the next turn.
+            if first.is_read() {
+                self.answer_read(first);
+                continue;
+            }
             self.handle(first);
             for _ in 1..MAX_TURN {
                 match self.ready_event(events) {
+                    Some(ev) if ev.is_read() => {
+                        self.deferred = Some(ev);
+                        break;
+                    }
                     Some(ev) => self.handle(ev),
                     None => break,
                 }

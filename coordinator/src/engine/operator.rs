@@ -44,6 +44,15 @@ pub enum OperatorCommand {
         /// The backfill, or all.
         backfill_id: Option<Uuid>,
     },
+    /// Every backfill's summary without its runs (the dashboard's list).
+    Overview,
+    /// One page of a backfill's grid ([`Engine::grid`]).
+    Grid {
+        /// The backfill.
+        backfill_id: Uuid,
+        /// Which runs, which page.
+        filter: super::grid::Filter,
+    },
     /// Every run waiting for an operator.
     Escalations,
     /// The workers heard from recently.
@@ -117,6 +126,8 @@ pub enum OperatorAnswer {
         /// Partitions the mode left out.
         skipped: crate::reprocess::Skipped,
     },
+    /// `grid`: one page of a backfill's grid.
+    Grid(Box<super::grid::GridPage>),
     /// `status`, `cancel`, `resolve-backfill`: one backfill's summary.
     Summary(Box<Summary>),
     /// `status` of all: every backfill's summary, in submission order.
@@ -177,15 +188,28 @@ pub struct Escalation {
     pub reason: String,
 }
 
+impl OperatorCommand {
+    /// True for a command that only reads (status, escalations, workers): it changes nothing,
+    /// so nothing need be committed before it is answered.
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            OperatorCommand::Status { .. }
+                | OperatorCommand::Overview
+                | OperatorCommand::Grid { .. }
+                | OperatorCommand::Escalations
+                | OperatorCommand::Workers
+        )
+    }
+}
+
 impl Engine {
     /// Answers an operator after the loop has ended (a local run's dashboard kept up with
     /// `--ui-stay`): what it asks to read is answered from the final state; what would change
     /// a run is refused, since nothing would record or carry it out any more.
     pub fn answer_ended(&mut self, cmd: OperatorCommand) -> OperatorReply {
         match cmd {
-            OperatorCommand::Status { .. }
-            | OperatorCommand::Escalations
-            | OperatorCommand::Workers => self.on_operator(cmd),
+            cmd if cmd.is_read() => self.on_operator(cmd),
             _ => Err(OperatorError::Refused(
                 "this local run has ended: nothing can change it from here; continue it with \
                  `warpline run PIPELINE --resume` (answer escalations with --resolve RUN=ACTION)"
@@ -381,6 +405,23 @@ impl Engine {
                     return Err(OperatorError::UnknownBackfill(id));
                 }
                 Ok(OperatorAnswer::Summary(Box::new(self.summary(id))))
+            }
+            OperatorCommand::Overview => Ok(OperatorAnswer::Summaries(
+                self.order
+                    .iter()
+                    .map(|id| self.summary_where(*id, |_| false))
+                    .collect(),
+            )),
+            OperatorCommand::Grid {
+                backfill_id,
+                filter,
+            } => {
+                if !self.backfills.contains_key(&backfill_id) {
+                    return Err(OperatorError::UnknownBackfill(backfill_id));
+                }
+                Ok(OperatorAnswer::Grid(Box::new(
+                    self.grid(backfill_id, &filter),
+                )))
             }
             OperatorCommand::Status { backfill_id: None } => {
                 let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();

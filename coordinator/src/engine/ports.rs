@@ -69,6 +69,13 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// True for an operator's read ([`OperatorCommand::is_read`](super::OperatorCommand::is_read)).
+    pub fn is_read(&self) -> bool {
+        matches!(self, Event::Operator(cmd, _) if cmd.is_read())
+    }
+}
+
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

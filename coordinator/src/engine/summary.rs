@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Engine, LlmUsage};
+use super::{Engine, LlmUsage, RunRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -122,85 +122,77 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// True when every run completed.
+    /// True when every run completed (from the counts, so it holds for a summary that lists
+    /// only some of its runs).
     pub fn all_complete(&self) -> bool {
-        self.runs.iter().all(|r| r.state == RunStatus::Complete)
+        self.counts
+            .iter()
+            .all(|(st, n)| *st == RunStatus::Complete || *n == 0)
+    }
+
+    /// Runs in all (from the counts; `runs` may list only some).
+    pub fn total_runs(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Runs in a final state (complete, halted, cancelled).
+    pub fn final_runs(&self) -> usize {
+        self.counts
+            .iter()
+            .filter(|(st, _)| st.is_final())
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
 impl Engine {
     /// A backfill's summary.
     pub fn summary(&self, backfill_id: Uuid) -> Summary {
+        self.summary_where(backfill_id, |_| true)
+    }
+
+    /// A backfill's summary whose `runs` lists only the runs `keep` keeps (in order); every
+    /// count, rate and state is still over all of them.
+    pub(super) fn summary_where(
+        &self,
+        backfill_id: Uuid,
+        mut keep: impl FnMut(&RunRecord) -> bool,
+    ) -> Summary {
         let b = &self.backfills[&backfill_id];
         let mut counts = BTreeMap::new();
         let mut in_step = BTreeMap::new();
-        let runs: Vec<RunSummary> = b
-            .rec
-            .runs
-            .iter()
-            .map(|id| {
-                let r = &self.runs[id];
-                let state = r.machine.state().status();
-                *counts.entry(state).or_insert(0) += 1;
-                if let RunState::Running(i) = r.machine.state() {
-                    *in_step.entry(r.machine.steps()[i].id.clone()).or_insert(0) += 1;
-                }
-                RunSummary {
-                    run_id: r.id,
-                    partition: r.scope.key(&r.partition),
-                    month: r.partition.month.clone(),
-                    dataset: r.partition.dataset.clone(),
-                    step: match r.machine.state() {
-                        RunState::Complete | RunState::Init => None,
-                        s => s.step().map(|i| r.machine.steps()[i].id.clone()),
-                    },
-                    attempts: r
-                        .machine
-                        .steps()
-                        .iter()
-                        .zip(&r.attempts_total)
-                        .filter(|(_, n)| **n > 0)
-                        .map(|(s, n)| (s.id.clone(), *n))
-                        .collect(),
-                    reason: r.reason.clone(),
-                    warnings: r.warnings.clone(),
-                    state,
-                    scope: r.scope,
-                    steps: if r.scope.is_partition() {
-                        Vec::new()
-                    } else {
-                        r.machine.steps().iter().map(|s| s.id.clone()).collect()
-                    },
-                }
-            })
-            .collect();
+        let mut runs = Vec::new();
         // Attempts started, less those still awaited: derived from the runs, so it survives a
         // coordinator restart.
-        let steps_executed: u64 = b
-            .rec
-            .runs
-            .iter()
-            .map(|id| {
-                let r = &self.runs[id];
-                let started: u64 = r.attempts_total.iter().map(|&n| u64::from(n)).sum();
-                started - u64::from(r.machine.outstanding().is_some())
-            })
-            .sum();
-        let finals = runs.iter().filter(|r| r.state.is_final()).count();
-        let finished = b.rec.pending.is_empty()
-            && runs
-                .iter()
-                .all(|r| r.state.is_final() || r.state == RunStatus::Escalated);
+        let mut steps_executed = 0u64;
+        let mut finals = 0usize;
+        let mut all_ended = true;
+        let mut partitions_ended = true;
+        let mut warnings = 0usize;
+        let mut last_end = None;
+        for id in &b.rec.runs {
+            let r = &self.runs[id];
+            let state = r.machine.state().status();
+            *counts.entry(state).or_insert(0) += 1;
+            if let RunState::Running(i) = r.machine.state() {
+                *in_step.entry(r.machine.steps()[i].id.clone()).or_insert(0) += 1;
+            }
+            let started: u64 = r.attempts_total.iter().map(|&n| u64::from(n)).sum();
+            steps_executed += started - u64::from(r.machine.outstanding().is_some());
+            finals += usize::from(state.is_final());
+            let ended = state.is_final() || state == RunStatus::Escalated;
+            all_ended &= ended;
+            partitions_ended &= ended || !r.scope.is_partition();
+            warnings += r.warnings.len();
+            last_end = last_end.max(r.finished_at);
+            if keep(r) {
+                runs.push(run_summary(r));
+            }
+        }
+        let total = b.rec.runs.len();
+        let finished = b.rec.pending.is_empty() && all_ended;
         let submitted_at = b.rec.created_at;
-        let finished_at = finished
-            .then(|| {
-                b.rec
-                    .runs
-                    .iter()
-                    .filter_map(|id| self.runs[id].finished_at)
-                    .max()
-            })
-            .flatten();
+        let finished_at = if finished { last_end } else { None };
         let elapsed = (finished_at.unwrap_or_else(Utc::now) - submitted_at)
             .to_std()
             .unwrap_or_default();
@@ -210,14 +202,13 @@ impl Engine {
         } else {
             0.0
         };
-        let left = runs.len() - finals;
+        let left = total - finals;
         let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
-        let ended = |r: &RunSummary| r.state.is_final() || r.state == RunStatus::Escalated;
-        let stage = if runs.iter().all(ended) {
+        let stage = if all_ended {
             BackfillStage::Done
         } else if !self.before_done(b) {
             BackfillStage::Before
-        } else if runs.iter().any(|r| r.scope.is_partition() && !ended(r)) {
+        } else if !partitions_ended {
             BackfillStage::Partitions
         } else {
             BackfillStage::After
@@ -242,9 +233,40 @@ impl Engine {
             escalated: b.rec.escalated.clone(),
             audit,
             audit_head,
-            warnings: runs.iter().map(|r| r.warnings.len()).sum(),
+            warnings,
             llm: b.rec.llm,
             runs,
         }
+    }
+}
+
+/// One run as a summary lists it.
+pub(super) fn run_summary(r: &RunRecord) -> RunSummary {
+    RunSummary {
+        run_id: r.id,
+        partition: r.scope.key(&r.partition),
+        month: r.partition.month.clone(),
+        dataset: r.partition.dataset.clone(),
+        step: match r.machine.state() {
+            RunState::Complete | RunState::Init => None,
+            s => s.step().map(|i| r.machine.steps()[i].id.clone()),
+        },
+        attempts: r
+            .machine
+            .steps()
+            .iter()
+            .zip(&r.attempts_total)
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| (s.id.clone(), *n))
+            .collect(),
+        reason: r.reason.clone(),
+        warnings: r.warnings.clone(),
+        state: r.machine.state().status(),
+        scope: r.scope,
+        steps: if r.scope.is_partition() {
+            Vec::new()
+        } else {
+            r.machine.steps().iter().map(|s| s.id.clone()).collect()
+        },
     }
 }

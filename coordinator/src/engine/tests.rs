@@ -925,3 +925,114 @@ async fn rates_come_from_stored_timestamps_across_a_restart() {
         "a finished backfill's clock stops"
     );
 }
+
+/// An audit log whose commits after the first `open` wait until the test lets them through.
+struct Gated {
+    log: AuditLog,
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+impl Store for Gated {
+    fn record(
+        &mut self,
+        backfill_id: Option<Uuid>,
+        run_id: Option<Uuid>,
+        event: AuditEvent,
+    ) -> AuditRecord {
+        self.log.stage(backfill_id, run_id, event)
+    }
+
+    fn commit(&mut self) -> crate::engine::StoreFuture<'_> {
+        Box::pin(async move {
+            self.open.acquire().await?.forget();
+            self.log.commit()
+        })
+    }
+
+    fn audit_location(&self) -> (String, String) {
+        (
+            self.log.path().display().to_string(),
+            self.log.head().to_string(),
+        )
+    }
+}
+
+/// A read at the head of the queue is answered from the committed state at once, even when
+/// the turn that follows it cannot commit; a read that comes while a turn fills waits for
+/// that turn's commit only, not for the events queued after it.
+#[tokio::test]
+async fn reads_are_answered_without_waiting_for_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let engine = Engine::new(
+        EngineConfig {
+            exit_when_idle: false,
+        },
+        Arc::new(RulesAgent),
+        Box::new(Gated {
+            log: AuditLog::open(dir.path().join("audit.jsonl")).unwrap(),
+            open: open.clone(),
+        }),
+        Box::new(Nowhere),
+        Box::new(Quiet),
+        tx.clone(),
+    );
+    let status = |tx: &mpsc::UnboundedSender<Event>, id| {
+        let (reply, answer) = oneshot::channel();
+        tx.send(Event::Operator(
+            OperatorCommand::Status {
+                backfill_id: Some(id),
+            },
+            reply,
+        ))
+        .unwrap();
+        answer
+    };
+    let first = backfill(dir.path());
+    let a = first.id;
+    // The loop's first commit (of nothing) and the submit's go through.
+    tx.send(Event::Submit(Box::new(first), None)).unwrap();
+    open.add_permits(2);
+    let task = tokio::spawn(async move {
+        let _ = engine.run(&mut rx).await;
+    });
+    let known = status(&tx, a);
+    let s = tokio::time::timeout(Duration::from_secs(10), known)
+        .await
+        .expect("the first status is answered")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(s, OperatorAnswer::Summary(s) if s.backfill_id == a));
+
+    // A status ahead of a submit whose commit is held: answered at once, from what was
+    // committed (the held backfill is not in it yet).
+    let mut held = backfill(dir.path());
+    held.partitions[0].dataset = Some("b".into());
+    let b = held.id;
+    let early = status(&tx, a);
+    tx.send(Event::Submit(Box::new(held), None)).unwrap();
+    let late = status(&tx, b);
+    let s = tokio::time::timeout(Duration::from_secs(10), early)
+        .await
+        .expect("a read is not held behind a commit")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(s, OperatorAnswer::Summary(s) if s.backfill_id == a));
+    // The status behind the held submit waits for its commit, then sees it.
+    let mut late = late;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut late)
+            .await
+            .is_err(),
+        "a read behind an uncommitted submit was answered before the commit"
+    );
+    open.add_permits(1);
+    let s = tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .expect("answered once the submit committed")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(s, OperatorAnswer::Summary(s) if s.backfill_id == b));
+    task.abort();
+}

@@ -42,8 +42,8 @@ use warpline_shared::contracts::Action;
 
 use crate::api::{ApiError, EngineHandle};
 use crate::auth::{Auth, COOKIE, Credential, Identity};
-use crate::engine::{BackfillAction, Escalation, OperatorCommand, Summary};
-use grid::Filter;
+use crate::engine::{BackfillAction, Escalation, OperatorAnswer, OperatorCommand, Summary};
+use grid::{Filter, GridPage};
 use pages::Ctx;
 pub use records::Records;
 
@@ -194,22 +194,28 @@ fn parse_uuid(what: &str, raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("invalid {what} id `{raw}`: expected a UUID")))
 }
 
+/// Every backfill's summary, without their runs.
 async fn summaries(st: &UiState) -> Result<Vec<Summary>, ApiError> {
-    let v = st
-        .engine
-        .command(OperatorCommand::Status { backfill_id: None })
-        .await?;
-    serde_json::from_value(v).map_err(|e| ApiError::Unavailable(format!("bad summaries: {e}")))
+    match st.engine.ask(OperatorCommand::Overview).await? {
+        OperatorAnswer::Summaries(all) => Ok(all),
+        other => Err(unexpected(&other)),
+    }
 }
 
-async fn summary(st: &UiState, id: Uuid) -> Result<Summary, ApiError> {
-    let v = st
-        .engine
-        .command(OperatorCommand::Status {
-            backfill_id: Some(id),
-        })
-        .await?;
-    serde_json::from_value(v).map_err(|e| ApiError::Unavailable(format!("bad summary: {e}")))
+/// One page of a backfill's grid (with `filter.run`, its summary with that run alone).
+async fn grid_page(st: &UiState, id: Uuid, filter: Filter) -> Result<GridPage, ApiError> {
+    let cmd = OperatorCommand::Grid {
+        backfill_id: id,
+        filter,
+    };
+    match st.engine.ask(cmd).await? {
+        OperatorAnswer::Grid(g) => Ok(*g),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(answer: &OperatorAnswer) -> ApiError {
+    ApiError::Unavailable(format!("the engine answered something else: {answer:?}"))
 }
 
 async fn escalation_list(st: &UiState) -> Result<Vec<Escalation>, ApiError> {
@@ -241,19 +247,27 @@ fn filter(q: &HashMap<String, String>) -> Filter {
         dataset: nonempty("dataset"),
         search: nonempty("q"),
         page: q.get("page").and_then(|p| p.parse().ok()).unwrap_or(0),
+        run: None,
     }
 }
 
 async fn backfill(State(st): State<UiState>, Path(id): Path<String>, req: Req) -> Response {
     let result = async {
         let id = parse_uuid("backfill", &id)?;
-        Ok::<_, ApiError>((summary(&st, id).await?, escalation_list(&st).await?))
+        let f = filter(&req.query);
+        let g = grid_page(&st, id, f.clone()).await?;
+        Ok::<_, ApiError>((g, f, escalation_list(&st).await?))
     }
     .await;
     match result {
-        Ok((s, esc)) => {
-            let body = pages::backfill(&req.ctx, &s, &filter(&req.query), &esc);
-            page(&format!("Backfill {}", s.pipeline), &req, &body, true)
+        Ok((g, f, esc)) => {
+            let body = pages::backfill(&req.ctx, &g, &f, &esc);
+            page(
+                &format!("Backfill {}", g.summary.pipeline),
+                &req,
+                &body,
+                true,
+            )
         }
         Err(e) => fail(&req, e),
     }
@@ -267,7 +281,11 @@ async fn run(
     let result = async {
         let bid = parse_uuid("backfill", &id)?;
         let rid = parse_uuid("run", &run)?;
-        let s = summary(&st, bid).await?;
+        let only = Filter {
+            run: Some(rid),
+            ..Filter::default()
+        };
+        let s = grid_page(&st, bid, only).await?.summary;
         if !s.runs.iter().any(|r| r.run_id == rid) {
             return Err(ApiError::NotFound(format!(
                 "no run `{rid}` in backfill `{bid}`"
@@ -364,7 +382,11 @@ async fn log(
 async fn audit(State(st): State<UiState>, Path(id): Path<String>, req: Req) -> Response {
     let result = async {
         let bid = parse_uuid("backfill", &id)?;
-        summary(&st, bid).await
+        summaries(&st)
+            .await?
+            .into_iter()
+            .find(|s| s.backfill_id == bid)
+            .ok_or_else(|| ApiError::NotFound(format!("no backfill `{bid}`")))
     }
     .await;
     match result {

@@ -12,7 +12,7 @@ use warpline_shared::contracts::{Severity, StepOutcome};
 use warpline_shared::machine::RunStatus;
 use warpline_shared::stage::RunScope;
 
-use super::grid::{self, Cell, Filter};
+use super::grid::{Cell, Filter, GridPage, summary_cells};
 use super::html::{esc, url_encode};
 use super::records::ChainCheck;
 use crate::auth::Identity;
@@ -166,7 +166,7 @@ fn chips(counts: &BTreeMap<RunStatus, usize>) -> String {
 }
 
 fn progress_bar(s: &Summary) -> String {
-    let total = s.runs.len().max(1) as f64;
+    let total = s.total_runs().max(1) as f64;
     let mut out = String::from("<div class=\"bar\">");
     for (st, class) in [
         (RunStatus::Complete, "complete"),
@@ -189,7 +189,7 @@ fn progress_bar(s: &Summary) -> String {
 }
 
 fn finals(s: &Summary) -> usize {
-    s.runs.iter().filter(|r| r.state.is_final()).count()
+    s.final_runs()
 }
 
 /// The backfill's action buttons.
@@ -282,7 +282,7 @@ pub fn backfills(ctx: &Ctx, all: &[Summary], escalations: usize) -> String {
             state_word(s),
             progress_bar(s),
             finals(s),
-            s.runs.len(),
+            s.total_runs(),
             chips(&s.counts),
             s.runs_per_minute,
             s.eta_s.map(dur).unwrap_or_else(|| "–".into()),
@@ -322,7 +322,8 @@ fn resolve_backfill_form(ctx: &Ctx, s: &Summary) -> String {
 }
 
 /// `/backfills/{id}`: the summary, the grid (one page of it), its escalations.
-pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) -> String {
+pub fn backfill(ctx: &Ctx, g: &GridPage, f: &Filter, escalations: &[Escalation]) -> String {
+    let s = &g.summary;
     let id = s.backfill_id;
     let mut h = format!(
         "<h1>Backfill <span class=\"mono\">{}</span> of <code>{}</code>: <span id=\"state\">{}</span></h1>",
@@ -338,7 +339,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
 <div>{}</div></div>",
         progress_bar(s),
         chips(&s.counts),
-        s.runs.len(),
+        s.total_runs(),
         finals(s),
         s.runs_per_minute,
         s.eta_s.map(dur).unwrap_or_else(|| "–".into()),
@@ -363,8 +364,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
         h.push_str(&escalation_table(ctx, &mine));
     }
 
-    // The grid.
-    let page = grid::page(s, f);
+    // The grid: the engine cut the page (`g`); its rows are the summary's partition runs.
     h.push_str("<h2>Partitions × steps</h2>");
     let _ = write!(
         h,
@@ -375,11 +375,10 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
         let _ = write!(h, "<option value=\"{0}\"{sel}>{0}</option>", c.name());
     }
     h.push_str("</select></label>");
-    let datasets = grid::datasets(s);
-    if !datasets.is_empty() {
+    if !g.datasets.is_empty() {
         h.push_str("<label>Dataset <select name=\"dataset\"><option value=\"\">any</option>");
-        for d in datasets {
-            let sel = if f.dataset.as_deref() == Some(d) {
+        for d in &g.datasets {
+            let sel = if f.dataset.as_deref() == Some(d.as_str()) {
                 " selected"
             } else {
                 ""
@@ -395,7 +394,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
         esc(f.search.as_deref().unwrap_or(""))
     );
     h.push_str("<div class=\"legend\">");
-    for (c, n) in &page.totals {
+    for (c, n) in &g.totals {
         let _ = write!(
             h,
             "<span><i class=\"{0}\"></i>{0} <span class=\"muted\">{n}</span></span>",
@@ -406,17 +405,18 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
     let _ = write!(
         h,
         "<div class=\"muted\" id=\"grid-count\">{} of {} runs match; page {} of {}</div>",
-        page.matched,
-        s.runs.len(),
+        g.matched,
+        s.total_runs(),
         f.page + 1,
-        page.pages
+        g.pages
     );
     h.push_str("<div class=\"grid-wrap\"><table class=\"grid\" id=\"grid\"><thead><tr><th>Partition</th><th>State</th>");
     for step in &s.steps {
         let _ = write!(h, "<th>{}</th>", esc(step));
     }
     h.push_str("</tr></thead><tbody>");
-    for (run, cells) in &page.rows {
+    for run in s.runs.iter().filter(|r| r.scope.is_partition()) {
+        let cells = summary_cells(run, &s.steps);
         let rid = run.run_id;
         let _ = write!(
             h,
@@ -424,7 +424,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
             esc(&run.partition),
             esc(run.state.as_str())
         );
-        for (step, (cell, n)) in s.steps.iter().zip(cells) {
+        for (step, (cell, n)) in s.steps.iter().zip(&cells) {
             let title = format!("{}: {}, {n} attempt(s)", step, cell.name());
             let _ = write!(
                 h,
@@ -439,7 +439,7 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
         h.push_str("</tr>");
     }
     h.push_str("</tbody></table></div>");
-    if page.pages > 1 {
+    if g.pages > 1 {
         let link = |p: usize| {
             let mut q = format!("/backfills/{id}?page={p}");
             if let Some(c) = f.state {
@@ -457,8 +457,8 @@ pub fn backfill(ctx: &Ctx, s: &Summary, f: &Filter, escalations: &[Escalation]) 
         if f.page > 0 {
             let _ = write!(h, "<a href=\"{}\">← previous</a>", esc(&link(f.page - 1)));
         }
-        let _ = write!(h, "<span>page {} of {}</span>", f.page + 1, page.pages);
-        if f.page + 1 < page.pages {
+        let _ = write!(h, "<span>page {} of {}</span>", f.page + 1, g.pages);
+        if f.page + 1 < g.pages {
             let _ = write!(h, "<a href=\"{}\">next →</a>", esc(&link(f.page + 1)));
         }
         h.push_str("</div>");
@@ -503,7 +503,7 @@ fn backfill_level(s: &Summary) -> String {
             esc(&when),
             esc(run.state.as_str())
         );
-        for (step, (cell, n)) in run.steps.iter().zip(grid::cells(run, &run.steps)) {
+        for (step, (cell, n)) in run.steps.iter().zip(summary_cells(run, &run.steps)) {
             let _ = write!(
                 h,
                 "<span class=\"c {0}\" data-step=\"{1}\" data-state=\"{0}\" title=\"{1}: {0}, {n} attempt(s)\"><a href=\"/backfills/{id}/runs/{rid}#step-{2}\">{1}</a></span> ",
@@ -1161,8 +1161,6 @@ mod tests {
             "{h}"
         );
         assert!(!h.contains("2024-01"), "partitions stay in the grid: {h}");
-        let page = grid::page(&s, &Filter::default());
-        assert_eq!(page.rows.len(), 1, "the grid has the partitions only");
     }
 
     #[test]

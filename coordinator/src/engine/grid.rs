@@ -1,0 +1,352 @@
+//! The backfill grid: partitions × steps, each cell a state and an attempt count, derived from
+//! the runs' records in the loop and cut to one page there ([`Engine::grid`]), so the dashboard
+//! never receives, nor the loop builds, a summary of every run to show a hundred of them.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warpline_shared::machine::{RunState, RunStatus};
+
+use super::summary::{RunSummary, Summary};
+use super::{Engine, RunRecord};
+
+/// The state of one step of one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cell {
+    /// Not reached yet.
+    Pending,
+    /// Its first attempt is out.
+    Running,
+    /// A later attempt is out (or waits for its backoff).
+    Retrying,
+    /// Passed; the run went past it.
+    Passed,
+    /// Passed, with failed `warn` checks.
+    #[serde(rename = "passed-warn")]
+    Warned,
+    /// The run halted here.
+    Halted,
+    /// The run is parked here for an operator.
+    Escalated,
+    /// The run was cancelled here (or before reaching it).
+    Cancelled,
+}
+
+impl Cell {
+    /// The CSS class and legend word.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cell::Pending => "pending",
+            Cell::Running => "running",
+            Cell::Retrying => "retrying",
+            Cell::Passed => "passed",
+            Cell::Warned => "passed-warn",
+            Cell::Halted => "halted",
+            Cell::Escalated => "escalated",
+            Cell::Cancelled => "cancelled",
+        }
+    }
+
+    /// Every state, in legend order.
+    pub const ALL: [Cell; 8] = [
+        Cell::Pending,
+        Cell::Running,
+        Cell::Retrying,
+        Cell::Passed,
+        Cell::Warned,
+        Cell::Halted,
+        Cell::Escalated,
+        Cell::Cancelled,
+    ];
+
+    /// Parses a state name (a query's `state=`).
+    pub fn parse(s: &str) -> Option<Cell> {
+        Cell::ALL.into_iter().find(|c| c.name() == s)
+    }
+}
+
+/// A run's cells, one per step, each with its attempts so far: from its status, the step it is
+/// at or stopped at (none when complete or not started), its attempts per step, and whether a
+/// step passed with failed `warn` checks.
+pub fn cells(
+    status: RunStatus,
+    at: Option<usize>,
+    attempts: &[u32],
+    warned: impl Fn(usize) -> bool,
+) -> Vec<(Cell, u32)> {
+    let last_tried = attempts.iter().rposition(|&n| n > 0);
+    attempts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let cell = match (status, at) {
+                (RunStatus::Complete, _) => Cell::Passed,
+                (RunStatus::Init, _) => Cell::Pending,
+                (RunStatus::Cancelled, _) => match last_tried {
+                    Some(l) if i < l => Cell::Passed,
+                    _ => Cell::Cancelled,
+                },
+                (state, Some(k)) => {
+                    if i < k {
+                        Cell::Passed
+                    } else if i > k {
+                        Cell::Pending
+                    } else {
+                        match state {
+                            RunStatus::Halted => Cell::Halted,
+                            RunStatus::Escalated => Cell::Escalated,
+                            _ if n > 1 => Cell::Retrying,
+                            _ => Cell::Running,
+                        }
+                    }
+                }
+                (_, None) => Cell::Pending,
+            };
+            let cell = if cell == Cell::Passed && warned(i) {
+                Cell::Warned
+            } else {
+                cell
+            };
+            (cell, n)
+        })
+        .collect()
+}
+
+/// A run's cells over its own steps.
+pub fn run_cells(r: &RunRecord) -> Vec<(Cell, u32)> {
+    let state = r.machine.state();
+    let at = match state {
+        RunState::Complete | RunState::Init => None,
+        s => s.step(),
+    };
+    let steps = r.machine.steps();
+    cells(state.status(), at, &r.attempts_total, |i| {
+        warned(&r.warnings, &steps[i].id)
+    })
+}
+
+/// A summarised run's cells over `steps` (the summary's, or a backfill-level run's own), by
+/// the same derivation.
+pub fn summary_cells(run: &RunSummary, steps: &[String]) -> Vec<(Cell, u32)> {
+    let attempts: Vec<u32> = steps
+        .iter()
+        .map(|s| run.attempts.get(s).copied().unwrap_or(0))
+        .collect();
+    let at = run
+        .step
+        .as_ref()
+        .and_then(|s| steps.iter().position(|x| x == s));
+    cells(run.state, at, &attempts, |i| {
+        warned(&run.warnings, &steps[i])
+    })
+}
+
+/// True when a run's warnings (kept as `STEP: check (detail)`) name `step`.
+fn warned(warnings: &[String], step: &str) -> bool {
+    warnings.iter().any(|w| {
+        w.strip_prefix(step)
+            .is_some_and(|rest| rest.starts_with(": "))
+    })
+}
+
+/// What the grid shows: a state (a run shows if any of its cells is in it), a dataset, a
+/// partition text, a page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Only runs with a cell in this state.
+    pub state: Option<Cell>,
+    /// Only runs of this dataset.
+    pub dataset: Option<String>,
+    /// Only partitions whose key contains this text.
+    pub search: Option<String>,
+    /// Zero-based page.
+    pub page: usize,
+    /// Only this run (a run page needs its backfill's summary and that run alone).
+    pub run: Option<Uuid>,
+}
+
+/// Rows per grid page.
+pub const PAGE_SIZE: usize = 100;
+
+/// One page of a backfill's grid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GridPage {
+    /// The backfill's summary; its `runs` are the page's rows and the backfill-level runs, in
+    /// the backfill's order.
+    pub summary: Summary,
+    /// Partition runs matching the filter.
+    pub matched: usize,
+    /// Pages in all (at least 1).
+    pub pages: usize,
+    /// Cells per state over every partition run (not only the page), in legend order.
+    pub totals: Vec<(Cell, usize)>,
+    /// The backfill's datasets, in first-seen order.
+    pub datasets: Vec<String>,
+}
+
+impl Engine {
+    /// One page of backfill `id`'s grid (the backfill must exist).
+    pub fn grid(&self, id: Uuid, f: &Filter) -> GridPage {
+        let b = &self.backfills[&id];
+        let mut totals = [0usize; Cell::ALL.len()];
+        let mut matched = 0;
+        let mut page = HashSet::new();
+        let mut datasets: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        let first = f.page.saturating_mul(PAGE_SIZE);
+        for run_id in &b.rec.runs {
+            let r = &self.runs[run_id];
+            if let Some(d) = &r.partition.dataset
+                && seen.insert(d.as_str())
+            {
+                datasets.push(d.clone());
+            }
+            // Backfill-level runs have steps of their own: the page shows them apart.
+            if !r.scope.is_partition() {
+                continue;
+            }
+            if let Some(want) = f.run
+                && r.id != want
+            {
+                continue;
+            }
+            let cs = run_cells(r);
+            for (c, _) in &cs {
+                totals[*c as usize] += 1;
+            }
+            if let Some(d) = &f.dataset
+                && r.partition.dataset.as_deref() != Some(d.as_str())
+            {
+                continue;
+            }
+            if let Some(q) = &f.search
+                && !r.partition.key().contains(q.as_str())
+            {
+                continue;
+            }
+            if let Some(want) = f.state
+                && !cs.iter().any(|(c, _)| *c == want)
+            {
+                continue;
+            }
+            if matched >= first && matched < first.saturating_add(PAGE_SIZE) {
+                page.insert(*run_id);
+            }
+            matched += 1;
+        }
+        let summary = self.summary_where(id, |r| page.contains(&r.id) || !r.scope.is_partition());
+        GridPage {
+            summary,
+            matched,
+            pages: matched.div_ceil(PAGE_SIZE).max(1),
+            totals: Cell::ALL.into_iter().zip(totals).collect(),
+            datasets,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::Event;
+    use super::super::tests::{Harness, outcome};
+    use super::*;
+
+    /// The loop cuts the page: 100 rows of the partitions matching the filter, in order, with
+    /// totals and counts over every run, and the summary lists only the page's runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_grid_page_is_cut_in_the_loop_and_counts_every_run() {
+        let mut h = Harness::new();
+        let parts: Vec<String> = (0..250).map(|i| format!("p{i}")).collect();
+        let names: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let steps = serde_json::json!([
+            {"id": "A", "command": "true", "max_attempts": 1},
+            {"id": "B", "command": "true"}
+        ]);
+        let req = h.backfill(steps, &names);
+        let id = req.id;
+        let t = h.turn([Event::Submit(Box::new(req), None)]).await;
+        assert_eq!(t.dispatched.len(), 250);
+        // Every 50th halts at A (exit 2, one attempt); the others pass A and run B.
+        let results: Vec<Event> = t
+            .dispatched
+            .iter()
+            .enumerate()
+            .map(|(i, s)| outcome(s, if i % 50 == 0 { 2 } else { 0 }))
+            .collect();
+        h.turn(results).await;
+
+        let g = h.engine.grid(id, &Filter::default());
+        assert_eq!((g.summary.runs.len(), g.matched, g.pages), (100, 250, 3));
+        assert_eq!(g.summary.total_runs(), 250);
+        assert_eq!(g.summary.counts.get(&RunStatus::Halted), Some(&5));
+        let totals: BTreeMap<_, _> = g.totals.iter().map(|(c, n)| (c.name(), *n)).collect();
+        assert_eq!(
+            (
+                totals["halted"],
+                totals["pending"],
+                totals["passed"],
+                totals["running"]
+            ),
+            (5, 5, 245, 245)
+        );
+        assert_eq!(g.datasets.len(), 250);
+        assert_eq!(g.datasets[0], "p0");
+        let rows: Vec<Vec<&str>> = g.summary.runs[..2]
+            .iter()
+            .map(|r| {
+                summary_cells(r, &g.summary.steps)
+                    .into_iter()
+                    .map(|(c, _)| c.name())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows, [["halted", "pending"], ["passed", "running"]]);
+
+        let page = |f: Filter| h.engine.grid(id, &f);
+        let last = page(Filter {
+            page: 2,
+            ..Filter::default()
+        });
+        assert_eq!(last.summary.runs.len(), 50);
+        assert_eq!(last.summary.runs[0].partition, "p200");
+        let halted = page(Filter {
+            state: Some(Cell::Halted),
+            ..Filter::default()
+        });
+        assert_eq!(halted.matched, 5);
+        assert!(
+            halted
+                .summary
+                .runs
+                .iter()
+                .all(|r| r.state == RunStatus::Halted)
+        );
+        let one = page(Filter {
+            dataset: Some("p7".into()),
+            ..Filter::default()
+        });
+        assert_eq!(one.matched, 1);
+        let text = page(Filter {
+            search: Some("p1".into()),
+            ..Filter::default()
+        });
+        assert_eq!(text.matched, 1 + 10 + 100);
+        let rid = g.summary.runs[3].run_id;
+        let run = page(Filter {
+            run: Some(rid),
+            ..Filter::default()
+        });
+        assert_eq!(run.summary.runs.len(), 1);
+        assert_eq!(run.summary.runs[0].run_id, rid);
+        let beyond = page(Filter {
+            page: usize::MAX,
+            ..Filter::default()
+        });
+        assert!(beyond.summary.runs.is_empty());
+        assert_eq!(beyond.matched, 250);
+    }
+}
