@@ -324,3 +324,167 @@ fn the_dashboard_shows_the_grid_resolves_an_escalation_and_cancels() {
         .collect();
     assert_eq!(cancelled_by, ["alice"]);
 }
+
+/// The trial, as a new user would make it: `serve` with tokens and two workers, the
+/// DataWarp backfill with one month made to fail (its source answers 404 once; the pipeline
+/// sends a 404 to an operator, since a month may simply not be published yet). The grid fills
+/// live, the failed month's cell opens to its checks, decision and log tail, its escalation is
+/// resolved from the page, and the backfill completes.
+#[test]
+fn the_datawarp_backfill_is_followed_and_its_failed_month_resolved_in_the_browser() {
+    let server = warpline_tests::FaultServer::start(
+        warpline_tests::repo_root().join("examples/datawarp/data"),
+        [(
+            "/ae_attendances/2024-02.csv".to_string(),
+            vec![
+                warpline_tests::Fault::Status(404),
+                warpline_tests::Fault::Serve,
+            ],
+        )]
+        .into(),
+    );
+    let mut fleet = Fleet::new("dashboard_dw");
+    let tokens = fleet.dir().join("tokens");
+    std::fs::write(&tokens, format!("operator alice {ALICE}\n")).unwrap();
+    let c = fleet.serve_with(
+        "coordinator",
+        "127.0.0.1:0",
+        &["--token-file", tokens.to_str().unwrap()],
+        &[],
+    );
+    fleet.wait_ready(&c, LIMIT);
+    let schema = warpline_tests::unique("e2e_dash_dw");
+    let _schema = warpline_tests::SchemaGuard(schema.clone());
+    let tools = warpline_tests::bin_dir();
+    for id in ["w1", "w2"] {
+        fleet.worker_with_env(
+            id,
+            2,
+            &[
+                "url_to_manifest",
+                "enrich_manifest",
+                "load-batch",
+                "export_to_parquet",
+            ],
+            &[
+                ("DATAWARP_SCHEMA", &schema),
+                ("WARPLINE_TOOLS_DIR", tools.to_str().unwrap()),
+            ],
+        );
+    }
+    // The example as shipped, reading its months from the local server, with one rule added:
+    // a 404 goes to an operator.
+    let example = warpline_tests::repo_root().join("examples/datawarp");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(example.join("pipeline.json")).unwrap())
+            .unwrap();
+    config["vars"]["source_base"] = server.base.clone().into();
+    // Its reference files beside the copy (a step reads only under its config's directory or
+    // its workdir).
+    std::fs::create_dir_all(fleet.dir().join("reference")).unwrap();
+    for f in std::fs::read_dir(example.join("reference")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(
+            &f,
+            fleet.dir().join("reference").join(f.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    config["failures"] = json!({"rules": [
+        {"name": "not published yet", "pattern": "http 404", "class": "escalate"}
+    ]});
+    let pipeline = fleet.dir().join("datawarp.json");
+    std::fs::write(&pipeline, config.to_string()).unwrap();
+    let work = fleet.dir().join("work");
+    let submitted = fleet.cli_with(
+        &c,
+        &[
+            "submit",
+            pipeline.to_str().unwrap(),
+            "--months",
+            "2024-01..2024-04",
+            "--datasets",
+            "ae_attendances",
+            "--workdir",
+            work.to_str().unwrap(),
+        ],
+        &[("WARPLINE_API_TOKEN", ALICE)],
+    );
+    submitted.expect_code(0);
+    let id = submitted.stdout().trim().to_string();
+    let http = Client::new();
+    let refused = http
+        .get(format!("{}/v1/backfills/{id}", c.api))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401, "a request without a token");
+
+    let mut b = Browser::start();
+    log_in(&mut b, &c.api, ALICE);
+    b.goto(&format!("{}/backfills/{id}", c.api));
+    let month = |m: &str| format!("ae_attendances_2024-{m}");
+    b.wait(LIMIT, "three months published and one escalated", |b| {
+        ["01", "03", "04"]
+            .iter()
+            .all(|m| cell(b, &month(m), "PUBLISH").as_deref() == Some("passed"))
+            && cell(b, &month("02"), "EXTRACT").as_deref() == Some("escalated")
+    });
+    assert_eq!(
+        cell(&mut b, &month("02"), "ENRICH").as_deref(),
+        Some("pending")
+    );
+    b.screenshot("dw-01-grid-escalated");
+
+    b.click(&format!(
+        "tr[data-partition='{}'] td.c[data-step='EXTRACT'] a",
+        month("02")
+    ));
+    b.wait(LIMIT, "the failed month's run page", |b| {
+        b.count("#escalation form.resolve") == 1
+    });
+    let page = b.text("main").unwrap();
+    for fact in [
+        "url_to_manifest",
+        "http 404",
+        "not published yet",
+        "file_exists",
+        "escalate",
+        "rules",
+    ] {
+        assert!(
+            page.contains(fact),
+            "`{fact}` is not on the run page:\n{page}"
+        );
+    }
+    let tail = b.text("pre.log").expect("a log tail");
+    assert!(tail.contains("CRITICAL: http 404"), "{tail}");
+    b.js("window.scrollTo(0, 0); return 0;", json!([]));
+    b.screenshot("dw-02-run-escalated");
+
+    b.select("#escalation select[name=action]", "retry");
+    b.type_into("#escalation input[name=reason]", "published now");
+    b.click("#escalation button[type=submit]");
+    b.wait(LIMIT, "the month complete", |b| {
+        b.text("#run-state").as_deref() == Some("COMPLETE")
+    });
+    b.goto(&format!("{}/backfills/{id}", c.api));
+    b.wait(LIMIT, "the backfill finished", |b| {
+        b.text("#state").as_deref() == Some("finished")
+    });
+    b.screenshot("dw-03-grid-complete");
+    let summary: Value = http
+        .get(format!("{}/v1/backfills/{id}", c.api))
+        .bearer_auth(ALICE)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(summary["counts"], json!({"COMPLETE": 4}), "{summary:#}");
+    assert_eq!(server.hits("/ae_attendances/2024-02.csv"), 2);
+    let parquet = work.join(format!("runs/{0}/{0}.parquet", month("02")));
+    assert!(
+        parquet.metadata().is_ok_and(|m| m.len() > 0),
+        "{} missing",
+        parquet.display()
+    );
+}
