@@ -170,6 +170,9 @@ pub fn describe(part: &str, r: &AuditRecord) -> Option<String> {
         } => format!(
             "backfill finished: {complete} complete, {halted} halted, {escalated} escalated, {cancelled} cancelled"
         ),
+        AuditEvent::BackfillPruned { runs, .. } => {
+            format!("backfill pruned ({runs} runs): past its retention")
+        }
         AuditEvent::OperatorResolution {
             operator,
             action,
@@ -193,6 +196,12 @@ impl Observer for Lines {
         self.names.learn(r);
         if let Some(line) = describe(self.names.of(r), r) {
             let _ = writeln!(self.out, "{line}");
+        }
+    }
+
+    fn forget(&mut self, _backfill_id: Uuid, runs: &[Uuid]) {
+        for id in runs {
+            self.names.0.remove(id);
         }
     }
 }

@@ -141,6 +141,10 @@ impl Observer for TraceObserver {
     fn finish(&mut self) {
         self.inner.finish();
     }
+
+    fn forget(&mut self, backfill_id: Uuid, runs: &[Uuid]) {
+        self.inner.forget(backfill_id, runs);
+    }
 }
 
 fn emit(run_id: Uuid, record: &AuditRecord) {

@@ -65,6 +65,7 @@ async fn turns_commit_and_recover() {
     let mut engine = Engine::new(
         EngineConfig {
             exit_when_idle: false,
+            retention: None,
         },
         Arc::new(RulesAgent),
         Box::new(store),
@@ -349,5 +350,336 @@ async fn a_deposed_leaders_late_file_write_leaves_the_shared_audit_file_intact()
         "the file mirrors the database"
     );
     drop((a, b, b_lock));
+    drop_schema(&pool, &schema).await;
+}
+
+/// A worker's answer to `spec`: the step ran with `exit_code`; `error`: the tool could not
+/// run (the rules halt), else a failure is unclassified (the rules escalate).
+fn outcome(spec: &StepSpec, exit_code: i32, error: Option<&str>) -> Event {
+    use warpline_shared::contracts::{
+        ReportStatus, SCHEMA_VERSION, StepOutcome, StepResult, ValidationReport,
+    };
+    let result = StepResult {
+        run_id: Some(spec.run_id),
+        attempt_id: Some(spec.attempt_id),
+        attempt: spec.attempt,
+        error: error.map(str::to_string),
+        ..StepResult::new(&spec.step_id, exit_code)
+    };
+    let status = if exit_code == 0 {
+        ReportStatus::Pass
+    } else {
+        ReportStatus::Fail
+    };
+    Event::Outcome(
+        Box::new(StepOutcome {
+            schema_version: SCHEMA_VERSION,
+            result,
+            report: ValidationReport {
+                schema_version: SCHEMA_VERSION,
+                status,
+                checks: vec![],
+            },
+        }),
+        None,
+    )
+}
+
+/// Rows per table that belong to one backfill (by its runs' ids, kept from before pruning).
+async fn rows_of(c: &deadpool_postgres::Client, backfill: Uuid, runs: &[Uuid]) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for (sql, by_runs) in [
+        ("SELECT count(*) FROM backfills WHERE id = $1", false),
+        ("SELECT count(*) FROM runs WHERE backfill_id = $1", false),
+        (
+            "SELECT count(*) FROM audit_events WHERE backfill_id = $1",
+            false,
+        ),
+        ("SELECT count(*) FROM attempts WHERE run_id = ANY($1)", true),
+        (
+            "SELECT count(*) FROM decisions WHERE run_id = ANY($1)",
+            true,
+        ),
+        (
+            "SELECT count(*) FROM escalations WHERE run_id = ANY($1)",
+            true,
+        ),
+        ("SELECT count(*) FROM outbox WHERE run_id = ANY($1)", true),
+    ] {
+        let row = if by_runs {
+            c.query_one(sql, &[&runs]).await
+        } else {
+            c.query_one(sql, &[&backfill]).await
+        };
+        counts.push(row.unwrap().get(0));
+    }
+    counts
+}
+
+/// Retention: of four backfills, only the finished one whose last run ended long ago is
+/// pruned — from every table and from the engine; a finished recent one, an old one still
+/// running and an old one waiting for an operator keep every row. The audit file keeps every line and still verifies, a restart on it
+/// opens over the gaps, a fresh file is refused (it could not hold the pruned lines), and a
+/// `missing` reprocess runs the pruned backfill's partitions again.
+#[tokio::test]
+async fn retention_prunes_only_old_finished_backfills() {
+    let schema = format!("pgretain_{}", std::process::id());
+    let pool = pool(&schema).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = dir.path().join("p.json");
+    std::fs::write(
+        &cfg,
+        r#"{"name": "t", "steps": [{"id": "A", "command": "true", "max_attempts": 1}]}"#,
+    )
+    .unwrap();
+    let pipeline = Arc::new(Pipeline::load(&cfg).unwrap());
+    let lock = LeaderLock::acquire(URL, &schema, std::time::Duration::from_millis(50))
+        .await
+        .unwrap();
+    let request = |months: &str, max_parallel: usize| BackfillRequest {
+        id: Uuid::now_v7(),
+        pipeline: pipeline.clone(),
+        partitions: partition::expand(Some(months), None).unwrap(),
+        max_parallel,
+        priority: 0,
+        request: None,
+        reprocess: Default::default(),
+    };
+    let engine_on = |store: PgStore, tx: &mpsc::UnboundedSender<Event>, sent| {
+        Engine::new(
+            EngineConfig {
+                exit_when_idle: false,
+                retention: Some(std::time::Duration::from_secs(30 * 24 * 3600)),
+            },
+            Arc::new(RulesAgent),
+            Box::new(store),
+            Box::new(Capture(sent)),
+            Box::new(Quiet),
+            tx.clone(),
+        )
+    };
+
+    // One session: `old` ends (one run complete, one halted), `recent` completes, `running`
+    // has a step out and a partition not started, `stuck`'s run is escalated.
+    let store = PgStore::open(pool.clone(), &audit)
+        .await
+        .unwrap()
+        .fenced(lock.epoch);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
+    let mut engine = engine_on(store, &tx, sent_tx);
+    let (old, recent, running, stuck) = (
+        request("2024-01..2024-02", 2),
+        request("2023-06", 1),
+        request("2025-01..2025-02", 1),
+        request("2022-01", 1),
+    );
+    let (old_id, recent_id, running_id, stuck_id) = (old.id, recent.id, running.id, stuck.id);
+    for r in [old, recent, running, stuck] {
+        engine.submit(r);
+    }
+    let loop_ = tokio::spawn(async move { engine.run(&mut rx).await.map(|_| ()) });
+    let mut specs = Vec::new();
+    for _ in 0..5 {
+        specs.push(sent_rx.recv().await.unwrap());
+    }
+    let c = pool.get().await.unwrap();
+    let mut old_specs = Vec::new();
+    for s in &specs {
+        let b: Uuid = c
+            .query_one("SELECT backfill_id FROM runs WHERE id = $1", &[&s.run_id])
+            .await
+            .unwrap()
+            .get(0);
+        if b == recent_id {
+            // First, so that the chain's last line is one of `old`'s (pruned below).
+            tx.send(outcome(s, 0, None)).unwrap();
+        } else if b == stuck_id {
+            tx.send(outcome(s, 1, None)).unwrap();
+        } else if b == old_id {
+            old_specs.push(s.clone());
+        }
+    }
+    assert_eq!(old_specs.len(), 2);
+    tx.send(outcome(&old_specs[0], 0, None)).unwrap();
+    tx.send(outcome(&old_specs[1], 1, Some("no such file")))
+        .unwrap();
+    tx.send(Event::Stop).unwrap();
+    loop_.await.unwrap().unwrap();
+
+    // `old`, `running` and `stuck` were created, and `old` ended, two months before now.
+    let c = pool.get().await.unwrap();
+    let long_ago = (chrono::Utc::now() - chrono::Duration::days(60)).to_rfc3339();
+    let aged = [old_id, running_id, stuck_id];
+    c.execute(
+        "UPDATE backfills SET record = jsonb_set(record, '{created_at}', to_jsonb($2::text)) WHERE id = ANY($1)",
+        &[&aged.as_slice(), &long_ago],
+    )
+    .await
+    .unwrap();
+    let n = c
+        .execute(
+            "UPDATE runs SET record = jsonb_set(record, '{finished_at}', to_jsonb($2::text))
+             WHERE backfill_id = ANY($1) AND record->>'finished_at' IS NOT NULL",
+            &[&aged.as_slice(), &long_ago],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "old's two runs ended, none of the others'");
+    let mut runs_of = std::collections::HashMap::<Uuid, Vec<Uuid>>::new();
+    for row in c
+        .query("SELECT id, backfill_id FROM runs", &[])
+        .await
+        .unwrap()
+    {
+        runs_of.entry(row.get(1)).or_default().push(row.get(0));
+    }
+    let before_old = rows_of(&c, old_id, &runs_of[&old_id]).await;
+    let before_recent = rows_of(&c, recent_id, &runs_of[&recent_id]).await;
+    let before_running = rows_of(&c, running_id, &runs_of[&running_id]).await;
+    let before_stuck = rows_of(&c, stuck_id, &runs_of[&stuck_id]).await;
+    // backfills, runs, audit events, attempts, decisions, escalations, outbox.
+    assert_eq!(before_old, [1, 2, before_old[2], 2, 2, 0, 2]);
+    assert!(before_old[2] >= 10, "{before_old:?}");
+    assert_eq!(before_running[..2], [1, 2]);
+    assert_eq!(before_stuck[5], 1, "stuck's escalation is open");
+    let file_before = std::fs::read_to_string(&audit).unwrap();
+    let db_lines: i64 = c
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(file_before.lines().count() as i64, db_lines);
+
+    // The next session, with 30 days' retention: its first tick forgets `old`, and the store
+    // deletes its rows.
+    let store = PgStore::open(pool.clone(), &audit)
+        .await
+        .unwrap()
+        .fenced(lock.epoch);
+    let recovered = store.recover().await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (sent_tx, _sent_rx) = mpsc::unbounded_channel();
+    let mut engine = engine_on(store, &tx, sent_tx);
+    engine.restore(recovered.backfills, recovered.runs);
+    assert!(engine.holds(old_id) && engine.run_count() == 6);
+    assert_eq!(engine.expired(chrono::Utc::now()), [old_id]);
+    let loop_ = tokio::spawn(async move { engine.run(&mut rx).await });
+    tx.send(Event::Tick).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rows_of(&c, old_id, &runs_of[&old_id]).await[0] > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old backfill was not pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Every row of old's is gone but the record of its pruning.
+    assert_eq!(
+        rows_of(&c, old_id, &runs_of[&old_id]).await,
+        [0, 0, 1, 0, 0, 0, 0]
+    );
+    let pruned: String = c
+        .query_one(
+            "SELECT event FROM audit_events WHERE backfill_id = $1",
+            &[&old_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pruned, "backfill_pruned");
+    assert_eq!(
+        rows_of(&c, recent_id, &runs_of[&recent_id]).await,
+        before_recent
+    );
+    assert_eq!(
+        rows_of(&c, running_id, &runs_of[&running_id]).await,
+        before_running
+    );
+    assert_eq!(
+        rows_of(&c, stuck_id, &runs_of[&stuck_id]).await,
+        before_stuck
+    );
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        left,
+        db_lines - before_old[2] + 1,
+        "only old's lines went, and its pruning was recorded"
+    );
+    // The file's last line before the pruning was one of old's, which the database no longer
+    // has: the file still opens against it.
+    let last = file_before.lines().last().unwrap();
+    assert!(last.contains(&old_id.to_string()), "{last}");
+    PgStore::open(pool.clone(), &audit).await.unwrap();
+
+    // Its partitions count as never run: a `missing` reprocess over them and `recent`'s runs
+    // both of old's, and skips the completed one.
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let mut again = request("2023-06..2024-02", 4);
+    again.reprocess = warpline_coordinator::reprocess::Reprocess::Missing;
+    again
+        .partitions
+        .retain(|p| ["2023-06", "2024-01", "2024-02"].contains(&p.key().as_str()));
+    tx.send(Event::Submit(Box::new(again), Some(reply)))
+        .unwrap();
+    let submitted = answer.await.unwrap().unwrap();
+    assert_eq!(submitted.runs, 2);
+    assert_eq!(submitted.skipped.complete, 1);
+    tx.send(Event::Stop).unwrap();
+    let engine = loop_.await.unwrap().unwrap();
+    assert!(!engine.holds(old_id));
+    assert!(engine.holds(recent_id) && engine.holds(running_id) && engine.holds(stuck_id));
+    assert_eq!(
+        engine.run_count(),
+        1 + 2 + 1 + 2,
+        "recent's, running's, stuck's and the new one's"
+    );
+    drop(engine);
+
+    // The file lost nothing and still verifies; it opens again over the database's gaps (its
+    // last line, one of old's, is no longer in the database); a fresh file cannot.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(text.starts_with(&file_before), "the file was rewritten");
+    let v = warpline_shared::audit::verify(text.as_bytes()).unwrap();
+    assert!(v.lines as i64 > db_lines);
+    assert!(
+        text.lines()
+            .filter(|l| l.contains(&old_id.to_string()))
+            .count() as i64
+            >= before_old[2]
+    );
+    PgStore::open(pool.clone(), &audit).await.unwrap();
+    // A copy from before the pruning ends in a line the database no longer has: it is checked
+    // against the last line both hold, then caught up from the pruning record on.
+    let behind = dir.path().join("behind.jsonl");
+    std::fs::write(&behind, &file_before).unwrap();
+    PgStore::open(pool.clone(), &behind).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&behind).unwrap(), text);
+    let err = PgStore::open(pool.clone(), &dir.path().join("fresh.jsonl"))
+        .await
+        .err()
+        .expect("a fresh file cannot be caught up over pruned lines");
+    assert!(format!("{err:#}").contains("--retention-days"), "{err:#}");
+
+    // The deletion itself, in batches of one run: each its own transaction, fenced.
+    let err = pg::prune_backfill(&pool, Some(lock.epoch - 1), running_id, 1)
+        .await
+        .unwrap_err();
+    assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+    let n = pg::prune_backfill(&pool, Some(lock.epoch), running_id, 1)
+        .await
+        .unwrap();
+    assert_eq!((n.runs, n.backfills, n.attempts), (2, 1, 1));
+    assert_eq!(
+        n.transactions, 3,
+        "two batches of one run, then the backfill"
+    );
+    assert_eq!(rows_of(&c, running_id, &runs_of[&running_id]).await, [0; 7]);
+    drop(lock);
     drop_schema(&pool, &schema).await;
 }

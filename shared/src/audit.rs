@@ -287,6 +287,26 @@ pub enum AuditEvent {
         /// Why it ended.
         reason: String,
     },
+    /// A finished backfill was pruned past its retention (fleet mode, `--retention-days`): the
+    /// coordinator forgot it and deleted its rows from the database. Its lines before this one
+    /// stay in the audit file; this one stays in the database too.
+    BackfillPruned {
+        /// The pipeline's name.
+        pipeline: String,
+        /// Its runs.
+        runs: usize,
+        /// Runs completed.
+        complete: usize,
+        /// Runs halted.
+        halted: usize,
+        /// Runs cancelled.
+        cancelled: usize,
+        /// When its last run ended.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ended_at: Option<DateTime<Utc>>,
+        /// The retention, in seconds.
+        retention_s: u64,
+    },
 }
 
 impl AuditEvent {
@@ -309,6 +329,7 @@ impl AuditEvent {
             AuditEvent::BackfillResolution { .. } => "backfill_resolution",
             AuditEvent::RunFinished { .. } => "run_finished",
             AuditEvent::BackfillFinished { .. } => "backfill_finished",
+            AuditEvent::BackfillPruned { .. } => "backfill_pruned",
         }
     }
 }

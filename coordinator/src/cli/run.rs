@@ -239,6 +239,8 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
 
     let cfg = EngineConfig {
         exit_when_idle: true,
+        // Local mode keeps its history in the audit log only; nothing to prune.
+        retention: None,
     };
     let agent_name = agent.name();
     let mut engine = Engine::new(

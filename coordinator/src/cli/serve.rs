@@ -82,6 +82,20 @@ pub struct ServeArgs {
     /// Serve a non-loopback address with no token configured (anyone who reaches it may act).
     #[arg(long)]
     pub allow_unauthenticated: bool,
+    /// Prune a finished backfill (every run final, nothing waiting for an operator) this many
+    /// days after its last run ended: its rows leave PostgreSQL and it leaves the API and the
+    /// dashboard; its lines stay in the --audit file, which must then be the one file every
+    /// coordinator of the schema uses. Unset: keep everything.
+    #[arg(long, env = "WARPLINE_RETENTION_DAYS", value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_days: Option<u32>,
+}
+
+impl ServeArgs {
+    /// `--retention-days` as a duration.
+    pub fn retention(&self) -> Option<Duration> {
+        self.retention_days
+            .map(|d| Duration::from_secs(u64::from(d) * 24 * 60 * 60))
+    }
 }
 
 /// Refuses to serve a non-loopback address with no token (unless overridden) and says who may
@@ -210,6 +224,7 @@ impl Session<'_> {
             let mut engine = Engine::new(
                 EngineConfig {
                     exit_when_idle: false,
+                    retention: args.retention(),
                 },
                 Arc::new(self.agent.clone()),
                 Box::new(store),
@@ -269,6 +284,13 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         args.token_file.as_deref(),
     )?);
     check_exposure(&auth, args.http, args.allow_unauthenticated)?;
+    match args.retention_days {
+        Some(days) => eprintln!(
+            "warpline serve: retention {days} days: finished backfills are pruned from PostgreSQL {days} days after their last run ended; their audit lines stay in `{}`",
+            args.audit.display()
+        ),
+        None => tracing::debug!("no retention: every backfill is kept"),
+    }
     let db = pg::connect(&args.database_url, &args.database_schema, 8).await?;
     pg::migrate(&db, &args.database_schema).await?;
     // Empty means unset, as for every binary of the fleet (`warpline_amqp::signing_key`).

@@ -1,5 +1,6 @@
 //! Worker liveness (fleet mode): heartbeats say which attempts are running where; a tick
-//! declares lost the attempts whose worker fell silent.
+//! declares lost the attempts whose worker fell silent (and, with a retention, forgets the
+//! backfills past it: [`super::retention`]).
 //!
 //! What heartbeats leave in memory is bounded whatever they claim: only attempts this
 //! coordinator is awaiting are tracked (so at most one per run), a heartbeat's own list is kept
@@ -52,6 +53,7 @@ impl Engine {
     /// other worker has picked up since (a broker redelivers a dead worker's steps at once).
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
+        self.prune_when_due(now);
         self.workers
             .retain(|_, (hb, at)| now.duration_since(*at) < silence(hb.interval_s));
         let mut lost = Vec::new();

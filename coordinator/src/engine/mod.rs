@@ -22,6 +22,7 @@ mod ports;
 mod records;
 mod reprocess;
 mod resume;
+mod retention;
 mod schedule;
 #[cfg(test)]
 mod stage_tests;
@@ -40,6 +41,7 @@ pub use records::{
     BackfillRecord, BackfillRequest, EngineConfig, LlmUsage, PipelineSource, RunRecord,
     SubmitConflict, SubmitKey, SubmitRefused, Submitted,
 };
+pub use retention::PRUNE_EVERY;
 pub use summary::{BackfillStage, RunSummary, Summary};
 
 use ports::Effect;
@@ -103,6 +105,8 @@ pub struct Engine {
     /// A read that arrived while a turn was being filled: it begins the next turn, answered
     /// from that turn's committed state (see [`Engine::run_until`]).
     deferred: Option<Event>,
+    /// When the tick last looked for backfills past their retention.
+    pruned_at: Option<Instant>,
 }
 
 impl Engine {
@@ -137,6 +141,7 @@ impl Engine {
             stopping: false,
             halting: false,
             deferred: None,
+            pruned_at: None,
         }
     }
 

@@ -117,6 +117,11 @@ pub trait Store: Send {
     fn stage_backfill(&mut self, _backfill: &BackfillRecord) {}
     /// Stages a StepSpec that this turn dispatches (the outbox; default: memory only).
     fn stage_dispatch(&mut self, _spec: &StepSpec) {}
+    /// Stages the deletion of a finished backfill the engine has forgotten (retention): once
+    /// the turn commits, the store deletes its rows, in batches and off the loop. Its audit
+    /// lines stay in the JSONL file. Local mode's file is its only store, so the default
+    /// deletes nothing.
+    fn stage_prune(&mut self, _backfill_id: Uuid) {}
     /// Makes the turn durable. Called before any of its effects is acted on.
     fn commit(&mut self) -> StoreFuture<'_>;
     /// Where the audit log lives and its head hash, for summaries.
@@ -152,6 +157,8 @@ pub trait Observer: Send {
     fn on_record(&mut self, record: &AuditRecord);
     /// Called once when the loop ends.
     fn finish(&mut self) {}
+    /// The engine forgot a backfill and its runs (retention): drop what is kept about them.
+    fn forget(&mut self, _backfill_id: Uuid, _runs: &[Uuid]) {}
 }
 
 /// An action decided in a turn, taken after the turn commits.

@@ -315,4 +315,8 @@ impl Backfill {
 pub struct EngineConfig {
     /// End the loop when no run can move any more (local mode).
     pub exit_when_idle: bool,
+    /// How long a finished backfill is kept after its last run ended (`serve
+    /// --retention-days`); then the engine forgets it and the store deletes its rows (see
+    /// [`super::retention`]). `None` keeps everything.
+    pub retention: Option<std::time::Duration>,
 }

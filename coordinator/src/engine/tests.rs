@@ -89,6 +89,7 @@ impl Harness {
         let engine = Engine::new(
             EngineConfig {
                 exit_when_idle: false,
+                retention: None,
             },
             Arc::new(RulesAgent),
             Box::new(AuditLog::open(dir.path().join("audit.jsonl")).unwrap()),
@@ -187,6 +188,7 @@ impl Harness {
         self.engine = Engine::new(
             EngineConfig {
                 exit_when_idle: false,
+                retention: None,
             },
             Arc::new(RulesAgent),
             Box::new(AuditLog::open(self.dir.path().join("audit.jsonl")).unwrap()),
@@ -237,6 +239,7 @@ fn engine(dir: &std::path::Path) -> Engine {
     Engine::new(
         EngineConfig {
             exit_when_idle: false,
+            retention: None,
         },
         Arc::new(RulesAgent),
         Box::new(AuditLog::open(dir.join("audit.jsonl")).unwrap()),

@@ -430,6 +430,11 @@ impl Metrics {
         self.lock().pipelines.extend(backfills);
     }
 
+    /// Forgets a backfill the engine pruned (retention).
+    pub fn forget_backfill(&self, backfill_id: Uuid) {
+        self.lock().pipelines.remove(&backfill_id);
+    }
+
     /// Pools whose queue depth is reported.
     pub fn watch_pools(&self, pools: impl IntoIterator<Item = String>) {
         self.pools
@@ -665,6 +670,11 @@ impl Observer for MetricsObserver {
 
     fn finish(&mut self) {
         self.inner.finish();
+    }
+
+    fn forget(&mut self, backfill_id: Uuid, runs: &[Uuid]) {
+        self.metrics.forget_backfill(backfill_id);
+        self.inner.forget(backfill_id, runs);
     }
 }
 

@@ -13,6 +13,12 @@
 //! paused between its commit and its file write, whose successor has since copied that turn
 //! from the database, rewrites the same bytes in place when it wakes (its next turn is fenced).
 //!
+//! With a retention (`serve --retention-days`), the rows of a backfill the engine forgot are
+//! deleted after the turn that forgot it, by a task of the store's ([`prune_backfill`], in
+//! bounded batches). The file keeps those lines, so the database's chain has gaps from then
+//! on: the file is lined up with it by line number, and a file that lacks pruned lines is
+//! refused, since no catch-up could make it verify.
+//!
 //! All tables live in one schema (`--database-schema`, default `warpline`), so that tests and
 //! separate fleets can share a server. Migrations are embedded and versioned.
 
@@ -118,7 +124,23 @@ const MIGRATIONS: &[(i32, &str)] = &[
     INSERT INTO leader (id, epoch) VALUES (1, 0);
     "#,
     ),
+    (
+        3,
+        r#"
+    -- Retention (`serve --retention-days`) deletes a backfill's rows run by run: these let it
+    -- find them without reading whole tables. The audit index holds only the backfill-level
+    -- lines (those of no run), which are few.
+    CREATE INDEX IF NOT EXISTS decisions_run ON decisions (run_id);
+    CREATE INDEX IF NOT EXISTS escalations_run ON escalations (run_id);
+    CREATE INDEX IF NOT EXISTS outbox_run ON outbox (run_id);
+    CREATE INDEX IF NOT EXISTS audit_events_backfill ON audit_events (backfill_id) WHERE run_id IS NULL;
+    "#,
+    ),
 ];
+
+/// Most runs whose rows one pruning transaction deletes: a 100,000-run backfill is deleted in
+/// a hundred short transactions, none holding its locks or its WAL for long.
+pub const PRUNE_BATCH: i64 = 1000;
 
 /// Connects a pool whose connections use `schema`, creating the database if it is missing.
 pub async fn connect(url: &str, schema: &str, size: usize) -> anyhow::Result<Pool> {
@@ -435,8 +457,194 @@ pub struct PgStore {
     runs: HashMap<Uuid, RunRecord>,
     backfills: HashMap<Uuid, BackfillRecord>,
     outbox: Vec<StepSpec>,
+    /// Backfills the engine forgot in this turn (retention), pruned once it commits.
+    prune: Vec<Uuid>,
+    /// Deletes pruned backfills' rows; started at the first.
+    pruner: Option<Pruner>,
     /// The leader epoch every turn must still hold (none: not fenced, as in tests).
     epoch: Option<i64>,
+}
+
+/// Deletes the rows of the backfills the engine forgot, off the event loop: one backfill at a
+/// time, [`PRUNE_BATCH`] runs per transaction, each transaction fenced like a turn. It is
+/// aborted with its store (a session's end): a transaction cut short rolls back, and the next
+/// session, which recovers what is left of the backfill, forgets and prunes it again.
+struct Pruner {
+    /// Unbounded, yet bounded in practice: at most one message per backfill ever submitted.
+    tx: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Pruner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Pruner {
+    fn start(pool: Pool, epoch: Option<i64>) -> Pruner {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Uuid>();
+        let task = tokio::spawn(async move {
+            while let Some(id) = rx.recv().await {
+                loop {
+                    match prune_backfill(&pool, epoch, id, PRUNE_BATCH).await {
+                        Ok(n) => {
+                            tracing::info!(
+                                backfill_id = %id,
+                                runs = n.runs,
+                                attempts = n.attempts,
+                                decisions = n.decisions,
+                                escalations = n.escalations,
+                                audit_events = n.audit_events,
+                                outbox = n.outbox,
+                                transactions = n.transactions,
+                                "pruned a backfill's rows (its audit lines stay in the audit file)"
+                            );
+                            break;
+                        }
+                        Err(e) if e.downcast_ref::<Fenced>().is_some() => {
+                            tracing::warn!(error = %e, "stopped pruning: this coordinator no longer leads");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(backfill_id = %id, error = %format!("{e:#}"), "cannot prune a backfill's rows; retrying in 10 s");
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Pruner { tx, task }
+    }
+}
+
+/// What pruning one backfill deleted: rows per table, and the transactions it took.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// `runs` rows.
+    pub runs: u64,
+    /// `attempts` rows.
+    pub attempts: u64,
+    /// `decisions` rows.
+    pub decisions: u64,
+    /// `escalations` rows.
+    pub escalations: u64,
+    /// `audit_events` rows (the lines stay in the JSONL audit file).
+    pub audit_events: u64,
+    /// `outbox` rows.
+    pub outbox: u64,
+    /// `backfills` rows (1, or 0 when it was gone already).
+    pub backfills: u64,
+    /// Transactions committed.
+    pub transactions: u64,
+}
+
+/// Deletes a backfill's rows from every table but its `backfill_pruned` audit lines, at most
+/// `batch` runs' rows per transaction,
+/// its `backfills` row last (so a pruning cut short leaves a backfill that the next session
+/// recovers, with the runs not deleted yet, and prunes again). Each transaction is fenced by
+/// `epoch` as a turn is. The caller has made sure the backfill is finished and forgotten: this
+/// deletes whatever it finds.
+pub async fn prune_backfill(
+    pool: &Pool,
+    epoch: Option<i64>,
+    backfill_id: Uuid,
+    batch: i64,
+) -> anyhow::Result<Pruned> {
+    let mut n = Pruned::default();
+    let mut client = pool.get().await?;
+    loop {
+        let tx = client.transaction().await?;
+        check_epoch(&tx, epoch).await?;
+        let ids: Vec<Uuid> = tx
+            .query(
+                "SELECT id FROM runs WHERE backfill_id = $1 LIMIT $2",
+                &[&backfill_id, &batch],
+            )
+            .await
+            .context("cannot list a pruned backfill's runs")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            n.audit_events += tx
+                .execute(
+                    "DELETE FROM audit_events WHERE backfill_id = $1 AND run_id IS NULL AND event <> 'backfill_pruned'",
+                    &[&backfill_id],
+                )
+                .await
+                .context("cannot delete a pruned backfill's audit events")?;
+            n.backfills += tx
+                .execute("DELETE FROM backfills WHERE id = $1", &[&backfill_id])
+                .await
+                .context("cannot delete a pruned backfill")?;
+            tx.commit().await?;
+            n.transactions += 1;
+            return Ok(n);
+        }
+        for (sql, count) in [
+            (
+                "DELETE FROM attempts WHERE run_id = ANY($1)",
+                &mut n.attempts,
+            ),
+            (
+                "DELETE FROM decisions WHERE run_id = ANY($1)",
+                &mut n.decisions,
+            ),
+            (
+                "DELETE FROM escalations WHERE run_id = ANY($1)",
+                &mut n.escalations,
+            ),
+            ("DELETE FROM outbox WHERE run_id = ANY($1)", &mut n.outbox),
+            (
+                "DELETE FROM audit_events WHERE run_id = ANY($1)",
+                &mut n.audit_events,
+            ),
+            ("DELETE FROM runs WHERE id = ANY($1)", &mut n.runs),
+        ] {
+            *count += tx
+                .execute(sql, &[&ids])
+                .await
+                .with_context(|| format!("cannot prune: `{sql}` failed"))?;
+        }
+        tx.commit().await?;
+        n.transactions += 1;
+    }
+}
+
+/// Fails with [`Fenced`] unless `epoch` (when fenced) is still the database's leader epoch.
+/// `FOR SHARE`: a successor's epoch bump waits for this transaction, or this one sees it.
+async fn check_epoch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    epoch: Option<i64>,
+) -> anyhow::Result<()> {
+    if let Some(ours) = epoch {
+        let held = tx
+            .query_opt(
+                "SELECT 1 FROM leader WHERE id = 1 AND epoch = $1 FOR SHARE",
+                &[&ours],
+            )
+            .await
+            .context("cannot check the leader epoch")?;
+        if held.is_none() {
+            return Err(Fenced { ours }.into());
+        }
+    }
+    Ok(())
+}
+
+/// The hash of line `seq` of the audit file at `path` (a file that verified).
+fn hash_of_line(path: &Path, seq: u64) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot read the audit log `{}`", path.display()))?;
+    let line = std::io::BufReader::new(f)
+        .lines()
+        .nth(seq as usize - 1)
+        .with_context(|| format!("the audit log `{}` has no line {seq}", path.display()))??;
+    let (_, hash) = audit::parse_line(&line)
+        .map_err(|e| anyhow::anyhow!("`{}` line {seq} does not verify ({e})", path.display()))?;
+    Ok(hash)
 }
 
 impl PgStore {
@@ -496,32 +704,56 @@ impl PgStore {
         } else {
             (0, audit::GENESIS.to_string())
         };
-        let db_lines = rows.len() as u64;
-        // The file must be a prefix of the database's chain: its head is the hash of the
-        // database's line of the same number.
-        if file_lines > 0 && file_lines <= db_lines {
-            let line: String = rows[file_lines as usize - 1].get(1);
+        // Retention deletes a pruned backfill's lines from the database (never from the
+        // file), so its sequence numbers may have gaps: lines are found by number, not place.
+        let seq_of = |r: &tokio_postgres::Row| r.get::<_, i64>(0) as u64;
+        let db_last = rows.last().map(seq_of).unwrap_or(0);
+        let after_file = rows.partition_point(|r| seq_of(r) <= file_lines);
+        // The file must be a prefix of the database's chain: the newest line both hold (the
+        // file's last, or the last before it that the database kept) is the same line.
+        if file_lines > 0
+            && file_lines <= db_last
+            && let Some(row) = after_file.checked_sub(1).map(|i| &rows[i])
+        {
+            let seq = seq_of(row);
+            let line: String = row.get(1);
             let (_, db_hash) = audit::parse_line(&line).map_err(|e| {
-                anyhow::anyhow!("the database's audit line {file_lines} does not verify ({e})")
+                anyhow::anyhow!("the database's audit line {seq} does not verify ({e})")
             })?;
-            if db_hash != file_head {
+            let file_hash = if seq == file_lines {
+                file_head.clone()
+            } else {
+                hash_of_line(audit_path, seq)?
+            };
+            if db_hash != file_hash {
                 bail!(
-                    "the audit log `{}` does not match the database: its line {file_lines} has hash {file_head}, the database's {db_hash}; it belongs to another fleet or was edited: give another --audit file",
+                    "the audit log `{}` does not match the database: its line {seq} has hash {file_hash}, the database's {db_hash}; it belongs to another fleet or was edited: give another --audit file",
                     audit_path.display()
                 );
             }
         }
-        if file_lines > db_lines {
+        if file_lines > db_last {
             bail!(
-                "the audit log `{}` has {file_lines} lines but the database only {db_lines}: it belongs to another fleet; give another --audit file",
+                "the audit log `{}` has {file_lines} lines but the database only {db_last}: it belongs to another fleet; give another --audit file",
                 audit_path.display()
+            );
+        }
+        let missing = &rows[after_file..];
+        if let Some(next) = missing.first().map(seq_of)
+            && next != file_lines + 1
+        {
+            bail!(
+                "the audit log `{}` ends at line {file_lines}, but the database's next line is {next}: lines {}..{} were pruned from the database (--retention-days) and only an audit file can hold them; give the --audit file that holds the whole chain (every coordinator of a schema must share one when retention is on)",
+                audit_path.display(),
+                file_lines + 1,
+                next - 1
             );
         }
         drop(client);
         // Written where the lines belong, as every turn's are: a deposed leader that wakes
         // and writes its last committed turn meanwhile puts the same bytes in the same place.
         let mut audit = AuditLog::open(audit_path)?;
-        let added = audit.catch_up(rows[file_lines as usize..].iter().map(|r| r.get(1)))?;
+        let added = audit.catch_up(missing.iter().map(|r| r.get(1)))?;
         if added > 0 {
             tracing::info!(added, "audit file caught up with the database");
         }
@@ -532,6 +764,8 @@ impl PgStore {
             runs: HashMap::new(),
             backfills: HashMap::new(),
             outbox: Vec::new(),
+            prune: Vec::new(),
+            pruner: None,
             epoch: None,
         })
     }
@@ -583,7 +817,18 @@ impl PgStore {
     /// holds the turn, refused with [`Fenced`] once another coordinator leads. Separate so that
     /// a test can put a pause between the two, as a SIGSTOP may.
     pub async fn commit_database(&mut self) -> anyhow::Result<()> {
-        self.write().await
+        self.write().await?;
+        // The turn that forgot these backfills is durable: nothing will stage their rows
+        // again, so they can go.
+        for id in std::mem::take(&mut self.prune) {
+            let (pool, epoch) = (self.pool.clone(), self.epoch);
+            let pruner = self
+                .pruner
+                .get_or_insert_with(|| Pruner::start(pool, epoch));
+            // Fails only once the task ended (deposed): the next leader prunes it.
+            let _ = pruner.tx.send(id);
+        }
+        Ok(())
     }
 
     /// The second of a turn's two writes: its committed lines into the JSONL file, at the
@@ -600,19 +845,7 @@ impl PgStore {
     async fn write(&mut self) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if let Some(ours) = self.epoch {
-            // FOR SHARE: a successor's epoch bump waits for this turn, or this turn sees it.
-            let held = tx
-                .query_opt(
-                    "SELECT 1 FROM leader WHERE id = 1 AND epoch = $1 FOR SHARE",
-                    &[&ours],
-                )
-                .await
-                .context("cannot check the leader epoch")?;
-            if held.is_none() {
-                return Err(Fenced { ours }.into());
-            }
-        }
+        check_epoch(&tx, self.epoch).await?;
         let mut turn = Statements::default();
 
         let mut seqs = Vec::new();
@@ -936,6 +1169,10 @@ impl Store for PgStore {
 
     fn stage_dispatch(&mut self, spec: &StepSpec) {
         self.outbox.push(spec.clone());
+    }
+
+    fn stage_prune(&mut self, backfill_id: Uuid) {
+        self.prune.push(backfill_id);
     }
 
     fn commit(&mut self) -> StoreFuture<'_> {

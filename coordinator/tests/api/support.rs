@@ -78,6 +78,7 @@ impl Server {
         let engine = Engine::new(
             EngineConfig {
                 exit_when_idle: false,
+                retention: None,
             },
             Arc::new(RulesAgent),
             Box::new(store),
