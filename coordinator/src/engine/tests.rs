@@ -971,6 +971,7 @@ async fn reads_are_answered_without_waiting_for_the_next_commit() {
     let engine = Engine::new(
         EngineConfig {
             exit_when_idle: false,
+            retention: None,
         },
         Arc::new(RulesAgent),
         Box::new(Gated {
