@@ -215,8 +215,9 @@ pub struct SubmitArgs {
     /// Stop after the submit instead of running the backfill to its end.
     #[arg(long)]
     pub no_run: bool,
-    /// While it runs, time this many `GET /v1/backfills/ID` (status) and as many dashboard
-    /// pages `GET /backfills/ID` (the grid), one of each every 250 ms.
+    /// While it runs, time this many `GET /v1/backfills/ID` (status), as many
+    /// `GET /v1/backfills/ID?runs=none` (counts only) and as many dashboard pages
+    /// `GET /backfills/ID` (the grid), one of each every 250 ms.
     #[arg(long, default_value_t = 0)]
     pub probes: usize,
     /// After the probes, cancel the backfill: time the answer, and until every run ended.
@@ -241,6 +242,9 @@ struct Scale {
 struct ScaleMeasured {
     status_ms: Vec<f64>,
     status_bytes: usize,
+    /// `GET /v1/backfills/ID?runs=none`: the counts-only summary.
+    counts_ms: Vec<f64>,
+    counts_bytes: usize,
     grid_ms: Vec<f64>,
     grid_bytes: usize,
     /// The cancel's answer, and until the last run ended.
@@ -549,11 +553,14 @@ impl Bench {
             let sc = &m.scale;
             if !sc.status_ms.is_empty() {
                 println!(
-                    "    #{}: status ({} bytes) p50 {:.1} ms p99 {:.1} ms; dashboard grid page ({} bytes) p50 {:.1} ms p99 {:.1} ms ({} of each, while it ran)",
+                    "    #{}: status ({} bytes) p50 {:.1} ms p99 {:.1} ms; counts only (?runs=none, {} bytes) p50 {:.1} ms p99 {:.1} ms; dashboard grid page ({} bytes) p50 {:.1} ms p99 {:.1} ms ({} of each, while it ran)",
                     i + 1,
                     sc.status_bytes,
                     measure::percentile(&sc.status_ms, 50.0),
                     measure::percentile(&sc.status_ms, 99.0),
+                    sc.counts_bytes,
+                    measure::percentile(&sc.counts_ms, 50.0),
+                    measure::percentile(&sc.counts_ms, 99.0),
                     sc.grid_bytes,
                     measure::percentile(&sc.grid_ms, 50.0),
                     measure::percentile(&sc.grid_ms, 99.0),
@@ -904,6 +911,11 @@ async fn measure_on(fleet: &mut Fleet, job: &Job) -> anyhow::Result<Measured> {
         let (t, n) = fleet.time_get(&format!("/v1/backfills/{id}")).await?;
         scale.status_ms.push(t.as_secs_f64() * 1000.0);
         scale.status_bytes = n;
+        let (t, n) = fleet
+            .time_get(&format!("/v1/backfills/{id}?runs=none"))
+            .await?;
+        scale.counts_ms.push(t.as_secs_f64() * 1000.0);
+        scale.counts_bytes = n;
         let (t, n) = fleet.time_get(&format!("/backfills/{id}")).await?;
         scale.grid_ms.push(t.as_secs_f64() * 1000.0);
         scale.grid_bytes = n;

@@ -48,8 +48,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -69,7 +69,7 @@ use warpline_shared::stage::RunScope;
 use crate::auth::{self, Auth, Identity};
 use crate::engine::{
     BackfillAction, BackfillRequest, Escalation, Event, OperatorAnswer, OperatorCommand,
-    OperatorError, RunSummary, SubmitKey, Submitted, Summary,
+    OperatorError, RunSummary, RunsShown, SubmitKey, Submitted, Summary,
 };
 use crate::fleet::metrics::Percentiles;
 use crate::fleet::metrics::{LatencySnapshot, StepLatency};
@@ -769,7 +769,7 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
     if max_parallel == 0 {
         return Err(bad("`max_parallel` must be at least 1".into()));
     }
-    Ok(BackfillRequest {
+    let backfill = BackfillRequest {
         id: Uuid::now_v7(),
         pipeline: Arc::new(pipeline),
         partitions,
@@ -777,7 +777,67 @@ pub fn build_backfill(req: SubmitRequest, policy: &ApiPolicy) -> Result<Backfill
         priority: req.priority,
         request: None,
         reprocess: req.reprocess,
-    })
+    };
+    sample_specs(&backfill).map_err(|problems| {
+        let more = match problems.len() {
+            n if n > 3 => format!("; and {} more", n - 3),
+            _ => String::new(),
+        };
+        bad(format!(
+            "pipeline `{}` cannot be rendered for its partitions (nothing was submitted): {}{more}",
+            req.pipeline_file,
+            problems[..problems.len().min(3)].join("; ")
+        ))
+    })?;
+    Ok(backfill)
+}
+
+/// The steps of a backfill's first partitions' runs and of the first backfill-level runs of
+/// each scope, rendered as a worker would be sent them (the commands rarely depend on the
+/// partition, and when they do the first few show it). A step that cannot be rendered (a path
+/// outside the workdir and the config's directory, say) is a problem of the submit, found here
+/// instead of halting every run at that step; the problems are returned, each once.
+fn sample_specs(
+    backfill: &BackfillRequest,
+) -> Result<Vec<warpline_shared::contracts::StepSpec>, Vec<String>> {
+    let pipeline = &backfill.pipeline;
+    let views: std::collections::BTreeMap<_, _> = [
+        RunScope::Partition,
+        RunScope::Before,
+        RunScope::AfterDataset,
+        RunScope::After,
+    ]
+    .into_iter()
+    .map(|s| (s, pipeline.view(s)))
+    .collect();
+    let mut taken: std::collections::BTreeMap<RunScope, usize> = Default::default();
+    let mut specs = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let first = &backfill.partitions[..backfill.partitions.len().min(CHECKED_PARTITIONS)];
+    for (scope, p) in pipeline.plan(first) {
+        let n = taken.entry(scope).or_default();
+        *n += 1;
+        if *n > CHECKED_PARTITIONS {
+            continue;
+        }
+        let view = &views[&scope];
+        for i in 0..view.steps().len() {
+            match view.render_step(i, &p, Uuid::nil(), 1, Uuid::nil()) {
+                Ok(spec) => specs.push(spec),
+                Err(e) => {
+                    let problem = format!("partition `{}`: {e}", scope.key(&p));
+                    if !problems.contains(&problem) {
+                        problems.push(problem);
+                    }
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(specs)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Checks partitions given as such (`submit --partitions-file`) as the file's parser checks
@@ -838,33 +898,8 @@ async fn unrunnable_steps(
             hb
         })
         .collect();
-    let pipeline = &backfill.pipeline;
-    // The first partitions' runs and the first backfill-level runs of each scope.
-    let views: std::collections::BTreeMap<_, _> = [
-        RunScope::Partition,
-        RunScope::Before,
-        RunScope::AfterDataset,
-        RunScope::After,
-    ]
-    .into_iter()
-    .map(|s| (s, pipeline.view(s)))
-    .collect();
-    let mut taken: std::collections::BTreeMap<RunScope, usize> = Default::default();
-    let specs: Vec<warpline_shared::contracts::StepSpec> = pipeline
-        .plan(&backfill.partitions[..backfill.partitions.len().min(CHECKED_PARTITIONS)])
-        .into_iter()
-        .filter(|(scope, _)| {
-            let n = taken.entry(*scope).or_default();
-            *n += 1;
-            *n <= CHECKED_PARTITIONS
-        })
-        .flat_map(|(scope, p)| {
-            let view = &views[&scope];
-            (0..view.steps().len())
-                .filter_map(|i| view.render_step(i, &p, Uuid::nil(), 1, Uuid::nil()).ok())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    // Rendered once already, when the submit was built: no problem is left.
+    let specs = sample_specs(backfill).unwrap_or_default();
     let found = crate::fleet::capability::unrunnable(&specs, &live);
     let mut out: Vec<String> = Vec::new();
     if live.is_empty() && !found.is_empty() {
@@ -1014,16 +1049,40 @@ fn remembered_or_started(
     Ok(rx)
 }
 
-#[utoipa::path(get, path = "/v1/backfills", tag = "backfills", responses((status = 200, body = [Summary]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn list(State(st): State<AppState>) -> Answer {
-    let cmd = OperatorCommand::Status { backfill_id: None };
+/// `?runs=`: which runs a summary lists.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    #[serde(default)]
+    runs: RunsShown,
+}
+
+fn runs_query(q: Result<Query<RunsQuery>, QueryRejection>) -> Result<RunsShown, ApiError> {
+    q.map(|Query(q)| q.runs).map_err(|e| {
+        ApiError::BadRequest(format!("{}: `runs` is all, failed or none", e.body_text()))
+    })
+}
+
+#[utoipa::path(get, path = "/v1/backfills", tag = "backfills", params(("runs" = Option<RunsShown>, Query, description = "which runs each summary lists: `all` (the default), `failed` (halted, escalated, cancelled) or `none` (counts only)")), responses((status = 200, body = [Summary]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn list(State(st): State<AppState>, q: Result<Query<RunsQuery>, QueryRejection>) -> Answer {
+    let cmd = OperatorCommand::Status {
+        backfill_id: None,
+        runs: runs_query(q)?,
+    };
     st.engine.command(cmd).await.map(Json)
 }
 
-#[utoipa::path(get, path = "/v1/backfills/{id}", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, body = Summary), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn status(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Answer {
+#[utoipa::path(get, path = "/v1/backfills/{id}", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill"), ("runs" = Option<RunsShown>, Query, description = "which runs the summary lists: `all` (the default), `failed` (halted, escalated, cancelled) or `none` (counts only: the same size at any backfill size)")), responses((status = 200, body = Summary), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn status(
+    State(st): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    q: Result<Query<RunsQuery>, QueryRejection>,
+) -> Answer {
     let backfill_id = Some(parse_id("backfill", &id)?);
-    let cmd = OperatorCommand::Status { backfill_id };
+    let cmd = OperatorCommand::Status {
+        backfill_id,
+        runs: runs_query(q)?,
+    };
     let mut summary = st.engine.command(cmd).await?;
     // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it.
     if st.policy.queues.is_some()
@@ -1383,7 +1442,7 @@ impl Modify for BearerAuth {
         resolve, resolve_backfill, workers, fleet, metrics, openapi_json
     ),
     components(schemas(
-        SubmitRequest, SubmitResponse, PartitionOrder, Reprocess, Skipped, ResolveRequest, ResolveResponse,
+        SubmitRequest, SubmitResponse, PartitionOrder, Reprocess, Skipped, RunsShown, ResolveRequest, ResolveResponse,
         ResolveBackfillRequest, ResolveBackfillResponse, RetryFailedResponse, ReprocessRequest,
         ReprocessResponse, ErrorBody,
         Summary, RunSummary, Escalation, BackfillAction, WorkerInfo, FleetView, PoolView,

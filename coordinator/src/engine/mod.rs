@@ -42,7 +42,7 @@ pub use records::{
     SubmitConflict, SubmitKey, SubmitRefused, Submitted,
 };
 pub use retention::PRUNE_EVERY;
-pub use summary::{BackfillStage, RunSummary, Summary};
+pub use summary::{BackfillStage, RunSummary, RunsShown, Summary};
 
 use ports::Effect;
 use records::Backfill;

@@ -43,9 +43,10 @@ pub enum OperatorCommand {
     Status {
         /// The backfill, or all.
         backfill_id: Option<Uuid>,
+        /// Which runs each summary lists.
+        #[serde(default)]
+        runs: super::RunsShown,
     },
-    /// Every backfill's summary without its runs (the dashboard's list).
-    Overview,
     /// One page of a backfill's grid ([`Engine::grid`]).
     Grid {
         /// The backfill.
@@ -195,7 +196,6 @@ impl OperatorCommand {
         matches!(
             self,
             OperatorCommand::Status { .. }
-                | OperatorCommand::Overview
                 | OperatorCommand::Grid { .. }
                 | OperatorCommand::Escalations
                 | OperatorCommand::Workers
@@ -400,18 +400,15 @@ impl Engine {
             }
             OperatorCommand::Status {
                 backfill_id: Some(id),
+                runs,
             } => {
                 if !self.backfills.contains_key(&id) {
                     return Err(OperatorError::UnknownBackfill(id));
                 }
-                Ok(OperatorAnswer::Summary(Box::new(self.summary(id))))
+                Ok(OperatorAnswer::Summary(Box::new(
+                    self.summary_where(id, |r| runs.keeps(r)),
+                )))
             }
-            OperatorCommand::Overview => Ok(OperatorAnswer::Summaries(
-                self.order
-                    .iter()
-                    .map(|id| self.summary_where(*id, |_| false))
-                    .collect(),
-            )),
             OperatorCommand::Grid {
                 backfill_id,
                 filter,
@@ -423,8 +420,15 @@ impl Engine {
                     self.grid(backfill_id, &filter),
                 )))
             }
-            OperatorCommand::Status { backfill_id: None } => {
-                let all: Vec<Summary> = self.order.iter().map(|id| self.summary(*id)).collect();
+            OperatorCommand::Status {
+                backfill_id: None,
+                runs,
+            } => {
+                let all: Vec<Summary> = self
+                    .order
+                    .iter()
+                    .map(|id| self.summary_where(*id, |r| runs.keeps(r)))
+                    .collect();
                 Ok(OperatorAnswer::Summaries(all))
             }
             OperatorCommand::ResolveBackfill {

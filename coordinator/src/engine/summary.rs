@@ -47,6 +47,34 @@ pub struct RunSummary {
     pub steps: Vec<String>,
 }
 
+/// Which runs a summary lists (`GET /v1/backfills/{id}?runs=`); its counts, rate and state are
+/// over every run whichever it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunsShown {
+    /// Every run (the default).
+    #[default]
+    All,
+    /// The runs an operator looks at: halted, escalated, cancelled.
+    Failed,
+    /// None: counts only, the same answer at any backfill size.
+    None,
+}
+
+impl RunsShown {
+    /// True when a summary of this kind lists run `r`.
+    pub fn keeps(self, r: &RunRecord) -> bool {
+        match self {
+            RunsShown::All => true,
+            RunsShown::None => false,
+            RunsShown::Failed => matches!(
+                r.machine.state().status(),
+                RunStatus::Halted | RunStatus::Escalated | RunStatus::Cancelled
+            ),
+        }
+    }
+}
+
 /// Where a backfill is: its before-steps, its partitions, its after-steps, or done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]

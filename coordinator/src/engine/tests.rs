@@ -387,6 +387,7 @@ fn an_ended_engine_answers_reads_and_refuses_actions() {
     let mut engine = engine(dir.path());
     let id = engine.submit(backfill(dir.path()));
     let read = engine.answer_ended(OperatorCommand::Status {
+        runs: RunsShown::All,
         backfill_id: Some(id),
     });
     assert!(
@@ -987,6 +988,7 @@ async fn reads_are_answered_without_waiting_for_the_next_commit() {
         tx.send(Event::Operator(
             OperatorCommand::Status {
                 backfill_id: Some(id),
+                runs: RunsShown::All,
             },
             reply,
         ))

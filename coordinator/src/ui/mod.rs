@@ -42,7 +42,9 @@ use warpline_shared::contracts::Action;
 
 use crate::api::{ApiError, EngineHandle};
 use crate::auth::{Auth, COOKIE, Credential, Identity};
-use crate::engine::{BackfillAction, Escalation, OperatorAnswer, OperatorCommand, Summary};
+use crate::engine::{
+    BackfillAction, Escalation, OperatorAnswer, OperatorCommand, RunsShown, Summary,
+};
 use grid::{Filter, GridPage};
 use pages::Ctx;
 pub use records::Records;
@@ -196,7 +198,11 @@ fn parse_uuid(what: &str, raw: &str) -> Result<Uuid, ApiError> {
 
 /// Every backfill's summary, without their runs.
 async fn summaries(st: &UiState) -> Result<Vec<Summary>, ApiError> {
-    match st.engine.ask(OperatorCommand::Overview).await? {
+    let cmd = OperatorCommand::Status {
+        backfill_id: None,
+        runs: RunsShown::None,
+    };
+    match st.engine.ask(cmd).await? {
         OperatorAnswer::Summaries(all) => Ok(all),
         other => Err(unexpected(&other)),
     }

@@ -283,6 +283,15 @@ async fn bad_submits_are_refused_with_what_was_wrong() {
             json!({"pipeline_file": file, "pipeline": good, "months": "2024-01", "workdir": "rel"}),
             "workdir",
         ),
+        // A step that cannot be rendered is refused at the submit, not halted at in every run.
+        (
+            json!({"pipeline_file": file, "pipeline": pipeline_json("escape", json!([
+                {"id": "A", "command": "sh", "args": ["-c", "true"]},
+                {"id": "B", "command": "sh", "args": ["-c", "cat {artefacts.ref}"],
+                 "artefacts": {"ref": "/etc/hostname"}}
+            ])), "months": "2024-01..2024-02"}),
+            "cannot be rendered for its partitions (nothing was submitted): partition `2024-01`: step `B`: path `/etc/hostname` is outside the pipeline's workdir",
+        ),
     ];
     for (body, expected) in cases {
         let (status, err) = srv.post("/v1/backfills", body.clone()).await;
@@ -332,6 +341,29 @@ async fn reprocess_runs_what_did_not_complete_in_a_new_backfill() {
         first["counts"],
         json!({"COMPLETE": 2, "HALTED": 1}),
         "{first:#}"
+    );
+    // `?runs=` chooses which runs a summary lists; its counts are over all of them.
+    let (_, none) = srv.get(&format!("/v1/backfills/{id}?runs=none")).await;
+    assert_eq!(none["runs"], json!([]), "{none}");
+    assert_eq!(none["counts"], first["counts"]);
+    let (_, failed) = srv.get(&format!("/v1/backfills/{id}?runs=failed")).await;
+    let listed: Vec<&str> = failed["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["partition"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["2024-02"]);
+    let (_, all) = srv.get("/v1/backfills?runs=none").await;
+    assert_eq!(all[0]["runs"], json!([]), "{all}");
+    let (status, err) = srv.get(&format!("/v1/backfills/{id}?runs=some")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("all, failed or none"),
+        "{err}"
     );
 
     std::fs::write(&marker, "").unwrap();
