@@ -224,6 +224,10 @@ impl Engine {
             }
             Event::Heartbeat(hb) => self.on_heartbeat(*hb),
             Event::Tick => self.on_tick(),
+            Event::CancelPending {
+                backfill_id,
+                reason,
+            } => self.cancel_pending(backfill_id, reason),
             Event::Stop => self.halting = true,
             Event::Shutdown { reason } => self.shutdown(reason),
         }

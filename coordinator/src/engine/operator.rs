@@ -8,7 +8,8 @@ use warpline_shared::contracts::Action;
 use warpline_shared::machine::RunState;
 use warpline_shared::stage::RunScope;
 
-use super::{Engine, Summary};
+use super::ports::Effect;
+use super::{Engine, Event, Summary};
 
 /// What an operator can ask of the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +190,34 @@ pub struct Escalation {
     pub reason: String,
 }
 
+/// Runs not started yet that a cancel ends per turn.
+pub const CANCEL_CHUNK: usize = 2_000;
+
+impl Engine {
+    /// Cancels up to [`CANCEL_CHUNK`] of a cancelling backfill's runs not started yet, and
+    /// comes back for the rest in the next turn.
+    pub(super) fn cancel_pending(&mut self, backfill_id: Uuid, why: String) {
+        let Some(b) = self.backfills.get_mut(&backfill_id) else {
+            return;
+        };
+        let n = b.rec.pending.len().min(CANCEL_CHUNK);
+        let chunk: Vec<Uuid> = b.rec.pending.drain(..n).collect();
+        let more = !b.rec.pending.is_empty();
+        for id in chunk {
+            self.cancel_run(id, why.clone());
+        }
+        if more {
+            self.effects.push(Effect::Timer {
+                after: std::time::Duration::ZERO,
+                event: Event::CancelPending {
+                    backfill_id,
+                    reason: why,
+                },
+            });
+        }
+    }
+}
+
 impl OperatorCommand {
     /// True for a command that only reads (status, escalations, workers): it changes nothing,
     /// so nothing need be committed before it is answered.
@@ -289,7 +318,6 @@ impl Engine {
                 }
                 let b = self.backfills.get_mut(&backfill_id).expect("checked");
                 b.rec.cancelling = true;
-                let pending: Vec<Uuid> = b.rec.pending.drain(..).collect();
                 let runs = b.rec.runs.clone();
                 self.dirty_backfills.insert(backfill_id);
                 let why = if operator.is_empty() {
@@ -297,12 +325,17 @@ impl Engine {
                 } else {
                     format!("cancelled by operator {operator}")
                 };
-                for id in pending {
-                    self.cancel_run(id, why.clone());
-                }
+                // Runs not started yet end a chunk per turn ([`CANCEL_CHUNK`]), so the cancel
+                // is answered at once however many there are (the backfill reads cancelling
+                // until the last has ended, and nothing of it starts meanwhile).
+                self.cancel_pending(backfill_id, why.clone());
                 // Runs between steps or parked end now; runs with a step in flight end after it.
                 for id in runs {
-                    let m = &self.runs[&id].machine;
+                    let r = &self.runs[&id];
+                    let m = &r.machine;
+                    if m.state() == RunState::Init && r.scope.is_partition() {
+                        continue;
+                    }
                     let idle = m.outstanding().is_none() && m.deciding().is_none();
                     let parked = matches!(m.state(), RunState::Escalated(_));
                     if !m.state().is_final() && (idle || parked) {
@@ -313,7 +346,10 @@ impl Engine {
                         }
                     }
                 }
-                Ok(OperatorAnswer::Summary(Box::new(self.summary(backfill_id))))
+                // Counts only: the answer stays small at any backfill size.
+                Ok(OperatorAnswer::Summary(Box::new(
+                    self.summary_where(backfill_id, |_| false),
+                )))
             }
             OperatorCommand::RetryFailed {
                 backfill_id,
@@ -538,5 +574,71 @@ impl Engine {
                 Ok(OperatorAnswer::Escalations(list))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use warpline_shared::machine::RunStatus;
+
+    use super::super::tests::Harness;
+    use super::*;
+
+    /// A cancel ends the runs not started yet a chunk per turn: its answer comes at once with
+    /// the first chunk, the rest follows turn by turn, nothing of the backfill starts
+    /// meanwhile, and a restart in the middle goes on with what is left.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_ends_runs_not_started_a_chunk_per_turn_across_a_restart() {
+        let mut h = Harness::new();
+        let steps = serde_json::json!([{"id": "A", "command": "true"}]);
+        let names: Vec<String> = (0..2 * CANCEL_CHUNK + 10)
+            .map(|i| format!("p{i}"))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut req = h.backfill(steps, &names);
+        req.max_parallel = 1;
+        let id = req.id;
+        let t = h.turn([Event::Submit(Box::new(req), None)]).await;
+        assert_eq!(t.dispatched.len(), 1);
+        let count =
+            |h: &Harness, st: RunStatus| h.summary(id).counts.get(&st).copied().unwrap_or(0);
+
+        let answer = h
+            .engine
+            .on_operator(OperatorCommand::Cancel {
+                backfill_id: id,
+                operator: "ana".into(),
+            })
+            .unwrap();
+        let OperatorAnswer::Summary(s) = answer else {
+            panic!("not a summary: {answer:?}");
+        };
+        assert!(s.cancelling && s.runs.is_empty(), "counts only");
+        assert_eq!(s.counts.get(&RunStatus::Cancelled), Some(&CANCEL_CHUNK));
+        let t = h.commit().await;
+        assert!(t.dispatched.is_empty(), "nothing starts once cancelling");
+        assert!(
+            t.timers.iter().any(|(_, e)| e.starts_with("CancelPending")),
+            "{:?}",
+            t.timers
+        );
+
+        // The next chunk comes in its own turn.
+        let next = h.next_event().await;
+        assert!(matches!(next, Event::CancelPending { .. }), "{next:?}");
+        let t = h.turn([next]).await;
+        assert!(t.dispatched.is_empty());
+        assert_eq!(count(&h, RunStatus::Cancelled), 2 * CANCEL_CHUNK);
+
+        // A restart before the last chunk: the restored engine goes on cancelling.
+        let t = h.restart().await;
+        assert!(
+            t.dispatched.is_empty(),
+            "a cancelling backfill starts nothing"
+        );
+        // The one running run and nine left: the restore cancelled those nine.
+        assert_eq!(count(&h, RunStatus::Cancelled), 2 * CANCEL_CHUNK + 9);
+        assert_eq!(count(&h, RunStatus::Running), 1);
+        assert!(!h.summary(id).finished, "its running step has not ended");
     }
 }

@@ -59,6 +59,13 @@ pub enum Event {
     Heartbeat(Box<Heartbeat>),
     /// Once a second in fleet mode: find attempts whose worker went silent.
     Tick,
+    /// Cancel the next chunk of a cancelling backfill's runs not started yet.
+    CancelPending {
+        /// The backfill.
+        backfill_id: Uuid,
+        /// Why (audited in each run's end).
+        reason: String,
+    },
     /// End the loop after this turn and leave every run as it is (a coordinator restart, or a
     /// standby taking over, picks them up from the store).
     Stop,
@@ -87,6 +94,7 @@ impl std::fmt::Debug for Event {
             Event::Operator(c, _) => write!(f, "Operator({c:?})"),
             Event::Heartbeat(h) => write!(f, "Heartbeat({})", h.worker_id),
             Event::Tick => write!(f, "Tick"),
+            Event::CancelPending { backfill_id, .. } => write!(f, "CancelPending({backfill_id})"),
             Event::Stop => write!(f, "Stop"),
             Event::Shutdown { reason } => write!(f, "Shutdown({reason})"),
         }

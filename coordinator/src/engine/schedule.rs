@@ -183,6 +183,13 @@ impl Engine {
             }
         }
         for id in self.order.clone() {
+            // A cancel the last session did not finish goes on.
+            if self.backfills[&id].rec.cancelling {
+                self.cancel_pending(
+                    id,
+                    "cancelled by an operator (before the coordinator restarted)".into(),
+                );
+            }
             self.advance_stages(id);
         }
         self.fill();
