@@ -68,6 +68,10 @@ pub(crate) fn duration(secs: u64) -> String {
 
 /// How many runs have passed each step (proceeded from it), in the pipeline's step order.
 pub(crate) fn passed_per_step(s: &Summary) -> Vec<u64> {
+    // The coordinator's count, over every run (a summary may list only some).
+    if s.passed.len() == s.steps.len() && !s.steps.is_empty() {
+        return s.passed.clone();
+    }
     let mut out = vec![0; s.steps.len()];
     // Backfill-level runs have steps of their own.
     for r in s.runs.iter().filter(|r| r.scope.is_partition()) {

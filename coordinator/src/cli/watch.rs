@@ -63,7 +63,9 @@ pub(crate) async fn follow(
     id: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<Summary>> {
-    let path = format!("/v1/backfills/{id}");
+    // While it runs only the runs worth naming (halted, escalated, cancelled) come with the
+    // counts, so a poll stays small at any backfill size; the last answer is the whole summary.
+    let path = format!("/v1/backfills/{id}?runs=failed");
     let bars = std::io::stderr().is_terminal();
     let mut view: Option<View> = None;
     let mut failing_since: Option<Instant> = None;
@@ -111,23 +113,30 @@ pub(crate) async fn follow(
         v.update(&summary);
         if summary.finished {
             v.abandon();
-            return Ok(Some(summary));
+            let whole = client
+                .get::<Summary>(&format!("/v1/backfills/{id}"))
+                .await
+                .unwrap_or(summary);
+            return Ok(Some(whole));
         }
         last = Some(summary);
     }
 }
 
 fn finals(s: &Summary) -> u64 {
-    s.runs.iter().filter(|r| r.state.is_final()).count() as u64
+    s.final_runs() as u64
 }
 
-/// Attempts beyond the first of each step (retries, resumes and operator retries).
+/// Attempts beyond the first of each step (retries, resumes and operator retries): the
+/// coordinator's count, or what the listed runs show when it gives none.
 fn retries(s: &Summary) -> u64 {
-    s.runs
+    let listed: u64 = s
+        .runs
         .iter()
         .flat_map(|r| r.attempts.values())
         .map(|n| u64::from(n.saturating_sub(1)))
-        .sum()
+        .sum();
+    s.retries.max(listed)
 }
 
 /// The coordinator's rate and ETA: `12.0 runs/min, ETA 3m 05s`.
@@ -191,7 +200,7 @@ impl View {
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
         let width = prefix_width(&s.steps);
-        let runs = s.runs.len() as u64;
+        let runs = s.total_runs() as u64;
         let steps = s
             .steps
             .iter()
@@ -288,7 +297,7 @@ fn progress_line(s: &Summary) -> String {
         chrono::Local::now().format("%H:%M:%S"),
         s.backfill_id,
         finals(s),
-        s.runs.len(),
+        s.total_runs(),
         counts.join(", "),
         message(s)
     )
@@ -336,13 +345,17 @@ mod tests {
     }
 
     fn summary(runs: Vec<RunSummary>) -> Summary {
+        let mut counts = BTreeMap::new();
+        for r in &runs {
+            *counts.entry(r.state).or_insert(0) += 1;
+        }
         Summary {
             schema_version: 1,
             backfill_id: Uuid::nil(),
             pipeline: "p".into(),
             steps: vec!["A".into(), "B".into(), "C".into()],
             stage: crate::engine::BackfillStage::Partitions,
-            counts: BTreeMap::new(),
+            counts,
             in_step: BTreeMap::new(),
             steps_executed: 0,
             runs_per_minute: 0.0,
@@ -357,6 +370,8 @@ mod tests {
             audit_head: String::new(),
             warnings: 0,
             llm: Default::default(),
+            passed: Vec::new(),
+            retries: 0,
             runs,
         }
     }

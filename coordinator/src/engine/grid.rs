@@ -283,6 +283,11 @@ mod tests {
         assert_eq!((g.summary.runs.len(), g.matched, g.pages), (100, 250, 3));
         assert_eq!(g.summary.total_runs(), 250);
         assert_eq!(g.summary.counts.get(&RunStatus::Halted), Some(&5));
+        // Past each step, over every run (not only the page's): 245 passed A, none B yet.
+        assert_eq!(
+            (g.summary.passed.clone(), g.summary.retries),
+            (vec![245, 0], 0)
+        );
         let totals: BTreeMap<_, _> = g.totals.iter().map(|(c, n)| (c.name(), *n)).collect();
         assert_eq!(
             (

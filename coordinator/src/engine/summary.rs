@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::grid::Cell;
 use super::{Engine, LlmUsage, RunRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -145,7 +146,14 @@ pub struct Summary {
     /// LLM calls and tokens its decisions used.
     #[serde(default)]
     pub llm: LlmUsage,
-    /// Every run.
+    /// Partition runs past each of `steps` (passed it, the run went on), over every run.
+    #[serde(default)]
+    pub passed: Vec<u64>,
+    /// Attempts beyond the first of each step (retries, resumes, operators' retries), over
+    /// every run.
+    #[serde(default)]
+    pub retries: u64,
+    /// Every run, or those `?runs=` chose.
     pub runs: Vec<RunSummary>,
 }
 
@@ -198,6 +206,8 @@ impl Engine {
         let mut partitions_ended = true;
         let mut warnings = 0usize;
         let mut last_end = None;
+        let mut passed = vec![0u64; b.pipeline.steps().len()];
+        let mut retries = 0u64;
         for id in &b.rec.runs {
             let r = &self.runs[id];
             let state = r.machine.state().status();
@@ -213,6 +223,16 @@ impl Engine {
             partitions_ended &= ended || !r.scope.is_partition();
             warnings += r.warnings.len();
             last_end = last_end.max(r.finished_at);
+            retries += r
+                .attempts_total
+                .iter()
+                .map(|&n| u64::from(n.saturating_sub(1)))
+                .sum::<u64>();
+            if r.scope.is_partition() {
+                for (n, (cell, _)) in passed.iter_mut().zip(super::grid::run_cells(r)) {
+                    *n += u64::from(matches!(cell, Cell::Passed | Cell::Warned));
+                }
+            }
             if keep(r) {
                 runs.push(run_summary(r));
             }
@@ -263,6 +283,8 @@ impl Engine {
             audit_head,
             warnings,
             llm: b.rec.llm,
+            passed,
+            retries,
             runs,
         }
     }
