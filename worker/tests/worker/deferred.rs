@@ -188,9 +188,13 @@ async fn dynamic_artefacts_are_found_checked_and_passed_on() {
     assert_eq!(w.read("run/copy.csv"), "a,b\n");
     assert_eq!(w.read("run/meta-path").trim(), w.at("run/meta.json"));
 
-    // Two matches are ambiguous; none is missing output. Both fail the step's report.
+    // Two matches are ambiguous; none is missing output. Both fail the step's report. (The
+    // step runs again without writing a report of its own: one named after a later second
+    // would make three.)
     std::fs::write(w.root().join("run/out/report-2.csv"), "x").unwrap();
-    let outcome = run_step(&extract, &config(), &CancellationToken::new()).await;
+    let mut again = extract.clone();
+    again.args[1] = r#"echo "{\"meta\": \"meta.json\"}" > "$WARPLINE_ARTEFACTS_FILE""#.into();
+    let outcome = run_step(&again, &config(), &CancellationToken::new()).await;
     assert_eq!(outcome.report.status, ReportStatus::Fail);
     let c = &outcome.report.checks[0];
     assert_eq!(
