@@ -221,12 +221,16 @@ pub fn replay(
         let Some(run_id) = r.run_id else {
             match &r.event {
                 AuditEvent::BackfillEscalated {
-                    reason, signature, ..
+                    reason,
+                    signature,
+                    after_blocked,
+                    ..
                 } => {
                     b.escalated = Some(reason.clone());
-                    // After-steps waiting for partitions that did not complete (the engine's
-                    // `escalate_stage` signature).
-                    b.after_blocked = signature.ends_with(": partitions did not complete");
+                    // After-steps waiting for partitions that did not complete: said by the
+                    // record, or (a log written before it said so) by the engine's signature.
+                    b.after_blocked =
+                        *after_blocked || signature.ends_with(": partitions did not complete");
                 }
                 AuditEvent::BackfillResolution { action, .. } => match action.as_str() {
                     "continue" => {

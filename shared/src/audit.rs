@@ -254,6 +254,10 @@ pub enum AuditEvent {
         runs: Vec<Uuid>,
         /// Why.
         reason: String,
+        /// True when after-steps wait for partitions that did not complete (an operator's
+        /// `continue` then runs them on what completed); omitted when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        after_blocked: bool,
     },
     /// An operator answered a backfill's escalation, or acted on a backfill.
     BackfillResolution {

@@ -396,6 +396,7 @@ impl Engine {
                 signature,
                 runs,
                 reason,
+                after_blocked: false,
             },
         );
     }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use uuid::Uuid;
+use warpline_shared::audit::AuditEvent;
 use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::StepSpec;
 use warpline_shared::machine::RunStatus;
@@ -190,8 +191,14 @@ async fn an_after_step_escalates_the_backfill_when_a_partition_halted_and_contin
     let halted = h.turn([outcome(&loads[1], 127)]).await;
     assert!(halted.dispatched.is_empty());
     assert!(
-        halted.kinds().contains(&"backfill_escalated"),
-        "{:?}",
+        halted.records.iter().any(|r| matches!(
+            r,
+            AuditEvent::BackfillEscalated {
+                after_blocked: true,
+                ..
+            }
+        )),
+        "the escalation says the after-steps are what waits: {:?}",
         halted.kinds()
     );
     let s = h.summary(id);

@@ -179,6 +179,7 @@ impl Engine {
                 signature: signature.to_string(),
                 runs: vec![run_id],
                 reason,
+                after_blocked: after,
             },
         );
     }
