@@ -280,6 +280,11 @@ pub(super) struct Backfill {
     pub(super) views: HashMap<RunScope, Arc<Pipeline>>,
     /// Runs started and not yet final or parked.
     pub(super) active: usize,
+    /// Its backfill-level runs, in order (indexed once, by [`Engine::index_stage_runs`], so
+    /// that a run's end does not look through every run of the backfill for them).
+    ///
+    /// [`Engine::index_stage_runs`]: super::Engine::index_stage_runs
+    pub(super) stage_runs: Vec<Uuid>,
 }
 
 impl Backfill {
@@ -294,6 +299,7 @@ impl Backfill {
             pipeline,
             views,
             active,
+            stage_runs: Vec::new(),
         }
     }
 

@@ -264,6 +264,10 @@ async fn a_partial_after_step_runs_at_once_and_its_failures_are_retried_across_a
     let failed = h.turn([outcome(&e1, 75)]).await;
     assert_eq!(failed.kinds(), ["step_result", "decision", "transition"]);
     let restarted = h.restart().await;
+    // The restored backfill knows its one backfill-level run without looking through all.
+    let stage_runs = &h.engine.backfills[&id].stage_runs;
+    assert_eq!(stage_runs.len(), 1);
+    assert_eq!(h.engine.runs[&stage_runs[0]].scope, RunScope::After);
     let e2 = restarted.dispatched[0].clone();
     assert_eq!((e2.step_id.as_str(), e2.attempt), ("EXPORT", 2));
     assert_eq!(

@@ -33,6 +33,23 @@ impl Engine {
             .is_none_or(|r| r.scope != RunScope::Before || r.machine.state() == RunState::Complete)
     }
 
+    /// Notes which of a backfill's runs are backfill-level ones, once its runs are known.
+    pub(super) fn index_stage_runs(&mut self, bid: Uuid) {
+        let Some(b) = self.backfills.get(&bid) else {
+            return;
+        };
+        let stage_runs = b
+            .rec
+            .runs
+            .iter()
+            .copied()
+            .filter(|id| self.runs.get(id).is_some_and(|r| !r.scope.is_partition()))
+            .collect();
+        if let Some(b) = self.backfills.get_mut(&bid) {
+            b.stage_runs = stage_runs;
+        }
+    }
+
     /// Starts the backfill-level runs whose turn came, and escalates the backfill when one
     /// cannot go on without an operator. Called whenever a run of the backfill ends.
     pub(super) fn advance_stages(&mut self, bid: Uuid) {
@@ -42,14 +59,11 @@ impl Engine {
         if self.stopping || b.rec.cancelling || b.rec.escalated.is_some() {
             return;
         }
-        let stage_runs: Vec<Uuid> = b
-            .rec
-            .runs
-            .iter()
-            .copied()
-            .filter(|id| !self.runs[id].scope.is_partition())
-            .collect();
-        for run_id in stage_runs {
+        // A pipeline without backfill-level steps has nothing to do here, at any size.
+        if b.stage_runs.is_empty() {
+            return;
+        }
+        for run_id in b.stage_runs.clone() {
             let run = &self.runs[&run_id];
             let state = run.machine.state();
             if run.scope == RunScope::Before && state.is_final() && state != RunState::Complete {
