@@ -9,8 +9,12 @@
 //! worker's (`#[tokio::main]`: one thread per CPU), after touching BALLAST_MB (0) of heap so the
 //! process can be given a worker's resident size. MODE is:
 //!
-//! - `steps`: whole steps through [`run_step`] (log files, pipes, validators): what this build
-//!   of the executor costs per step;
+//! - `steps`: whole steps through [`run_step`] (log files, pipes, validators) with no reaper,
+//!   as local mode runs them: each tool gets `PR_SET_PDEATHSIG` from a `pre_exec` hook, so std
+//!   forks this process;
+//! - `steps-reaper`: the same with a [`Reaper`] (this example started again as `reap`), as the
+//!   worker runs them: `posix_spawn`, and one `write(2)` to register each tool's group and one
+//!   to forget it;
 //! - `fork`: the executor's spawn alone (piped stdout/stderr, own process group) with a
 //!   `pre_exec` hook, which makes std `fork` the process;
 //! - `spawn`: the same spawn without the hook, which std does with `posix_spawn` (`clone(CLONE_VM
@@ -28,12 +32,21 @@ use std::time::Instant;
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use warpline_executor::reaper::{self, Reaper};
 use warpline_executor::{ExecConfig, run_step};
 use warpline_shared::contracts::{SCHEMA_VERSION, StepSpec};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = args.first().map(String::as_str).unwrap_or("steps").to_string();
+    let mode = args
+        .first()
+        .map(String::as_str)
+        .unwrap_or("steps")
+        .to_string();
+    if mode == "reap" {
+        reaper::serve(std::io::stdin().lock()).expect("reaper");
+        return;
+    }
     let n: usize = args.get(1).map_or(2000, |a| a.parse().expect("N"));
     let concurrency: usize = args.get(2).map_or(8, |a| a.parse().expect("CONCURRENCY"));
     let ballast_mb: usize = args.get(3).map_or(0, |a| a.parse().expect("BALLAST_MB"));
@@ -46,30 +59,37 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let before = cpu();
     let start = Instant::now();
-    runtime.block_on(run(&mode, n, concurrency, dir.path()));
+    let reaper_ticks = runtime.block_on(run(&mode, n, concurrency, dir.path()));
     let wall = start.elapsed();
     let after = cpu();
     let per = |a: u64, b: u64| (b - a) as f64 * 1000.0 / ticks() / n as f64;
     println!(
         "mode={mode} n={n} concurrency={concurrency} ballast_mb={ballast_mb} rss_kb={} wall_s={:.2} \
-         self_user_ms={:.4} self_sys_ms={:.4} child_user_ms={:.4} child_sys_ms={:.4} total_ms={:.4} (per step)",
+         self_user_ms={:.4} self_sys_ms={:.4} child_user_ms={:.4} child_sys_ms={:.4} reaper_ms={:.4} total_ms={:.4} (per step)",
         rss_kb(),
         wall.as_secs_f64(),
         per(before[0], after[0]),
         per(before[1], after[1]),
         per(before[2], after[2]),
         per(before[3], after[3]),
-        per(before.iter().sum(), after.iter().sum()),
+        per(0, reaper_ticks),
+        per(
+            before.iter().sum(),
+            after.iter().sum::<u64>() + reaper_ticks
+        ),
     );
     drop(ballast);
 }
 
-async fn run(mode: &str, n: usize, concurrency: usize, dir: &Path) {
+/// Runs the steps; returns the reaper's CPU time (utime + stime, in ticks), 0 without one.
+async fn run(mode: &str, n: usize, concurrency: usize, dir: &Path) -> u64 {
     let program = Arc::new(which("true"));
-    let cfg = Arc::new(ExecConfig::new(
-        "bench",
-        [program.display().to_string()],
-    ));
+    let mut cfg = ExecConfig::new("bench", [program.display().to_string()]);
+    if mode == "steps-reaper" {
+        let exe = std::env::current_exe().expect("this example's path");
+        cfg.reaper = Some(Arc::new(Reaper::start(&exe, &["reap"]).expect("reaper")));
+    }
+    let cfg = Arc::new(cfg);
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -79,20 +99,24 @@ async fn run(mode: &str, n: usize, concurrency: usize, dir: &Path) {
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             match mode.as_str() {
-                "steps" => {
+                "steps" | "steps-reaper" => {
                     let outcome =
                         run_step(&spec(&program, &dir, i), &cfg, &CancellationToken::new()).await;
                     assert_eq!(outcome.result.exit_code, 0, "{:?}", outcome.result.error);
                 }
                 "fork" => spawn_true(&program, true).await,
                 "spawn" => spawn_true(&program, false).await,
-                other => panic!("unknown mode `{other}`: steps, fork or spawn"),
+                other => panic!("unknown mode `{other}`: steps, steps-reaper, fork or spawn"),
             }
         }));
     }
     for task in tasks {
         task.await.expect("task");
     }
+    cfg.reaper.as_ref().map_or(0, |r| {
+        let [user, sys, ..] = cpu_of(&format!("/proc/{}/stat", r.pid()));
+        user + sys
+    })
 }
 
 /// The executor's spawn of `program`, with or without its `pre_exec` hook; waits for it and
@@ -161,7 +185,12 @@ fn which(name: &str) -> std::path::PathBuf {
 
 /// utime, stime, cutime, cstime of this process, in clock ticks.
 fn cpu() -> [u64; 4] {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    cpu_of("/proc/self/stat")
+}
+
+/// utime, stime, cutime, cstime from a `/proc/PID/stat` file, in clock ticks.
+fn cpu_of(path: &str) -> [u64; 4] {
+    let stat = std::fs::read_to_string(path).expect(path);
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')').expect("stat") + 2..];
     let f: Vec<u64> = rest

@@ -23,6 +23,7 @@
 
 pub mod allow;
 pub mod deferred;
+pub mod reaper;
 pub mod settings;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -30,7 +31,7 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::Utc;
@@ -50,6 +51,7 @@ use warpline_shared::validate::{self, DB_UNREACHABLE, Logs};
 
 use crate::allow::{AllowEntry, ResolveError, lexical_absolute, resolve_command};
 use crate::deferred::{Prepared, redact};
+use crate::reaper::Reaper;
 
 /// The default bound on [`StepResult::log_tail`]: 64 KiB.
 pub const DEFAULT_TAIL_BYTES: usize = 64 * 1024;
@@ -88,6 +90,11 @@ pub struct ExecConfig {
     pub confine_args: bool,
     /// More directories argument paths may name (`--path-root`), e.g. a shared data mount.
     pub path_roots: Vec<PathBuf>,
+    /// The process that kills this worker's tools if it dies ([`reaper`]): each tool's group
+    /// is registered with it, and tools are spawned with `posix_spawn`. Without one (local
+    /// mode), each tool gets `PR_SET_PDEATHSIG` from a `pre_exec` hook instead, which makes
+    /// std `fork` this process for every tool.
+    pub reaper: Option<Arc<Reaper>>,
 }
 
 impl ExecConfig {
@@ -111,6 +118,7 @@ impl ExecConfig {
             kill_grace: DEFAULT_KILL_GRACE,
             confine_args: true,
             path_roots: Vec::new(),
+            reaper: None,
         }
     }
 }
@@ -206,6 +214,18 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The tool started but its process group could not be registered with the worker's
+    /// reaper, so it was killed: it would not have died with the worker.
+    #[error(
+        "killed `{command}` at once: cannot register its process group with this worker's reaper ({source}); the worker is stopping, restart it"
+    )]
+    Unprotected {
+        /// The command as given.
+        command: String,
+        /// Why the registration failed.
+        #[source]
+        source: io::Error,
+    },
     /// Any other failure to spawn.
     #[error("cannot start `{command}`: {source}")]
     Other {
@@ -224,7 +244,9 @@ impl SpawnError {
         match self {
             SpawnError::NotFound { .. } => 127,
             SpawnError::PermissionDenied { .. } => 126,
-            SpawnError::Prepare { .. } | SpawnError::Other { .. } => -1,
+            SpawnError::Prepare { .. }
+            | SpawnError::Unprotected { .. }
+            | SpawnError::Other { .. } => -1,
         }
     }
 }
@@ -621,8 +643,15 @@ fn executor_check(name: &str, detail: String) -> Check {
 /// worker rather than fail it: its command is not on the allowlist, or is allowed but does not
 /// resolve here. `None` for anything else, including problems every worker would have (an
 /// unresolved secret, a path outside the workdir): [`run_step`] reports those as failures.
-/// Secret values resolved for the check are redacted from the reason.
+/// Secret values resolved for the check are redacted from the reason. A worker whose reaper
+/// exited may run nothing: its tools would not die with it.
 pub fn unrunnable(spec: &StepSpec, cfg: &ExecConfig) -> Option<String> {
+    if cfg.reaper.as_ref().is_some_and(|r| !r.alive()) {
+        return Some(format!(
+            "worker `{}` lost its reaper: its tools would not die with it, so it runs nothing until restarted",
+            cfg.worker_id
+        ));
+    }
     let prepared = deferred::prepare(spec, cfg.secrets_dir.as_deref()).ok()?;
     let reason = match check_allowed(&prepared.spec, cfg, &cfg.allow_entries()) {
         Err(refusal @ SpecRefusal::NotAllowed { .. }) => refusal.to_string(),
@@ -972,21 +1001,28 @@ impl From<ResolveError> for SpawnError {
 }
 
 /// Sends `SIGKILL` to the tool's process group if the attempt is dropped before it ends (the
-/// worker's task was aborted), so no part of the tool outlives its attempt.
-struct GroupGuard {
+/// worker's task was aborted), so no part of the tool outlives its attempt; and, however the
+/// attempt ends, takes the group off the reaper's list.
+struct GroupGuard<'a> {
     pgid: Option<Pid>,
+    /// The reaper the group is registered with.
+    registered: Option<(&'a Reaper, Pid)>,
 }
 
-impl GroupGuard {
+impl GroupGuard<'_> {
     fn disarm(&mut self) {
         self.pgid = None;
     }
 }
 
-impl Drop for GroupGuard {
+impl Drop for GroupGuard<'_> {
     fn drop(&mut self) {
         if let Some(pgid) = self.pgid {
             let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        if let Some((reaper, pgid)) = self.registered {
+            // A reaper that is gone has nothing to forget.
+            let _ = reaper.unregister(pgid);
         }
     }
 }
@@ -1050,15 +1086,19 @@ async fn run_tool(
         .kill_on_drop(true);
     // If this worker dies (SIGKILL, the OOM killer), its tool dies with it: the broker hands
     // the step to another worker, and two copies must never write the same artefacts at once.
-    // The signal follows the spawning thread, which is a runtime worker thread that lives as
-    // long as the worker.
-    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-    // async-signal-safe and touches no memory shared with the parent.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
-                .map_err(io::Error::from)
-        });
+    // With a reaper, the group is registered with it right after the spawn (see below), and
+    // std spawns with `posix_spawn`. Without one, the tool gets a parent-death signal, which
+    // follows the spawning thread (a runtime worker thread that lives as long as the worker);
+    // the hook makes std fork this whole process.
+    if cfg.reaper.is_none() {
+        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+        // async-signal-safe and touches no memory shared with the parent.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
+                    .map_err(io::Error::from)
+            });
+        }
     }
     let mut child = command.spawn().map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => SpawnError::NotFound {
@@ -1081,7 +1121,24 @@ async fn run_tool(
         .map(Pid::from_raw);
     // Declared after `child`, so it is dropped first, while the leader is not yet reaped and the
     // group id still names this tool's group.
-    let mut guard = GroupGuard { pgid };
+    let mut guard = GroupGuard {
+        pgid,
+        registered: None,
+    };
+    if let (Some(reaper), Some(pgid)) = (cfg.reaper.as_deref(), pgid) {
+        // Nothing between the spawn and this write may await: until it is done, a worker
+        // killed now would leave the tool running.
+        match reaper.register(pgid) {
+            Ok(()) => guard.registered = Some((reaper, pgid)),
+            // The guard kills the group: unprotected, it must not run.
+            Err(source) => {
+                return Err(SpawnError::Unprotected {
+                    command: spec.command.clone(),
+                    source,
+                });
+            }
+        }
+    }
     tracing::debug!(program = %program.display(), pid = ?pgid, "tool started");
 
     let stdout_reader = tokio::spawn(copy_stream(

@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -19,6 +20,7 @@ use warpline_shared::contracts::{ReportStatus, StepSpec};
 use crate::consumer::{self, WorkerConfig};
 use warpline_amqp::{Backoff, FleetArgs};
 use warpline_executor::allow::{parse_allowlist as allowlist, tools_dirs};
+use warpline_executor::reaper::Reaper;
 use warpline_executor::settings::{Confinement, PathArgs};
 use warpline_executor::{DEFAULT_TAIL_BYTES, ExecConfig, run_step};
 
@@ -112,6 +114,44 @@ pub enum Command {
     /// Shell completions and man pages.
     #[command(flatten)]
     Dist(warpline_telemetry::dist::DistCommand),
+    /// The reaper a worker starts for itself (internal): kills the process groups the worker
+    /// registers on its standard input once that reaches end of file, i.e. once the worker is
+    /// gone. See `warpline_executor::reaper`.
+    #[command(hide = true)]
+    Reap,
+}
+
+/// The hidden subcommand that runs the reaper ([`Command::Reap`]).
+pub const REAP: &str = "reap";
+
+/// Starts this binary again as the reaper of this process's tools (`warpline-worker reap`).
+pub fn start_reaper() -> anyhow::Result<Arc<Reaper>> {
+    let exe = std::env::current_exe().context("cannot find this worker's own binary")?;
+    let reaper = Reaper::start(&exe, &[REAP])
+        .with_context(|| format!("cannot start the reaper `{} {REAP}`", exe.display()))?;
+    tracing::info!(reaper_pid = reaper.pid(), "reaper started");
+    Ok(Arc::new(reaper))
+}
+
+/// What a worker whose reaper exited says as it stops.
+fn reaper_lost(reaper: &Reaper) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the reaper (pid {}) exited, so tools would no longer die with this worker: stopped; restart the worker",
+        reaper.pid()
+    )
+}
+
+/// A token cancelled by `shutdown` and by the reaper's exit.
+fn until_reaper_lost(shutdown: &CancellationToken, reaper: &Reaper) -> CancellationToken {
+    let stop = shutdown.child_token();
+    let (lost, token) = (reaper.exited(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = lost.cancelled() => token.cancel(),
+            () = token.cancelled() => {}
+        }
+    });
+    stop
 }
 
 /// Arguments of `warpline-worker exec`.
@@ -159,6 +199,12 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
             )?;
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Reap) => {
+            // `main` runs the reaper before building a runtime; this is for a caller of `run`.
+            warpline_executor::reaper::serve(std::io::stdin().lock())
+                .context("the reaper cannot read its standard input")?;
+            Ok(ExitCode::SUCCESS)
+        }
         None => fleet(cli.consume, shutdown).await,
     }
 }
@@ -168,7 +214,12 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
 pub async fn fleet(args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let signing_key = warpline_amqp::signing_key();
     let metrics_addr = args.metrics;
-    let cfg = fleet_config(args, signing_key)?;
+    let mut cfg = fleet_config(args, signing_key)?;
+    let reaper = start_reaper()?;
+    cfg.exec.reaper = Some(reaper.clone());
+    // A worker whose reaper exited stops as on SIGTERM (steps it is handed meanwhile are handed
+    // back: `unrunnable`), then exits with an error so that it is restarted.
+    let shutdown = until_reaper_lost(&shutdown, &reaper);
     // The metrics stay up while the worker drains, and stop once it has.
     let metrics_stop = CancellationToken::new();
     let server = match metrics_addr {
@@ -190,6 +241,9 @@ pub async fn fleet(args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Re
         let _ = task.await;
     }
     ended?;
+    if !reaper.alive() {
+        return Err(reaper_lost(&reaper));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -235,6 +289,7 @@ pub fn fleet_config(
             kill_grace: secs("kill-grace-s", args.kill_grace_s)?,
             confine_args: true,
             path_roots: Vec::new(),
+            reaper: None,
         },
         backoff: Backoff::default(),
     };
@@ -282,13 +337,20 @@ pub async fn exec(args: ExecArgs, shutdown: CancellationToken) -> anyhow::Result
         kill_grace,
         confine_args: true,
         path_roots: Vec::new(),
+        reaper: None,
     };
     args.paths.apply(&mut cfg, Confinement::ByDefault)?;
-    let outcome = run_step(&spec, &cfg, &shutdown).await;
+    let reaper = start_reaper()?;
+    cfg.reaper = Some(reaper.clone());
+    let outcome = run_step(&spec, &cfg, &until_reaper_lost(&shutdown, &reaper)).await;
     println!(
         "{}",
         serde_json::to_string_pretty(&outcome).context("cannot serialise the outcome")?
     );
+    if !reaper.alive() {
+        // The step was cancelled (its tool killed) when the reaper went, or it ended anyway.
+        return Err(reaper_lost(&reaper));
+    }
     Ok(
         if outcome.result.succeeded() && outcome.report.status == ReportStatus::Pass {
             ExitCode::SUCCESS

@@ -1,17 +1,36 @@
 //! `warpline-worker`: parses the command line, installs logging and tracing, and hands over to
 //! [`warpline_worker::cli::run`] with a shutdown token that SIGINT and SIGTERM cancel; flushes
-//! the spans still buffered before exiting.
+//! the spans still buffered before exiting. `warpline-worker reap`, the reaper a worker starts
+//! for itself, runs before any of that: one thread, no runtime.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use warpline_amqp::shutdown;
-use warpline_worker::cli::{self, Cli};
+use warpline_worker::cli::{self, Cli, Command};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Reap)) {
+        return match warpline_executor::reaper::serve(std::io::stdin().lock()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: the reaper cannot read its standard input: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(worker(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn worker(cli: Cli) -> ExitCode {
     let telemetry = match warpline_telemetry::init("warpline-worker", cli.log.log_format, "info") {
         Ok(t) => t,
         Err(e) => {

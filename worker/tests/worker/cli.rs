@@ -89,6 +89,83 @@ fn a_worker_killed_with_sigkill_takes_its_tool_with_it() {
 }
 
 #[test]
+fn a_worker_killed_with_sigkill_takes_its_tools_whole_group_with_it() {
+    let w = Workdir::new();
+    // A background child stays in the tool's process group; no death signal ever reached it.
+    let script = "sleep 300 & echo $! > child.pid; echo $$ > tool.pid; wait";
+    let spec = write_spec(&w, &w.sh(script, 120));
+    let mut worker = Command::new(BIN)
+        .args(["exec", &spec])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tool = read_pid(&w.root().join("run/tool.pid"), Duration::from_secs(20));
+    let child = read_pid(&w.root().join("run/child.pid"), Duration::from_secs(20));
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    for pid in [tool, child] {
+        assert!(
+            wait_gone(pid, Duration::from_secs(5)),
+            "{pid} outlived its SIGKILLed worker"
+        );
+    }
+}
+
+#[test]
+fn exec_stops_and_kills_its_tool_when_its_reaper_dies() {
+    let w = Workdir::new();
+    let spec = write_spec(&w, &w.sh("echo $$ > tool.pid; exec sleep 300", 120));
+    let worker = Command::new(BIN)
+        .args(["exec", &spec, "--kill-grace-s", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tool = read_pid(&w.root().join("run/tool.pid"), Duration::from_secs(20));
+    // The tool runs, so the reaper started before it.
+    let reaper = reaper_of(worker.id()).expect("the worker has a reaper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(reaper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = worker.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the reaper (pid") && stderr.contains("restart the worker"),
+        "{stderr}"
+    );
+    let outcome: StepOutcome = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        outcome.result.error.as_deref(),
+        Some("cancelled: worker shutting down")
+    );
+    assert!(
+        wait_gone(tool, Duration::from_secs(1)),
+        "tool {tool} survived"
+    );
+}
+
+/// The child of `pid` running `warpline-worker reap`.
+fn reaper_of(pid: u32) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .find(|child| {
+            std::fs::read(format!("/proc/{child}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|b| *b == 0).any(|arg| arg == b"reap"))
+        })
+}
+
+#[test]
 fn sigterm_cancels_exec_cleanly() {
     let w = Workdir::new();
     let spec = write_spec(&w, &w.sh("echo $$ > tool.pid; sleep 300", 120));

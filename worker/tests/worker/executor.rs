@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use warpline_executor::{CANCELLED_ERROR, EXECUTOR_CHECK_KIND, run_step};
+use warpline_executor::reaper::Reaper;
+use warpline_executor::{CANCELLED_ERROR, EXECUTOR_CHECK_KIND, run_step, unrunnable};
 use warpline_shared::contracts::{
     CheckSpec, LogStream, ReportStatus, Severity, StepSpec, Validation,
 };
@@ -750,4 +752,29 @@ async fn sql_checks_run_their_query_and_never_report_the_url() {
     assert_eq!(outcome.report.status, ReportStatus::Fail);
     let json = serde_json::to_string(&outcome).unwrap();
     assert!(!json.contains("127.0.0.1:5432"), "the URL leaked: {json}");
+}
+
+#[tokio::test]
+async fn without_its_reaper_a_worker_runs_nothing() {
+    // `true` as the reaper: it exits at once, as a reaper the OOM killer took would.
+    let reaper = Arc::new(Reaper::start(Path::new("true"), &[]).unwrap());
+    reaper.exited().cancelled().await;
+    assert!(!reaper.alive());
+    let w = Workdir::new();
+    let mut cfg = config();
+    cfg.reaper = Some(reaper);
+    let spec = w.sh("echo $$ > tool.pid; exec sleep 300", 30);
+
+    // A worker hands the step back...
+    let reason = unrunnable(&spec, &cfg).expect("handed back");
+    assert!(reason.contains("lost its reaper"), "{reason}");
+    // ...and a step run anyway fails without leaving its tool running.
+    let outcome = run_step(&spec, &cfg, &CancellationToken::new()).await;
+    let error = outcome.result.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("cannot register its process group with this worker's reaper"),
+        "{error}"
+    );
+    assert_eq!(outcome.result.exit_code, -1);
+    assert_eq!(outcome.report.status, ReportStatus::Fail);
 }

@@ -76,6 +76,7 @@ pub fn config() -> ExecConfig {
         kill_grace: Duration::from_secs(1),
         confine_args: true,
         path_roots: Vec::new(),
+        reaper: None,
     }
 }
 
