@@ -1,7 +1,7 @@
 //! Fleet mode against a real RabbitMQ at 127.0.0.1:5672: the topology [`amqp::declare_topology`]
 //! creates, and the `warpline-worker` binary consuming StepSpecs, dead-lettering what it
-//! refuses, honouring its slots, draining on SIGTERM and reconnecting after its connection is
-//! closed under it.
+//! refuses, honouring its slots, draining on SIGTERM, stopping when its reaper dies and
+//! reconnecting after its connection is closed under it.
 //!
 //! Every test declares its own topology under a unique prefix (`t.<pid>.<n>.`) and deletes it
 //! when it ends, even when it fails. A broker that cannot be reached fails the test with how to
@@ -25,7 +25,7 @@ use warpline_shared::fleet::{
     DEAD_REASON_HEADER, Heartbeat, SIGNATURE_HEADER, Topology, sign, verify_signature,
 };
 
-use crate::support::{Workdir, read_pid, wait_gone};
+use crate::support::{Workdir, read_pid, reaper_of, wait_gone};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warpline-worker");
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -707,6 +707,45 @@ async fn sigterm_past_the_drain_cancels_and_requeues_the_step() {
     let back: StepSpec = serde_json::from_slice(&body).unwrap();
     assert_eq!(back.attempt_id, spec.attempt_id);
     assert!(worker.logs().contains("requeueing"), "{}", worker.logs());
+}
+
+#[tokio::test]
+async fn a_worker_whose_reaper_dies_stops_requeues_and_exits_2() {
+    let broker = Broker::new().await;
+    let w = Workdir::new();
+    let spec = w.sh("echo $$ > tool.pid; sleep 300", 600);
+    broker.publish_spec(&spec, None).await;
+    let mut worker = Worker::start(
+        &broker,
+        &["--allow", "sh", "--drain-s", "1", "--kill-grace-s", "1"],
+        &[],
+    );
+    let tool = read_pid(
+        &wait_file(&w, "run/tool.pid", &worker).await,
+        Duration::from_secs(5),
+    );
+    let reaper = reaper_of(worker.pid() as u32).expect("the worker has a reaper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(reaper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(worker.wait_exit(LONG).await, Some(2), "{}", worker.logs());
+    assert!(
+        worker.logs().contains("restart the worker"),
+        "{}",
+        worker.logs()
+    );
+    assert!(
+        wait_gone(tool, Duration::from_secs(2)),
+        "tool {tool} survived"
+    );
+    // Requeued, for a worker that can promise its tools die with it.
+    let Some((body, _)) = broker.get(&broker.topology.steps_queue(POOL), LONG).await else {
+        panic!("the spec was not requeued\n{}", worker.logs());
+    };
+    let back: StepSpec = serde_json::from_slice(&body).unwrap();
+    assert_eq!(back.attempt_id, spec.attempt_id);
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! The `warpline-worker` binary: `exec` prints the outcome as JSON, exits by the outcome, and
-//! turns SIGTERM into a clean cancellation; fleet mode (the default) refuses to start without an
+//! turns SIGTERM into a clean cancellation; a SIGKILLed worker's tool groups die with it (its
+//! reaper), and a worker whose reaper died kills its tool and exits 2; fleet mode (the default) refuses to start without an
 //! allowlist and waits out an unreachable broker. Fleet mode with a broker is in `amqp.rs`.
 
 use std::process::{Command, Stdio};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use warpline_shared::contracts::{ReportStatus, StepOutcome};
 
-use crate::support::{Workdir, read_pid, wait_gone};
+use crate::support::{Workdir, read_pid, reaper_of, wait_gone};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warpline-worker");
 
@@ -146,23 +147,6 @@ fn exec_stops_and_kills_its_tool_when_its_reaper_dies() {
         wait_gone(tool, Duration::from_secs(1)),
         "tool {tool} survived"
     );
-}
-
-/// The child of `pid` running `warpline-worker reap`.
-fn reaper_of(pid: u32) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .find(|child| {
-            std::fs::read(format!("/proc/{child}/cmdline"))
-                .is_ok_and(|cmd| cmd.split(|b| *b == 0).any(|arg| arg == b"reap"))
-        })
 }
 
 #[test]
