@@ -14,6 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::BufReader;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,10 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use uuid::Uuid;
 use warpline_shared::audit::{self, AuditEvent, AuditRecord, GENESIS};
+
+/// Bytes of staged lines whose buffer is kept for the next turn; a larger one is released
+/// after its commit.
+const STAGED_KEPT: usize = 1 << 20;
 
 /// An open, append-only audit log.
 pub struct AuditLog {
@@ -32,8 +37,8 @@ pub struct AuditLog {
     seq: u64,
     /// The last written line's hash.
     head: String,
-    /// Records staged in this turn, already sealed.
-    staged: Vec<u8>,
+    /// Records staged in this turn, already sealed: their lines, each with its newline.
+    staged: String,
     staged_seq: u64,
     staged_head: String,
 }
@@ -88,7 +93,7 @@ impl AuditLog {
             staged_seq: seq,
             staged_head: head.clone(),
             head,
-            staged: Vec::new(),
+            staged: String::new(),
         })
     }
 
@@ -117,14 +122,15 @@ impl AuditLog {
         self.stage_line(backfill_id, run_id, event).0
     }
 
-    /// Like [`AuditLog::stage`], and also returns the sealed line (without its newline), so a
-    /// store that keeps the line elsewhere need not seal the record again.
+    /// Like [`AuditLog::stage`], and also returns where the sealed line (without its newline)
+    /// is among the staged ones ([`AuditLog::staged_line`]), so a store that writes the line
+    /// elsewhere too needs neither to seal the record again nor to keep a copy of the line.
     pub fn stage_line(
         &mut self,
         backfill_id: Option<Uuid>,
         run_id: Option<Uuid>,
         event: AuditEvent,
-    ) -> (AuditRecord, String) {
+    ) -> (AuditRecord, Range<usize>) {
         self.staged_seq += 1;
         let record = AuditRecord {
             seq: self.staged_seq,
@@ -135,10 +141,16 @@ impl AuditLog {
             event,
         };
         let (line, hash) = audit::seal(&record);
-        self.staged.extend_from_slice(line.as_bytes());
-        self.staged.push(b'\n');
+        let at = self.staged.len()..self.staged.len() + line.len();
+        self.staged.push_str(&line);
+        self.staged.push('\n');
         self.staged_head = hash;
-        (record, line)
+        (record, at)
+    }
+
+    /// A line staged in this turn, by the place [`AuditLog::stage_line`] returned.
+    pub fn staged_line(&self, at: Range<usize>) -> &str {
+        &self.staged[at]
     }
 
     /// Writes and syncs the staged records, right after the lines written before them. Call
@@ -148,11 +160,16 @@ impl AuditLog {
             return Ok(());
         }
         self.file
-            .write_all_at(&self.staged, self.end)
+            .write_all_at(self.staged.as_bytes(), self.end)
             .and_then(|_| self.file.sync_data())
             .with_context(|| format!("cannot write the audit log `{}`", self.path.display()))?;
         self.end += self.staged.len() as u64;
         self.staged.clear();
+        // A large turn's lines (a 100,000-partition submit's are ~40 MB) are not kept for the
+        // small turns after it.
+        if self.staged.capacity() > STAGED_KEPT {
+            self.staged = String::new();
+        }
         self.seq = self.staged_seq;
         self.head = self.staged_head.clone();
         Ok(())
@@ -184,8 +201,8 @@ impl AuditLog {
                     self.head
                 );
             }
-            self.staged.extend_from_slice(line.as_bytes());
-            self.staged.push(b'\n');
+            self.staged.push_str(line);
+            self.staged.push('\n');
             self.seq = rec.seq;
             self.head = hash;
             added += 1;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 use warpline_coordinator::engine::{
-    BackfillRequest, Engine, EngineConfig, Event, Observer, Store, SubmitKey, Transport,
+    BackfillRequest, Engine, EngineConfig, Event, Observer, Staged, Store, SubmitKey, Transport,
 };
 use warpline_coordinator::fleet::pg::{self, Fenced, LeaderLock, PgStore};
 use warpline_coordinator::progress::Quiet;
@@ -156,6 +156,147 @@ async fn turns_commit_and_recover() {
     drop_schema(&pool, &schema).await;
 }
 
+/// An engine over a fresh store in `schema` that has accepted a backfill of `months` (one step)
+/// starting `max_parallel` runs, not yet committed; with the channel its loop reads and the
+/// StepSpecs it dispatches.
+async fn large_submit(
+    pool: &deadpool_postgres::Pool,
+    dir: &std::path::Path,
+    months: &str,
+    max_parallel: usize,
+) -> (
+    Engine,
+    mpsc::UnboundedSender<Event>,
+    mpsc::UnboundedReceiver<Event>,
+    mpsc::UnboundedReceiver<StepSpec>,
+) {
+    let cfg = dir.join("p.json");
+    std::fs::write(
+        &cfg,
+        r#"{"name": "t", "steps": [{"id": "A", "command": "true"}]}"#,
+    )
+    .unwrap();
+    let store = PgStore::open(pool.clone(), &dir.join("audit.jsonl"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (sent_tx, sent_rx) = mpsc::unbounded_channel();
+    let mut engine = Engine::new(
+        EngineConfig {
+            exit_when_idle: false,
+            retention: None,
+        },
+        Arc::new(RulesAgent),
+        Box::new(store),
+        Box::new(Capture(sent_tx)),
+        Box::new(Quiet),
+        tx.clone(),
+    );
+    engine.submit(BackfillRequest {
+        id: Uuid::now_v7(),
+        pipeline: Arc::new(Pipeline::load(&cfg).unwrap()),
+        partitions: partition::expand(Some(months), None).unwrap(),
+        max_parallel,
+        priority: 0,
+        request: None,
+        reprocess: Default::default(),
+    });
+    (engine, tx, rx, sent_rx)
+}
+
+async fn count(c: &deadpool_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A turn with more rows than one statement takes (a large submit: 4,500 runs, their audit
+/// lines and 2,100 StepSpecs, several statements per table) commits all of them, and a
+/// restarted store recovers the whole backfill from them.
+#[tokio::test]
+async fn a_turn_of_many_statements_commits_and_recovers_whole() {
+    let schema = format!("pgmany_{}", std::process::id());
+    let pool = pool(&schema).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, tx, mut rx, mut sent) =
+        large_submit(&pool, dir.path(), "2000-01..2374-12", 2100).await;
+    let loop_ = tokio::spawn(async move { engine.run(&mut rx).await.map(|_| ()) });
+    // Dispatched only after the submit's turn committed.
+    sent.recv().await.unwrap();
+    tx.send(Event::Stop).unwrap();
+    loop_.await.unwrap().unwrap();
+
+    let c = pool.get().await.unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM runs").await, 4500);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM runs WHERE state <> 'INIT'").await,
+        2100
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM outbox").await, 2100);
+    assert_eq!(count(&c, "SELECT count(*) FROM attempts").await, 2100);
+    // 1 backfill_created, 4,500 run_created, 2,100 transitions and as many dispatches.
+    let events = count(&c, "SELECT count(*) FROM audit_events").await;
+    assert_eq!(events, 1 + 4500 + 2 * 2100);
+    let audit = dir.path().join("audit.jsonl");
+    let verified = warpline_shared::audit::verify(std::io::BufReader::new(
+        std::fs::File::open(&audit).unwrap(),
+    ))
+    .expect("the audit file verifies");
+    assert_eq!(verified.lines as i64, events);
+    let db_head: String = c
+        .query_one(
+            "SELECT line FROM audit_events ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (_, db_hash) = warpline_shared::audit::parse_line(&db_head).unwrap();
+    assert_eq!(
+        db_hash, verified.head,
+        "the file and the database end on the same line"
+    );
+
+    let store = PgStore::open(pool.clone(), &audit).await.unwrap();
+    let rec = store.recover().await.unwrap();
+    assert_eq!(rec.backfills.len(), 1);
+    assert_eq!(rec.runs.len(), 4500);
+    assert_eq!(rec.unsent.len(), 2100, "nothing was marked sent");
+    drop(store);
+    drop_schema(&pool, &schema).await;
+}
+
+/// A large turn is one transaction: when a statement after the first ones fails (here its
+/// audit lines collide with a row already there), nothing of the turn is left, neither the
+/// runs and audit lines of the statements that had succeeded nor the backfill, and the audit
+/// file gets none of its lines.
+#[tokio::test]
+async fn a_large_turn_that_fails_leaves_nothing() {
+    let schema = format!("pgfail_{}", std::process::id());
+    let pool = pool(&schema).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _tx, mut rx, _sent) =
+        large_submit(&pool, dir.path(), "2000-01..2374-12", 10).await;
+    let c = pool.get().await.unwrap();
+    // Line 4,400 falls in the turn's third statement of audit lines.
+    c.execute(
+        "INSERT INTO audit_events (seq, ts, event, line) VALUES (4400, now(), 'x', 'x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = engine.run(&mut rx).await.err().expect("the turn fails");
+    assert!(format!("{err:#}").contains("audit events"), "{err:#}");
+    assert_eq!(count(&c, "SELECT count(*) FROM audit_events").await, 1);
+    assert_eq!(count(&c, "SELECT count(*) FROM backfills").await, 0);
+    assert_eq!(count(&c, "SELECT count(*) FROM runs").await, 0);
+    assert_eq!(count(&c, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap(),
+        "",
+        "the audit file holds no line of a turn that did not commit"
+    );
+    drop_schema(&pool, &schema).await;
+}
+
 /// Fencing: once another coordinator took the lead, a deposed leader's next turn is refused by
 /// PostgreSQL (its epoch is stale) and leaves nothing behind; the new leader commits on.
 #[tokio::test]
@@ -175,7 +316,7 @@ async fn a_deposed_leader_cannot_commit_a_turn() {
         reason: why.into(),
     };
     a.record(None, None, note("while leading"));
-    a.commit().await.unwrap();
+    a.commit(Staged::default()).await.unwrap();
 
     // A is deposed as after a pause past its lock: its lock's backend goes away.
     let c = pool.get().await.unwrap();
@@ -198,7 +339,7 @@ async fn a_deposed_leader_cannot_commit_a_turn() {
     );
 
     a.record(None, None, note("after being deposed"));
-    let err = a.commit().await.unwrap_err();
+    let err = a.commit(Staged::default()).await.unwrap_err();
     assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
     let events: i64 = c
         .query_one("SELECT count(*) FROM audit_events", &[])
@@ -212,7 +353,7 @@ async fn a_deposed_leader_cannot_commit_a_turn() {
         .unwrap()
         .fenced(b_lock.epoch);
     b.record(None, None, note("the new leader"));
-    b.commit().await.unwrap();
+    b.commit(Staged::default()).await.unwrap();
     drop((a, b, b_lock));
     drop_schema(&pool, &schema).await;
 }
@@ -294,10 +435,10 @@ async fn a_deposed_leaders_late_file_write_leaves_the_shared_audit_file_intact()
         .unwrap()
         .fenced(a_lock.epoch);
     a.record(None, None, note("a, mirrored"));
-    a.commit().await.unwrap();
+    a.commit(Staged::default()).await.unwrap();
     // A's next turn reaches the database; A is stopped before it writes the file.
     a.record(None, None, note("a, committed, then paused"));
-    a.commit_database().await.unwrap();
+    a.commit_database(&Staged::default()).await.unwrap();
 
     let c = pool.get().await.unwrap();
     c.execute(
@@ -316,7 +457,7 @@ async fn a_deposed_leaders_late_file_write_leaves_the_shared_audit_file_intact()
         .unwrap()
         .fenced(b_lock.epoch);
     b.record(None, None, note("b, the new leader"));
-    b.commit().await.unwrap();
+    b.commit(Staged::default()).await.unwrap();
     let before = std::fs::read_to_string(&audit_path).unwrap();
     assert_eq!(before.lines().count(), 3, "{before}");
 
@@ -328,11 +469,11 @@ async fn a_deposed_leaders_late_file_write_leaves_the_shared_audit_file_intact()
         "the deposed leader's late write changed the file"
     );
     a.record(None, None, note("a, deposed"));
-    let err = a.commit().await.unwrap_err();
+    let err = a.commit(Staged::default()).await.unwrap_err();
     assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
 
     b.record(None, None, note("b, again"));
-    b.commit().await.unwrap();
+    b.commit(Staged::default()).await.unwrap();
     let text = std::fs::read_to_string(&audit_path).unwrap();
     let v =
         warpline_shared::audit::verify(text.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{text}"));

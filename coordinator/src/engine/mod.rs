@@ -36,7 +36,7 @@ pub use operator::{
     WorkerInfo,
 };
 pub use outcome::bound_tail;
-pub use ports::{Ack, Event, Observer, Store, StoreFuture, Transport};
+pub use ports::{Ack, Event, Observer, Staged, Store, StoreFuture, Transport};
 pub use records::{
     BackfillRecord, BackfillRequest, EngineConfig, LlmUsage, PipelineSource, RunRecord,
     SubmitConflict, SubmitKey, SubmitRefused, Submitted,
@@ -289,22 +289,22 @@ impl Engine {
 
     /// Commits the turn, shows it, then acts on it.
     async fn end_turn(&mut self) -> anyhow::Result<()> {
-        for id in self.dirty_backfills.drain() {
-            if let Some(b) = self.backfills.get(&id) {
-                self.store.stage_backfill(&b.rec);
-            }
-        }
-        for id in self.dirty_runs.drain() {
-            if let Some(r) = self.runs.get(&id) {
-                self.store.stage_run(r);
-            }
-        }
-        for e in &self.effects {
-            if let Effect::Dispatch(spec) = e {
-                self.store.stage_dispatch(spec);
-            }
-        }
-        self.store.commit().await?;
+        // Lent, not copied: nothing changes them until the commit returns.
+        let staged = Staged {
+            backfills: (self.dirty_backfills.drain())
+                .filter_map(|id| self.backfills.get(&id).map(|b| &b.rec))
+                .collect(),
+            runs: (self.dirty_runs.drain())
+                .filter_map(|id| self.runs.get(&id))
+                .collect(),
+            dispatched: (self.effects.iter())
+                .filter_map(|e| match e {
+                    Effect::Dispatch(spec) => Some(&**spec),
+                    _ => None,
+                })
+                .collect(),
+        };
+        self.store.commit(staged).await?;
         for rec in self.turn.drain(..) {
             self.observer.on_record(&rec);
         }

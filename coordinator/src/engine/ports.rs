@@ -108,6 +108,19 @@ pub trait Transport: Send {
     fn dispatch(&mut self, spec: StepSpec) -> anyhow::Result<()>;
 }
 
+/// What a turn changed besides its audit records, lent to [`Store::commit`] by the engine:
+/// the store writes the engine's own records rather than copies of them, so a turn that
+/// changes every run of a large backfill (its submit) does not hold each run twice.
+#[derive(Default)]
+pub struct Staged<'a> {
+    /// Runs whose state changed, each once. Local mode keeps runs in memory only.
+    pub runs: Vec<&'a RunRecord>,
+    /// Backfills whose record changed, each once.
+    pub backfills: Vec<&'a BackfillRecord>,
+    /// StepSpecs this turn dispatches (fleet mode's outbox).
+    pub dispatched: Vec<&'a StepSpec>,
+}
+
 /// Durable state of the coordinator. The JSONL audit log is always part of it; fleet mode adds
 /// PostgreSQL (runs, backfills and the outbox of StepSpecs).
 pub trait Store: Send {
@@ -118,20 +131,14 @@ pub trait Store: Send {
         run_id: Option<Uuid>,
         event: AuditEvent,
     ) -> AuditRecord;
-    /// Stages a run's new state. Local mode keeps runs in memory only, so the default does
-    /// nothing.
-    fn stage_run(&mut self, _run: &RunRecord) {}
-    /// Stages a backfill's new state (default: memory only).
-    fn stage_backfill(&mut self, _backfill: &BackfillRecord) {}
-    /// Stages a StepSpec that this turn dispatches (the outbox; default: memory only).
-    fn stage_dispatch(&mut self, _spec: &StepSpec) {}
     /// Stages the deletion of a finished backfill the engine has forgotten (retention): once
     /// the turn commits, the store deletes its rows, in batches and off the loop. Its audit
     /// lines stay in the JSONL file. Local mode's file is its only store, so the default
     /// deletes nothing.
     fn stage_prune(&mut self, _backfill_id: Uuid) {}
-    /// Makes the turn durable. Called before any of its effects is acted on.
-    fn commit(&mut self) -> StoreFuture<'_>;
+    /// Makes the turn durable: its audit records and what `staged` holds. Called before any
+    /// of its effects is acted on.
+    fn commit<'a>(&'a mut self, staged: Staged<'a>) -> StoreFuture<'a>;
     /// Where the audit log lives and its head hash, for summaries.
     fn audit_location(&self) -> (String, String);
 }
@@ -150,7 +157,8 @@ impl Store for crate::audit_log::AuditLog {
         self.stage(backfill_id, run_id, event)
     }
 
-    fn commit(&mut self) -> StoreFuture<'_> {
+    /// Local mode keeps runs and backfills in memory: only the audit records are written.
+    fn commit<'a>(&'a mut self, _staged: Staged<'a>) -> StoreFuture<'a> {
         Box::pin(async move { crate::audit_log::AuditLog::commit(self) })
     }
 

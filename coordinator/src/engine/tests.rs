@@ -946,7 +946,7 @@ impl Store for Gated {
         self.log.stage(backfill_id, run_id, event)
     }
 
-    fn commit(&mut self) -> crate::engine::StoreFuture<'_> {
+    fn commit<'a>(&'a mut self, _: crate::engine::Staged<'a>) -> crate::engine::StoreFuture<'a> {
         Box::pin(async move {
             self.open.acquire().await?.forget();
             self.log.commit()

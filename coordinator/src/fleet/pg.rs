@@ -3,9 +3,11 @@
 //! Each event-loop turn becomes one transaction: the audit records (sealed lines, verbatim),
 //! every changed run and backfill, the attempts, decisions and escalations they imply, and the
 //! outbox rows of the StepSpecs the turn dispatches. Its statements (one per table, arrays
-//! through `unnest`) are prepared once per connection and pipelined, so a turn costs about
-//! one round trip and its commit; JSON columns are serialised straight from the records,
-//! without an intermediate `serde_json::Value`. Only after it commits does the JSONL audit
+//! through `unnest`; a table with many rows in one turn gets one per [`ROWS_PER_STATEMENT`])
+//! are prepared once per connection and pipelined, so a turn costs about one round trip and
+//! its commit; JSON columns are serialised straight from the engine's records, which it
+//! lends for the commit ([`Staged`]), without a copy or an intermediate `serde_json::Value`,
+//! and the audit lines are the audit log's staged ones. Only after it commits does the JSONL audit
 //! file get the same lines, and only then does the engine act (the transactional outbox). A
 //! crash between the two writes is repaired at the next start, which appends the lines the file
 //! lacks from the database; so the file never holds a line the database does not, and nothing
@@ -22,7 +24,6 @@
 //! All tables live in one schema (`--database-schema`, default `warpline`), so that tests and
 //! separate fleets can share a server. Migrations are embedded and versioned.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::StreamExt;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
@@ -38,7 +40,7 @@ use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::{StepOutcome, StepSpec};
 
 use crate::audit_log::AuditLog;
-use crate::engine::{BackfillRecord, RunRecord, Store, StoreFuture};
+use crate::engine::{BackfillRecord, RunRecord, Staged, Store, StoreFuture};
 
 /// The embedded migrations, applied in order, each once.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -453,10 +455,10 @@ pub struct Recovered {
 pub struct PgStore {
     pool: Pool,
     audit: AuditLog,
-    records: Vec<(AuditRecord, String)>,
-    runs: HashMap<Uuid, RunRecord>,
-    backfills: HashMap<Uuid, BackfillRecord>,
-    outbox: Vec<StepSpec>,
+    /// This turn's audit records, as the `audit_events` rows they become.
+    records: Vec<StagedLine>,
+    /// This turn's audit records that imply rows in other tables ([`Derived`]), in order.
+    derived: Vec<AuditRecord>,
     /// Backfills the engine forgot in this turn (retention), pruned once it commits.
     prune: Vec<Uuid>,
     /// Deletes pruned backfills' rows; started at the first.
@@ -761,9 +763,7 @@ impl PgStore {
             pool,
             audit,
             records: Vec::new(),
-            runs: HashMap::new(),
-            backfills: HashMap::new(),
-            outbox: Vec::new(),
+            derived: Vec::new(),
             prune: Vec::new(),
             pruner: None,
             epoch: None,
@@ -814,10 +814,11 @@ impl PgStore {
     }
 
     /// The first of a turn's two writes ([`Store::commit`] makes both): the transaction that
-    /// holds the turn, refused with [`Fenced`] once another coordinator leads. Separate so that
-    /// a test can put a pause between the two, as a SIGSTOP may.
-    pub async fn commit_database(&mut self) -> anyhow::Result<()> {
-        self.write().await?;
+    /// holds the turn's audit records and `staged`, refused with [`Fenced`] once another
+    /// coordinator leads. Separate so that a test can put a pause between the two, as a
+    /// SIGSTOP may.
+    pub async fn commit_database(&mut self, staged: &Staged<'_>) -> anyhow::Result<()> {
+        self.write(staged).await?;
         // The turn that forgot these backfills is durable: nothing will stage their rows
         // again, so they can go.
         for id in std::mem::take(&mut self.prune) {
@@ -842,40 +843,43 @@ impl PgStore {
         self.pool.clone()
     }
 
-    async fn write(&mut self) -> anyhow::Result<()> {
+    async fn write(&mut self, staged: &Staged<'_>) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         check_epoch(&tx, self.epoch).await?;
         let mut turn = Statements::default();
 
-        let mut seqs = Vec::new();
-        let mut tss: Vec<DateTime<Utc>> = Vec::new();
-        let mut bids: Vec<Option<Uuid>> = Vec::new();
-        let mut rids: Vec<Option<Uuid>> = Vec::new();
-        let mut names: Vec<&str> = Vec::new();
-        let mut lines: Vec<&str> = Vec::new();
-        for (rec, line) in &self.records {
-            seqs.push(rec.seq as i64);
+        let n = self.records.len();
+        let mut seqs = Vec::with_capacity(n);
+        let mut tss: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+        let mut bids: Vec<Option<Uuid>> = Vec::with_capacity(n);
+        let mut rids: Vec<Option<Uuid>> = Vec::with_capacity(n);
+        let mut names: Vec<&str> = Vec::with_capacity(n);
+        let mut lines: Vec<&str> = Vec::with_capacity(n);
+        for rec in &self.records {
+            seqs.push(rec.seq);
             tss.push(rec.ts);
             bids.push(rec.backfill_id);
             rids.push(rec.run_id);
-            names.push(rec.event.name());
-            lines.push(line);
+            names.push(rec.event);
+            lines.push(self.audit.staged_line(rec.line.clone()));
         }
-        if !self.records.is_empty() {
+        let (seqs, tss, bids) = (rows(&seqs), rows(&tss), rows(&bids));
+        let (rids, names, lines) = (rows(&rids), rows(&names), rows(&lines));
+        for i in 0..seqs.len() {
             turn.push(
                 "audit events",
                 "INSERT INTO audit_events (seq, ts, backfill_id, run_id, event, line)
                  SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])",
-                vec![&seqs, &tss, &bids, &rids, &names, &lines],
+                vec![&seqs[i], &tss[i], &bids[i], &rids[i], &names[i], &lines[i]],
             );
         }
-        let derived = Derived::of(&self.records)?;
+        let derived = Derived::of(&self.derived)?;
         derived.push_to(&mut turn);
 
         // Backfills before runs: a run references its backfill.
         let backfills: Vec<(&BackfillRecord, Json<&BackfillRecord>)> =
-            self.backfills.values().map(|b| (b, Json(b))).collect();
+            staged.backfills.iter().map(|b| (*b, Json(*b))).collect();
         for (b, json) in &backfills {
             turn.push(
                 "a backfill",
@@ -890,20 +894,22 @@ impl PgStore {
         let mut keys = Vec::new();
         let mut states = Vec::new();
         let mut recs = Vec::new();
-        for r in self.runs.values() {
+        for r in &staged.runs {
             run_ids.push(r.id);
             run_bids.push(r.backfill_id);
             keys.push(r.scope.key(&r.partition));
             states.push(r.machine.state_name());
             recs.push(Json(r));
         }
-        if !self.runs.is_empty() {
+        let (run_ids, run_bids, keys) = (rows(&run_ids), rows(&run_bids), rows(&keys));
+        let (states, recs) = (rows(&states), rows(&recs));
+        for i in 0..run_ids.len() {
             turn.push(
                 "runs",
                 "INSERT INTO runs (id, backfill_id, partition_key, state, record)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[])
                  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, record = EXCLUDED.record, updated_at = now()",
-                vec![&run_ids, &run_bids, &keys, &states, &recs],
+                vec![&run_ids[i], &run_bids[i], &keys[i], &states[i], &recs[i]],
             );
         }
 
@@ -911,40 +917,73 @@ impl PgStore {
         let mut out_rids = Vec::new();
         let mut pools = Vec::new();
         let mut specs = Vec::new();
-        for s in &self.outbox {
+        for s in &staged.dispatched {
             out_ids.push(s.attempt_id);
             out_rids.push(s.run_id);
             pools.push(s.pool.as_str());
             specs.push(Json(s));
         }
-        if !self.outbox.is_empty() {
+        let (out_ids, out_rids) = (rows(&out_ids), rows(&out_rids));
+        let (pools, specs) = (rows(&pools), rows(&specs));
+        for i in 0..out_ids.len() {
             turn.push(
                 "the outbox",
                 "INSERT INTO outbox (attempt_id, run_id, pool, spec)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])",
-                vec![&out_ids, &out_rids, &pools, &specs],
+                vec![&out_ids[i], &out_rids[i], &pools[i], &specs[i]],
             );
         }
 
         turn.run(&tx).await?;
         tx.commit().await.context("cannot commit the turn")?;
         self.records.clear();
-        self.runs.clear();
-        self.backfills.clear();
-        self.outbox.clear();
+        self.derived.clear();
+        // A large turn's staging (a 100,000-partition submit's) is not kept for the small
+        // turns after it.
+        if self.records.capacity() > 16_384 {
+            self.records = Vec::new();
+            self.derived = Vec::new();
+        }
         Ok(())
     }
+}
+
+/// A staged audit record as its `audit_events` row: the line itself stays among the audit
+/// log's staged lines (which the mirror writes after the commit), so it is not held twice.
+struct StagedLine {
+    seq: i64,
+    ts: DateTime<Utc>,
+    backfill_id: Option<Uuid>,
+    run_id: Option<Uuid>,
+    event: &'static str,
+    line: std::ops::Range<usize>,
 }
 
 /// A statement's parameters.
 type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
 
+/// Most rows of a table one statement stores. A turn that stores more (a 100,000-partition
+/// submit: its runs and their audit lines) takes several statements of this many rows, so
+/// that the encoded statements in memory at once (see [`IN_FLIGHT`]) are a few MB, not the
+/// whole turn's hundreds. They are all in the turn's one transaction.
+const ROWS_PER_STATEMENT: usize = 2_000;
+
+/// Statements of a turn sent before the first of them is answered: a usual turn's handful go
+/// in one round trip; a large turn's are encoded a few at a time, as earlier ones finish.
+const IN_FLIGHT: usize = 8;
+
+/// A column cut into one slice per statement ([`ROWS_PER_STATEMENT`] rows each).
+fn rows<T>(column: &[T]) -> Vec<&[T]> {
+    column.chunks(ROWS_PER_STATEMENT).collect()
+}
+
 /// The statements of one turn, in the order they must run.
 ///
-/// They are sent together: tokio-postgres pipelines the requests of futures polled at once,
+/// They are pipelined: tokio-postgres sends the request of a future when it is first polled,
 /// and PostgreSQL runs a connection's requests one after another in the order received, so a
-/// turn costs about one round trip (plus its commit) instead of one per statement. Each
-/// statement is prepared once per connection (`prepare_cached`) rather than at every call.
+/// turn costs about one round trip (plus its commit) instead of one per statement. At most
+/// [`IN_FLIGHT`] are outstanding at once, started in order. Each statement is prepared once
+/// per connection (`prepare_cached`) rather than at every call.
 #[derive(Default)]
 struct Statements<'a> {
     list: Vec<(&'static str, &'static str, Params<'a>)>,
@@ -967,7 +1006,7 @@ impl<'a> Statements<'a> {
                 .with_context(|| format!("cannot prepare the statement storing {what}"))?;
             prepared.push(st);
         }
-        let executes = self
+        let executes: Vec<_> = self
             .list
             .iter()
             .zip(&prepared)
@@ -975,8 +1014,14 @@ impl<'a> Statements<'a> {
                 tx.execute(st, params)
                     .await
                     .with_context(|| format!("cannot store {what}"))
-            });
-        futures_util::future::try_join_all(executes).await?;
+            })
+            .collect();
+        // `buffered` polls each future first in the order given, so the requests go out in
+        // that order.
+        let mut done = futures_util::stream::iter(executes).buffered(IN_FLIGHT);
+        while let Some(stored) = done.next().await {
+            stored?;
+        }
         Ok(())
     }
 }
@@ -1000,9 +1045,21 @@ enum Escalation<'a> {
 }
 
 impl<'a> Derived<'a> {
-    fn of(records: &'a [(AuditRecord, String)]) -> anyhow::Result<Derived<'a>> {
+    /// True for the records [`Derived::of`] makes rows of.
+    fn derives(event: &AuditEvent) -> bool {
+        matches!(
+            event,
+            AuditEvent::StepDispatched { .. }
+                | AuditEvent::StepResult { .. }
+                | AuditEvent::Decision { .. }
+                | AuditEvent::Escalated { .. }
+                | AuditEvent::OperatorResolution { .. }
+        )
+    }
+
+    fn of(records: &'a [AuditRecord]) -> anyhow::Result<Derived<'a>> {
         let mut d = Derived::default();
-        for (rec, _) in records {
+        for rec in records {
             match &rec.event {
                 AuditEvent::StepDispatched {
                     step_id,
@@ -1155,29 +1212,29 @@ impl Store for PgStore {
         event: AuditEvent,
     ) -> AuditRecord {
         let (rec, line) = self.audit.stage_line(backfill_id, run_id, event);
-        self.records.push((rec.clone(), line));
+        self.records.push(StagedLine {
+            seq: rec.seq as i64,
+            ts: rec.ts,
+            backfill_id,
+            run_id,
+            event: rec.event.name(),
+            line,
+        });
+        if Derived::derives(&rec.event) {
+            self.derived.push(rec.clone());
+        }
         rec
-    }
-
-    fn stage_run(&mut self, run: &RunRecord) {
-        self.runs.insert(run.id, run.clone());
-    }
-
-    fn stage_backfill(&mut self, backfill: &BackfillRecord) {
-        self.backfills.insert(backfill.id, backfill.clone());
-    }
-
-    fn stage_dispatch(&mut self, spec: &StepSpec) {
-        self.outbox.push(spec.clone());
     }
 
     fn stage_prune(&mut self, backfill_id: Uuid) {
         self.prune.push(backfill_id);
     }
 
-    fn commit(&mut self) -> StoreFuture<'_> {
+    fn commit<'a>(&'a mut self, staged: Staged<'a>) -> StoreFuture<'a> {
         Box::pin(async move {
-            self.commit_database().await?;
+            self.commit_database(&staged).await?;
+            // The engine's records are lent only until here; the mirror needs the lines alone.
+            drop(staged);
             self.commit_mirror()
         })
     }
