@@ -365,7 +365,7 @@ pub fn replay(
                 }
                 let mut last: StepOutcome = outcome.clone();
                 last.result.attempt = a.attempt;
-                run.last = Some(last);
+                run.last = Some(Box::new(last));
                 run.dispatched_at = None;
                 run.hand_backs.clear();
             }

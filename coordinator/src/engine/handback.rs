@@ -127,7 +127,7 @@ impl Engine {
                 self.record_run(run_id, AuditEvent::StepResult { outcome: audited });
                 self.release(run_id, a.step);
                 let run = self.runs.get_mut(&run_id).expect("run exists");
-                run.last = Some(outcome);
+                run.last = Some(Box::new(outcome));
                 let reply = AgentReply::new(
                     HAND_BACK_AGENT,
                     SupervisorDecision::new(Action::Escalate, why),

@@ -66,6 +66,8 @@ use crate::supervisor::Agent;
 
 /// Most events handled in one turn before committing.
 pub const MAX_TURN: usize = 512;
+/// Records (and changed runs) a turn's buffers keep room for after its commit.
+const KEPT_ROOM: usize = 4 * MAX_TURN;
 /// Bytes of a result's log tail kept in the audit log.
 pub const AUDIT_TAIL_BYTES: usize = 4096;
 
@@ -308,6 +310,10 @@ impl Engine {
         for rec in self.turn.drain(..) {
             self.observer.on_record(&rec);
         }
+        // A large turn's room (a 100,000-partition submit's records, ~50 MB) is not kept for
+        // the usual turns of at most MAX_TURN events.
+        self.turn.shrink_to(KEPT_ROOM);
+        self.dirty_runs.shrink_to(KEPT_ROOM);
         for effect in std::mem::take(&mut self.effects) {
             match effect {
                 Effect::Dispatch(spec) => self.transport.dispatch(*spec)?,

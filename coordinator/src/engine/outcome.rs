@@ -243,7 +243,7 @@ impl Engine {
             result: outcome.result.clone(),
             report: outcome.report.clone(),
         };
-        run.last = Some(outcome);
+        run.last = Some(Box::new(outcome));
         self.dirty_runs.insert(run_id);
         if let Some(reply) = self.agent.decide_now(&input) {
             // No I/O needed (the rules, the fast path): decided in this turn, so the result,

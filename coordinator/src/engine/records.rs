@@ -95,8 +95,10 @@ pub struct RunRecord {
     pub history: Vec<AttemptSummary>,
     /// Attempts per step over the run's whole life (not reset by a resume).
     pub attempts_total: Vec<u32>,
-    /// The outcome awaiting a decision.
-    pub last: Option<StepOutcome>,
+    /// The outcome awaiting a decision. Boxed: most runs have none, and a run is held in
+    /// memory for every partition of every backfill (an outcome inline would be ~420 of the
+    /// run's ~900 bytes).
+    pub last: Option<Box<StepOutcome>>,
     /// Why the run stopped or waits for an operator, when it does.
     pub reason: Option<String>,
     /// Failed `warn` checks of its accepted attempts (`STEP: name (detail)`), oldest first.

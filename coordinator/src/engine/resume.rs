@@ -91,7 +91,7 @@ impl Engine {
                 );
             } else if run.machine.deciding().is_some() {
                 if let Some(outcome) = run.last.clone() {
-                    self.ask(run_id, outcome);
+                    self.ask(run_id, *outcome);
                 }
             } else {
                 self.begin(run_id, 0);

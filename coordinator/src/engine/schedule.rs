@@ -75,8 +75,14 @@ impl Engine {
         };
         let backfill = Backfill::new(rec, req.pipeline.clone(), 0);
         let mut rec = backfill.rec.clone();
-        // The partitions' runs, and the backfill-level runs before and after them.
-        for (scope, p) in req.pipeline.plan(&req.partitions) {
+        // The partitions' runs, and the backfill-level runs before and after them. Room for
+        // all of them at once: growing a map of 100,000 runs step by step holds the old table
+        // beside the new one at each step, and the turn's records likewise.
+        let plan = req.pipeline.plan(&req.partitions);
+        self.runs.reserve(plan.len());
+        self.turn
+            .reserve(plan.len() + 2 * req.max_parallel.min(plan.len()));
+        for (scope, p) in plan {
             let run_id = Uuid::now_v7();
             self.runs.insert(
                 run_id,
@@ -178,7 +184,7 @@ impl Engine {
                 });
             } else if run.machine.deciding().is_some() {
                 if let Some(outcome) = run.last.clone() {
-                    self.ask(run_id, outcome);
+                    self.ask(run_id, *outcome);
                 }
             } else {
                 self.begin(run_id, 0);
