@@ -67,64 +67,89 @@ impl Cell {
     }
 }
 
-/// A run's cells, one per step, each with its attempts so far: from its status, the step it is
-/// at or stopped at (none when complete or not started), its attempts per step, and whether a
+/// How many of a run's first steps it passed (the run went past them): from its status, the
+/// step it is at or stopped at (none when complete or not started) and its attempts per step.
+/// The one derivation behind the grid's passed cells and the summary's `passed`.
+pub fn steps_passed(status: RunStatus, at: Option<usize>, attempts: &[u32]) -> usize {
+    match (status, at) {
+        (RunStatus::Complete, _) => attempts.len(),
+        (RunStatus::Init, _) => 0,
+        // A cancelled run names no step: the steps before the last one it tried passed.
+        (RunStatus::Cancelled, _) => attempts.iter().rposition(|&n| n > 0).unwrap_or(0),
+        (_, Some(k)) => k,
+        (_, None) => 0,
+    }
+}
+
+/// A run's cells, one per step, each with its attempts so far, into `out` (cleared first):
+/// from its status, the step it is at or stopped at, its attempts per step, and whether a
 /// step passed with failed `warn` checks.
+pub fn cells_into(
+    status: RunStatus,
+    at: Option<usize>,
+    attempts: &[u32],
+    warned: impl Fn(usize) -> bool,
+    out: &mut Vec<(Cell, u32)>,
+) {
+    let passed = steps_passed(status, at, attempts);
+    out.clear();
+    out.extend(attempts.iter().enumerate().map(|(i, &n)| {
+        let cell = if i < passed {
+            if warned(i) {
+                Cell::Warned
+            } else {
+                Cell::Passed
+            }
+        } else {
+            match status {
+                RunStatus::Init => Cell::Pending,
+                RunStatus::Cancelled => Cell::Cancelled,
+                _ if at != Some(i) => Cell::Pending,
+                RunStatus::Halted => Cell::Halted,
+                RunStatus::Escalated => Cell::Escalated,
+                _ if n > 1 => Cell::Retrying,
+                _ => Cell::Running,
+            }
+        };
+        (cell, n)
+    }));
+}
+
+/// [`cells_into`] a new vector.
 pub fn cells(
     status: RunStatus,
     at: Option<usize>,
     attempts: &[u32],
     warned: impl Fn(usize) -> bool,
 ) -> Vec<(Cell, u32)> {
-    let last_tried = attempts.iter().rposition(|&n| n > 0);
-    attempts
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let cell = match (status, at) {
-                (RunStatus::Complete, _) => Cell::Passed,
-                (RunStatus::Init, _) => Cell::Pending,
-                (RunStatus::Cancelled, _) => match last_tried {
-                    Some(l) if i < l => Cell::Passed,
-                    _ => Cell::Cancelled,
-                },
-                (state, Some(k)) => {
-                    if i < k {
-                        Cell::Passed
-                    } else if i > k {
-                        Cell::Pending
-                    } else {
-                        match state {
-                            RunStatus::Halted => Cell::Halted,
-                            RunStatus::Escalated => Cell::Escalated,
-                            _ if n > 1 => Cell::Retrying,
-                            _ => Cell::Running,
-                        }
-                    }
-                }
-                (_, None) => Cell::Pending,
-            };
-            let cell = if cell == Cell::Passed && warned(i) {
-                Cell::Warned
-            } else {
-                cell
-            };
-            (cell, n)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(attempts.len());
+    cells_into(status, at, attempts, warned, &mut out);
+    out
 }
 
-/// A run's cells over its own steps.
-pub fn run_cells(r: &RunRecord) -> Vec<(Cell, u32)> {
-    let state = r.machine.state();
-    let at = match state {
+/// The step a run is at or stopped at, as the cells read it (none when complete or not started).
+fn at_step(r: &RunRecord) -> Option<usize> {
+    match r.machine.state() {
         RunState::Complete | RunState::Init => None,
         s => s.step(),
-    };
+    }
+}
+
+/// How many of its first steps a run passed ([`steps_passed`]).
+pub fn run_passed(r: &RunRecord) -> usize {
+    steps_passed(r.machine.state().status(), at_step(r), &r.attempts_total)
+}
+
+/// A run's cells over its own steps, into `out`.
+pub fn run_cells_into(r: &RunRecord, out: &mut Vec<(Cell, u32)>) {
     let steps = r.machine.steps();
-    cells(state.status(), at, &r.attempts_total, |i| {
-        warned(&r.warnings, &steps[i].id)
-    })
+    cells_into(
+        r.machine.state().status(),
+        at_step(r),
+        &r.attempts_total,
+        |i| warned(&r.warnings, &steps[i].id),
+        out,
+    );
 }
 
 /// A summarised run's cells over `steps` (the summary's, or a backfill-level run's own), by
@@ -196,6 +221,8 @@ impl Engine {
         let mut datasets: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
         let first = f.page.saturating_mul(PAGE_SIZE);
+        // One buffer for every run's cells: the page is cut from all of them.
+        let mut cs = Vec::new();
         for run_id in &b.rec.runs {
             let r = &self.runs[run_id];
             if let Some(d) = &r.partition.dataset
@@ -212,7 +239,7 @@ impl Engine {
             {
                 continue;
             }
-            let cs = run_cells(r);
+            run_cells_into(r, &mut cs);
             for (c, _) in &cs {
                 totals[*c as usize] += 1;
             }
