@@ -1064,12 +1064,35 @@ fn runs_query(q: Result<Query<RunsQuery>, QueryRejection>) -> Result<RunsShown, 
 }
 
 #[utoipa::path(get, path = "/v1/backfills", tag = "backfills", params(("runs" = Option<RunsShown>, Query, description = "which runs each summary lists: `all` (the default), `failed` (halted, escalated, cancelled) or `none` (counts only)")), responses((status = 200, body = [Summary]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn list(State(st): State<AppState>, q: Result<Query<RunsQuery>, QueryRejection>) -> Answer {
+async fn list(
+    State(st): State<AppState>,
+    q: Result<Query<RunsQuery>, QueryRejection>,
+) -> Result<Json<Vec<Summary>>, ApiError> {
     let cmd = OperatorCommand::Status {
         backfill_id: None,
         runs: runs_query(q)?,
     };
-    st.engine.command(cmd).await.map(Json)
+    // Serialised straight from the engine's answer: a `serde_json::Value` of every run's
+    // summary would be several times the size of its JSON.
+    match st.engine.ask(cmd).await? {
+        OperatorAnswer::Summaries(all) => Ok(Json(all)),
+        other => Err(unexpected_answer(&other)),
+    }
+}
+
+/// `GET /v1/backfills/{id}`'s answer: the summary and, in fleet mode, the fleet beside it.
+#[derive(Serialize)]
+struct StatusBody {
+    #[serde(flatten)]
+    summary: Box<Summary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<FleetView>,
+}
+
+fn unexpected_answer(answer: &OperatorAnswer) -> ApiError {
+    ApiError::Unavailable(format!(
+        "the engine's answer does not match the API: {answer:?}"
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/backfills/{id}", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill"), ("runs" = Option<RunsShown>, Query, description = "which runs the summary lists: `all` (the default), `failed` (halted, escalated, cancelled) or `none` (counts only: the same size at any backfill size)")), responses((status = 200, body = Summary), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -1077,24 +1100,22 @@ async fn status(
     State(st): State<AppState>,
     UrlPath(id): UrlPath<String>,
     q: Result<Query<RunsQuery>, QueryRejection>,
-) -> Answer {
+) -> Result<Json<StatusBody>, ApiError> {
     let backfill_id = Some(parse_id("backfill", &id)?);
     let cmd = OperatorCommand::Status {
         backfill_id,
         runs: runs_query(q)?,
     };
-    let mut summary = st.engine.command(cmd).await?;
+    let summary = match st.engine.ask(cmd).await? {
+        OperatorAnswer::Summary(s) => s,
+        other => return Err(unexpected_answer(&other)),
+    };
     // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it.
-    if st.policy.queues.is_some()
-        && let Some(obj) = summary.as_object_mut()
-    {
-        let view = fleet_view(&st).await?;
-        obj.insert(
-            "fleet".into(),
-            serde_json::to_value(view).expect("a fleet view serialises"),
-        );
-    }
-    Ok(Json(summary))
+    let fleet = match st.policy.queues {
+        Some(_) => Some(fleet_view(&st).await?),
+        None => None,
+    };
+    Ok(Json(StatusBody { summary, fleet }))
 }
 
 #[utoipa::path(post, path = "/v1/backfills/{id}/cancel", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, description = "cancelling: nothing new starts, running steps finish", body = Summary), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
