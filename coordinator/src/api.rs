@@ -801,15 +801,7 @@ fn sample_specs(
     backfill: &BackfillRequest,
 ) -> Result<Vec<warpline_shared::contracts::StepSpec>, Vec<String>> {
     let pipeline = &backfill.pipeline;
-    let views: std::collections::BTreeMap<_, _> = [
-        RunScope::Partition,
-        RunScope::Before,
-        RunScope::AfterDataset,
-        RunScope::After,
-    ]
-    .into_iter()
-    .map(|s| (s, pipeline.view(s)))
-    .collect();
+    let views = crate::cli::preflight::Views::of(pipeline);
     let mut taken: std::collections::BTreeMap<RunScope, usize> = Default::default();
     let mut specs = Vec::new();
     let mut problems: Vec<String> = Vec::new();
@@ -820,7 +812,7 @@ fn sample_specs(
         if *n > CHECKED_PARTITIONS {
             continue;
         }
-        let view = &views[&scope];
+        let view = views.get(scope);
         for i in 0..view.steps().len() {
             match view.render_step(i, &p, Uuid::nil(), 1, Uuid::nil()) {
                 Ok(spec) => specs.push(spec),
@@ -1089,7 +1081,8 @@ struct StatusBody {
     fleet: Option<FleetView>,
 }
 
-fn unexpected_answer(answer: &OperatorAnswer) -> ApiError {
+/// The error for an engine answer of another kind than the command's (a bug, said as such).
+pub(crate) fn unexpected_answer(answer: &OperatorAnswer) -> ApiError {
     ApiError::Unavailable(format!(
         "the engine's answer does not match the API: {answer:?}"
     ))

@@ -8,7 +8,7 @@ mod agent;
 mod audit;
 mod client;
 mod ops;
-mod preflight;
+pub(crate) mod preflight;
 mod report;
 mod run;
 pub mod serve;

@@ -3,11 +3,6 @@
 
 pub use crate::engine::grid::{Cell, Filter, GridPage, PAGE_SIZE, summary_cells};
 
-/// Parses a state name from a query.
-pub fn parse_cell(s: &str) -> Option<Cell> {
-    Cell::parse(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +103,6 @@ mod tests {
             names(summary_cells(&warned, &s)),
             [("passed", 1), ("passed-warn", 1), ("passed", 1)]
         );
-        assert_eq!(parse_cell("passed-warn"), Some(Cell::Warned));
+        assert_eq!(Cell::parse("passed-warn"), Some(Cell::Warned));
     }
 }

@@ -204,7 +204,7 @@ async fn summaries(st: &UiState) -> Result<Vec<Summary>, ApiError> {
     };
     match st.engine.ask(cmd).await? {
         OperatorAnswer::Summaries(all) => Ok(all),
-        other => Err(unexpected(&other)),
+        other => Err(crate::api::unexpected_answer(&other)),
     }
 }
 
@@ -216,12 +216,8 @@ async fn grid_page(st: &UiState, id: Uuid, filter: Filter) -> Result<GridPage, A
     };
     match st.engine.ask(cmd).await? {
         OperatorAnswer::Grid(g) => Ok(*g),
-        other => Err(unexpected(&other)),
+        other => Err(crate::api::unexpected_answer(&other)),
     }
-}
-
-fn unexpected(answer: &OperatorAnswer) -> ApiError {
-    ApiError::Unavailable(format!("the engine answered something else: {answer:?}"))
 }
 
 async fn escalation_list(st: &UiState) -> Result<Vec<Escalation>, ApiError> {
@@ -249,7 +245,7 @@ fn filter(q: &HashMap<String, String>) -> Filter {
             .filter(|v| !v.is_empty())
     };
     Filter {
-        state: nonempty("state").and_then(|s| grid::parse_cell(&s)),
+        state: nonempty("state").and_then(|s| grid::Cell::parse(&s)),
         dataset: nonempty("dataset"),
         search: nonempty("q"),
         page: q.get("page").and_then(|p| p.parse().ok()).unwrap_or(0),
