@@ -2,13 +2,13 @@
 //! the runs' records in the loop and cut to one page there ([`Engine::grid`]), so the dashboard
 //! never receives, nor the loop builds, a summary of every run to show a hundred of them.
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::machine::{RunState, RunStatus};
 
-use super::summary::{RunSummary, Summary};
+use warpline_shared::stage::RunScope;
+
+use super::summary::{RunSummary, Summary, run_summary};
 use super::{Engine, RunRecord};
 
 /// The state of one step of one run.
@@ -93,26 +93,36 @@ pub fn cells_into(
 ) {
     let passed = steps_passed(status, at, attempts);
     out.clear();
-    out.extend(attempts.iter().enumerate().map(|(i, &n)| {
-        let cell = if i < passed {
-            if warned(i) {
-                Cell::Warned
-            } else {
-                Cell::Passed
-            }
-        } else {
-            match status {
-                RunStatus::Init => Cell::Pending,
-                RunStatus::Cancelled => Cell::Cancelled,
-                _ if at != Some(i) => Cell::Pending,
-                RunStatus::Halted => Cell::Halted,
-                RunStatus::Escalated => Cell::Escalated,
-                _ if n > 1 => Cell::Retrying,
-                _ => Cell::Running,
-            }
-        };
-        (cell, n)
-    }));
+    out.extend(
+        (attempts.iter().enumerate())
+            .map(|(i, &n)| (cell_at(i, n, passed, status, at, || warned(i)), n)),
+    );
+}
+
+/// Step `i`'s cell, with `n` attempts so far, of a run that passed its first `passed` steps and
+/// is at or stopped at step `at`; `warned` tells (asked only of a passed step) whether it
+/// passed with failed `warn` checks.
+pub(super) fn cell_at(
+    i: usize,
+    n: u32,
+    passed: usize,
+    status: RunStatus,
+    at: Option<usize>,
+    warned: impl FnOnce() -> bool,
+) -> Cell {
+    if i < passed {
+        if warned() { Cell::Warned } else { Cell::Passed }
+    } else {
+        match status {
+            RunStatus::Init => Cell::Pending,
+            RunStatus::Cancelled => Cell::Cancelled,
+            _ if at != Some(i) => Cell::Pending,
+            RunStatus::Halted => Cell::Halted,
+            RunStatus::Escalated => Cell::Escalated,
+            _ if n > 1 => Cell::Retrying,
+            _ => Cell::Running,
+        }
+    }
 }
 
 /// [`cells_into`] a new vector.
@@ -169,7 +179,7 @@ pub fn summary_cells(run: &RunSummary, steps: &[String]) -> Vec<(Cell, u32)> {
 }
 
 /// True when a run's warnings (kept as `STEP: check (detail)`) name `step`.
-fn warned(warnings: &[String], step: &str) -> bool {
+pub(super) fn warned(warnings: &[String], step: &str) -> bool {
     warnings.iter().any(|w| {
         w.strip_prefix(step)
             .is_some_and(|rest| rest.starts_with(": "))
@@ -212,58 +222,76 @@ pub struct GridPage {
 }
 
 impl Engine {
-    /// One page of backfill `id`'s grid (the backfill must exist).
-    pub fn grid(&self, id: Uuid, f: &Filter) -> GridPage {
+    /// One page of backfill `id`'s grid (the backfill must exist). The totals and the
+    /// datasets come from the backfill's tally and index, and an unfiltered page is cut without
+    /// looking at the runs before it or after it: only a filter by state, dataset or partition
+    /// text looks at every run.
+    pub fn grid(&mut self, id: Uuid, f: &Filter) -> GridPage {
         let b = &self.backfills[&id];
-        let mut totals = [0usize; Cell::ALL.len()];
-        let mut matched = 0;
-        let mut page = HashSet::new();
-        let mut datasets: Vec<String> = Vec::new();
-        let mut seen = HashSet::new();
         let first = f.page.saturating_mul(PAGE_SIZE);
-        // One buffer for every run's cells: the page is cut from all of them.
-        let mut cs = Vec::new();
-        for run_id in &b.rec.runs {
-            let r = &self.runs[run_id];
-            if let Some(d) = &r.partition.dataset
-                && seen.insert(d.as_str())
-            {
-                datasets.push(d.clone());
-            }
-            // Backfill-level runs have steps of their own: the page shows them apart.
-            if !r.scope.is_partition() {
-                continue;
-            }
-            if let Some(want) = f.run
-                && r.id != want
-            {
-                continue;
-            }
-            run_cells_into(r, &mut cs);
-            for (c, _) in &cs {
-                totals[*c as usize] += 1;
-            }
-            if let Some(d) = &f.dataset
-                && r.partition.dataset.as_deref() != Some(d.as_str())
-            {
-                continue;
-            }
-            if let Some(q) = &f.search
-                && !r.partition.key().contains(q.as_str())
-            {
-                continue;
-            }
-            if let Some(want) = f.state
-                && !cs.iter().any(|(c, _)| *c == want)
-            {
-                continue;
-            }
-            if matched >= first && matched < first.saturating_add(PAGE_SIZE) {
-                page.insert(*run_id);
-            }
-            matched += 1;
-        }
-        let summary = self.summary_where(id, |r| page.contains(&r.id) || !r.scope.is_partition());
+        let on_page =
+            |matched: usize| matched >= first && matched < first.saturating_add(PAGE_SIZE);
+        let mut rows = Vec::new();
+        let matched =
+            if f.state.is_none() && f.dataset.is_none() && f.search.is_none() && f.run.is_none() {
+                // Every partition run matches.
+                let partitions = (b.rec.runs.iter()).filter(|r| !b.stage_runs.contains(r));
+                rows.extend(partitions.skip(first).take(PAGE_SIZE).copied());
+                b.rec.runs.len() - b.stage_runs.len()
+            } else {
+                let one = f.run.map(|want| [want]);
+                let candidates: &[Uuid] = match &one {
+                    Some(one) => one,
+                    None => &b.rec.runs,
+                };
+                let mut matched = 0;
+                // One buffer for every run's cells.
+                let mut cs = Vec::new();
+                for run_id in candidates {
+                    // Backfill-level runs have steps of their own: the page shows them apart.
+                    let Some(r) = (self.runs.get(run_id))
+                        .filter(|r| r.backfill_id == id && r.scope.is_partition())
+                    else {
+                        continue;
+                    };
+                    if let Some(d) = &f.dataset
+                        && r.partition.dataset.as_deref() != Some(d.as_str())
+                    {
+                        continue;
+                    }
+                    if let Some(q) = &f.search
+                        && !r.partition.key().contains(q.as_str())
+                    {
+                        continue;
+                    }
+                    if let Some(want) = f.state {
+                        run_cells_into(r, &mut cs);
+                        if !cs.iter().any(|(c, _)| *c == want) {
+                            continue;
+                        }
+                    }
+                    if on_page(matched) {
+                        rows.push(*run_id);
+                    }
+                    matched += 1;
+                }
+                matched
+            };
+        // The page's rows and the backfill-level runs, in the backfill's order: the before-run
+        // first, the after-runs last (see `Pipeline::plan`).
+        let stage = |before: bool| {
+            (b.stage_runs.iter())
+                .map(|id| &self.runs[id])
+                .filter(move |r| (r.scope == RunScope::Before) == before)
+        };
+        let runs = (stage(true))
+            .chain(rows.iter().map(|id| &self.runs[id]))
+            .chain(stage(false))
+            .map(run_summary)
+            .collect();
+        let datasets = b.datasets.clone();
+        let summary = self.summary_listing(id, runs);
+        let totals = self.backfills[&id].tally.cells();
         GridPage {
             summary,
             matched,
@@ -338,7 +366,7 @@ mod tests {
             .collect();
         assert_eq!(rows, [["halted", "pending"], ["passed", "running"]]);
 
-        let page = |f: Filter| h.engine.grid(id, &f);
+        let mut page = |f: Filter| h.engine.grid(id, &f);
         let last = page(Filter {
             page: 2,
             ..Filter::default()

@@ -28,6 +28,7 @@ mod schedule;
 mod stage_tests;
 mod stages;
 mod summary;
+mod tally;
 #[cfg(test)]
 mod tests;
 
@@ -291,6 +292,7 @@ impl Engine {
 
     /// Commits the turn, shows it, then acts on it.
     async fn end_turn(&mut self) -> anyhow::Result<()> {
+        self.tally_changed();
         // Lent, not copied: nothing changes them until the commit returns.
         let staged = Staged {
             backfills: (self.dirty_backfills.drain())

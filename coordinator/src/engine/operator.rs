@@ -348,7 +348,7 @@ impl Engine {
                 }
                 // Counts only: the answer stays small at any backfill size.
                 Ok(OperatorAnswer::Summary(Box::new(
-                    self.summary_where(backfill_id, |_| false),
+                    self.summary_where(backfill_id, super::RunsShown::None),
                 )))
             }
             OperatorCommand::RetryFailed {
@@ -442,7 +442,7 @@ impl Engine {
                     return Err(OperatorError::UnknownBackfill(id));
                 }
                 Ok(OperatorAnswer::Summary(Box::new(
-                    self.summary_where(id, |r| runs.keeps(r)),
+                    self.summary_where(id, runs),
                 )))
             }
             OperatorCommand::Grid {
@@ -460,10 +460,8 @@ impl Engine {
                 backfill_id: None,
                 runs,
             } => {
-                let all: Vec<Summary> = self
-                    .order
-                    .iter()
-                    .map(|id| self.summary_where(*id, |r| runs.keeps(r)))
+                let all: Vec<Summary> = (self.order.clone().into_iter())
+                    .map(|id| self.summary_where(id, runs))
                     .collect();
                 Ok(OperatorAnswer::Summaries(all))
             }
@@ -601,7 +599,7 @@ mod tests {
         let t = h.turn([Event::Submit(Box::new(req), None)]).await;
         assert_eq!(t.dispatched.len(), 1);
         let count =
-            |h: &Harness, st: RunStatus| h.summary(id).counts.get(&st).copied().unwrap_or(0);
+            |h: &mut Harness, st: RunStatus| h.summary(id).counts.get(&st).copied().unwrap_or(0);
 
         let answer = h
             .engine
@@ -628,7 +626,7 @@ mod tests {
         assert!(matches!(next, Event::CancelPending { .. }), "{next:?}");
         let t = h.turn([next]).await;
         assert!(t.dispatched.is_empty());
-        assert_eq!(count(&h, RunStatus::Cancelled), 2 * CANCEL_CHUNK);
+        assert_eq!(count(&mut h, RunStatus::Cancelled), 2 * CANCEL_CHUNK);
 
         // A restart before the last chunk: the restored engine goes on cancelling.
         let t = h.restart().await;
@@ -637,8 +635,8 @@ mod tests {
             "a cancelling backfill starts nothing"
         );
         // The one running run and nine left: the restore cancelled those nine.
-        assert_eq!(count(&h, RunStatus::Cancelled), 2 * CANCEL_CHUNK + 9);
-        assert_eq!(count(&h, RunStatus::Running), 1);
+        assert_eq!(count(&mut h, RunStatus::Cancelled), 2 * CANCEL_CHUNK + 9);
+        assert_eq!(count(&mut h, RunStatus::Running), 1);
         assert!(!h.summary(id).finished, "its running step has not ended");
     }
 }

@@ -115,6 +115,9 @@ pub struct RunRecord {
     /// Which steps it runs: a partition's, or a group of backfill-level steps.
     #[serde(default, skip_serializing_if = "RunScope::is_partition_ref")]
     pub scope: RunScope,
+    /// What it adds to its backfill's tally (not stored: counted again on restore).
+    #[serde(skip)]
+    pub share: super::tally::Share,
 }
 
 impl RunRecord {
@@ -149,6 +152,7 @@ impl RunRecord {
             finished_at: None,
             hand_backs: Vec::new(),
             scope,
+            share: Default::default(),
         }
     }
 
@@ -282,11 +286,15 @@ pub(super) struct Backfill {
     pub(super) views: HashMap<RunScope, Arc<Pipeline>>,
     /// Runs started and not yet final or parked.
     pub(super) active: usize,
-    /// Its backfill-level runs, in order (indexed once, by [`Engine::index_stage_runs`], so
+    /// Its backfill-level runs, in order (indexed once, by [`Engine::index_runs`], so
     /// that a run's end does not look through every run of the backfill for them).
     ///
-    /// [`Engine::index_stage_runs`]: super::Engine::index_stage_runs
+    /// [`Engine::index_runs`]: super::Engine::index_runs
     pub(super) stage_runs: Vec<Uuid>,
+    /// Its datasets, in first-seen order (indexed with `stage_runs`).
+    pub(super) datasets: Vec<String>,
+    /// Its runs, counted (see [`super::tally`]).
+    pub(super) tally: super::tally::Tally,
 }
 
 impl Backfill {
@@ -302,6 +310,8 @@ impl Backfill {
             views,
             active,
             stage_runs: Vec::new(),
+            datasets: Vec::new(),
+            tally: Default::default(),
         }
     }
 

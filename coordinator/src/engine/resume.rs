@@ -43,7 +43,7 @@ impl Engine {
             .count();
         self.backfills
             .insert(id, Backfill::new(rec, pipeline, active));
-        self.index_stage_runs(id);
+        self.index_runs(id);
         self.order.push(id);
         self.dirty_backfills.insert(id);
         self.record(

@@ -101,7 +101,7 @@ impl Engine {
             );
         }
         self.backfills.insert(id, Backfill { rec, ..backfill });
-        self.index_stage_runs(id);
+        self.index_runs(id);
         self.order.push(id);
         self.dirty_backfills.insert(id);
         self.advance_stages(id);
@@ -148,7 +148,7 @@ impl Engine {
                 .count();
             self.backfills
                 .insert(id, Backfill::new(rec, pipeline, active));
-            self.index_stage_runs(id);
+            self.index_runs(id);
             self.order.push(id);
         }
         self.order

@@ -57,7 +57,7 @@ fn listed(spec: &StepSpec) -> PartitionsList {
     serde_json::from_str(json).unwrap()
 }
 
-fn run_of(h: &Harness, id: Uuid, partition: &str) -> RunSummary {
+fn run_of(h: &mut Harness, id: Uuid, partition: &str) -> RunSummary {
     h.summary(id)
         .runs
         .into_iter()
@@ -109,8 +109,8 @@ async fn backfill_steps_run_before_and_after_the_partitions_in_order() {
             "_after"
         ]
     );
-    assert_eq!(run_of(&h, id, "_after_a").scope, RunScope::AfterDataset);
-    assert_eq!(run_of(&h, id, "_after").steps, ["CATALOGUE"]);
+    assert_eq!(run_of(&mut h, id, "_after_a").scope, RunScope::AfterDataset);
+    assert_eq!(run_of(&mut h, id, "_after").steps, ["CATALOGUE"]);
 
     let loads = h.turn([outcome(&first.dispatched[0], 0)]).await;
     assert_eq!(ids(&loads.dispatched), ["LOAD"; 4]);
@@ -277,7 +277,7 @@ async fn a_partial_after_step_runs_at_once_and_its_failures_are_retried_across_a
     );
     h.turn([outcome(&e2, 0)]).await;
     let s = h.summary(id);
-    let after = run_of(&h, id, "_after");
+    let after = run_of(&mut h, id, "_after");
     assert_eq!(
         (after.state, after.attempts["EXPORT"]),
         (RunStatus::Complete, 2)
@@ -378,6 +378,7 @@ fn a_run_records_scope_round_trips_and_a_partitions_run_omits_it() {
         finished_at: None,
         hand_backs: vec![],
         scope,
+        share: Default::default(),
     };
     let back: RunRecord = serde_json::from_value(serde_json::to_value(&rec).unwrap()).unwrap();
     assert_eq!(back.scope, RunScope::After);

@@ -33,21 +33,33 @@ impl Engine {
             .is_none_or(|r| r.scope != RunScope::Before || r.machine.state() == RunState::Complete)
     }
 
-    /// Notes which of a backfill's runs are backfill-level ones, once its runs are known.
-    pub(super) fn index_stage_runs(&mut self, bid: Uuid) {
+    /// Indexes a backfill's runs once they are known: which are backfill-level ones, its
+    /// datasets, and its tally, counted from scratch.
+    pub(super) fn index_runs(&mut self, bid: Uuid) {
         let Some(b) = self.backfills.get(&bid) else {
             return;
         };
-        let stage_runs = b
-            .rec
-            .runs
-            .iter()
-            .copied()
-            .filter(|id| self.runs.get(id).is_some_and(|r| !r.scope.is_partition()))
-            .collect();
+        let mut stage_runs = Vec::new();
+        let mut datasets: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for id in &b.rec.runs {
+            let Some(r) = self.runs.get(id) else {
+                continue;
+            };
+            if !r.scope.is_partition() {
+                stage_runs.push(*id);
+            }
+            if let Some(d) = &r.partition.dataset
+                && seen.insert(d.as_str())
+            {
+                datasets.push(d.clone());
+            }
+        }
         if let Some(b) = self.backfills.get_mut(&bid) {
             b.stage_runs = stage_runs;
+            b.datasets = datasets;
         }
+        self.recount(bid);
     }
 
     /// Starts the backfill-level runs whose turn came, and escalates the backfill when one

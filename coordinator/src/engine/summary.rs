@@ -181,65 +181,50 @@ impl Summary {
 }
 
 impl Engine {
-    /// A backfill's summary.
-    pub fn summary(&self, backfill_id: Uuid) -> Summary {
-        self.summary_where(backfill_id, |_| true)
+    /// A backfill's summary, every run listed.
+    pub fn summary(&mut self, backfill_id: Uuid) -> Summary {
+        self.summary_where(backfill_id, RunsShown::All)
     }
 
-    /// A backfill's summary whose `runs` lists only the runs `keep` keeps (in order); every
-    /// count, rate and state is still over all of them.
-    pub(super) fn summary_where(
-        &self,
-        backfill_id: Uuid,
-        mut keep: impl FnMut(&RunRecord) -> bool,
-    ) -> Summary {
+    /// A backfill's summary listing the runs `shown` chooses (in order); every count, rate and
+    /// state is still over all of them. Counts only ([`RunsShown::None`]) costs the same at any
+    /// backfill size; a list costs a look at each run.
+    pub(super) fn summary_where(&mut self, backfill_id: Uuid, shown: RunsShown) -> Summary {
+        let runs = match shown {
+            RunsShown::None => Vec::new(),
+            _ => (self.backfills[&backfill_id].rec.runs.iter())
+                .map(|id| &self.runs[id])
+                .filter(|r| shown.keeps(r))
+                .map(run_summary)
+                .collect(),
+        };
+        self.summary_listing(backfill_id, runs)
+    }
+
+    /// A backfill's summary listing `runs`: counts, rate and state from its tally (see
+    /// [`super::tally`]), brought up to date first.
+    pub(super) fn summary_listing(&mut self, backfill_id: Uuid, runs: Vec<RunSummary>) -> Summary {
+        self.tally_changed();
+        #[cfg(test)]
+        assert_eq!(
+            self.backfills[&backfill_id].tally,
+            self.counted(backfill_id),
+            "the kept tally is the runs' count"
+        );
         let b = &self.backfills[&backfill_id];
-        let mut counts = BTreeMap::new();
+        let t = &b.tally;
+        let steps: Vec<String> = b.pipeline.steps().iter().map(|s| s.id.clone()).collect();
         let mut in_step = BTreeMap::new();
-        let mut runs = Vec::new();
-        // Attempts started, less those still awaited: derived from the runs, so it survives a
-        // coordinator restart.
-        let mut steps_executed = 0u64;
-        let mut finals = 0usize;
-        let mut all_ended = true;
-        let mut partitions_ended = true;
-        let mut warnings = 0usize;
-        let mut last_end = None;
-        let mut passed = vec![0u64; b.pipeline.steps().len()];
-        let mut retries = 0u64;
-        for id in &b.rec.runs {
-            let r = &self.runs[id];
-            let state = r.machine.state().status();
-            *counts.entry(state).or_insert(0) += 1;
-            if let RunState::Running(i) = r.machine.state() {
-                *in_step.entry(r.machine.steps()[i].id.clone()).or_insert(0) += 1;
-            }
-            let started: u64 = r.attempts_total.iter().map(|&n| u64::from(n)).sum();
-            steps_executed += started - u64::from(r.machine.outstanding().is_some());
-            finals += usize::from(state.is_final());
-            let ended = state.is_final() || state == RunStatus::Escalated;
-            all_ended &= ended;
-            partitions_ended &= ended || !r.scope.is_partition();
-            warnings += r.warnings.len();
-            last_end = last_end.max(r.finished_at);
-            retries += r
-                .attempts_total
-                .iter()
-                .map(|&n| u64::from(n.saturating_sub(1)))
-                .sum::<u64>();
-            if r.scope.is_partition() {
-                for n in passed.iter_mut().take(super::grid::run_passed(r)) {
-                    *n += 1;
-                }
-            }
-            if keep(r) {
-                runs.push(run_summary(r));
-            }
+        for (scope, i, n) in t.in_step() {
+            let view = b.view(scope);
+            *in_step.entry(view.steps()[i].id.clone()).or_insert(0) += n;
         }
-        let total = b.rec.runs.len();
+        let total = t.total();
+        let finals = t.finals();
+        let all_ended = t.all_ended();
         let finished = b.rec.pending.is_empty() && all_ended;
         let submitted_at = b.rec.created_at;
-        let finished_at = if finished { last_end } else { None };
+        let finished_at = if finished { t.last_end() } else { None };
         let elapsed = (finished_at.unwrap_or_else(Utc::now) - submitted_at)
             .to_std()
             .unwrap_or_default();
@@ -255,7 +240,7 @@ impl Engine {
             BackfillStage::Done
         } else if !self.before_done(b) {
             BackfillStage::Before
-        } else if !partitions_ended {
+        } else if !t.partitions_ended() {
             BackfillStage::Partitions
         } else {
             BackfillStage::After
@@ -265,11 +250,12 @@ impl Engine {
             schema_version: SCHEMA_VERSION,
             backfill_id,
             pipeline: b.rec.pipeline.clone(),
-            steps: b.pipeline.steps().iter().map(|s| s.id.clone()).collect(),
+            passed: t.passed(steps.len()),
+            steps,
             stage,
-            counts,
+            counts: t.counts(),
             in_step,
-            steps_executed,
+            steps_executed: t.executed,
             runs_per_minute: (rate * 10.0).round() / 10.0,
             eta_s,
             wall_ms: elapsed.as_millis() as u64,
@@ -280,10 +266,9 @@ impl Engine {
             escalated: b.rec.escalated.clone(),
             audit,
             audit_head,
-            warnings,
+            warnings: t.warnings,
             llm: b.rec.llm,
-            passed,
-            retries,
+            retries: t.retries,
             runs,
         }
     }

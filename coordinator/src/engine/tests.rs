@@ -201,7 +201,7 @@ impl Harness {
     }
 
     /// The summary of backfill `id`.
-    pub fn summary(&self, id: Uuid) -> Summary {
+    pub fn summary(&mut self, id: Uuid) -> Summary {
         self.engine.summary(id)
     }
 }
