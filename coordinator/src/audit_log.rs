@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use chrono::Utc;
 use uuid::Uuid;
-use warpline_shared::audit::{self, AuditEvent, AuditRecord, GENESIS};
+use warpline_shared::audit::{self, AuditEvent, AuditRecord, GENESIS, Verified};
 
 /// Bytes of staged lines whose buffer is kept for the next turn; a larger one is released
 /// after its commit.
@@ -46,17 +46,12 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (or creates) a log, verifying what it already holds.
     pub fn open(path: impl AsRef<Path>) -> anyhow::Result<AuditLog> {
-        let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| {
-                format!("cannot create the audit directory `{}`", dir.display())
-            })?;
-        }
-        let (seq, head) = if path.exists() {
-            let f = File::open(&path)
+        let path = path.as_ref();
+        let verified = if path.exists() {
+            let f = File::open(path)
                 .with_context(|| format!("cannot read the audit log `{}`", path.display()))?;
             match audit::verify(BufReader::new(f)) {
-                Ok(v) => (v.lines, v.head),
+                Ok(v) => v,
                 Err(e) => bail!(
                     "the existing audit log `{}` does not verify ({e}); refusing to append to it: \
                      give another --audit file",
@@ -64,8 +59,30 @@ impl AuditLog {
                 ),
             }
         } else {
-            (0, GENESIS.to_string())
+            Verified {
+                lines: 0,
+                head: GENESIS.to_string(),
+                bytes: 0,
+            }
         };
+        AuditLog::open_verified(path, verified)
+    }
+
+    /// Opens (or creates) a log that its caller has just verified (`v`, [`audit::verify`] of
+    /// the file as it is; an empty one for a file that does not exist): a large log is read
+    /// once, not once to check it and again to append to it.
+    pub fn open_verified(path: impl AsRef<Path>, v: Verified) -> anyhow::Result<AuditLog> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create the audit directory `{}`", dir.display())
+            })?;
+        }
+        let Verified {
+            lines: seq,
+            head,
+            bytes,
+        } = v;
         let file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -73,7 +90,10 @@ impl AuditLog {
             .truncate(false)
             .open(&path)
             .with_context(|| format!("cannot open the audit log `{}`", path.display()))?;
-        let mut end = file.metadata()?.len();
+        // Where the verified lines end, not the file's length now: lines another writer put
+        // after them since (a deposed leader's last turn) are the same bytes this log writes
+        // in the same place.
+        let mut end = bytes;
         // A complete last line whose end of line was lost gets it back before anything is
         // written after it (a torn one does not verify above).
         if seq > 0 {

@@ -380,6 +380,8 @@ pub struct Verified {
     pub lines: u64,
     /// The last line's hash ([`GENESIS`] for an empty log).
     pub head: String,
+    /// The bytes of its lines: where the next line goes.
+    pub bytes: u64,
 }
 
 /// Parses one sealed line, checking its own hash.
@@ -451,6 +453,7 @@ pub fn verify(mut reader: impl BufRead) -> Result<Verified, VerifyError> {
     Ok(Verified {
         lines: n,
         head: prev,
+        bytes: intact,
     })
 }
 

@@ -661,17 +661,15 @@ impl PgStore {
     /// Opens the store: brings the audit file up to the database's last line, then continues
     /// the chain.
     pub async fn open(pool: Pool, audit_path: &Path) -> anyhow::Result<PgStore> {
-        let client = pool.get().await?;
-        let rows = client
-            .query("SELECT seq, line FROM audit_events ORDER BY seq", &[])
-            .await?;
-        let (file_lines, file_head) = if audit_path.exists() {
-            let verified = |path: &Path| {
-                let f = std::fs::File::open(path)?;
-                anyhow::Ok(audit::verify(std::io::BufReader::new(f)))
-            };
+        // The file is verified whole once here (every line's hash, the chain, the numbers),
+        // and the same verification opens it for appending.
+        let verified = |path: &Path| {
+            let f = std::fs::File::open(path)?;
+            anyhow::Ok(audit::verify(std::io::BufReader::new(f)))
+        };
+        let file = if audit_path.exists() {
             match verified(audit_path)? {
-                Ok(v) => (v.lines, v.head),
+                Ok(v) => v,
                 // A write cut short (a crash, a full disk): the database holds every committed
                 // line, so drop the torn bytes and let the catch-up below rewrite them.
                 Err(e) if e.torn.is_some() => {
@@ -690,13 +688,12 @@ impl PgStore {
                         audit_path.display(),
                         e.line
                     );
-                    let v = verified(audit_path)?.map_err(|e| {
+                    verified(audit_path)?.map_err(|e| {
                         anyhow::anyhow!(
                             "the audit log `{}` does not verify ({e})",
                             audit_path.display()
                         )
-                    })?;
-                    (v.lines, v.head)
+                    })?
                 }
                 Err(e) => bail!(
                     "the audit log `{}` does not verify ({e})",
@@ -704,26 +701,40 @@ impl PgStore {
                 ),
             }
         } else {
-            (0, audit::GENESIS.to_string())
+            audit::Verified {
+                lines: 0,
+                head: audit::GENESIS.to_string(),
+                bytes: 0,
+            }
         };
+        let file_lines = file.lines;
+        // Only the lines the check and the catch-up need are read from the database, not its
+        // whole chain (half a gigabyte after a 100,000-partition backfill).
+        let client = pool.get().await?;
+        let db_last = client
+            .query_one("SELECT coalesce(max(seq), 0) FROM audit_events", &[])
+            .await?
+            .get::<_, i64>(0) as u64;
         // Retention deletes a pruned backfill's lines from the database (never from the
         // file), so its sequence numbers may have gaps: lines are found by number, not place.
-        let seq_of = |r: &tokio_postgres::Row| r.get::<_, i64>(0) as u64;
-        let db_last = rows.last().map(seq_of).unwrap_or(0);
-        let after_file = rows.partition_point(|r| seq_of(r) <= file_lines);
         // The file must be a prefix of the database's chain: the newest line both hold (the
         // file's last, or the last before it that the database kept) is the same line.
         if file_lines > 0
             && file_lines <= db_last
-            && let Some(row) = after_file.checked_sub(1).map(|i| &rows[i])
+            && let Some(row) = client
+                .query_opt(
+                    "SELECT seq, line FROM audit_events WHERE seq <= $1 ORDER BY seq DESC LIMIT 1",
+                    &[&(file_lines as i64)],
+                )
+                .await?
         {
-            let seq = seq_of(row);
+            let seq = row.get::<_, i64>(0) as u64;
             let line: String = row.get(1);
             let (_, db_hash) = audit::parse_line(&line).map_err(|e| {
                 anyhow::anyhow!("the database's audit line {seq} does not verify ({e})")
             })?;
             let file_hash = if seq == file_lines {
-                file_head.clone()
+                file.head.clone()
             } else {
                 hash_of_line(audit_path, seq)?
             };
@@ -740,8 +751,13 @@ impl PgStore {
                 audit_path.display()
             );
         }
-        let missing = &rows[after_file..];
-        if let Some(next) = missing.first().map(seq_of)
+        let missing = client
+            .query(
+                "SELECT seq, line FROM audit_events WHERE seq > $1 ORDER BY seq",
+                &[&(file_lines as i64)],
+            )
+            .await?;
+        if let Some(next) = missing.first().map(|r| r.get::<_, i64>(0) as u64)
             && next != file_lines + 1
         {
             bail!(
@@ -754,7 +770,7 @@ impl PgStore {
         drop(client);
         // Written where the lines belong, as every turn's are: a deposed leader that wakes
         // and writes its last committed turn meanwhile puts the same bytes in the same place.
-        let mut audit = AuditLog::open(audit_path)?;
+        let mut audit = AuditLog::open_verified(audit_path, file)?;
         let added = audit.catch_up(missing.iter().map(|r| r.get(1)))?;
         if added > 0 {
             tracing::info!(added, "audit file caught up with the database");
