@@ -42,7 +42,7 @@ impl Engine {
         });
         for a in &hb.running {
             self.seen
-                .insert(a.attempt_id, (hb.worker_id.clone(), now, silence));
+                .insert(a.attempt_id, (a.run_id, hb.worker_id.clone(), now, silence));
         }
         if !hb.stopping {
             self.workers.insert(hb.worker_id.clone(), (hb, now));
@@ -56,20 +56,25 @@ impl Engine {
         self.prune_when_due(now);
         self.workers
             .retain(|_, (hb, at)| now.duration_since(*at) < silence(hb.interval_s));
+        // Only the attempts heartbeats named are looked at (at most one per slot of the
+        // fleet), not every run: an attempt that reported (or was cancelled) since is no
+        // longer watched.
         let mut lost = Vec::new();
-        let mut awaited = std::collections::HashSet::new();
-        for r in self.runs.values() {
-            if let Some(a) = r.machine.outstanding() {
-                awaited.insert(a.attempt_id);
-                if let Some((worker, at, silence)) = self.seen.get(&a.attempt_id)
-                    && now.duration_since(*at) > *silence
-                {
-                    lost.push((r.id, a.attempt_id, worker.clone(), now.duration_since(*at)));
+        self.seen
+            .retain(|attempt_id, (run_id, worker, at, silence)| {
+                let awaited = (self.runs.get(run_id))
+                    .and_then(|r| r.machine.outstanding())
+                    .is_some_and(|o| o.attempt_id == *attempt_id);
+                if awaited && now.duration_since(*at) > *silence {
+                    lost.push((
+                        *run_id,
+                        *attempt_id,
+                        worker.clone(),
+                        now.duration_since(*at),
+                    ));
                 }
-            }
-        }
-        // Attempts that reported (or were cancelled) are no longer watched.
-        self.seen.retain(|id, _| awaited.contains(id));
+                awaited
+            });
         for (run_id, attempt_id, worker, quiet) in lost {
             self.seen.remove(&attempt_id);
             self.declare_lost(

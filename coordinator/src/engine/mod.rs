@@ -100,8 +100,9 @@ pub struct Engine {
     dirty_backfills: HashSet<Uuid>,
     /// Workers by id: their last heartbeat and when it arrived.
     workers: HashMap<String, (Heartbeat, Instant)>,
-    /// Attempts seen running in heartbeats: which worker, and when last.
-    seen: HashMap<Uuid, (String, Instant, Duration)>,
+    /// Attempts seen running in heartbeats: their run, which worker, when last, and how long
+    /// that worker may stay silent.
+    seen: HashMap<Uuid, (Uuid, String, Instant, Duration)>,
     stopping: bool,
     /// Set by [`Event::Stop`]: leave the loop, keep the runs.
     halting: bool,
