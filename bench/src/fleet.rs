@@ -35,6 +35,8 @@ pub struct Services {
     pub keep: bool,
     /// Where each fleet's workdir (the steps' run directories and logs) is made.
     pub workdir_root: PathBuf,
+    /// Specs each worker may hold beyond its slots (`--prefetch` slots + this).
+    pub prefetch_extra: u16,
 }
 
 impl Services {
@@ -49,7 +51,7 @@ impl Services {
 pub struct Shape {
     /// Worker processes.
     pub workers: usize,
-    /// Slots per worker (`--slots`, which is also the worker's prefetch).
+    /// Slots per worker (`--slots`; the prefetch is these and [`Services::prefetch_extra`]).
     pub slots: u16,
 }
 
@@ -125,6 +127,16 @@ impl Fleet {
                 .arg(fleet.prefix())
                 .arg("--slots")
                 .arg(shape.slots.to_string())
+                // Only when asked: an older `--bin-dir` build has no such flag.
+                .args(
+                    (services.prefetch_extra > 0)
+                        .then(|| {
+                            let n = shape.slots.saturating_add(services.prefetch_extra);
+                            ["--prefetch".to_string(), n.to_string()]
+                        })
+                        .into_iter()
+                        .flatten(),
+                )
                 .args(["--allow", "true,sleep"])
                 .arg("--worker-id")
                 .arg(format!("{}-w{i}", fleet.name))

@@ -68,6 +68,10 @@ pub struct Cli {
     /// Warpline.
     #[arg(long, global = true)]
     pub workdir_root: Option<PathBuf>,
+    /// Specs each worker may hold beyond its slots (its `--prefetch` is slots + this; 0, the
+    /// workers' default, is prefetch = slots).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub prefetch_extra: u16,
 }
 
 /// The scenarios.
@@ -276,6 +280,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             amqp_url: cli.amqp_url.clone(),
             database_url: cli.database_url.clone(),
             keep: cli.keep,
+            prefetch_extra: cli.prefetch_extra,
             workdir_root: cli.workdir_root.clone().unwrap_or_else(|| {
                 let shm = PathBuf::from("/dev/shm");
                 if shm.is_dir() {
@@ -842,6 +847,7 @@ impl Bench {
             "repetition": i,
             "workers": job.shape.workers,
             "slots": job.shape.slots,
+            "prefetch_extra": self.services.prefetch_extra,
             "runs": job.runs,
             "tracing": !job.env.is_empty(),
             "steps": facts.map(|f| f.steps),

@@ -55,9 +55,16 @@ pub struct ConsumeArgs {
     /// The worker pool (queue) to consume.
     #[arg(long, env = "WARPLINE_POOL", default_value = "default")]
     pub pool: String,
-    /// Steps run at once (and the broker prefetch).
+    /// Steps run at once (and the broker prefetch, unless `--prefetch` says more).
     #[arg(long, env = "WARPLINE_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub slots: u16,
+    /// StepSpecs the broker may hand this worker ahead of a free slot (at least `--slots`,
+    /// which is the default). More than the slots lets a slot start its next step as soon as
+    /// its tool exits, while the last one's outcome is still being confirmed: for short
+    /// steps. A spec held here waits for a slot of this worker, not for another worker, so
+    /// keep it at `--slots` when steps are long.
+    #[arg(long, env = "WARPLINE_PREFETCH", value_name = "N")]
+    pub prefetch: Option<u16>,
     /// What this worker may run, comma-separated (required): a program, optionally followed
     /// by the arguments it is pinned to, e.g. `load-batch,/opt/venv/bin/python
     /// /opt/tc/url_to_manifest.py`. Relative paths are taken from the current directory.
@@ -277,6 +284,7 @@ pub fn fleet_config(
         amqp_url: args.fleet.connection_url(),
         pool: args.pool,
         slots: args.slots,
+        prefetch: prefetch(args.slots, args.prefetch)?,
         heartbeat,
         drain: secs("drain-s", args.drain_s)?,
         signing_key,
@@ -295,6 +303,16 @@ pub fn fleet_config(
     };
     args.paths.apply(&mut cfg.exec, Confinement::ByDefault)?;
     Ok(cfg)
+}
+
+/// The broker prefetch: `--prefetch`, or the slots; never fewer than the slots.
+fn prefetch(slots: u16, prefetch: Option<u16>) -> anyhow::Result<u16> {
+    let n = prefetch.unwrap_or(slots);
+    anyhow::ensure!(
+        n >= slots,
+        "--prefetch {n} is less than --slots {slots}: a slot would wait for a delivery the broker may not send; give at least {slots}"
+    );
+    Ok(n)
 }
 
 /// `<hostname>-<pid>`, or `worker-<pid>` when the hostname cannot be read.

@@ -4,8 +4,10 @@
 //!
 //! Backpressure lives in one place: a [`Semaphore`] with one permit per slot. The consume loop
 //! takes a permit before it takes a delivery, and the permit moves into the task running the
-//! step, so at most `slots` steps run at once, across reconnects too. The broker's prefetch is
-//! the same number, so it never hands this worker more than it can start.
+//! step until its tool ended, so at most `slots` tools run at once, across reconnects too. The
+//! broker's prefetch is the same number by default, so it never hands this worker more than it
+//! can start; `--prefetch` above the slots lets a freed slot start a spec already here while
+//! the last outcome's publish is still being confirmed (its spec stays unacked until then).
 //!
 //! A connection is a *session*. When it drops (broker restart, network, a forced close), the
 //! steps it delivered are cancelled — their acks can no longer be sent and the broker has already
@@ -62,8 +64,10 @@ pub struct WorkerConfig {
     pub topology: Topology,
     /// The pool whose queue this worker consumes.
     pub pool: String,
-    /// Steps run at once; also the broker prefetch.
+    /// Steps run at once.
     pub slots: u16,
+    /// StepSpecs the broker may hand this worker unacknowledged (at least `slots`).
+    pub prefetch: u16,
     /// Seconds between heartbeats.
     pub heartbeat: Duration,
     /// How long running steps may go on after a shutdown signal before they are cancelled.
@@ -233,7 +237,7 @@ impl Worker {
             .await
             .context("cannot open the consume channel")?;
         consume
-            .basic_qos(cfg.slots, BasicQosOptions::default())
+            .basic_qos(cfg.prefetch, BasicQosOptions::default())
             .await
             .context("cannot set the prefetch (basic.qos)")?;
         let queue = cfg.topology.steps_queue(&cfg.pool);
@@ -457,7 +461,7 @@ async fn heartbeat_loop(worker: Arc<Worker>, channel: Channel, stop: Cancellatio
         trace_id = tracing::field::Empty,
     )
 )]
-async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSemaphorePermit) {
+async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, permit: OwnedSemaphorePermit) {
     let worker = &ctx.worker;
     let cfg = &worker.cfg;
     let spec = match accept(
@@ -515,6 +519,9 @@ async fn handle_delivery(delivery: Delivery, ctx: SessionCtx, _permit: OwnedSema
             .remove(&spec.attempt_id);
         outcome
     };
+    // The tool ended: its slot may start the next step (already here when the prefetch is
+    // larger than the slots) while this outcome is published and confirmed.
+    drop(permit);
 
     if let Some(p) = &process {
         trace::step_children(p, &outcome, SystemTime::now());

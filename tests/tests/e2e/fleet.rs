@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use warpline_shared::audit::{AuditEvent, AuditRecord};
 use warpline_shared::contracts::Action;
-use warpline_tests::fleet::{Fleet, readyz};
+use warpline_tests::fleet::{Fleet, http_get, readyz};
 use warpline_tests::*;
 
 const DATAWARP: &str = "examples/datawarp/pipeline.json";
@@ -654,4 +654,80 @@ fn a_request_id_names_one_backfill_across_a_coordinator_restart() {
     );
     let created = count_events(&fleet.audit(), "backfill_created");
     assert_eq!(created, 1, "one backfill for one request id");
+}
+
+/// A worker with `--prefetch` above its slots holds that many specs (the broker's queue shows
+/// only the rest as ready) yet never runs more tools at once than its slots, and every run
+/// completes.
+#[test]
+fn a_prefetch_above_the_slots_holds_more_specs_but_runs_no_more_tools_at_once() {
+    // Fewer than the slots is refused before anything connects.
+    let out = std::process::Command::new(bin("warpline-worker"))
+        .args(["--slots", "4", "--prefetch", "2", "--allow", "true"])
+        .args(["--amqp-url", "amqp://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--prefetch 2 is less than --slots 4"), "{err}");
+    let mut fleet = Fleet::new("prefetch");
+    let c = fleet.serve("coordinator");
+    fleet.wait_ready(&c, LIMIT);
+    let probe = fleet.dir().join("probe");
+    std::fs::create_dir_all(&probe).unwrap();
+    let probe_env = probe.display().to_string();
+    fleet.worker_with_env(
+        "w",
+        2,
+        &["sh"],
+        &[("WARPLINE_PREFETCH", "6"), ("PROBE", &probe_env)],
+    );
+    // Each step notes when its tool started and ended, in nanoseconds, in a file of its own.
+    let script = r#"s=$(date +%s%N); sleep 2; e=$(date +%s%N); echo "$s $e" > "$PROBE/$$""#;
+    let pipeline = fleet.pipeline("prefetch", json!([sh("WORK", script)]));
+    let id = fleet.submit(
+        &c,
+        &pipeline,
+        &["--datasets", "a,b,c,d,e,f,g,h", "--max-parallel", "8"],
+    );
+    // Eight specs on one worker: 2 running and 4 held by the worker leave 2 ready in the
+    // queue (with the prefetch at the slots it would be 6).
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut seen = Vec::new();
+    loop {
+        let (code, body) = http_get(c.addr(), "/v1/fleet");
+        let view: Value = serde_json::from_str(&body).unwrap_or_default();
+        let queued = view["pools"][0]["queued"].as_u64();
+        seen.push(queued);
+        if code == 200 && queued == Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue never showed 2 ready specs (6 held by the worker): saw {seen:?}, last {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let summary = fleet.wait_finished(&c, &id, LIMIT);
+    assert_all(&summary, "COMPLETE", 8);
+    // At most 2 tools at once: sweep the start and end times.
+    let mut edges: Vec<(u128, i32)> = Vec::new();
+    for entry in std::fs::read_dir(&probe).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let times: Vec<u128> = text
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        edges.push((times[0], 1));
+        edges.push((times[1], -1));
+    }
+    assert_eq!(edges.len(), 16, "eight steps noted their times");
+    // An end sorts before a start at the same instant.
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in &edges {
+        now += d;
+        most = most.max(now);
+    }
+    assert_eq!(most, 2, "tools at once on a worker of 2 slots: {edges:?}");
 }
