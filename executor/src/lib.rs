@@ -321,11 +321,13 @@ async fn run_prepared(
         }
     };
     result.program = Some(program.display().to_string());
-    // Hashed beside the tool's run, off the runtime's threads: a large binary takes a while.
-    let hashing = {
+    // Hashed beside the tool's run, off the runtime's threads, the first time: a large binary
+    // takes a while. Then it is known (one `stat` here, as resolving the program made).
+    let cached = cached_sha256(&program);
+    let hashing = cached.is_none().then(|| {
         let program = program.clone();
         tokio::task::spawn_blocking(move || program_sha256(&program))
-    };
+    });
 
     if cancel.is_cancelled() {
         return not_run(
@@ -344,7 +346,10 @@ async fn run_prepared(
     let started = Instant::now();
     result.started_at = Some(Utc::now());
     let ran = run_tool(spec, &program, cfg, cancel, &stdout_path, &stderr_path).await;
-    result.program_sha256 = hashing.await.ok().flatten();
+    result.program_sha256 = match hashing {
+        Some(hashing) => hashing.await.ok().flatten(),
+        None => cached,
+    };
     result.finished_at = Some(Utc::now());
     result.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
@@ -445,20 +450,35 @@ async fn run_prepared(
 /// large interpreter on every attempt would cost more than running a short step).
 fn program_sha256(program: &Path) -> Option<String> {
     use sha2::{Digest, Sha256};
-    type Key = (PathBuf, u64, Option<SystemTime>);
-    static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
-    let meta = std::fs::metadata(program).ok()?;
-    let key = (program.to_path_buf(), meta.len(), meta.modified().ok());
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(h) = cache.lock().ok()?.get(&key) {
+    let key = sha256_key(program)?;
+    if let Some(h) = sha256_cache().lock().ok()?.get(&key) {
         return Some(h.clone());
     }
     let mut file = std::fs::File::open(program).ok()?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).ok()?;
     let hex = hex::encode(hasher.finalize());
-    cache.lock().ok()?.insert(key, hex.clone());
+    sha256_cache().lock().ok()?.insert(key, hex.clone());
     Some(hex)
+}
+
+/// What [`program_sha256`] caches a hash by: the path, the size and the modification time.
+type Sha256Key = (PathBuf, u64, Option<SystemTime>);
+
+fn sha256_cache() -> &'static Mutex<HashMap<Sha256Key, String>> {
+    static CACHE: OnceLock<Mutex<HashMap<Sha256Key, String>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn sha256_key(program: &Path) -> Option<Sha256Key> {
+    let meta = std::fs::metadata(program).ok()?;
+    Some((program.to_path_buf(), meta.len(), meta.modified().ok()))
+}
+
+/// The program's hash when [`program_sha256`] already made it for the file as it is now.
+fn cached_sha256(program: &Path) -> Option<String> {
+    let key = sha256_key(program)?;
+    sha256_cache().lock().ok()?.get(&key).cloned()
 }
 
 /// Runs the query of every `sql` check (one connection each, bounded by the check's
@@ -1027,6 +1047,62 @@ impl Drop for GroupGuard<'_> {
     }
 }
 
+/// What the tool needs on disk before it starts, made in one trip to the blocking pool (not
+/// one per directory and file: each trip is two thread wake-ups, on every step): its working
+/// directory, its log directory and two empty log files (returned, for the pipes' copies), the
+/// spec's files, and no stale report of its dynamic artefacts.
+async fn make_files(
+    spec: &StepSpec,
+    stdout_path: &Path,
+    stderr_path: &Path,
+) -> Result<(tokio::fs::File, tokio::fs::File), SpawnError> {
+    let cwd = PathBuf::from(&spec.cwd);
+    let log_dir = PathBuf::from(&spec.log_dir);
+    let (stdout_path, stderr_path) = (stdout_path.to_path_buf(), stderr_path.to_path_buf());
+    let files: Vec<(PathBuf, String)> = (spec.files.iter())
+        .map(|(path, content)| (PathBuf::from(path), content.clone()))
+        .collect();
+    let artefacts_file = (spec.dynamic_artefacts.values())
+        .filter(|d| d.step_id == spec.step_id)
+        .find_map(|d| d.file.as_ref())
+        .map(PathBuf::from);
+    let made = tokio::task::spawn_blocking(move || {
+        let prepare = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SpawnError::Prepare { what, path, source }
+        };
+        std::fs::create_dir_all(&cwd).map_err(prepare("cwd", &cwd))?;
+        std::fs::create_dir_all(&log_dir).map_err(prepare("log_dir", &log_dir))?;
+        let stdout =
+            std::fs::File::create(&stdout_path).map_err(prepare("stdout log", &stdout_path))?;
+        let stderr =
+            std::fs::File::create(&stderr_path).map_err(prepare("stderr log", &stderr_path))?;
+        for (path, content) in &files {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(prepare("a file for the tool", dir))?;
+            }
+            std::fs::write(path, content).map_err(prepare("a file for the tool", path))?;
+        }
+        if let Some(file) = artefacts_file {
+            let _ = std::fs::remove_file(file);
+        }
+        Ok((stdout, stderr))
+    })
+    .await;
+    match made {
+        Ok(Ok((stdout, stderr))) => Ok((
+            tokio::fs::File::from_std(stdout),
+            tokio::fs::File::from_std(stderr),
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(SpawnError::Prepare {
+            what: "the tool's directories and files",
+            path: PathBuf::from(&spec.cwd),
+            source: io::Error::other(e),
+        }),
+    }
+}
+
 async fn run_tool(
     spec: &StepSpec,
     program: &Path,
@@ -1036,36 +1112,8 @@ async fn run_tool(
     stderr_path: &Path,
 ) -> Result<Ran, SpawnError> {
     let program = program.to_path_buf();
-    let prepare = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| SpawnError::Prepare { what, path, source }
-    };
     let cwd = Path::new(&spec.cwd);
-    tokio::fs::create_dir_all(cwd)
-        .await
-        .map_err(prepare("cwd", cwd))?;
-    let log_dir = Path::new(&spec.log_dir);
-    tokio::fs::create_dir_all(log_dir)
-        .await
-        .map_err(prepare("log_dir", log_dir))?;
-    let stdout_file = tokio::fs::File::create(stdout_path)
-        .await
-        .map_err(prepare("stdout log", stdout_path))?;
-    let stderr_file = tokio::fs::File::create(stderr_path)
-        .await
-        .map_err(prepare("stderr log", stderr_path))?;
-    for (path, content) in &spec.files {
-        let path = Path::new(path);
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(prepare("a file for the tool", dir))?;
-        }
-        tokio::fs::write(path, content)
-            .await
-            .map_err(prepare("a file for the tool", path))?;
-    }
-
+    let (stdout_file, stderr_file) = make_files(spec, stdout_path, stderr_path).await?;
     let mut command = tokio::process::Command::new(&program);
     command.args(&spec.args).current_dir(cwd).envs(&spec.env);
     // A tool that decides its artefacts' names reports them here.
@@ -1075,7 +1123,6 @@ async fn run_tool(
         .filter(|d| d.step_id == spec.step_id)
         .find_map(|d| d.file.as_ref())
     {
-        let _ = tokio::fs::remove_file(file).await;
         command.env(ARTEFACTS_FILE_ENV, file);
     }
     command
