@@ -43,7 +43,7 @@ pub use records::{
     SubmitConflict, SubmitKey, SubmitRefused, Submitted,
 };
 pub use retention::PRUNE_EVERY;
-pub use summary::{BackfillStage, RunSummary, RunsShown, Summary};
+pub use summary::{Attempts, BackfillStage, RunSummary, RunsShown, Summary};
 
 use ports::Effect;
 use records::Backfill;

@@ -29,8 +29,9 @@ pub struct RunSummary {
     /// The step it is at or stopped at (none when complete or not started).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
-    /// Attempts per step.
-    pub attempts: BTreeMap<String, u32>,
+    /// Attempts per step (a JSON object: step id → attempts; steps not tried are left out).
+    #[schema(value_type = BTreeMap<String, u32>)]
+    pub attempts: Attempts,
     /// Why it did not complete (or waits for an operator).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -45,6 +46,89 @@ pub struct RunSummary {
     /// A backfill-level run's step ids, in order (a partition's are the summary's `steps`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<String>,
+}
+
+/// A run's attempts per step, in the pipeline's order: serialised as a JSON object (step id →
+/// attempts), kept as a list. A full summary holds one per run, and a one-entry `BTreeMap`
+/// allocates a whole B-tree node (~300 bytes): 30 MB of a 100,000-run status answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attempts(Vec<(String, u32)>);
+
+impl Attempts {
+    /// The attempts of step `id`, when it was tried.
+    pub fn get(&self, id: &str) -> Option<&u32> {
+        self.0.iter().find(|(s, _)| s == id).map(|(_, n)| n)
+    }
+
+    /// True when step `id` was tried.
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// The attempts of each step tried.
+    pub fn values(&self) -> impl Iterator<Item = &u32> {
+        self.0.iter().map(|(_, n)| n)
+    }
+
+    /// Steps tried, with their attempts, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.0.iter().map(|(s, n)| (s.as_str(), *n))
+    }
+
+    /// Steps tried.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when no step was tried.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Index<&str> for Attempts {
+    type Output = u32;
+
+    fn index(&self, id: &str) -> &u32 {
+        self.get(id)
+            .unwrap_or_else(|| panic!("no attempts of step `{id}`"))
+    }
+}
+
+impl FromIterator<(String, u32)> for Attempts {
+    fn from_iter<I: IntoIterator<Item = (String, u32)>>(iter: I) -> Attempts {
+        Attempts(iter.into_iter().collect())
+    }
+}
+
+impl Serialize for Attempts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Attempts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Attempts, D::Error> {
+        // In the order the object lists them (the coordinator writes the pipeline's).
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Attempts;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of step ids to attempts")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Attempts, A::Error> {
+                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+                while let Some(entry) = m.next_entry::<String, u32>()? {
+                    out.push(entry);
+                }
+                Ok(Attempts(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Which runs a summary lists (`GET /v1/backfills/{id}?runs=`); its counts, rate and state are
@@ -206,11 +290,16 @@ impl Engine {
     pub(super) fn summary_listing(&mut self, backfill_id: Uuid, runs: Vec<RunSummary>) -> Summary {
         self.tally_changed();
         #[cfg(test)]
-        assert_eq!(
-            self.backfills[&backfill_id].tally,
-            self.counted(backfill_id),
-            "the kept tally is the runs' count"
-        );
+        self.check_tally(backfill_id);
+        let last_end = {
+            let b = &self.backfills[&backfill_id];
+            let finished = b.rec.pending.is_empty() && b.tally.all_ended();
+            if finished {
+                self.last_end(backfill_id)
+            } else {
+                None
+            }
+        };
         let b = &self.backfills[&backfill_id];
         let t = &b.tally;
         let steps: Vec<String> = b.pipeline.steps().iter().map(|s| s.id.clone()).collect();
@@ -224,7 +313,7 @@ impl Engine {
         let all_ended = t.all_ended();
         let finished = b.rec.pending.is_empty() && all_ended;
         let submitted_at = b.rec.created_at;
-        let finished_at = if finished { t.last_end() } else { None };
+        let finished_at = if finished { last_end } else { None };
         let elapsed = (finished_at.unwrap_or_else(Utc::now) - submitted_at)
             .to_std()
             .unwrap_or_default();
