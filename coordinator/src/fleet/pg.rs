@@ -138,7 +138,28 @@ const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX IF NOT EXISTS audit_events_backfill ON audit_events (backfill_id) WHERE run_id IS NULL;
     "#,
     ),
+    (
+        4,
+        r#"
+    -- A turn's leader check, sent in the same round trip as the turn's statements: a stale
+    -- epoch fails the transaction here (SQLSTATE WL001), so no statement behind it runs.
+    CREATE OR REPLACE FUNCTION warpline_hold_epoch(ours bigint) RETURNS void
+    LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+    BEGIN
+        PERFORM 1 FROM leader WHERE id = 1 AND epoch = ours FOR SHARE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'leader epoch % is stale', ours USING ERRCODE = 'WL001';
+        END IF;
+    END
+    $fn$;
+    "#,
+    ),
 ];
+
+/// The leader check of a fenced turn (migration 4), sent ahead of its statements.
+const HOLD_EPOCH: &str = "SELECT warpline_hold_epoch($1)";
+/// The SQLSTATE [`HOLD_EPOCH`] fails with when the epoch is stale.
+const STALE_EPOCH: &str = "WL001";
 
 /// Most runs whose rows one pruning transaction deletes: a 100,000-run backfill is deleted in
 /// a hundred short transactions, none holding its locks or its WAL for long.
@@ -867,7 +888,6 @@ impl PgStore {
     async fn write(&mut self, staged: &Staged<'_>) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        check_epoch(&tx, self.epoch).await?;
         let mut turn = Statements::default();
 
         let n = self.records.len();
@@ -955,7 +975,7 @@ impl PgStore {
             );
         }
 
-        turn.run(&tx).await?;
+        turn.run(&tx, self.epoch).await?;
         tx.commit().await.context("cannot commit the turn")?;
         self.records.clear();
         self.derived.clear();
@@ -1016,7 +1036,24 @@ impl<'a> Statements<'a> {
         self.list.push((what, sql, params));
     }
 
-    async fn run(&self, tx: &deadpool_postgres::Transaction<'_>) -> anyhow::Result<()> {
+    /// Runs the statements, after the leader check when the turn is `epoch`'s: the check goes
+    /// out first, with the statements behind it in the same round trip (not one round trip
+    /// to check, then one to store); a stale epoch fails the transaction in PostgreSQL before
+    /// any of them runs, and the turn is refused as [`Fenced`].
+    async fn run(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        epoch: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let hold = match epoch {
+            Some(ours) => Some((
+                ours,
+                tx.prepare_cached(HOLD_EPOCH)
+                    .await
+                    .context("cannot prepare the leader check")?,
+            )),
+            None => None,
+        };
         // Prepared first (from the cache after a connection's first turns), so that the
         // executes below are sent in order.
         let mut prepared = Vec::with_capacity(self.list.len());
@@ -1037,13 +1074,32 @@ impl<'a> Statements<'a> {
                     .with_context(|| format!("cannot store {what}"))
             })
             .collect();
+        let held = async {
+            let Some((ours, st)) = &hold else {
+                return Ok(());
+            };
+            match tx.execute(st, &[ours]).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code().map(|c| c.code()) == Some(STALE_EPOCH) => {
+                    Err(Fenced { ours: *ours }.into())
+                }
+                Err(e) => Err(anyhow::Error::new(e).context("cannot check the leader epoch")),
+            }
+        };
         // `buffered` polls each future first in the order given, so the requests go out in
         // that order.
-        let mut done = futures_util::stream::iter(executes).buffered(IN_FLIGHT);
-        while let Some(stored) = done.next().await {
-            stored?;
-        }
-        Ok(())
+        let stored = async {
+            let mut done = futures_util::stream::iter(executes).buffered(IN_FLIGHT);
+            while let Some(stored) = done.next().await {
+                stored?;
+            }
+            anyhow::Ok(())
+        };
+        // `join!` polls the check first: its request goes out ahead of the statements. A
+        // refused check comes first, as the statements then failed only because of it.
+        let (held, stored) = futures_util::join!(held, stored);
+        held?;
+        stored
     }
 }
 
