@@ -1099,16 +1099,24 @@ async fn status(
         backfill_id,
         runs: runs_query(q)?,
     };
-    let summary = match st.engine.ask(cmd).await? {
+    // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it,
+    // asked at the same time (both reads are answered at the head of the loop's next turn,
+    // and the broker answers meanwhile), not one after the other.
+    let fleet = async {
+        match st.policy.queues {
+            Some(_) => fleet_view(&st).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (answer, fleet) = tokio::join!(st.engine.ask(cmd), fleet);
+    let summary = match answer? {
         OperatorAnswer::Summary(s) => s,
         other => return Err(unexpected_answer(&other)),
     };
-    // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it.
-    let fleet = match st.policy.queues {
-        Some(_) => Some(fleet_view(&st).await?),
-        None => None,
-    };
-    Ok(Json(StatusBody { summary, fleet }))
+    Ok(Json(StatusBody {
+        summary,
+        fleet: fleet?,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/backfills/{id}/cancel", tag = "backfills", params(("id" = Uuid, Path, description = "the backfill")), responses((status = 200, description = "cancelling: nothing new starts, running steps finish", body = Summary), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -1265,14 +1273,32 @@ async fn fleet(State(st): State<AppState>) -> Result<Json<FleetView>, ApiError> 
 /// Builds the [`FleetView`]: the loop's workers, and the queue depths read from the broker
 /// (absent when it does not answer in time, or outside fleet mode).
 async fn fleet_view(st: &AppState) -> Result<FleetView, ApiError> {
-    let workers = typed::<Vec<WorkerInfo>>(st.engine.command(OperatorCommand::Workers).await?)?.0;
-    Ok(build_fleet_view(workers, st.policy.queues.as_ref()).await)
+    // The watched pools' depths are asked of the broker while the loop lists the workers.
+    let watched = async {
+        match &st.policy.queues {
+            Some((broker, pools)) => broker.queued(pools).await,
+            None => None,
+        }
+    };
+    let (workers, depths) = tokio::join!(st.engine.command(OperatorCommand::Workers), watched);
+    let workers = typed::<Vec<WorkerInfo>>(workers?)?.0;
+    Ok(fleet_view_of(workers, st.policy.queues.as_ref(), depths).await)
 }
 
 /// [`fleet_view`] from a list of workers.
 pub async fn build_fleet_view(
     workers: Vec<WorkerInfo>,
     queues: Option<&(Arc<crate::fleet::metrics::Broker>, Vec<String>)>,
+) -> FleetView {
+    fleet_view_of(workers, queues, None).await
+}
+
+/// [`build_fleet_view`], given the depths of some pools already (`known`): the broker is asked
+/// only for the others.
+async fn fleet_view_of(
+    workers: Vec<WorkerInfo>,
+    queues: Option<&(Arc<crate::fleet::metrics::Broker>, Vec<String>)>,
+    known: Option<BTreeMap<String, u64>>,
 ) -> FleetView {
     let mut pools: BTreeMap<String, PoolView> = BTreeMap::new();
     let watched = queues.map(|(_, p)| p.clone()).unwrap_or_default();
@@ -1291,12 +1317,19 @@ pub async fn build_fleet_view(
         p.busy += u32::try_from(w.running).unwrap_or(u32::MAX);
     }
     if let Some((broker, _)) = queues {
-        let names: Vec<String> = pools.keys().cloned().collect();
-        if let Some(depths) = broker.queued(&names).await {
-            for (pool, n) in depths {
-                if let Some(p) = pools.get_mut(&pool) {
-                    p.queued = Some(n);
-                }
+        let mut depths = known.unwrap_or_default();
+        let rest: Vec<String> = (pools.keys())
+            .filter(|p| !depths.contains_key(*p))
+            .cloned()
+            .collect();
+        if !rest.is_empty()
+            && let Some(more) = broker.queued(&rest).await
+        {
+            depths.extend(more);
+        }
+        for (pool, n) in depths {
+            if let Some(p) = pools.get_mut(&pool) {
+                p.queued = Some(n);
             }
         }
     }
