@@ -445,8 +445,12 @@ pub struct RunArgs {
 pub enum AuditCommand {
     /// Check an audit log's hash chain; names the first bad line.
     Verify {
+        /// The JSONL file (or `--file FILE`, as `audit show` takes it).
+        #[arg(value_name = "FILE")]
+        path: Option<PathBuf>,
         /// The JSONL file.
-        file: PathBuf,
+        #[arg(long, env = "WARPLINE_AUDIT", value_name = "FILE")]
+        file: Option<PathBuf>,
         /// Also require the last line's hash to be this (e.g. `audit_head` from `warpline
         /// status` or the database), so a log cut short after its last good line fails too.
         #[arg(long, value_name = "HASH")]
@@ -473,7 +477,17 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
     match cli.command {
         Command::Run(args) => run::run_local(args, shutdown).await,
         Command::Serve(args) => serve::serve(args, shutdown).await,
-        Command::Audit(AuditCommand::Verify { file, expect_head }) => {
+        Command::Audit(AuditCommand::Verify {
+            path,
+            file,
+            expect_head,
+        }) => {
+            // The positional file wins over `--file` (and over WARPLINE_AUDIT).
+            let file = path.or(file).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no audit log given: `warpline audit verify FILE`, `--file FILE` or WARPLINE_AUDIT"
+                )
+            })?;
             audit::audit_verify(&file, expect_head.as_deref())
         }
         Command::Audit(AuditCommand::Show { run, file, json }) => {

@@ -194,6 +194,13 @@ fn gemini_saying_proceed_cannot_pass_a_failed_check() {
         ]
     );
     warpline(&["audit", "verify", audit.to_str().unwrap()], &[]).expect_code(0);
+    // The file as `audit show` takes it, too: `--file`, or the variable.
+    warpline(&["audit", "verify", "--file", audit.to_str().unwrap()], &[]).expect_code(0);
+    warpline(
+        &["audit", "verify"],
+        &[("WARPLINE_AUDIT", audit.to_str().unwrap())],
+    )
+    .expect_code(0);
 }
 
 #[test]
