@@ -6,8 +6,11 @@
 //! is in the engine's changed runs (the set its commit persists), so at the end of a turn, and
 //! before any summary, each changed run's old share is taken out of the tally and its new one
 //! put in ([`Engine::tally_changed`]): O(runs changed), not O(runs). A restored or newly
-//! indexed backfill is counted from scratch once ([`Engine::recount`]). The engine's tests check
-//! after every summary that the kept tally equals a recount.
+//! indexed backfill is counted from scratch once ([`Engine::recount`]). The latest end of a run
+//! is kept as a running maximum; after a run that had ended changes (an operator's retry) it is
+//! looked for again among the runs, once, when a finished backfill's summary needs it
+//! ([`Engine::last_end`]). The engine's tests check after every summary that the kept tally
+//! agrees with one counted from scratch.
 
 use std::collections::{BTreeMap, HashMap};
 
