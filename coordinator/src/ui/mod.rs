@@ -548,14 +548,6 @@ fn done(back: &str, fallback: &str, msg: &str) -> Response {
     Redirect::to(&to).into_response()
 }
 
-/// Where a form answer goes: back where it came from, with what happened or why not.
-fn answer(result: Result<String, ApiError>, back: &str, fallback: &str) -> Response {
-    match result {
-        Ok(msg) => done(back, fallback, &msg),
-        Err(e) => done(back, fallback, &format!("error: {e}")),
-    }
-}
-
 /// The parts of a request and its form, for the action handlers.
 struct RawParts {
     parts: Parts,
@@ -600,33 +592,70 @@ fn authorise_any(st: &UiState, parts: &Parts, f: &ActionForm) -> Result<(), Refu
     }
 }
 
+/// Where an action's answer sends the browser, with what happened.
+enum Told {
+    /// Back where its form came from.
+    Back(String),
+    /// To a page the action made (a reprocess's new backfill).
+    To(String, String),
+}
+
+/// Every action form's course: authorised (its CSRF token, a role that may act), `act` run
+/// with who acts, and its answer, or why it was refused, shown after a redirect back to the
+/// form's page (or `fallback`).
+async fn act<Fut>(
+    st: &UiState,
+    a: &RawParts,
+    f: &ActionForm,
+    fallback: &str,
+    act: impl FnOnce(Identity) -> Fut,
+) -> Response
+where
+    Fut: std::future::Future<Output = Result<Told, ApiError>>,
+{
+    let who = match authorise(st, &a.parts, f) {
+        Ok(w) => w,
+        Err(r) => return r.into_response(),
+    };
+    match act(who).await {
+        Ok(Told::Back(msg)) => done(&f.back, fallback, &msg),
+        Ok(Told::To(to, msg)) => done("", &to, &msg),
+        Err(e) => done(&f.back, fallback, &format!("error: {e}")),
+    }
+}
+
+/// A form's reason, required: it goes into the audit log.
+fn reason_of(f: &ActionForm) -> Result<String, ApiError> {
+    match f.reason.trim() {
+        "" => Err(ApiError::BadRequest(
+            "give a reason: it goes into the audit log".into(),
+        )),
+        r => Ok(r.to_string()),
+    }
+}
+
 async fn cancel(
     State(st): State<UiState>,
     Path(id): Path<String>,
     a: RawParts,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    let who = match authorise(&st, &a.parts, &f) {
-        Ok(w) => w,
-        Err(r) => return r.into_response(),
-    };
-    let fallback = format!("/backfills/{id}");
-    let result = async {
-        let backfill_id = parse_uuid("backfill", &id)?;
-        st.engine
+    let (s, id) = (&st, &id);
+    act(s, &a, &f, &format!("/backfills/{id}"), |who| async move {
+        let backfill_id = parse_uuid("backfill", id)?;
+        (s.engine)
             .command(OperatorCommand::Cancel {
                 backfill_id,
                 operator: who.operator(None),
             })
             .await?;
         tracing::info!(operator = %who.name, %backfill_id, "cancelled from the dashboard");
-        Ok(format!(
+        Ok(Told::Back(format!(
             "backfill cancelled by {}: nothing new starts; running steps finish",
             who.name
-        ))
-    }
-    .await;
-    answer(result, &f.back, &fallback)
+        )))
+    })
+    .await
 }
 
 async fn retry_failed(
@@ -635,27 +664,21 @@ async fn retry_failed(
     a: RawParts,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    let who = match authorise(&st, &a.parts, &f) {
-        Ok(w) => w,
-        Err(r) => return r.into_response(),
-    };
-    let fallback = format!("/backfills/{id}");
-    let result = async {
-        let backfill_id = parse_uuid("backfill", &id)?;
-        let v = st
-            .engine
+    let (s, id) = (&st, &id);
+    act(s, &a, &f, &format!("/backfills/{id}"), |who| async move {
+        let backfill_id = parse_uuid("backfill", id)?;
+        let v = (s.engine)
             .command(OperatorCommand::RetryFailed {
                 backfill_id,
                 operator: who.operator(None),
             })
             .await?;
-        Ok(format!(
+        Ok(Told::Back(format!(
             "{} halted run(s) resumed by {}",
             v["resumed"], who.name
-        ))
-    }
-    .await;
-    answer(result, &f.back, &fallback)
+        )))
+    })
+    .await
 }
 
 async fn reprocess(
@@ -664,40 +687,30 @@ async fn reprocess(
     a: RawParts,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    let who = match authorise(&st, &a.parts, &f) {
-        Ok(w) => w,
-        Err(r) => return r.into_response(),
-    };
-    let fallback = format!("/backfills/{id}");
-    let result = async {
-        let backfill_id = parse_uuid("backfill", &id)?;
-        let mode = <crate::reprocess::Reprocess as clap::ValueEnum>::from_str(&f.action, false)
+    let (s, id, form) = (&st, &id, &f);
+    act(s, &a, &f, &format!("/backfills/{id}"), |who| async move {
+        let backfill_id = parse_uuid("backfill", id)?;
+        let mode = <crate::reprocess::Reprocess as clap::ValueEnum>::from_str(&form.action, false)
             .map_err(|_| {
-            ApiError::BadRequest(format!(
-                "`{}` is not a reprocess mode: failed, missing or all",
-                f.action
-            ))
-        })?;
-        let v = st
-            .engine
+                ApiError::BadRequest(format!(
+                    "`{}` is not a reprocess mode: failed, missing or all",
+                    form.action
+                ))
+            })?;
+        let v = (s.engine)
             .command(OperatorCommand::Reprocess {
                 backfill_id,
                 mode,
                 operator: who.operator(None),
             })
             .await?;
-        let answer: crate::api::ReprocessResponse = serde_json::from_value(v)
+        let r: crate::api::ReprocessResponse = serde_json::from_value(v)
             .map_err(|e| ApiError::Unavailable(format!("unexpected reprocess answer: {e}")))?;
-        tracing::info!(operator = %who.name, %backfill_id, new = %answer.backfill_id, "reprocessed from the dashboard");
-        Ok((mode, answer))
-    }
-    .await;
-    match result {
+        tracing::info!(operator = %who.name, %backfill_id, new = %r.backfill_id, "reprocessed from the dashboard");
         // The answer is the new backfill's page.
-        Ok((mode, r)) => done(
-            "",
-            &format!("/backfills/{}", r.backfill_id),
-            &format!(
+        Ok(Told::To(
+            format!("/backfills/{}", r.backfill_id),
+            format!(
                 "reprocess `{}` by {}: this backfill runs {} partition(s) of {} again{}",
                 mode.as_str(),
                 who.name,
@@ -709,9 +722,9 @@ async fn reprocess(
                     format!(" ({})", r.skipped.describe(mode))
                 }
             ),
-        ),
-        Err(e) => answer(Err(e), &f.back, &fallback),
-    }
+        ))
+    })
+    .await
 }
 
 async fn resolve_backfill(
@@ -720,14 +733,10 @@ async fn resolve_backfill(
     a: RawParts,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    let who = match authorise(&st, &a.parts, &f) {
-        Ok(w) => w,
-        Err(r) => return r.into_response(),
-    };
-    let fallback = format!("/backfills/{id}");
-    let result = async {
-        let backfill_id = parse_uuid("backfill", &id)?;
-        let action = match f.action.as_str() {
+    let (s, id, form) = (&st, &id, &f);
+    act(s, &a, &f, &format!("/backfills/{id}"), |who| async move {
+        let backfill_id = parse_uuid("backfill", id)?;
+        let action = match form.action.as_str() {
             "continue" => BackfillAction::Continue,
             "cancel" => BackfillAction::Cancel,
             other => {
@@ -736,26 +745,20 @@ async fn resolve_backfill(
                 )));
             }
         };
-        if f.reason.trim().is_empty() {
-            return Err(ApiError::BadRequest(
-                "give a reason: it goes into the audit log".into(),
-            ));
-        }
-        st.engine
+        (s.engine)
             .command(OperatorCommand::ResolveBackfill {
                 backfill_id,
                 action,
-                reason: f.reason.trim().to_string(),
+                reason: reason_of(form)?,
                 operator: who.operator(None),
             })
             .await?;
-        Ok(format!(
+        Ok(Told::Back(format!(
             "backfill escalation answered by {}: {}",
-            who.name, f.action
-        ))
-    }
-    .await;
-    answer(result, &f.back, &fallback)
+            who.name, form.action
+        )))
+    })
+    .await
 }
 
 async fn resolve_run(
@@ -764,13 +767,10 @@ async fn resolve_run(
     a: RawParts,
     Form(f): Form<ActionForm>,
 ) -> Response {
-    let who = match authorise(&st, &a.parts, &f) {
-        Ok(w) => w,
-        Err(r) => return r.into_response(),
-    };
-    let result = async {
-        let run_id = parse_uuid("run", &id)?;
-        let action = match f.action.as_str() {
+    let (s, id, form) = (&st, &id, &f);
+    act(s, &a, &f, "/escalations", |who| async move {
+        let run_id = parse_uuid("run", id)?;
+        let action = match form.action.as_str() {
             "proceed" => Action::Proceed,
             "retry" => Action::Retry,
             "halt" => Action::Halt,
@@ -780,26 +780,19 @@ async fn resolve_run(
                 )));
             }
         };
-        if f.reason.trim().is_empty() {
-            return Err(ApiError::BadRequest(
-                "give a reason: it goes into the audit log".into(),
-            ));
-        }
-        let v = st
-            .engine
+        let v = (s.engine)
             .command(OperatorCommand::Resolve {
                 run_id,
                 action,
-                reason: f.reason.trim().to_string(),
+                reason: reason_of(form)?,
                 operator: who.operator(None),
             })
             .await?;
-        Ok(format!(
+        Ok(Told::Back(format!(
             "resolved by {}: {action}; the run is now {}",
             who.name,
             v["state"].as_str().unwrap_or("?")
-        ))
-    }
-    .await;
-    answer(result, &f.back, "/escalations")
+        )))
+    })
+    .await
 }
