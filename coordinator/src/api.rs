@@ -405,6 +405,9 @@ pub struct EngineHandle {
     /// Set once the loop has ended and only reads are answered (a local run's dashboard kept
     /// up with `--ui-stay`): the dashboard then draws no action.
     ended: Arc<AtomicBool>,
+    /// The committed state the loop publishes (`serve`): counts-only summaries and the workers
+    /// are read from it without waiting for the loop ([`crate::engine::snapshot`]).
+    snapshots: Option<crate::engine::snapshot::Snapshots>,
 }
 
 /// Why a request failed; each variant is one HTTP status.
@@ -437,6 +440,43 @@ impl EngineHandle {
             events,
             timeout: DEFAULT_ENGINE_TIMEOUT,
             ended: Default::default(),
+            snapshots: None,
+        }
+    }
+
+    /// The same handle reading counts-only summaries and the workers from `snapshots`, which
+    /// the loop publishes to ([`crate::engine::Engine::publish_to`]).
+    pub fn with_snapshots(mut self, snapshots: crate::engine::snapshot::Snapshots) -> EngineHandle {
+        self.snapshots = Some(snapshots);
+        self
+    }
+
+    /// Backfill `id`'s counts-only summary as of the last commit, from the published state
+    /// when there is one, else from the loop.
+    pub async fn counts(&self, id: Uuid) -> Result<Box<Summary>, ApiError> {
+        if let Some(published) = self.snapshots.as_ref().and_then(|s| s.summary(id)) {
+            return published
+                .map(Box::new)
+                .ok_or_else(|| OperatorError::UnknownBackfill(id).into());
+        }
+        let cmd = OperatorCommand::Status {
+            backfill_id: Some(id),
+            runs: RunsShown::None,
+        };
+        match self.ask(cmd).await? {
+            OperatorAnswer::Summary(s) => Ok(s),
+            other => Err(unexpected_answer(&other)),
+        }
+    }
+
+    /// The workers, from the published state when there is one, else from the loop.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ApiError> {
+        if let Some(list) = self.snapshots.as_ref().and_then(|s| s.workers()) {
+            return Ok(list.into_iter().map(WorkerInfo::from).collect());
+        }
+        match self.ask(OperatorCommand::Workers).await? {
+            OperatorAnswer::Workers(list) => Ok(list.into_iter().map(WorkerInfo::from).collect()),
+            other => Err(unexpected_answer(&other)),
         }
     }
 
@@ -1094,25 +1134,33 @@ async fn status(
     UrlPath(id): UrlPath<String>,
     q: Result<Query<RunsQuery>, QueryRejection>,
 ) -> Result<Json<StatusBody>, ApiError> {
-    let backfill_id = Some(parse_id("backfill", &id)?);
-    let cmd = OperatorCommand::Status {
-        backfill_id,
-        runs: runs_query(q)?,
+    let backfill_id = parse_id("backfill", &id)?;
+    let runs = runs_query(q)?;
+    // Counts only: from the state the loop published at its last commit, without waiting
+    // for its turn in progress; a list of runs is made in the loop.
+    let summary = async {
+        if runs == RunsShown::None {
+            return st.engine.counts(backfill_id).await;
+        }
+        let cmd = OperatorCommand::Status {
+            backfill_id: Some(backfill_id),
+            runs,
+        };
+        match st.engine.ask(cmd).await? {
+            OperatorAnswer::Summary(s) => Ok(s),
+            other => Err(unexpected_answer(&other)),
+        }
     };
     // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it,
-    // asked at the same time (both reads are answered at the head of the loop's next turn,
-    // and the broker answers meanwhile), not one after the other.
+    // asked at the same time as the summary, not after it.
     let fleet = async {
         match st.policy.queues {
             Some(_) => fleet_view(&st).await.map(Some),
             None => Ok(None),
         }
     };
-    let (answer, fleet) = tokio::join!(st.engine.ask(cmd), fleet);
-    let summary = match answer? {
-        OperatorAnswer::Summary(s) => s,
-        other => return Err(unexpected_answer(&other)),
-    };
+    let (summary, fleet) = tokio::join!(summary, fleet);
+    let summary = summary?;
     Ok(Json(StatusBody {
         summary,
         fleet: fleet?,
@@ -1280,8 +1328,8 @@ async fn fleet_view(st: &AppState) -> Result<FleetView, ApiError> {
             None => None,
         }
     };
-    let (workers, depths) = tokio::join!(st.engine.command(OperatorCommand::Workers), watched);
-    let workers = typed::<Vec<WorkerInfo>>(workers?)?.0;
+    let (workers, depths) = tokio::join!(st.engine.workers(), watched);
+    let workers = workers?;
     Ok(fleet_view_of(workers, st.policy.queues.as_ref(), depths).await)
 }
 
@@ -1452,6 +1500,19 @@ pub struct WorkerInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub allow: Option<Vec<warpline_shared::fleet::AllowedCommand>>,
+}
+
+impl From<crate::engine::WorkerInfo> for WorkerInfo {
+    fn from(w: crate::engine::WorkerInfo) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: w.worker_id,
+            pool: w.pool,
+            slots: w.slots,
+            running: w.running,
+            last_seen_ms: w.last_seen_ms,
+            allow: w.allow,
+        }
+    }
 }
 
 /// Declares the bearer scheme every route but the health checks requires.

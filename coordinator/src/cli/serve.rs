@@ -20,6 +20,7 @@ use warpline_amqp::FleetArgs;
 
 use crate::api::{ApiPolicy, EngineHandle, ReadyFlag, metrics_router, protect, router_with};
 use crate::auth::Auth;
+use crate::engine::snapshot::Snapshots;
 use crate::engine::{Engine, EngineConfig, Event, Observer, Transport};
 use crate::fleet::amqp::{self, LinkConfig};
 use crate::fleet::metrics::{self, Metrics, MetricsObserver, StepLatency};
@@ -160,6 +161,8 @@ struct Session<'a> {
     signing_key: &'a Option<Vec<u8>>,
     topology: &'a warpline_shared::fleet::Topology,
     shutdown: &'a CancellationToken,
+    /// What the leading session's loop publishes for the API's counts-only reads.
+    snapshots: &'a Snapshots,
 }
 
 impl Session<'_> {
@@ -232,6 +235,7 @@ impl Session<'_> {
                 observer,
                 self.tx.clone(),
             );
+            engine.publish_to(self.snapshots.clone());
             let runs = recovered.runs.len();
             engine.restore(recovered.backfills, recovered.runs);
             tracing::info!(runs, unsent, epoch = lock.epoch, "session started");
@@ -262,6 +266,8 @@ impl Session<'_> {
         }
         .await;
         self.ready.set(false);
+        // Reads go to the loop again (a standby's answer until it leads).
+        self.snapshots.close();
         self.prom.set_leader(false);
         ticker.abort();
         link.close().await;
@@ -331,9 +337,10 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     });
     // `/metrics` needs no token, like `/healthz`: scrapers rarely carry one, and it names
     // pipelines, steps and counts only (docs/OBSERVABILITY.md).
+    let snapshots = Snapshots::default();
     let app = protect(
         router_with(
-            EngineHandle::new(tx.clone()),
+            EngineHandle::new(tx.clone()).with_snapshots(snapshots.clone()),
             ready.clone(),
             ApiPolicy {
                 queues: Some((queues.clone(), args.pools.clone())),
@@ -374,6 +381,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         signing_key: &signing_key,
         topology: &topology,
         shutdown: &shutdown,
+        snapshots: &snapshots,
     };
     // Leadership: wait for the lock (a standby waits here, and so does a leader that lost it),
     // then run sessions until the lock is lost or this coordinator is deposed.

@@ -26,6 +26,7 @@ pub(super) fn silence(interval_s: u64) -> Duration {
 impl Engine {
     pub(super) fn on_heartbeat(&mut self, mut hb: Heartbeat) {
         let now = Instant::now();
+        self.workers_changed = true;
         if hb.stopping {
             self.workers.remove(&hb.worker_id);
         } else if !self.workers.contains_key(&hb.worker_id) && self.workers.len() >= MAX_WORKERS {
@@ -54,8 +55,10 @@ impl Engine {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
         self.prune_when_due(now);
+        let known = self.workers.len();
         self.workers
             .retain(|_, (hb, at)| now.duration_since(*at) < silence(hb.interval_s));
+        self.workers_changed |= self.workers.len() != known;
         // Only the attempts heartbeats named are looked at (at most one per slot of the
         // fleet), not every run: an attempt that reported (or was cancelled) since is no
         // longer watched.

@@ -24,6 +24,7 @@ mod reprocess;
 mod resume;
 mod retention;
 mod schedule;
+pub mod snapshot;
 #[cfg(test)]
 mod stage_tests;
 mod stages;
@@ -111,6 +112,14 @@ pub struct Engine {
     deferred: Option<Event>,
     /// When the tick last looked for backfills past their retention.
     pruned_at: Option<Instant>,
+    /// Where committed state is published for reads that skip the loop (`serve`).
+    snapshots: Option<snapshot::Snapshots>,
+    /// Every backfill is to be published at the next commit (a restore, a first publish).
+    publish_all: bool,
+    /// Backfills forgotten since the last publish.
+    forgotten: Vec<Uuid>,
+    /// The workers changed since the last publish.
+    workers_changed: bool,
 }
 
 impl Engine {
@@ -146,7 +155,51 @@ impl Engine {
             halting: false,
             deferred: None,
             pruned_at: None,
+            snapshots: None,
+            publish_all: false,
+            forgotten: Vec::new(),
+            workers_changed: false,
         }
+    }
+
+    /// Publishes committed state to `snapshots` after every commit (see [`snapshot`]).
+    pub fn publish_to(&mut self, snapshots: snapshot::Snapshots) {
+        self.snapshots = Some(snapshots);
+        self.publish_all = true;
+        self.workers_changed = true;
+    }
+
+    /// The backfills a commit must publish again: every one after a restore, else those
+    /// whose record or runs the turn changed. Taken before the turn's changes are staged.
+    fn touched(&mut self) -> Vec<Uuid> {
+        if self.snapshots.is_none() {
+            return Vec::new();
+        }
+        if std::mem::take(&mut self.publish_all) {
+            return self.order.clone();
+        }
+        let mut touched: HashSet<Uuid> = self.dirty_backfills.iter().copied().collect();
+        touched.extend(
+            (self.dirty_runs.iter()).filter_map(|id| self.runs.get(id).map(|r| r.backfill_id)),
+        );
+        touched.into_iter().collect()
+    }
+
+    /// Publishes what a commit changed (`touched`, the forgotten backfills, the workers).
+    fn publish(&mut self, touched: Vec<Uuid>) {
+        let Some(snapshots) = self.snapshots.clone() else {
+            return;
+        };
+        let mut summaries = Vec::with_capacity(touched.len() + self.forgotten.len());
+        for id in touched {
+            if self.backfills.contains_key(&id) {
+                summaries.push((id, Some(self.summary_where(id, RunsShown::None))));
+            }
+        }
+        summaries.extend(self.forgotten.drain(..).map(|id| (id, None)));
+        let workers = std::mem::take(&mut self.workers_changed)
+            .then(|| self.workers.values().cloned().collect());
+        snapshots.publish(summaries, self.store.audit_location(), workers);
     }
 
     fn record(&mut self, backfill_id: Option<Uuid>, run_id: Option<Uuid>, event: AuditEvent) {
@@ -294,6 +347,7 @@ impl Engine {
     /// Commits the turn, shows it, then acts on it.
     async fn end_turn(&mut self) -> anyhow::Result<()> {
         self.tally_changed();
+        let touched = self.touched();
         // Lent, not copied: nothing changes them until the commit returns.
         let staged = Staged {
             backfills: (self.dirty_backfills.drain())
@@ -310,6 +364,8 @@ impl Engine {
                 .collect(),
         };
         self.store.commit(staged).await?;
+        // Before the turn's answers go out: a client answered reads what it did.
+        self.publish(touched);
         for rec in self.turn.drain(..) {
             self.observer.on_record(&rec);
         }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warpline_shared::audit::AuditEvent;
 use warpline_shared::contracts::Action;
-use warpline_shared::machine::RunState;
+use warpline_shared::machine::{RunState, RunStatus};
 use warpline_shared::stage::RunScope;
 
 use super::ports::Effect;
@@ -528,27 +528,16 @@ impl Engine {
                 mode,
                 operator,
             } => self.reprocess(backfill_id, mode, operator),
-            OperatorCommand::Workers => {
-                let mut list: Vec<WorkerInfo> = self
-                    .workers
-                    .values()
-                    .map(|(hb, at)| WorkerInfo {
-                        worker_id: hb.worker_id.clone(),
-                        pool: hb.pool.clone(),
-                        slots: hb.slots,
-                        running: hb.running.len(),
-                        last_seen_ms: at.elapsed().as_millis() as u64,
-                        allow: hb.allow.clone(),
-                    })
-                    .collect();
-                list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
-                Ok(OperatorAnswer::Workers(list))
-            }
+            OperatorCommand::Workers => Ok(OperatorAnswer::Workers(super::snapshot::worker_infos(
+                self.workers.values().map(|(hb, at)| (hb, at)),
+            ))),
             OperatorCommand::Escalations => {
-                let list: Vec<Escalation> = self
-                    .order
-                    .iter()
-                    .flat_map(|b| self.backfills[b].rec.runs.iter())
+                // Only backfills whose tally counts an escalated run are looked through.
+                self.tally_changed();
+                let list: Vec<Escalation> = (self.order.iter())
+                    .map(|b| &self.backfills[b])
+                    .filter(|b| b.tally.count(RunStatus::Escalated) > 0)
+                    .flat_map(|b| b.rec.runs.iter())
                     .filter_map(|id| {
                         let r = &self.runs[id];
                         let RunState::Escalated(step) = r.machine.state() else {

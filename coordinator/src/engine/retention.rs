@@ -115,6 +115,9 @@ impl Engine {
         let ended_at = self.ended_at(&b);
         self.order.retain(|o| *o != id);
         self.dirty_backfills.remove(&id);
+        if self.snapshots.is_some() {
+            self.forgotten.push(id);
+        }
         let runs: HashSet<Uuid> = b.rec.runs.iter().copied().collect();
         let mut counts: BTreeMap<RunStatus, usize> = BTreeMap::new();
         for run_id in &b.rec.runs {

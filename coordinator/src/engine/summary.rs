@@ -254,6 +254,25 @@ impl Summary {
         self.counts.values().sum()
     }
 
+    /// Sets the wall time, the rate and the ETA as of `now` (or of the last run's end, once
+    /// finished) from the counts and the stored timestamps.
+    pub fn pace(&mut self, now: DateTime<Utc>) {
+        let (total, finals) = (self.total_runs(), self.final_runs());
+        let elapsed = (self.finished_at.unwrap_or(now) - self.submitted_at)
+            .to_std()
+            .unwrap_or_default();
+        let minutes = elapsed.as_secs_f64() / 60.0;
+        let rate = if minutes > 0.0 {
+            finals as f64 / minutes
+        } else {
+            0.0
+        };
+        let left = total - finals;
+        self.eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
+        self.runs_per_minute = (rate * 10.0).round() / 10.0;
+        self.wall_ms = elapsed.as_millis() as u64;
+    }
+
     /// Runs in a final state (complete, halted, cancelled).
     pub fn final_runs(&self) -> usize {
         self.counts
@@ -308,23 +327,10 @@ impl Engine {
             let view = b.view(scope);
             *in_step.entry(view.steps()[i].id.clone()).or_insert(0) += n;
         }
-        let total = t.total();
-        let finals = t.finals();
         let all_ended = t.all_ended();
         let finished = b.rec.pending.is_empty() && all_ended;
         let submitted_at = b.rec.created_at;
         let finished_at = if finished { last_end } else { None };
-        let elapsed = (finished_at.unwrap_or_else(Utc::now) - submitted_at)
-            .to_std()
-            .unwrap_or_default();
-        let minutes = elapsed.as_secs_f64() / 60.0;
-        let rate = if minutes > 0.0 {
-            finals as f64 / minutes
-        } else {
-            0.0
-        };
-        let left = total - finals;
-        let eta_s = (rate > 0.0 && left > 0).then(|| (left as f64 / rate * 60.0) as u64);
         let stage = if all_ended {
             BackfillStage::Done
         } else if !self.before_done(b) {
@@ -335,7 +341,7 @@ impl Engine {
             BackfillStage::After
         };
         let (audit, audit_head) = self.store.audit_location();
-        Summary {
+        let mut summary = Summary {
             schema_version: SCHEMA_VERSION,
             backfill_id,
             pipeline: b.rec.pipeline.clone(),
@@ -345,9 +351,9 @@ impl Engine {
             counts: t.counts(),
             in_step,
             steps_executed: t.executed,
-            runs_per_minute: (rate * 10.0).round() / 10.0,
-            eta_s,
-            wall_ms: elapsed.as_millis() as u64,
+            runs_per_minute: 0.0,
+            eta_s: None,
+            wall_ms: 0,
             submitted_at,
             finished_at,
             finished,
@@ -359,7 +365,9 @@ impl Engine {
             llm: b.rec.llm,
             retries: t.retries,
             runs,
-        }
+        };
+        summary.pace(Utc::now());
+        summary
     }
 }
 

@@ -710,6 +710,24 @@ fn a_prefetch_above_the_slots_holds_more_specs_but_runs_no_more_tools_at_once() 
     }
     let summary = fleet.wait_finished(&c, &id, LIMIT);
     assert_all(&summary, "COMPLETE", 8);
+    // Counts only, read from what the loop published at its last commit: the same counts
+    // and fleet as the full status, and no runs.
+    let (code, body) = http_get(c.addr(), &format!("/v1/backfills/{id}?runs=none"));
+    assert_eq!(code, 200, "{body}");
+    let counts: Value = serde_json::from_str(&body).unwrap();
+    for key in ["counts", "finished", "steps_executed", "passed"] {
+        assert_eq!(counts[key], summary[key], "{key}: {counts:#}");
+    }
+    assert_eq!(counts["runs"], json!([]), "{counts:#}");
+    assert_eq!(
+        counts["fleet"]["workers"][0]["worker_id"], "w",
+        "{counts:#}"
+    );
+    let (code, body) = http_get(
+        c.addr(),
+        &format!("/v1/backfills/{}?runs=none", Uuid::now_v7()),
+    );
+    assert_eq!(code, 404, "an unknown backfill: {body}");
     // At most 2 tools at once: sweep the start and end times.
     let mut edges: Vec<(u128, i32)> = Vec::new();
     for entry in std::fs::read_dir(&probe).unwrap() {
