@@ -73,7 +73,15 @@ pub enum Command {
     /// Shell completions and man pages.
     #[command(flatten)]
     Dist(warpline_telemetry::dist::DistCommand),
+    /// The reaper `warpline run` starts for itself (internal): kills the process groups it
+    /// registers on its standard input once that reaches end of file, i.e. once `warpline run`
+    /// is gone. See `warpline_executor::reaper`.
+    #[command(hide = true)]
+    Reap,
 }
+
+/// The hidden subcommand that runs the reaper ([`Command::Reap`]).
+pub const REAP: &str = "reap";
 
 /// Where the coordinator's HTTP API is, and the token to show it.
 #[derive(Clone, Args)]
@@ -514,6 +522,10 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<ExitCo
                 &mut std::io::stdout(),
             )?;
             Ok(ExitCode::SUCCESS)
+        }
+        // `main` runs it before any runtime starts.
+        Command::Reap => {
+            anyhow::bail!("`warpline {REAP}` runs only as the first thing `main` does")
         }
     }
 }

@@ -173,6 +173,19 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         );
         return Ok(ExitCode::SUCCESS);
     }
+    // Tools die with this process (SIGKILL, the OOM killer), their whole process group:
+    // this binary again, as the reaper of the groups it registers, and the tools start with
+    // `posix_spawn` rather than a fork of this multi-threaded process.
+    let exe = std::env::current_exe().context("cannot find this program's own binary")?;
+    let reaper =
+        warpline_executor::reaper::Reaper::start(&exe, &[super::REAP]).with_context(|| {
+            format!(
+                "cannot start the reaper `{} {}`",
+                exe.display(),
+                super::REAP
+            )
+        })?;
+    exec.reaper = Some(Arc::new(reaper));
     // The agent is set up before anything runs, so a missing API key stops the backfill here.
     let overrides = AgentOverrides {
         kind: args.agent.map(Into::into),

@@ -363,6 +363,55 @@ fn always_proceed_is_still_bounded_by_the_guard() {
     );
 }
 
+/// Waits for a pid file a tool writes, and reads it.
+fn pid_in(file: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if let Ok(pid) = text.trim().parse() {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pid in `{}`: the tool never started",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `warpline run` killed with SIGKILL (no chance to clean up) takes its tools' whole
+/// process groups with it: its reaper sees it gone. A parent-death signal reached only the
+/// tool itself, never a child the tool left in the background.
+#[test]
+fn a_local_run_killed_with_sigkill_takes_its_tools_whole_group_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "sleep 300 & echo $! > child.pid; echo $$ > tool.pid; wait";
+    let pipeline = shell_pipeline(
+        dir.path(),
+        serde_json::json!([{"id": "SLOW", "command": "sh", "args": ["-c", script], "timeout_s": 600}]),
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let mut run = Command::new(bin("warpline"))
+        .args(["run", &pipeline, "--datasets", "a", "--progress", "none"])
+        .args(["--audit", audit.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tool = pid_in(&dir.path().join("work/runs/a/tool.pid"));
+    let child = pid_in(&dir.path().join("work/runs/a/child.pid"));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (alive(tool) || alive(child)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in [tool, child] {
+        assert!(!alive(pid), "{pid} outlived its SIGKILLed `warpline run`");
+    }
+}
+
 #[test]
 fn ctrl_c_kills_the_tools_and_leaves_a_verifiable_log() {
     let dir = tempfile::tempdir().unwrap();
