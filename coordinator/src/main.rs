@@ -10,22 +10,8 @@ use warpline_coordinator::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Reap) {
-        return match warpline_executor::reaper::serve(std::io::stdin().lock()) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: the reaper cannot read its standard input: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(warpline(cli)),
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            ExitCode::from(2)
-        }
-    }
+    let reap = matches!(cli.command, Command::Reap);
+    warpline_executor::reaper::main_with(reap, || warpline(cli))
 }
 
 async fn warpline(cli: Cli) -> ExitCode {

@@ -137,6 +137,32 @@ impl Reaper {
     }
 }
 
+/// The `main` of a binary that starts itself again as its reaper (`warpline-worker reap`,
+/// `warpline reap`): as the reaper (`reap`), serve standard input on this one thread, with
+/// no runtime; otherwise run `run` on a new tokio runtime.
+pub fn main_with<F>(reap: bool, run: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = std::process::ExitCode>,
+{
+    use std::process::ExitCode;
+    if reap {
+        return match serve(io::stdin().lock()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: the reaper cannot read its standard input: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// The reaper's main: ignores SIGINT, SIGTERM and SIGHUP (a service manager that signals the
 /// worker's whole cgroup must not take the reaper away while the worker drains; it stops when
 /// the worker is gone), then [`reap`]s `input`.

@@ -12,22 +12,8 @@ use warpline_worker::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Some(Command::Reap)) {
-        return match warpline_executor::reaper::serve(std::io::stdin().lock()) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: the reaper cannot read its standard input: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(worker(cli)),
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            ExitCode::from(2)
-        }
-    }
+    let reap = matches!(cli.command, Some(Command::Reap));
+    warpline_executor::reaper::main_with(reap, || worker(cli))
 }
 
 async fn worker(cli: Cli) -> ExitCode {
