@@ -240,16 +240,22 @@ pub struct Bars {
 }
 
 impl Bars {
-    /// Bars for a backfill of `runs` runs over these steps, drawn on standard error.
-    pub fn new(step_ids: &[String], runs: u64) -> Bars {
-        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
-        let width = prefix_width(step_ids);
+    /// Bars for a backfill of `runs` runs over these steps (each with the runs that take it),
+    /// drawn on standard error.
+    pub fn new(steps: &[(String, u64)], runs: u64) -> Bars {
+        Bars::drawn(steps, runs, ProgressDrawTarget::stderr_with_hz(8))
+    }
+
+    fn drawn(steps: &[(String, u64)], runs: u64, target: ProgressDrawTarget) -> Bars {
+        let multi = MultiProgress::with_draw_target(target);
+        let ids: Vec<String> = steps.iter().map(|(id, _)| id.clone()).collect();
+        let width = prefix_width(&ids);
         let style = |color: &str| bar_style(width, color);
-        let steps = step_ids
+        let steps = steps
             .iter()
-            .map(|id| {
+            .map(|(id, n)| {
                 let bar = multi.add(
-                    ProgressBar::new(runs)
+                    ProgressBar::new(*n)
                         .with_style(style("cyan"))
                         .with_prefix(id.clone()),
                 );
@@ -348,6 +354,50 @@ mod tests {
             run_id: Some(run_id),
             event,
         }
+    }
+
+    /// A backfill-level step's bar is as long as its scope's runs and moves when one of
+    /// them passes it; the bar over every run counts them too.
+    #[test]
+    fn each_step_has_a_bar_as_long_as_the_runs_that_take_it() {
+        let steps = [
+            ("SETUP".to_string(), 1),
+            ("LOAD".to_string(), 3),
+            ("CATALOGUE".to_string(), 1),
+        ];
+        let mut bars = Bars::drawn(&steps, 5, ProgressDrawTarget::hidden());
+        let lengths: Vec<(String, Option<u64>)> = (bars.steps.iter())
+            .map(|(id, b)| (id.clone(), b.length()))
+            .collect();
+        assert_eq!(
+            lengths,
+            [
+                ("SETUP".to_string(), Some(1)),
+                ("LOAD".to_string(), Some(3)),
+                ("CATALOGUE".to_string(), Some(1))
+            ]
+        );
+        assert_eq!(bars.overall.length(), Some(5));
+        let before = Uuid::now_v7();
+        bars.on_record(&record(
+            before,
+            AuditEvent::Transition {
+                from: "SETUP".into(),
+                to: "COMPLETE".into(),
+                action: Some(Action::Proceed),
+            },
+        ));
+        bars.on_record(&record(
+            before,
+            AuditEvent::RunFinished {
+                state: RunStatus::Complete,
+                step_id: None,
+                reason: String::new(),
+            },
+        ));
+        assert_eq!(bars.steps[0].1.position(), 1);
+        assert_eq!(bars.steps[1].1.position(), 0);
+        assert_eq!(bars.overall.position(), 1);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use warpline_shared::config::Pipeline;
 use warpline_shared::contracts::Action;
 use warpline_shared::machine::{RunState, RunStatus};
 use warpline_shared::partition::{self, Partition, PartitionsFormat};
+use warpline_shared::stage::RunScope;
 
 use super::{ProgressMode, RunArgs};
 use crate::api::{EngineHandle, protect};
@@ -231,9 +232,8 @@ pub async fn run_local(args: RunArgs, shutdown: CancellationToken) -> anyhow::Re
         ProgressMode::Auto => ProgressMode::Lines,
         m => m,
     };
-    let step_ids: Vec<String> = pipeline.steps().iter().map(|s| s.id.clone()).collect();
     let observer: Box<dyn Observer> = match mode {
-        ProgressMode::Bars => Box::new(Bars::new(&step_ids, partitions.len() as u64)),
+        ProgressMode::Bars => Box::new(bars(&pipeline, &partitions)),
         ProgressMode::Lines => Box::new(Lines::stderr()),
         _ => Box::new(Quiet),
     };
@@ -652,4 +652,36 @@ fn print_summary(summary: &Summary, usage: &AgentUsage, json: bool) -> anyhow::R
         summary.audit, summary.audit_head
     );
     Ok(())
+}
+
+/// The progress bars of a backfill: one per step, as long as the runs that take it (every
+/// partition's run for a partition step; for a backfill-level step, the runs of its scope:
+/// one before-run, one after-run per dataset, one after-run), in the order they run, and one
+/// over every run.
+fn bars(pipeline: &Pipeline, partitions: &[Partition]) -> Bars {
+    let plan = pipeline.plan(partitions);
+    let views = super::preflight::Views::of(pipeline);
+    let order = [
+        RunScope::Before,
+        RunScope::Partition,
+        RunScope::AfterDataset,
+        RunScope::After,
+    ];
+    let steps: Vec<(String, u64)> = order
+        .into_iter()
+        .flat_map(|scope| {
+            let runs = plan.iter().filter(|(s, _)| *s == scope).count() as u64;
+            let ids: Vec<String> = match runs {
+                0 => Vec::new(),
+                _ => views
+                    .get(scope)
+                    .steps()
+                    .iter()
+                    .map(|s| s.id.clone())
+                    .collect(),
+            };
+            ids.into_iter().map(move |id| (id, runs))
+        })
+        .collect();
+    Bars::new(&steps, plan.len() as u64)
 }
