@@ -55,6 +55,16 @@ pub struct Reaper {
     gone: Arc<AtomicBool>,
     /// Cancelled once the reaper exited.
     exited: CancellationToken,
+    /// Set when this side is dropped: the reaper's exit that follows is the one asked for.
+    closing: Arc<AtomicBool>,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // Before the pipe closes (the fields drop after this): its end of file is what makes
+        // the reaper exit.
+        self.closing.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Reaper {
@@ -78,16 +88,21 @@ impl Reaper {
         drop(command);
         let pid = child.id().unwrap_or_default();
         let gone = Arc::new(AtomicBool::new(false));
+        let closing = Arc::new(AtomicBool::new(false));
         let exited = CancellationToken::new();
-        let (flag, token) = (gone.clone(), exited.clone());
+        let (flag, token, asked) = (gone.clone(), exited.clone(), closing.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
             flag.store(true, Ordering::SeqCst);
-            tracing::error!(
-                reaper_pid = pid,
-                ?status,
-                "the reaper exited: tools started from now on would not die with this worker"
-            );
+            if asked.load(Ordering::SeqCst) {
+                tracing::debug!(reaper_pid = pid, ?status, "the reaper stopped");
+            } else {
+                tracing::error!(
+                    reaper_pid = pid,
+                    ?status,
+                    "the reaper exited: tools started from now on would not die with this process"
+                );
+            }
             token.cancel();
         });
         tracing::debug!(reaper_pid = pid, "reaper started");
@@ -96,6 +111,7 @@ impl Reaper {
             pid,
             gone,
             exited,
+            closing,
         })
     }
 
