@@ -451,17 +451,20 @@ impl EngineHandle {
         self
     }
 
-    /// Backfill `id`'s counts-only summary as of the last commit, from the published state
-    /// when there is one, else from the loop.
-    pub async fn counts(&self, id: Uuid) -> Result<Box<Summary>, ApiError> {
-        if let Some(published) = self.snapshots.as_ref().and_then(|s| s.summary(id)) {
+    /// Backfill `id`'s summary listing the runs `runs` chooses: counts only from the state
+    /// the loop published at its last commit when there is one (without waiting for its turn
+    /// in progress), else, and for any list of runs, from the loop.
+    pub async fn status(&self, id: Uuid, runs: RunsShown) -> Result<Box<Summary>, ApiError> {
+        if runs == RunsShown::None
+            && let Some(published) = self.snapshots.as_ref().and_then(|s| s.summary(id))
+        {
             return published
                 .map(Box::new)
                 .ok_or_else(|| OperatorError::UnknownBackfill(id).into());
         }
         let cmd = OperatorCommand::Status {
             backfill_id: Some(id),
-            runs: RunsShown::None,
+            runs,
         };
         match self.ask(cmd).await? {
             OperatorAnswer::Summary(s) => Ok(s),
@@ -472,10 +475,10 @@ impl EngineHandle {
     /// The workers, from the published state when there is one, else from the loop.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ApiError> {
         if let Some(list) = self.snapshots.as_ref().and_then(|s| s.workers()) {
-            return Ok(list.into_iter().map(WorkerInfo::from).collect());
+            return Ok(list);
         }
         match self.ask(OperatorCommand::Workers).await? {
-            OperatorAnswer::Workers(list) => Ok(list.into_iter().map(WorkerInfo::from).collect()),
+            OperatorAnswer::Workers(list) => Ok(list),
             other => Err(unexpected_answer(&other)),
         }
     }
@@ -919,8 +922,7 @@ async fn unrunnable_steps(
     st: &AppState,
     backfill: &BackfillRequest,
 ) -> Result<Vec<String>, ApiError> {
-    let workers: Vec<WorkerInfo> =
-        typed::<Vec<WorkerInfo>>(st.engine.command(OperatorCommand::Workers).await?)?.0;
+    let workers = st.engine.workers().await?;
     let live: Vec<warpline_shared::fleet::Heartbeat> = workers
         .into_iter()
         .map(|w| {
@@ -1136,21 +1138,7 @@ async fn status(
 ) -> Result<Json<StatusBody>, ApiError> {
     let backfill_id = parse_id("backfill", &id)?;
     let runs = runs_query(q)?;
-    // Counts only: from the state the loop published at its last commit, without waiting
-    // for its turn in progress; a list of runs is made in the loop.
-    let summary = async {
-        if runs == RunsShown::None {
-            return st.engine.counts(backfill_id).await;
-        }
-        let cmd = OperatorCommand::Status {
-            backfill_id: Some(backfill_id),
-            runs,
-        };
-        match st.engine.ask(cmd).await? {
-            OperatorAnswer::Summary(s) => Ok(s),
-            other => Err(unexpected_answer(&other)),
-        }
-    };
+    let summary = st.engine.status(backfill_id, runs);
     // Fleet mode: the pools' workers (with their allowlists) and queue depths beside it,
     // asked at the same time as the summary, not after it.
     let fleet = async {
@@ -1308,7 +1296,7 @@ fn with_operator(answer: Result<serde_json::Value, ApiError>, operator: String) 
 /// The workers heard from in the last three heartbeat intervals (fleet mode; empty in-process).
 #[utoipa::path(get, path = "/v1/workers", tag = "fleet", responses((status = 200, body = [WorkerInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn workers(State(st): State<AppState>) -> Result<Json<Vec<WorkerInfo>>, ApiError> {
-    typed(st.engine.command(OperatorCommand::Workers).await?)
+    st.engine.workers().await.map(Json)
 }
 
 /// The workers heard from recently and, per pool, how many, their slots busy and free and the
@@ -1481,39 +1469,8 @@ pub struct ResolveBackfillResponse {
     pub summary: Summary,
 }
 
-/// A worker heard from recently (`GET /v1/workers`).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct WorkerInfo {
-    /// Its id (`--worker-id`, default `<hostname>-<pid>`).
-    pub worker_id: String,
-    /// The pool it consumes.
-    pub pool: String,
-    /// Steps it runs at once.
-    pub slots: u32,
-    /// Steps running now.
-    pub running: usize,
-    /// Milliseconds since its last heartbeat.
-    pub last_seen_ms: u64,
-    /// What it may run: its allowlist entries as resolved on it (`entry`, `program`, `pinned`
-    /// arguments, and `resolved`, the absolute path the program resolves to there, absent when
-    /// it does not). Absent from a worker that predates advertising.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub allow: Option<Vec<warpline_shared::fleet::AllowedCommand>>,
-}
-
-impl From<crate::engine::WorkerInfo> for WorkerInfo {
-    fn from(w: crate::engine::WorkerInfo) -> WorkerInfo {
-        WorkerInfo {
-            worker_id: w.worker_id,
-            pool: w.pool,
-            slots: w.slots,
-            running: w.running,
-            last_seen_ms: w.last_seen_ms,
-            allow: w.allow,
-        }
-    }
-}
+/// A worker heard from recently (`GET /v1/workers`): the engine's own.
+pub use crate::engine::WorkerInfo;
 
 /// Declares the bearer scheme every route but the health checks requires.
 struct BearerAuth;

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use chrono::Utc;
 use uuid::Uuid;
-use warpline_shared::audit::{self, AuditEvent, AuditRecord, GENESIS, Verified};
+use warpline_shared::audit::{self, AuditEvent, AuditRecord, Verified};
 
 /// Bytes of staged lines whose buffer is kept for the next turn; a larger one is released
 /// after its commit.
@@ -59,11 +59,7 @@ impl AuditLog {
                 ),
             }
         } else {
-            Verified {
-                lines: 0,
-                head: GENESIS.to_string(),
-                bytes: 0,
-            }
+            Verified::empty()
         };
         AuditLog::open_verified(path, verified)
     }

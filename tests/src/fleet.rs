@@ -538,21 +538,9 @@ impl Fleet {
         }
     }
 
-    /// Waits until `path` exists and is not empty; fails after `limit`.
+    /// Waits until `path` exists and is not empty; fails after `limit` ([`crate::wait_file`]).
     pub fn wait_file(&self, path: &Path, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            if !text.trim().is_empty() {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`{}` was not written within {limit:?}",
-                path.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_file(path, limit)
     }
 
     /// Waits until the coordinator's `/readyz` answers 200 (it leads and has restored its

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use warpline_shared::audit::{AuditRecord, parse_line};
@@ -298,6 +298,23 @@ impl Drop for SchemaGuard {
         if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
             let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0));
         }
+    }
+}
+
+/// Waits until `path` exists and is not empty, and returns what it holds; fails after `limit`.
+pub fn wait_file(path: &Path, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if !text.trim().is_empty() {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{}` was not written within {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

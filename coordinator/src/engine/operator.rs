@@ -141,20 +141,23 @@ pub enum OperatorAnswer {
 }
 
 /// A worker heard from recently (`GET /v1/workers`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerInfo {
-    /// Its id.
+    /// Its id (`--worker-id`, default `<hostname>-<pid>`).
     pub worker_id: String,
     /// The pool it consumes.
     pub pool: String,
     /// Steps it runs at once.
     pub slots: u32,
-    /// Steps it is running.
+    /// Steps running now.
     pub running: usize,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
-    /// Its allowlist as resolved on it (absent from a worker that predates advertising).
+    /// What it may run: its allowlist entries as resolved on it (`entry`, `program`, `pinned`
+    /// arguments, and `resolved`, the absolute path the program resolves to there, absent when
+    /// it does not). Absent from a worker that predates advertising.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub allow: Option<Vec<warpline_shared::fleet::AllowedCommand>>,
 }
 

@@ -69,21 +69,6 @@ impl Attempts {
     pub fn values(&self) -> impl Iterator<Item = &u32> {
         self.0.iter().map(|(_, n)| n)
     }
-
-    /// Steps tried, with their attempts, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.0.iter().map(|(s, n)| (s.as_str(), *n))
-    }
-
-    /// Steps tried.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when no step was tried.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl std::ops::Index<&str> for Attempts {
@@ -310,14 +295,14 @@ impl Engine {
         self.tally_changed();
         #[cfg(test)]
         self.check_tally(backfill_id);
-        let last_end = {
+        let finished = {
             let b = &self.backfills[&backfill_id];
-            let finished = b.rec.pending.is_empty() && b.tally.all_ended();
-            if finished {
-                self.last_end(backfill_id)
-            } else {
-                None
-            }
+            b.rec.pending.is_empty() && b.tally.all_ended()
+        };
+        let finished_at = if finished {
+            self.last_end(backfill_id)
+        } else {
+            None
         };
         let b = &self.backfills[&backfill_id];
         let t = &b.tally;
@@ -327,11 +312,8 @@ impl Engine {
             let view = b.view(scope);
             *in_step.entry(view.steps()[i].id.clone()).or_insert(0) += n;
         }
-        let all_ended = t.all_ended();
-        let finished = b.rec.pending.is_empty() && all_ended;
         let submitted_at = b.rec.created_at;
-        let finished_at = if finished { last_end } else { None };
-        let stage = if all_ended {
+        let stage = if t.all_ended() {
             BackfillStage::Done
         } else if !self.before_done(b) {
             BackfillStage::Before

@@ -123,6 +123,12 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Adds the share of a run counted from scratch, which ended at `end` if it did.
+    fn add(&mut self, s: &Share, end: Option<DateTime<Utc>>) {
+        self.change(s, true);
+        self.last_end = self.last_end.max(end);
+    }
+
     /// Takes a run's `old` share out and puts its `new` one in; the run now ended at `end`,
     /// if it did.
     fn swap(&mut self, old: &Share, new: &Share, end: Option<DateTime<Utc>>) {
@@ -135,8 +141,7 @@ impl Tally {
             self.end_unknown = true;
         }
         self.change(old, false);
-        self.change(new, true);
-        self.last_end = self.last_end.max(end);
+        self.add(new, end);
     }
 
     /// Adds a run's share (`add`), or takes it out.
@@ -296,8 +301,7 @@ impl Engine {
         for id in &b.rec.runs {
             if let Some(r) = self.runs.get_mut(id) {
                 r.share = Share::of(r);
-                tally.change(&r.share, true);
-                tally.last_end = tally.last_end.max(r.finished_at);
+                tally.add(&r.share, r.finished_at);
             }
         }
         b.tally = tally;
@@ -310,8 +314,7 @@ impl Engine {
         let mut counted = Tally::default();
         for id in &self.backfills[&bid].rec.runs {
             let r = &self.runs[id];
-            counted.change(&Share::of(r), true);
-            counted.last_end = counted.last_end.max(r.finished_at);
+            counted.add(&Share::of(r), r.finished_at);
         }
         let kept = &self.backfills[&bid].tally;
         assert!(

@@ -636,24 +636,29 @@ pub async fn prune_backfill(
 }
 
 /// Fails with [`Fenced`] unless `epoch` (when fenced) is still the database's leader epoch.
-/// `FOR SHARE`: a successor's epoch bump waits for this transaction, or this one sees it.
+/// `FOR SHARE` ([`HOLD_EPOCH`]): a successor's epoch bump waits for this transaction, or this
+/// one sees it. A turn sends the same check ahead of its statements ([`Statements::run`]).
 async fn check_epoch(
     tx: &deadpool_postgres::Transaction<'_>,
     epoch: Option<i64>,
 ) -> anyhow::Result<()> {
     if let Some(ours) = epoch {
-        let held = tx
-            .query_opt(
-                "SELECT 1 FROM leader WHERE id = 1 AND epoch = $1 FOR SHARE",
-                &[&ours],
-            )
+        let st = tx
+            .prepare_cached(HOLD_EPOCH)
             .await
-            .context("cannot check the leader epoch")?;
-        if held.is_none() {
-            return Err(Fenced { ours }.into());
-        }
+            .context("cannot prepare the leader check")?;
+        held(tx.execute(&st, &[&ours]).await, ours)?;
     }
     Ok(())
+}
+
+/// The answer of [`HOLD_EPOCH`] for epoch `ours`: [`Fenced`] when it is stale.
+fn held<T>(answer: Result<T, tokio_postgres::Error>, ours: i64) -> anyhow::Result<()> {
+    match answer {
+        Ok(_) => Ok(()),
+        Err(e) if e.code().map(|c| c.code()) == Some(STALE_EPOCH) => Err(Fenced { ours }.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot check the leader epoch")),
+    }
 }
 
 /// The hash of line `seq` of the audit file at `path` (a file that verified).
@@ -722,11 +727,7 @@ impl PgStore {
                 ),
             }
         } else {
-            audit::Verified {
-                lines: 0,
-                head: audit::GENESIS.to_string(),
-                bytes: 0,
-            }
+            audit::Verified::empty()
         };
         let file_lines = file.lines;
         // Only the lines the check and the catch-up need are read from the database, not its
@@ -1075,15 +1076,9 @@ impl<'a> Statements<'a> {
             })
             .collect();
         let held = async {
-            let Some((ours, st)) = &hold else {
-                return Ok(());
-            };
-            match tx.execute(st, &[ours]).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.code().map(|c| c.code()) == Some(STALE_EPOCH) => {
-                    Err(Fenced { ours: *ours }.into())
-                }
-                Err(e) => Err(anyhow::Error::new(e).context("cannot check the leader epoch")),
+            match &hold {
+                Some((ours, st)) => held(tx.execute(st, &[ours]).await, *ours),
+                None => Ok(()),
             }
         };
         // `buffered` polls each future first in the order given, so the requests go out in
@@ -1097,8 +1092,8 @@ impl<'a> Statements<'a> {
         };
         // `join!` polls the check first: its request goes out ahead of the statements. A
         // refused check comes first, as the statements then failed only because of it.
-        let (held, stored) = futures_util::join!(held, stored);
-        held?;
+        let (checked, stored) = futures_util::join!(held, stored);
+        checked?;
         stored
     }
 }

@@ -413,10 +413,8 @@ async fn escalations(State(st): State<UiState>, req: Req) -> Response {
 }
 
 async fn fleet(State(st): State<UiState>, req: Req) -> Response {
-    match st.engine.command(OperatorCommand::Workers).await {
-        Ok(v) => {
-            let workers: Vec<crate::api::WorkerInfo> =
-                serde_json::from_value(v).unwrap_or_default();
+    match st.engine.workers().await {
+        Ok(workers) => {
             let view = crate::api::build_fleet_view(workers, st.queues.as_ref()).await;
             page("Fleet", &req, &pages::fleet(&view), true)
         }

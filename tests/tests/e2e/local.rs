@@ -363,21 +363,12 @@ fn always_proceed_is_still_bounded_by_the_guard() {
     );
 }
 
-/// Waits for a pid file a tool writes, and reads it.
+/// The pid a tool wrote into `file` (waiting for it).
 fn pid_in(file: &Path) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
-        if let Ok(pid) = text.trim().parse() {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no pid in `{}`: the tool never started",
-            file.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let text = wait_file(file, Duration::from_secs(20));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("`{}` holds no pid ({e}): {text}", file.display()))
 }
 
 /// A `warpline run` killed with SIGKILL (no chance to clean up) takes its tools' whole
